@@ -1,0 +1,129 @@
+"""The `maml-serve` command: serve, worker, keys, migrate (train and evaluate come from fewshot)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import create_app
+
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from worker.celery_app import celery_app
+
+    argv = ["worker", "-Q", args.queues, "--pool", args.pool, "--loglevel", args.log_level]
+    if args.concurrency:
+        argv += ["--concurrency", str(args.concurrency)]
+    celery_app.worker_main(argv)
+    return 0
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from app import crud
+    from app.core.config import get_settings
+    from app.core.migrate import upgrade
+    from app.runtime import Runtime
+
+    settings = get_settings()
+    if settings.is_embedded_database:
+        upgrade(settings)
+    runtime = Runtime.build(settings)
+    try:
+        with runtime.sessions() as session:
+            tenant = crud.get_or_create_tenant(session=session, name=args.tenant)
+            row, key = crud.create_api_key(
+                session=session,
+                tenant=tenant,
+                admin=args.admin,
+                pepper=settings.api_key_pepper.get_secret_value(),
+                name=args.name,
+            )
+            session.commit()
+            scopes = list(row.scopes)
+    finally:
+        runtime.close()
+    if args.json:
+        sys.stdout.write(json.dumps({"key": key, "tenant": args.tenant, "scopes": scopes}) + "\n")
+    else:
+        sys.stdout.write(key + "\n")
+        sys.stderr.write(
+            f"created a key for tenant {args.tenant!r} with scopes {scopes}; "
+            "it is shown only once\n"
+        )
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from app.core.config import get_settings
+    from app.core.migrate import upgrade
+
+    upgrade(get_settings(), args.revision)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="maml-serve", description="Serve few-shot image classifiers meta-learned with MAML."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve", help="run the HTTP API (embedded default: SQLite + in-process jobs)"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=_serve)
+
+    worker = sub.add_parser("worker", help="run a Celery worker (needs MAML_SERVE_BROKER_URL)")
+    worker.add_argument(
+        "--queues", default="adapt,predict", help="comma-separated: adapt,predict,train"
+    )
+    worker.add_argument("--pool", default="solo", help="Celery pool; solo runs one job at a time")
+    worker.add_argument("--concurrency", type=int, default=None)
+    worker.add_argument("--log-level", default="INFO")
+    worker.set_defaults(func=_worker)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = keys_sub.add_parser(
+        "create", help="create a key for a tenant (created if new) and print it"
+    )
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--admin", action="store_true", help="add the admin scope")
+    create.add_argument("--name", default=None, help="a note to tell keys apart")
+    create.add_argument("--json", action="store_true", help='print {"key": ..., "tenant": ...}')
+    create.set_defaults(func=_keys_create)
+
+    migrate = sub.add_parser("migrate", help="apply database migrations (alembic upgrade)")
+    migrate.add_argument("revision", nargs="?", default="head")
+    migrate.set_defaults(func=_migrate)
+
+    try:
+        from fewshot.cli import add_subcommands  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        pass
+    else:
+        add_subcommands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `maml-serve` console script."""
+    args = build_parser().parse_args(argv)
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""Service settings, read from the environment (prefix MAML_SERVE_)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_KEY_PEPPER = "maml-serve-development-pepper"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; the defaults are the embedded, offline setup."""
+
+    model_config = SettingsConfigDict(env_prefix="MAML_SERVE_", env_file=None, extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = Path("data")
+    # None: an SQLite file in data_dir (the embedded default).
+    database_url: SecretStr | None = None
+    # None: jobs run in this process on a thread pool; a redis:// URL: they go to Celery.
+    broker_url: SecretStr | None = None
+    # None: the initialization shipped with fewshot; registered as the first active version.
+    initialization_path: Path | None = None
+    # Mixed into the hash of every API key; changing it invalidates all keys.
+    api_key_pepper: SecretStr = SecretStr(DEFAULT_KEY_PEPPER)
+
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    max_image_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    # Checked from the image header, before any pixel is decoded.
+    max_image_pixels: int = Field(default=4096 * 4096, gt=0)
+    max_support_images: int = Field(default=500, gt=1)
+    max_query_images: int = Field(default=256, gt=0)
+    max_label_length: int = Field(default=200, gt=0)
+    max_steps: int = Field(default=100, ge=0)
+    max_wait_seconds: float = Field(default=60.0, ge=0)
+    retry_after_seconds: int = Field(default=1, ge=1)
+    page_size: int = Field(default=50, gt=0)
+    max_page_size: int = Field(default=500, gt=0)
+
+    # A claimed job whose lease ran out may be claimed again (its worker is presumed dead).
+    job_lease_seconds: float = Field(default=300.0, gt=0)
+    job_max_attempts: int = Field(default=3, gt=0)
+    executor_threads: int = Field(default=1, gt=0)
+    adapted_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    # None: "cuda" when torch sees a GPU, otherwise "cpu".
+    device: str | None = None
+    task_time_limit_seconds: int = Field(default=600, gt=0)
+    worker_metrics_port: int | None = None
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets(self) -> Settings:
+        if self.environment == "production":
+            if self.api_key_pepper.get_secret_value() == DEFAULT_KEY_PEPPER:
+                raise ValueError("set MAML_SERVE_API_KEY_PEPPER to a secret value in production")
+            if self.database_url is None:
+                raise ValueError("set MAML_SERVE_DATABASE_URL in production")
+        return self
+
+    @property
+    def artifact_dir(self) -> Path:
+        """Folder holding images, adapted weights and initializations."""
+        return self.data_dir / "artifacts"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL, defaulting to an SQLite file in data_dir."""
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"sqlite:///{(self.data_dir / 'maml-serve.db').resolve()}"
+
+    @property
+    def is_embedded_database(self) -> bool:
+        """True for SQLite, which the service creates and migrates itself."""
+        return self.sqlalchemy_url.startswith("sqlite")
+
+    @property
+    def uses_celery(self) -> bool:
+        """True when jobs are sent to Celery workers through the broker."""
+        return self.broker_url is not None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Settings from the environment, read once per process."""
+    return Settings()

@@ -1,0 +1,106 @@
+"""FastAPI dependencies as Annotated aliases: runtime, settings, session, caller."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from app import crud
+from app.core.config import Settings
+from app.dispatch import CeleryDispatcher, InProcessDispatcher
+from app.errors import Forbidden, Unauthorized
+from app.runtime import Runtime
+
+_bearer = HTTPBearer(auto_error=False, description="An API key from `maml-serve keys create`.")
+
+
+def get_runtime(request: Request) -> Runtime:
+    """The process's runtime, built by the app's lifespan."""
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_settings_dep(runtime: RuntimeDep) -> Settings:
+    """The app's settings."""
+    return runtime.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+def get_dispatcher(request: Request) -> InProcessDispatcher | CeleryDispatcher:
+    """Where committed jobs are sent."""
+    dispatcher: InProcessDispatcher | CeleryDispatcher = request.app.state.dispatcher
+    return dispatcher
+
+
+DispatcherDep = Annotated[InProcessDispatcher | CeleryDispatcher, Depends(get_dispatcher)]
+
+
+def get_session(runtime: RuntimeDep) -> Iterator[Session]:
+    """One session per request, closed (and rolled back if uncommitted) at the end."""
+    with runtime.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: their tenant and the key's scopes."""
+
+    tenant_id: uuid.UUID
+    key_id: uuid.UUID
+    scopes: tuple[str, ...]
+
+
+def get_caller(
+    session: SessionDep,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    """Authenticate the bearer API key."""
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        raise Unauthorized(
+            "missing API key; send the header 'Authorization: Bearer <key>' (create one with "
+            "`maml-serve keys create --tenant NAME`)",
+            code="missing_api_key",
+        )
+    row = crud.authenticate(
+        session=session,
+        key=credentials.credentials,
+        pepper=settings.api_key_pepper.get_secret_value(),
+    )
+    if row is None:
+        raise Unauthorized(
+            "the API key is not valid or has been revoked; check it or create a new one"
+        )
+    return Caller(tenant_id=row.tenant_id, key_id=row.id, scopes=tuple(row.scopes))
+
+
+def require_user(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
+    """Any valid key."""
+    return caller
+
+
+def require_admin(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
+    """A key with the admin scope; 403 otherwise."""
+    if "admin" not in caller.scopes:
+        raise Forbidden(
+            "this route needs an admin key (`maml-serve keys create --tenant NAME --admin`)"
+        )
+    return caller
+
+
+TenantDep = Annotated[Caller, Depends(require_user)]
+AdminDep = Annotated[Caller, Depends(require_admin)]

@@ -1,0 +1,139 @@
+"""Handing committed jobs to whatever runs them: a thread pool here, or Celery workers via Redis."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from sqlalchemy import or_, select
+
+from app.models import Job, utcnow
+from app.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+TASK_NAMES = {
+    "adapt": "maml_serve.adapt",
+    "meta_train": "maml_serve.meta_train",
+    "evaluate": "maml_serve.evaluate",
+}
+
+
+class Dispatcher(Protocol):
+    """Sends a job id to a runner; called only after the job row is committed."""
+
+    def submit(self, job_id: uuid.UUID, kind: str, queue: str) -> None:
+        """Send one job to be run."""
+
+    def ping(self) -> bool:
+        """True when jobs can be sent right now."""
+
+    def close(self) -> None:
+        """Stop sending; finish or drop in-flight work."""
+
+
+class InProcessDispatcher:
+    """The embedded default: jobs run on a thread pool in this process, through the same runner."""
+
+    def __init__(self, runtime: Runtime, threads: int) -> None:
+        self.runtime = runtime
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="maml-serve-job")
+        self._timers: set[threading.Timer] = set()
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def submit(self, job_id: uuid.UUID, kind: str, queue: str) -> None:
+        """Queue the job on the pool."""
+        with self._lock:
+            if self._closed:
+                return
+            self._pool.submit(self._run, job_id, kind, queue)
+
+    def _run(self, job_id: uuid.UUID, kind: str, queue: str) -> None:
+        from worker.runner import run_job
+
+        try:
+            outcome = run_job(self.runtime, job_id)
+        except Exception:
+            log.exception("job %s crashed the in-process runner", job_id)
+            return
+        if outcome.retry_in is not None:
+            self._later(outcome.retry_in, job_id, kind, queue)
+
+    def _later(self, delay: float, job_id: uuid.UUID, kind: str, queue: str) -> None:
+        def fire() -> None:
+            self._timers.discard(timer)
+            self.submit(job_id, kind, queue)
+
+        timer = threading.Timer(delay, fire)
+        timer.daemon = True
+        with self._lock:
+            if self._closed:
+                return
+            self._timers.add(timer)
+        timer.start()
+
+    def resume_unfinished(self) -> int:
+        """Resubmit jobs a previous run of this process left queued or running."""
+        with self.runtime.sessions() as session:
+            jobs = session.execute(
+                select(Job.id, Job.kind, Job.queue).where(
+                    or_(Job.state == "queued", Job.state == "running"), Job.kind.in_(TASK_NAMES)
+                )
+            ).all()
+            # Leases of a dead process would otherwise delay the rerun until they expire.
+            for job in session.scalars(select(Job).where(Job.state == "running")):
+                job.lease_expires_at = utcnow()
+            session.commit()
+        for job_id, kind, queue in jobs:
+            self.submit(job_id, kind, queue)
+        return len(jobs)
+
+    def ping(self) -> bool:
+        """The pool is always reachable while open."""
+        return not self._closed
+
+    def close(self) -> None:
+        """Cancel pending retries and wait for running jobs."""
+        with self._lock:
+            self._closed = True
+            timers = list(self._timers)
+        for timer in timers:
+            timer.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class CeleryDispatcher:
+    """Production: publish the job id to its queue on the broker; workers re-read the row."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        from worker.celery_app import make_celery
+
+        self.celery = make_celery(runtime.settings)
+
+    def submit(self, job_id: uuid.UUID, kind: str, queue: str) -> None:
+        """Publish the job id (JSON) to the kind's queue."""
+        self.celery.send_task(TASK_NAMES[kind], args=[str(job_id)], queue=queue)
+
+    def ping(self) -> bool:
+        """True when the broker accepts a connection."""
+        try:
+            with self.celery.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, timeout=2)
+            return True
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        """Close the broker connection pool."""
+        self.celery.close()
+
+
+def make_dispatcher(runtime: Runtime) -> InProcessDispatcher | CeleryDispatcher:
+    """Celery when a broker URL is configured, the in-process pool otherwise."""
+    if runtime.settings.uses_celery:
+        return CeleryDispatcher(runtime)
+    return InProcessDispatcher(runtime, runtime.settings.executor_threads)

@@ -1,0 +1,73 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from app import crud
+from app.api.routes import health, initializations, jobs, tasks
+from app.core.config import Settings, get_settings
+from app.core.migrate import upgrade
+from app.dispatch import InProcessDispatcher, make_dispatcher
+from app.errors import install_error_handlers
+from app.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def _start(runtime: Runtime) -> None:
+    settings = runtime.settings
+    if settings.is_embedded_database:
+        upgrade(settings)
+    with runtime.sessions() as session:
+        row = crud.ensure_initialization(
+            session=session, store=runtime.store, folder=runtime.initialization_folder()
+        )
+        if row is None:
+            log.warning(
+                "no active initialization: %s has none to register", runtime.initialization_folder()
+            )
+        else:
+            runtime.models.initialization(row)
+            log.info("active initialization %s loaded on %s", row.version, runtime.models.device)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API; its lifespan builds the runtime and the job dispatcher."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = Runtime.build(settings)
+        await run_in_threadpool(_start, runtime)
+        dispatcher = make_dispatcher(runtime)
+        if isinstance(dispatcher, InProcessDispatcher):
+            resumed = await run_in_threadpool(dispatcher.resume_unfinished)
+            if resumed:
+                log.info("resumed %d unfinished jobs", resumed)
+        app.state.runtime = runtime
+        app.state.dispatcher = dispatcher
+        try:
+            yield
+        finally:
+            await run_in_threadpool(dispatcher.close)
+            runtime.close()
+
+    app = FastAPI(
+        title="maml-serve",
+        version="1.0.0",
+        summary="Few-shot image classifiers: send a support set, get an adapted model, predict.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)
+    for module in (tasks, jobs, initializations, health):
+        app.include_router(module.router)
+    return app
