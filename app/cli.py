@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="info")
-    serve.set_defaults(func=_serve)
+    serve.set_defaults(handler=_serve)
 
     worker = sub.add_parser("worker", help="run a Celery worker (needs MAML_SERVE_BROKER_URL)")
     worker.add_argument(
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--pool", default="solo", help="Celery pool; solo runs one job at a time")
     worker.add_argument("--concurrency", type=int, default=None)
     worker.add_argument("--log-level", default="INFO")
-    worker.set_defaults(func=_worker)
+    worker.set_defaults(handler=_worker)
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -103,11 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--admin", action="store_true", help="add the admin scope")
     create.add_argument("--name", default=None, help="a note to tell keys apart")
     create.add_argument("--json", action="store_true", help='print {"key": ..., "tenant": ...}')
-    create.set_defaults(func=_keys_create)
+    create.set_defaults(handler=_keys_create)
 
     migrate = sub.add_parser("migrate", help="apply database migrations (alembic upgrade)")
     migrate.add_argument("revision", nargs="?", default="head")
-    migrate.set_defaults(func=_migrate)
+    migrate.set_defaults(handler=_migrate)
 
     try:
         from fewshot.cli import add_subcommands  # type: ignore[import-not-found,unused-ignore]
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `maml-serve` console script."""
     args = build_parser().parse_args(argv)
-    result = args.func(args)
+    result = args.handler(args)
     return int(result or 0)
 
 

@@ -114,7 +114,10 @@ def create_task(
             max_attempts=runtime.settings.job_max_attempts,
             idempotency_key=idempotency_key,
         )
-        session.add_all([task, job])
+        session.add(task)
+        # Jobs have no ORM relationship to tasks, so the task row must exist before the job's.
+        session.flush()
+        session.add(job)
         session.commit()
     except IntegrityError:
         session.rollback()

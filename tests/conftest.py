@@ -1,0 +1,94 @@
+"""Fixtures: a tiny random initialization, embedded apps, API keys, Omniglot episodes."""
+
+from __future__ import annotations
+
+import os
+import random
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.core.config import Settings
+from app.main import create_app
+from tests.helpers import OMNIGLOT_ZIP, create_key, make_settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings come from each test, never from the developer's shell."""
+    for name in list(os.environ):
+        if name.startswith("MAML_SERVE_") and name != "MAML_SERVE_OMNIGLOT_ZIP":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_init_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random initialization (untrained): fast to adapt, enough to exercise the service."""
+    import fewshot
+
+    folder = tmp_path_factory.mktemp("init") / "tiny"
+    init = fewshot.Initialization.random(fewshot.ModelConfig(width=16, inner_steps=2), seed=0)
+    init.metadata.update({"version": "tiny-test-1", "metrics": {"note": "random weights"}})
+    init.save(folder)
+    return folder
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_init_dir: Path) -> Settings:
+    """Embedded settings: SQLite and artifacts under tmp_path."""
+    return make_settings(tmp_path / "data", tiny_init_dir)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    """An embedded app (SQLite, in-process executor), started."""
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def auth(client: TestClient) -> dict[str, str]:
+    """Headers with a user key of tenant "acme"."""
+    return create_key(client, "acme")
+
+
+# --- Omniglot ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Omniglot:
+    """Episodes drawn from the Omniglot background zip: support and query PNG bytes with labels."""
+
+    archive: zipfile.ZipFile
+    characters: list[list[str]]
+
+    def episode(
+        self, rng: random.Random, ways: int, shots: int, queries: int
+    ) -> tuple[list[tuple[bytes, str]], list[tuple[bytes, str]]]:
+        """N-way K-shot: `shots` support and `queries` query drawings per sampled character."""
+        support: list[tuple[bytes, str]] = []
+        query: list[tuple[bytes, str]] = []
+        for index, drawings in enumerate(rng.sample(self.characters, ways)):
+            label = f"class-{index}"
+            picked = rng.sample(drawings, shots + queries)
+            support += [(self.archive.read(name), label) for name in picked[:shots]]
+            query += [(self.archive.read(name), label) for name in picked[shots:]]
+        return support, query
+
+
+@pytest.fixture(scope="session")
+def omniglot() -> Iterator[Omniglot]:
+    """The Omniglot background set, or a skip saying where it was looked for."""
+    if not OMNIGLOT_ZIP.is_file():
+        pytest.skip(f"Omniglot zip not found at {OMNIGLOT_ZIP} (set MAML_SERVE_OMNIGLOT_ZIP)")
+    archive = zipfile.ZipFile(OMNIGLOT_ZIP)
+    by_character: dict[str, list[str]] = {}
+    for name in archive.namelist():
+        if name.endswith(".png"):
+            by_character.setdefault(name.rsplit("/", 1)[0], []).append(name)
+    yield Omniglot(archive, [sorted(v) for _, v in sorted(by_character.items())])
+    archive.close()
