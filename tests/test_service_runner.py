@@ -1,0 +1,177 @@
+"""The job runner: claims, redelivery, leases, attempts and failures leave one consistent result."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select, update
+
+from app.main import create_app
+from app.models import AdaptedModel, Job, SupportExample, Task, utcnow
+from app.runtime import Runtime
+from tests.helpers import make_settings, query_files, runtime_of, support_files
+from worker import runner
+
+
+def _queued_task(client: TestClient, auth: dict[str, str]) -> tuple[str, uuid.UUID]:
+    """A task whose adapt job is committed but never sent anywhere."""
+    client.app.state.dispatcher.submit = lambda *args: None  # type: ignore[attr-defined]
+    files, data = support_files(["a", "b", "c"])
+    body = client.post("/v1/tasks", headers=auth, files=files, data=data).json()
+    return body["id"], uuid.UUID(body["job"]["id"])
+
+
+def _job(runtime: Runtime, job_id: uuid.UUID) -> Job:
+    with runtime.sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def _models(runtime: Runtime) -> int:
+    with runtime.sessions() as session:
+        return int(session.scalar(select(func.count()).select_from(AdaptedModel)) or 0)
+
+
+def test_running_the_adapt_job_twice_leaves_one_model(
+    client: TestClient, auth: dict[str, str]
+) -> None:
+    runtime = runtime_of(client)
+    _, job_id = _queued_task(client, auth)
+    assert runner.run_job(runtime, job_id).status == "done"
+    assert runner.run_job(runtime, job_id).status == "skipped"
+    assert _models(runtime) == 1
+    job = _job(runtime, job_id)
+    assert job.state == "succeeded" and job.attempts == 1
+    assert (
+        len(list(runtime.store.root.rglob("*.safetensors"))) == 2
+    )  # the initialization + one model
+
+
+def test_the_celery_task_delivered_twice_leaves_one_model(
+    client: TestClient, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import tasks
+
+    runtime = runtime_of(client)
+    monkeypatch.setattr(tasks, "_runtime", runtime)
+    monkeypatch.setattr(tasks, "_runtime_pid", os.getpid())
+    _, job_id = _queued_task(client, auth)
+    tasks.adapt.apply(args=[str(job_id)]).get()
+    tasks.adapt.apply(args=[str(job_id)]).get()
+    assert _models(runtime) == 1
+    assert _job(runtime, job_id).attempts == 1
+
+
+def test_an_expired_lease_is_reclaimed_and_still_gives_one_model(
+    client: TestClient, auth: dict[str, str]
+) -> None:
+    runtime = runtime_of(client)
+    _, job_id = _queued_task(client, auth)
+    with runtime.sessions() as session:
+        claim = runner.claim_job(session, job_id, lease_seconds=60)
+        assert isinstance(claim, runner.Claim) and claim.attempt == 1
+        # The first worker dies without finishing; its lease runs out.
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+        session.commit()
+    assert runner.run_job(runtime, job_id).status == "done"
+    assert _models(runtime) == 1
+    job = _job(runtime, job_id)
+    assert job.state == "succeeded" and job.attempts == 2
+    # The dead worker's late finish cannot record a second model or flip the job back.
+    with runtime.sessions() as session:
+        assert runner.run_adapt(runtime, claim).status == "skipped"
+    assert _models(runtime) == 1
+
+
+def test_a_live_lease_makes_the_redelivery_wait(client: TestClient, auth: dict[str, str]) -> None:
+    runtime = runtime_of(client)
+    _, job_id = _queued_task(client, auth)
+    with runtime.sessions() as session:
+        assert isinstance(runner.claim_job(session, job_id, lease_seconds=120), runner.Claim)
+    outcome = runner.run_job(runtime, job_id)
+    assert (
+        outcome.status == "retry" and outcome.retry_in is not None and 100 < outcome.retry_in <= 121
+    )
+    assert _models(runtime) == 0
+
+
+def test_attempts_are_bounded(client: TestClient, auth: dict[str, str]) -> None:
+    runtime = runtime_of(client)
+    task_id, job_id = _queued_task(client, auth)
+    with runtime.sessions() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(state="running", attempts=3, lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+        session.commit()
+    assert runner.run_job(runtime, job_id).status == "failed"
+    job = _job(runtime, job_id)
+    assert job.state == "failed" and job.error_code == "attempts_exhausted"
+    with runtime.sessions() as session:
+        assert session.get(Task, uuid.UUID(task_id)).status == "failed"  # type: ignore[union-attr]
+
+
+def test_a_corrupt_image_fails_the_job_with_a_code(
+    client: TestClient, auth: dict[str, str]
+) -> None:
+    runtime = runtime_of(client)
+    task_id, job_id = _queued_task(client, auth)
+    with runtime.sessions() as session:
+        key = session.scalars(select(SupportExample.image_key)).first()
+    assert key is not None
+    runtime.store.path(key).write_bytes(b"tampered")
+    assert runner.run_job(runtime, job_id).status == "failed"
+    task = client.get(f"/v1/tasks/{task_id}", headers=auth).json()
+    assert task["status"] == "failed" and task["error"]["code"] == "artifact_corrupt"
+    response = client.post(f"/v1/tasks/{task_id}/predictions", headers=auth, files=query_files(1))
+    assert response.status_code == 409 and response.json()["code"] == "adaptation_failed"
+
+
+def test_transient_errors_are_retried_then_fail(
+    client: TestClient, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fewshot
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(fewshot, "adapt", broken)
+    runtime = runtime_of(client)
+    _, job_id = _queued_task(client, auth)
+    outcomes = [runner.run_job(runtime, job_id) for _ in range(3)]
+    assert [o.status for o in outcomes] == ["retry", "retry", "failed"]
+    job = _job(runtime, job_id)
+    assert job.state == "failed" and job.attempts == 3 and job.error_code == "internal_error"
+    assert "out of memory" in (job.error_message or "")
+
+
+def test_unfinished_jobs_resume_when_the_embedded_server_restarts(
+    tmp_path: Path, tiny_init_dir: Path
+) -> None:
+    from tests.helpers import create_key
+
+    settings = make_settings(tmp_path / "data", tiny_init_dir)
+    with TestClient(create_app(settings)) as client:
+        auth = create_key(client, "acme")
+        task_id, _ = _queued_task(client, auth)
+    with TestClient(create_app(settings)) as client:
+        runtime = runtime_of(client)
+        from app.service import wait_for_job
+
+        with runtime.sessions() as session:
+            job_id = session.scalar(select(Job.id))
+        assert job_id is not None
+        assert wait_for_job(runtime=runtime, job_id=job_id, timeout=30) == "succeeded"
+        assert client.get(f"/v1/tasks/{task_id}", headers=auth).json()["status"] == "ready"
