@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import random
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from app.core.config import Settings
 from app.main import create_app
-from tests.helpers import OMNIGLOT_ZIP, create_key, make_settings
+from tests.helpers import OMNIGLOT_ZIP, Omniglot, create_key, make_settings
 
 
 @pytest.fixture(autouse=True)
@@ -57,27 +55,6 @@ def auth(client: TestClient) -> dict[str, str]:
 
 
 # --- Omniglot ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Omniglot:
-    """Episodes drawn from the Omniglot background zip: support and query PNG bytes with labels."""
-
-    archive: zipfile.ZipFile
-    characters: list[list[str]]
-
-    def episode(
-        self, rng: random.Random, ways: int, shots: int, queries: int
-    ) -> tuple[list[tuple[bytes, str]], list[tuple[bytes, str]]]:
-        """N-way K-shot: `shots` support and `queries` query drawings per sampled character."""
-        support: list[tuple[bytes, str]] = []
-        query: list[tuple[bytes, str]] = []
-        for index, drawings in enumerate(rng.sample(self.characters, ways)):
-            label = f"class-{index}"
-            picked = rng.sample(drawings, shots + queries)
-            support += [(self.archive.read(name), label) for name in picked[:shots]]
-            query += [(self.archive.read(name), label) for name in picked[shots:]]
-        return support, query
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import random
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +112,24 @@ def create_ready_task(
     body: dict[str, Any] = response.json()
     assert body["status"] == "ready"
     return body
+
+
+@dataclass
+class Omniglot:
+    """Episodes drawn from the Omniglot background zip: support and query PNG bytes with labels."""
+
+    archive: zipfile.ZipFile
+    characters: list[list[str]]
+
+    def episode(
+        self, rng: random.Random, ways: int, shots: int, queries: int
+    ) -> tuple[list[tuple[bytes, str]], list[tuple[bytes, str]]]:
+        """N-way K-shot: `shots` support and `queries` query drawings per sampled character."""
+        support: list[tuple[bytes, str]] = []
+        query: list[tuple[bytes, str]] = []
+        for index, drawings in enumerate(rng.sample(self.characters, ways)):
+            label = f"class-{index}"
+            picked = rng.sample(drawings, shots + queries)
+            support += [(self.archive.read(name), label) for name in picked[:shots]]
+            query += [(self.archive.read(name), label) for name in picked[shots:]]
+        return support, query
