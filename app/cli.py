@@ -13,7 +13,18 @@ def _serve(args: argparse.Namespace) -> int:
 
     from app.main import create_app
 
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level)
+    if args.workers > 1:
+        # Several processes need an import string, each building its own app.
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level=args.log_level,
+        )
+    else:
+        uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -82,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="HTTP worker processes")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(handler=_serve)
 

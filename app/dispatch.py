@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
 from sqlalchemy import or_, select
@@ -22,6 +25,20 @@ TASK_NAMES = {
 }
 
 
+class JobWatch:
+    """Lets a request wait for a job: woken early when the job runs in this process."""
+
+    def __init__(self, event: threading.Event | None = None) -> None:
+        self._event = event
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to `seconds`, returning early if the job's runner signals."""
+        if self._event is None:
+            time.sleep(seconds)
+        elif self._event.wait(seconds):
+            self._event.clear()
+
+
 class Dispatcher(Protocol):
     """Sends a job id to a runner; called only after the job row is committed."""
 
@@ -30,6 +47,9 @@ class Dispatcher(Protocol):
 
     def ping(self) -> bool:
         """True when jobs can be sent right now."""
+
+    def watch(self, job_id: uuid.UUID) -> AbstractContextManager[JobWatch]:
+        """A handle to wait on while the job runs."""
 
     def close(self) -> None:
         """Stop sending; finish or drop in-flight work."""
@@ -42,6 +62,7 @@ class InProcessDispatcher:
         self.runtime = runtime
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="maml-serve-job")
         self._timers: set[threading.Timer] = set()
+        self._events: dict[uuid.UUID, threading.Event] = {}
         self._closed = False
         self._lock = threading.Lock()
 
@@ -60,6 +81,11 @@ class InProcessDispatcher:
         except Exception:
             log.exception("job %s crashed the in-process runner", job_id)
             return
+        finally:
+            with self._lock:
+                event = self._events.get(job_id)
+            if event is not None:
+                event.set()
         if outcome.retry_in is not None:
             self._later(outcome.retry_in, job_id, kind, queue)
 
@@ -96,6 +122,17 @@ class InProcessDispatcher:
         """The pool is always reachable while open."""
         return not self._closed
 
+    @contextmanager
+    def watch(self, job_id: uuid.UUID) -> Iterator[JobWatch]:
+        """Wake the waiter as soon as a run of this job ends."""
+        with self._lock:
+            event = self._events.setdefault(job_id, threading.Event())
+        try:
+            yield JobWatch(event)
+        finally:
+            with self._lock:
+                self._events.pop(job_id, None)
+
     def close(self) -> None:
         """Cancel pending retries and wait for running jobs."""
         with self._lock:
@@ -126,6 +163,11 @@ class CeleryDispatcher:
             return True
         except Exception:
             return False
+
+    @contextmanager
+    def watch(self, job_id: uuid.UUID) -> Iterator[JobWatch]:
+        """Plain polling: the job runs in another process."""
+        yield JobWatch()
 
     def close(self) -> None:
         """Close the broker connection pool."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
 
@@ -13,6 +13,10 @@ from app.storage import sha256_bytes
 
 _SIGNATURES = {"png": (b"\x89PNG\r\n\x1a\n",), "jpeg": (b"\xff\xd8\xff",)}
 _PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg"}
+
+
+# Images up to this size keep their decoded pixels from the check, so they are decoded once.
+_KEEP_DECODED_PIXELS = 512 * 512
 
 
 @dataclass(frozen=True)
@@ -24,9 +28,12 @@ class CheckedImage:
     format: str
     width: int
     height: int
+    decoded: Image.Image | None = field(default=None, repr=False, compare=False)
 
     def decode(self) -> Image.Image:
         """The decoded PIL image."""
+        if self.decoded is not None:
+            return self.decoded
         image = Image.open(io.BytesIO(self.data))
         image.load()
         return image
@@ -64,7 +71,7 @@ def check_image(data: bytes, *, what: str, max_bytes: int, max_pixels: int) -> C
         raise InvalidRequest(
             f"{what} is not a decodable image; send a PNG or JPEG file", code="invalid_image"
         ) from None
-    with image:
+    try:
         if fmt is None or _PIL_FORMATS.get(image.format or "") != fmt:
             raise InvalidRequest(
                 f"{what} is {image.format or 'an unknown format'}; only PNG and JPEG are accepted",
@@ -85,6 +92,12 @@ def check_image(data: bytes, *, what: str, max_bytes: int, max_pixels: int) -> C
                 "send the file again",
                 code="invalid_image",
             ) from None
+    except BaseException:
+        image.close()
+        raise
+    keep = image if width * height <= _KEEP_DECODED_PIXELS else None
+    if keep is None:
+        image.close()
     return CheckedImage(
-        data=data, sha256=sha256_bytes(data), format=fmt, width=width, height=height
+        data=data, sha256=sha256_bytes(data), format=fmt, width=width, height=height, decoded=keep
     )

@@ -27,6 +27,10 @@ class Runtime:
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
         """Connect to the database and open the artifact store (no queries are run)."""
+        if settings.torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
         engine = make_engine(settings)
         store = ArtifactStore(settings.artifact_dir)
         store.root.mkdir(parents=True, exist_ok=True)

@@ -167,17 +167,24 @@ def _enqueue(
         ) from exc
 
 
-def wait_for_job(*, runtime: Runtime, job_id: uuid.UUID, timeout: float) -> str:
-    """Poll the job row until it ends or `timeout` seconds pass; returns its last state."""
+def wait_for_job(
+    *,
+    runtime: Runtime,
+    dispatcher: InProcessDispatcher | CeleryDispatcher,
+    job_id: uuid.UUID,
+    timeout: float,
+) -> str:
+    """Re-read the job row until it ends or `timeout` seconds pass; returns its last state."""
     deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        with runtime.sessions() as session:
-            state = session.scalar(select(Job.state).where(Job.id == job_id)) or "missing"
-        if state not in ("queued", "running") or time.monotonic() >= deadline:
-            return state
-        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 1.5, 0.1)
+    delay = 0.002
+    with dispatcher.watch(job_id) as watch:
+        while True:
+            with runtime.sessions() as session:
+                state = session.scalar(select(Job.state).where(Job.id == job_id)) or "missing"
+            if state not in ("queued", "running") or time.monotonic() >= deadline:
+                return state
+            watch.wait(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 1.5, 0.1)
 
 
 def predict(

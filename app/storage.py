@@ -96,7 +96,13 @@ class ArtifactStore:
             shutil.rmtree(tmp, ignore_errors=True)
             return
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.replace(target)
+        try:
+            tmp.replace(target)
+        except OSError:
+            # Another process put the same folder in place first.
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not target.is_dir():
+                raise
 
 
 def task_prefix(task_id: uuid.UUID) -> str:

@@ -173,5 +173,10 @@ def test_unfinished_jobs_resume_when_the_embedded_server_restarts(
         with runtime.sessions() as session:
             job_id = session.scalar(select(Job.id))
         assert job_id is not None
-        assert wait_for_job(runtime=runtime, job_id=job_id, timeout=30) == "succeeded"
+        assert (
+            wait_for_job(
+                runtime=runtime, dispatcher=client.app.state.dispatcher, job_id=job_id, timeout=30
+            )
+            == "succeeded"
+        )
         assert client.get(f"/v1/tasks/{task_id}", headers=auth).json()["status"] == "ready"

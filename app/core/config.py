@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     adapted_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     # None: "cuda" when torch sees a GPU, otherwise "cpu".
     device: str | None = None
+    # Intra-op threads for torch; None keeps torch's default. On small CPU boxes 1 is often
+    # faster, because jobs and predictions run in threads that otherwise contend for the cores.
+    torch_threads: int | None = Field(default=None, gt=0)
     task_time_limit_seconds: int = Field(default=600, gt=0)
     worker_metrics_port: int | None = None
     log_level: str = "INFO"

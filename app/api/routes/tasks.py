@@ -98,7 +98,10 @@ def create_task(
         job = crud.latest_job(session=session, task_id=task.id)
         if job is not None:
             service.wait_for_job(
-                runtime=runtime, job_id=job.id, timeout=min(wait, runtime.settings.max_wait_seconds)
+                runtime=runtime,
+                dispatcher=dispatcher,
+                job_id=job.id,
+                timeout=min(wait, runtime.settings.max_wait_seconds),
             )
         session.expire_all()
     task = crud.get_task(session=session, tenant_id=caller.tenant_id, task_id=task.id)
