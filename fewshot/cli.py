@@ -1,0 +1,174 @@
+"""`maml-serve train` and `maml-serve evaluate`: the command line of the few-shot core."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewshot.config import MetaTrainConfig, ModelConfig
+from fewshot.data import ImageDataset, load_dataset, split_groups
+from fewshot.evaluate import evaluate
+from fewshot.initialization import Initialization, shipped_initialization_path
+
+REPORT_SHAPES = ((5, 1), (5, 5), (20, 1), (20, 5))
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def add_subcommands(sub: Any) -> None:
+    """Register `train` and `evaluate` on an argparse subparsers object."""
+    train = sub.add_parser("train", help="meta-train an initialization (MAML) from an image dataset")
+    train.add_argument("--data", required=True, help="dataset folder or zip (Omniglot layout or one folder per class)")
+    train.add_argument("--out", default="runs/train", help="run folder (resumes if it holds a checkpoint)")
+    train.add_argument("--holdout-groups", type=int, default=5, help="groups (alphabets) held out for validation")
+    train.add_argument("--init", help="start from this initialization folder instead of from scratch")
+    train.add_argument("--iterations", type=int, default=10_000)
+    train.add_argument("--max-minutes", type=float, help="wall-clock budget; schedules follow whichever ends first")
+    train.add_argument("--meta-batch", type=int, default=16, help="tasks per meta-batch at the smallest way count")
+    train.add_argument("--ways", type=int, nargs=2, default=(5, 20), metavar=("MIN", "MAX"))
+    train.add_argument("--shots", type=int, nargs=2, default=(1, 5), metavar=("MIN", "MAX"))
+    train.add_argument("--queries", type=int, default=5)
+    train.add_argument("--steps", type=int, default=5, help="inner steps")
+    train.add_argument("--step-size", type=float, default=0.1, help="initial inner step size")
+    train.add_argument("--no-lslr", action="store_true", help="keep step sizes fixed (no MAML++ LSLR)")
+    train.add_argument("--first-order", action="store_true", help="first-order MAML throughout")
+    train.add_argument("--first-order-fraction", type=float, default=0.5, help="share of the run before second order")
+    train.add_argument("--msl", action="store_true", help="MAML++ multi-step loss")
+    train.add_argument("--mode", choices=("full", "head"), default="full")
+    train.add_argument("--lr", type=float, default=1e-3, help="outer Adam learning rate")
+    train.add_argument("--no-cosine", action="store_true")
+    train.add_argument("--no-rotations", action="store_true")
+    train.add_argument("--pooling", choices=("stride", "maxpool"), default="stride")
+    train.add_argument("--val-every", type=int, default=500)
+    train.add_argument("--val-episodes", type=int, default=200)
+    train.add_argument("--report-episodes", type=int, default=400, help="episodes per shape in the final report")
+    train.add_argument("--checkpoint-minutes", type=float, default=2.0)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    train.add_argument("--version", help="version name recorded in the initialization")
+    train.set_defaults(handler=run_train)
+
+    ev = sub.add_parser("evaluate", help="mean accuracy of an initialization over sampled episodes")
+    ev.add_argument("--data", required=True, help="dataset folder or zip")
+    ev.add_argument("--ways", type=int, required=True)
+    ev.add_argument("--shots", type=int, required=True)
+    ev.add_argument("--queries", type=int, default=5)
+    ev.add_argument("--episodes", type=int, default=200)
+    ev.add_argument("--init", help="initialization folder (default: the shipped one)")
+    ev.add_argument("--mode", choices=("full", "head"), default="full")
+    ev.add_argument("--steps", type=int, help="inner steps (default: the initialization's)")
+    ev.add_argument("--within-group", action="store_true", help="draw each task's classes from one group")
+    ev.add_argument("--groups", nargs="*", help="only these groups (e.g. the validation alphabets)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(handler=run_evaluate)
+
+
+def report(init: Initialization, val: ImageDataset, episodes: int, device: str, seed: int = 2024) -> dict[str, Any]:
+    """Accuracy with 95% CI on the four standard Omniglot shapes (those the data allows)."""
+    out: dict[str, Any] = {}
+    for ways, shots in REPORT_SHAPES:
+        if len(val.classes) >= ways:
+            result = evaluate(init.to(device), val, ways=ways, shots=shots, queries=5, episodes=episodes, seed=seed, device=device)
+            out[f"{ways}-way {shots}-shot"] = result.to_dict()
+    return out
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Meta-train, report validation accuracy, and write the initialization folder."""
+    from fewshot.card import write_model_card
+    from fewshot.training import MetaTrainer
+
+    device = _device(args.device)
+    model = ModelConfig(pooling=args.pooling)
+    data = load_dataset(args.data, model)
+    train, val = split_groups(data, args.holdout_groups, seed=args.seed)
+    cfg = MetaTrainConfig(
+        iterations=args.iterations,
+        meta_batch=args.meta_batch,
+        ways=tuple(args.ways),
+        shots=tuple(args.shots),
+        queries=args.queries,
+        inner_steps=args.steps,
+        inner_step_size=args.step_size,
+        learn_step_sizes=not args.no_lslr,
+        first_order_fraction=args.first_order_fraction,
+        second_order=not args.first_order,
+        multi_step_loss=args.msl,
+        adapt_mode=args.mode,
+        outer_lr=args.lr,
+        cosine_annealing=not args.no_cosine,
+        rotations=not args.no_rotations,
+        seed=args.seed,
+        val_every=args.val_every,
+        val_episodes=args.val_episodes,
+        checkpoint_every_s=args.checkpoint_minutes * 60,
+        max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+        model=model,
+    )
+    start = Initialization.load(args.init) if args.init else None
+    trainer = MetaTrainer(cfg, train, val, args.out, start=start, device=device)
+    result = trainer.run()
+    if result.initialization is None or result.path is None:
+        return 1
+    init = result.initialization
+    init.metadata.update(
+        {
+            "version": args.version or Path(args.out).name,
+            "command": "maml-serve " + shlex.join(sys.argv[1:]),
+            "data": str(args.data),
+            "validation_groups": val.group_names,
+            "metrics": report(init, val, args.report_episodes, device),
+        }
+    )
+    init.metadata.pop("curve", None)
+    init.save(result.path)
+    write_model_card(result.path, init.metadata)
+    print(json.dumps({"path": str(result.path), "metrics": init.metadata["metrics"]}, indent=2))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Print mean accuracy and 95% CI over sampled episodes."""
+    device = _device(args.device)
+    init = Initialization.load(args.init or shipped_initialization_path())
+    data = load_dataset(args.data, init.config)
+    if args.groups:
+        data = data.subset_groups(args.groups)
+    result = evaluate(
+        init.to(device), data, ways=args.ways, shots=args.shots, queries=args.queries, episodes=args.episodes,
+        mode=args.mode, steps=args.steps, seed=args.seed, within_group=args.within_group, device=device,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(
+            f"{result.ways}-way {result.shots}-shot ({result.mode}, {result.steps} steps): "
+            f"{100 * result.accuracy:.2f}% ± {100 * result.ci95:.2f} over {result.episodes} episodes"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for `python -m fewshot.cli` (the same commands as `maml-serve`)."""
+    parser = argparse.ArgumentParser(prog="fewshot")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_subcommands(sub)
+    args = parser.parse_args(argv)
+    code: int = args.handler(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""Configuration dataclasses for the backbone and the inner loop."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Pooling = Literal["stride", "maxpool"]
+Norm = Literal["group", "none"]
+AdaptMode = Literal["full", "head"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and preprocessing of an initialization (Conv4 of Finn et al. 2017, sec. 5.2)."""
+
+    in_channels: int = 1
+    image_size: int = 28
+    width: int = 64
+    depth: int = 4
+    # "stride": 3x3 convolutions with stride 2 (MAML's Omniglot variant, ~3.7x fewer FLOPs);
+    # "maxpool": stride 1 followed by 2x2 max-pooling (MAML's MiniImagenet variant).
+    pooling: Pooling = "stride"
+    # GroupNorm is per image, so a query's prediction never depends on its batch.
+    norm: Norm = "group"
+    norm_groups: int = 1
+    # Omniglot strokes are dark on white; inverting makes strokes 1 and background 0.
+    invert: bool = True
+    inner_steps: int = 5
+    inner_step_size: float = 0.1
+
+    @property
+    def feature_dim(self) -> int:
+        """Length of the embedding the head sees."""
+        return self.width
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from a dict, ignoring unknown keys written by newer versions."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class MetaTrainConfig:
+    """Settings of one meta-training run (MAML, Finn et al. 2017; MAML++, Antoniou et al. 2019)."""
+
+    iterations: int = 10_000
+    meta_batch: int = 16
+    # Each meta-iteration draws one (ways, shots) pair so that its tasks stack under vmap.
+    ways: tuple[int, int] = (5, 20)
+    shots: tuple[int, int] = (1, 5)
+    queries: int = 5
+    inner_steps: int = 5
+    inner_step_size: float = 0.1
+    learn_step_sizes: bool = True
+    # Fraction of iterations run first-order before switching to second order (1.0: first order only).
+    first_order_fraction: float = 0.5
+    second_order: bool = True
+    multi_step_loss: bool = False
+    adapt_mode: AdaptMode = "full"
+    outer_lr: float = 1e-3
+    cosine_annealing: bool = True
+    min_outer_lr: float = 1e-5
+    rotations: bool = True
+    seed: int = 0
+    val_every: int = 500
+    val_episodes: int = 200
+    checkpoint_every_s: float = 120.0
+    max_seconds: float | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MetaTrainConfig:
+        """Build from a dict written by to_dict."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        if "model" in kwargs and isinstance(kwargs["model"], dict):
+            kwargs["model"] = ModelConfig.from_dict(kwargs["model"])
+        for key in ("ways", "shots"):
+            if key in kwargs:
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)

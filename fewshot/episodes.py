@@ -1,0 +1,107 @@
+"""Seeded N-way K-shot episode sampling, batched so a meta-batch stacks under vmap."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fewshot.data import ImageDataset
+from fewshot.errors import EpisodeError
+
+
+@dataclass
+class EpisodeBatch:
+    """T tasks of one shape: support [T, N*K, C, H, W] / [T, N*K], query [T, N*Q, C, H, W] / [T, N*Q]."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+    ways: int
+    shots: int
+
+
+class EpisodeSampler:
+    """Draws N-way K-shot Q-query tasks from an ImageDataset.
+
+    With `rotations`, each class also appears rotated by 90, 180 and 270 degrees as three new
+    classes (Santoro et al. 2016; Finn et al. 2017), for meta-training. With `within_group`,
+    a task's classes all come from one group (Lake et al. 2015's within-alphabet runs).
+    Images are kept as float on `device` so sampling costs one gather.
+    """
+
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        *,
+        rotations: bool = False,
+        within_group: bool = False,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.images = dataset.images.to(device).float().div_(255.0)
+        self.rotations = rotations
+        self.within_group = within_group
+        self.device = torch.device(device)
+        n_classes = len(dataset.classes)
+        counts = torch.bincount(dataset.targets, minlength=n_classes)
+        self.counts = counts.numpy()
+        width = int(counts.max()) if n_classes else 0
+        table = torch.full((n_classes, width), -1, dtype=torch.long)
+        order = torch.argsort(dataset.targets, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        for c in range(n_classes):
+            table[c, : counts[c]] = order[starts[c] : starts[c] + counts[c]]
+        self.table = table.numpy()
+        groups = np.array(dataset.groups)
+        self.group_classes = [np.flatnonzero(groups == g) for g in sorted(set(dataset.groups))]
+
+    def _classes(self, rng: np.random.Generator, ways: int, needed: int) -> np.ndarray:
+        eligible_mask = self.counts >= needed
+        if self.within_group:
+            pools = [g[eligible_mask[g]] for g in self.group_classes]
+            pools = [p for p in pools if p.size >= ways]
+            if not pools:
+                raise EpisodeError(f"no group has {ways} classes with {needed} images each")
+            pool = pools[rng.integers(len(pools))]
+        else:
+            pool = np.flatnonzero(eligible_mask)
+        multiplier = 4 if self.rotations else 1
+        if pool.size * multiplier < ways:
+            raise EpisodeError(f"{ways}-way tasks need {ways} classes with >= {needed} images; {pool.size} have")
+        picks = rng.choice(pool.size * multiplier, size=ways, replace=False)
+        return np.stack([pool[picks % pool.size], picks // pool.size], axis=1)
+
+    def sample(self, rng: np.random.Generator, tasks: int, ways: int, shots: int, queries: int) -> EpisodeBatch:
+        """Draw `tasks` tasks of `ways` classes with `shots` support and `queries` query images each."""
+        if ways < 2 or shots < 1 or queries < 1:
+            raise EpisodeError(f"need ways >= 2, shots >= 1, queries >= 1; got {ways}, {shots}, {queries}")
+        per_class = shots + queries
+        chosen = np.concatenate([self._classes(rng, ways, per_class) for _ in range(tasks)])
+        classes, turns = chosen[:, 0], chosen[:, 1]
+        scores = rng.random((classes.size, self.table.shape[1]))
+        scores[self.table[classes] < 0] = np.inf
+        columns = np.argsort(scores, axis=1)[:, :per_class]
+        index = torch.from_numpy(np.take_along_axis(self.table[classes], columns, axis=1)).to(self.device)
+        images = self.images[index]  # [T*N, K+Q, C, H, W]
+        if self.rotations:
+            turns_t = torch.from_numpy(turns).to(self.device)
+            for k in (1, 2, 3):
+                mask = turns_t == k
+                if bool(mask.any()):
+                    images[mask] = torch.rot90(images[mask], k, dims=(-2, -1))
+        shape = images.shape[2:]
+        images = images.view(tasks, ways, per_class, *shape)
+        labels = torch.arange(ways, device=self.device)
+        support = images[:, :, :shots].reshape(tasks, ways * shots, *shape)
+        query = images[:, :, shots:].reshape(tasks, ways * queries, *shape)
+        return EpisodeBatch(
+            support_x=support,
+            support_y=labels.repeat_interleave(shots).expand(tasks, -1).contiguous(),
+            query_x=query,
+            query_y=labels.repeat_interleave(queries).expand(tasks, -1).contiguous(),
+            ways=ways,
+            shots=shots,
+        )
