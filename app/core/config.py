@@ -53,6 +53,18 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(default=None, gt=0)
     task_time_limit_seconds: int = Field(default=600, gt=0)
     worker_metrics_port: int | None = None
+
+    # Admin meta-training (issue 4).
+    # Upload cap for a dataset zip, and for what its members would unpack to.
+    max_dataset_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    max_dataset_unpacked_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)
+    max_dataset_images: int = Field(default=200_000, gt=0)
+    # The Omniglot background zip an admin may register by name; never a path from a request.
+    omniglot_path: Path | None = None
+    # A meta-training job renews its lease this often x3; a dead worker's run is picked up again
+    # (and resumes from its checkpoint) once the lease has run out.
+    train_lease_seconds: float = Field(default=120.0, gt=0)
+    train_time_limit_seconds: int = Field(default=7 * 24 * 3600, gt=0)
     log_level: str = "INFO"
 
     @model_validator(mode="after")
