@@ -71,7 +71,9 @@ class AdaptedModel:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, init: Initialization | None = None, device: str = "cpu") -> AdaptedModel:
+    def load(
+        cls, path: str | Path, init: Initialization | None = None, device: str = "cpu"
+    ) -> AdaptedModel:
         """Read a file written by `save` (safetensors only; never unpickles)."""
         from safetensors import safe_open
 
@@ -83,7 +85,9 @@ class AdaptedModel:
             raise CheckpointError(f"cannot read adapted model {path}: {exc}") from exc
         if meta.get("format") != ADAPTED_FORMAT:
             raise CheckpointError(f"{path}: not an adapted model file")
-        config = init.config if init is not None else ModelConfig.from_dict(json.loads(meta["model"]))
+        config = (
+            init.config if init is not None else ModelConfig.from_dict(json.loads(meta["model"]))
+        )
         return cls(
             config=config,
             params=tensors,
@@ -98,7 +102,9 @@ class AdaptedModel:
 def _check_images(x: Tensor, config: ModelConfig, what: str) -> None:
     expected = (config.in_channels, config.image_size, config.image_size)
     if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-        raise EpisodeError(f"{what} images must have shape [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
+        raise EpisodeError(
+            f"{what} images must have shape [B, {', '.join(map(str, expected))}], got {list(x.shape)}"
+        )
     if x.shape[0] == 0:
         raise EpisodeError(f"{what} set is empty")
 
@@ -108,7 +114,9 @@ def encode_labels(labels: Sequence[str]) -> tuple[list[str], Tensor]:
     classes: dict[str, int] = {}
     for position, label in enumerate(labels):
         if not isinstance(label, str) or not label.strip():
-            raise EpisodeError(f"label {position} is empty; every support image needs a non-empty label")
+            raise EpisodeError(
+                f"label {position} is empty; every support image needs a non-empty label"
+            )
         classes.setdefault(label, len(classes))
     if len(classes) < 2:
         raise EpisodeError(f"a task needs at least 2 distinct labels, got {len(classes)}")
@@ -141,12 +149,16 @@ def adapt(
         raise EpisodeError(f"mode must be 'full' or 'head', got {mode!r}")
     _check_images(support_x, init.config, "support")
     if len(labels) != support_x.shape[0]:
-        raise EpisodeError(f"{support_x.shape[0]} support images but {len(labels)} labels; give one label per image")
+        raise EpisodeError(
+            f"{support_x.shape[0]} support images but {len(labels)} labels; give one label per image"
+        )
     steps = init.config.inner_steps if steps is None else steps
     if steps < 0:
         raise EpisodeError(f"steps must be >= 0, got {steps}")
     classes, y = encode_labels(labels)
-    target = torch.device(device) if device is not None else init.params[next(iter(init.params))].device
+    target = (
+        torch.device(device) if device is not None else init.params[next(iter(init.params))].device
+    )
     meta = {k: v.to(target) for k, v in init.params.items()}
     sizes = {} if step_size is not None else {k: v.to(target) for k, v in init.step_sizes.items()}
     default = init.config.inner_step_size if step_size is None else step_size
@@ -154,11 +166,21 @@ def adapt(
     module = Conv4(init.config)
     with torch.no_grad():
         fast = adapt_params(
-            module, meta, sizes, x, y, len(classes), steps=steps, default_step_size=default, mode=mode,
+            module,
+            meta,
+            sizes,
+            x,
+            y,
+            len(classes),
+            steps=steps,
+            default_step_size=default,
+            mode=mode,
             first_order=True,
         )
         fast = {k: v.detach() for k, v in fast.items()}
-        accuracy = (predict_logits_batched(module, fast, x).argmax(dim=1) == y).float().mean().item()
+        accuracy = (
+            (predict_logits_batched(module, fast, x).argmax(dim=1) == y).float().mean().item()
+        )
     return AdaptedModel(
         config=init.config,
         params=fast,

@@ -33,7 +33,8 @@ class Conv4(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Embed images [B, C, H, W] into [B, width]."""
-        return self.blocks(x).mean(dim=(-2, -1))
+        out: Tensor = self.blocks(x).mean(dim=(-2, -1))
+        return out
 
 
 def init_backbone_params(config: ModelConfig, seed: int) -> dict[str, Tensor]:

@@ -21,12 +21,22 @@ def render_model_card(metadata: dict[str, Any]) -> str:
             value = metadata[key]
             if isinstance(value, list):
                 value = ", ".join(map(str, value))
-            lines.append(f"- **{title}**: `{value}`" if key == "command" else f"- **{title}**: {value}")
+            lines.append(
+                f"- **{title}**: `{value}`" if key == "command" else f"- **{title}**: {value}"
+            )
     metrics = metadata.get("metrics") or {}
     if metrics:
-        lines += ["", "## Validation accuracy (held-out groups, 95% CI)", "", "| task | accuracy | episodes |", "|---|---|---|"]
+        lines += [
+            "",
+            "## Validation accuracy (held-out groups, 95% CI)",
+            "",
+            "| task | accuracy | episodes |",
+            "|---|---|---|",
+        ]
         for name, m in metrics.items():
-            lines.append(f"| {name} | {100 * m['accuracy']:.2f}% ± {100 * m['ci95']:.2f} | {m['episodes']} |")
+            lines.append(
+                f"| {name} | {100 * m['accuracy']:.2f}% ± {100 * m['ci95']:.2f} | {m['episodes']} |"
+            )
     lines += ["", "Weights: `weights.safetensors`; architecture and metadata: `config.json`.", ""]
     return "\n".join(lines)
 

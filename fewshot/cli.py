@@ -27,22 +27,45 @@ def _device(name: str) -> str:
 
 def add_subcommands(sub: Any) -> None:
     """Register `train` and `evaluate` on an argparse subparsers object."""
-    train = sub.add_parser("train", help="meta-train an initialization (MAML) from an image dataset")
-    train.add_argument("--data", required=True, help="dataset folder or zip (Omniglot layout or one folder per class)")
-    train.add_argument("--out", default="runs/train", help="run folder (resumes if it holds a checkpoint)")
-    train.add_argument("--holdout-groups", type=int, default=5, help="groups (alphabets) held out for validation")
-    train.add_argument("--init", help="start from this initialization folder instead of from scratch")
+    train = sub.add_parser(
+        "train", help="meta-train an initialization (MAML) from an image dataset"
+    )
+    train.add_argument(
+        "--data",
+        required=True,
+        help="dataset folder or zip (Omniglot layout or one folder per class)",
+    )
+    train.add_argument(
+        "--out", default="runs/train", help="run folder (resumes if it holds a checkpoint)"
+    )
+    train.add_argument(
+        "--holdout-groups", type=int, default=5, help="groups (alphabets) held out for validation"
+    )
+    train.add_argument(
+        "--init", help="start from this initialization folder instead of from scratch"
+    )
     train.add_argument("--iterations", type=int, default=10_000)
-    train.add_argument("--max-minutes", type=float, help="wall-clock budget; schedules follow whichever ends first")
-    train.add_argument("--meta-batch", type=int, default=16, help="tasks per meta-batch at the smallest way count")
+    train.add_argument(
+        "--max-minutes", type=float, help="wall-clock budget; schedules follow whichever ends first"
+    )
+    train.add_argument(
+        "--meta-batch", type=int, default=16, help="tasks per meta-batch at the smallest way count"
+    )
     train.add_argument("--ways", type=int, nargs=2, default=(5, 20), metavar=("MIN", "MAX"))
     train.add_argument("--shots", type=int, nargs=2, default=(1, 5), metavar=("MIN", "MAX"))
     train.add_argument("--queries", type=int, default=5)
     train.add_argument("--steps", type=int, default=5, help="inner steps")
     train.add_argument("--step-size", type=float, default=0.1, help="initial inner step size")
-    train.add_argument("--no-lslr", action="store_true", help="keep step sizes fixed (no MAML++ LSLR)")
+    train.add_argument(
+        "--no-lslr", action="store_true", help="keep step sizes fixed (no MAML++ LSLR)"
+    )
     train.add_argument("--first-order", action="store_true", help="first-order MAML throughout")
-    train.add_argument("--first-order-fraction", type=float, default=0.5, help="share of the run before second order")
+    train.add_argument(
+        "--first-order-fraction",
+        type=float,
+        default=0.5,
+        help="share of the run before second order",
+    )
     train.add_argument("--msl", action="store_true", help="MAML++ multi-step loss")
     train.add_argument("--mode", choices=("full", "head"), default="full")
     train.add_argument("--lr", type=float, default=1e-3, help="outer Adam learning rate")
@@ -51,7 +74,9 @@ def add_subcommands(sub: Any) -> None:
     train.add_argument("--pooling", choices=("stride", "maxpool"), default="stride")
     train.add_argument("--val-every", type=int, default=500)
     train.add_argument("--val-episodes", type=int, default=200)
-    train.add_argument("--report-episodes", type=int, default=400, help="episodes per shape in the final report")
+    train.add_argument(
+        "--report-episodes", type=int, default=400, help="episodes per shape in the final report"
+    )
     train.add_argument("--checkpoint-minutes", type=float, default=2.0)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -67,7 +92,9 @@ def add_subcommands(sub: Any) -> None:
     ev.add_argument("--init", help="initialization folder (default: the shipped one)")
     ev.add_argument("--mode", choices=("full", "head"), default="full")
     ev.add_argument("--steps", type=int, help="inner steps (default: the initialization's)")
-    ev.add_argument("--within-group", action="store_true", help="draw each task's classes from one group")
+    ev.add_argument(
+        "--within-group", action="store_true", help="draw each task's classes from one group"
+    )
     ev.add_argument("--groups", nargs="*", help="only these groups (e.g. the validation alphabets)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="auto")
@@ -75,12 +102,23 @@ def add_subcommands(sub: Any) -> None:
     ev.set_defaults(handler=run_evaluate)
 
 
-def report(init: Initialization, val: ImageDataset, episodes: int, device: str, seed: int = 2024) -> dict[str, Any]:
+def report(
+    init: Initialization, val: ImageDataset, episodes: int, device: str, seed: int = 2024
+) -> dict[str, Any]:
     """Accuracy with 95% CI on the four standard Omniglot shapes (those the data allows)."""
     out: dict[str, Any] = {}
     for ways, shots in REPORT_SHAPES:
         if len(val.classes) >= ways:
-            result = evaluate(init.to(device), val, ways=ways, shots=shots, queries=5, episodes=episodes, seed=seed, device=device)
+            result = evaluate(
+                init.to(device),
+                val,
+                ways=ways,
+                shots=shots,
+                queries=5,
+                episodes=episodes,
+                seed=seed,
+                device=device,
+            )
             out[f"{ways}-way {shots}-shot"] = result.to_dict()
     return out
 
@@ -147,8 +185,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.groups:
         data = data.subset_groups(args.groups)
     result = evaluate(
-        init.to(device), data, ways=args.ways, shots=args.shots, queries=args.queries, episodes=args.episodes,
-        mode=args.mode, steps=args.steps, seed=args.seed, within_group=args.within_group, device=device,
+        init.to(device),
+        data,
+        ways=args.ways,
+        shots=args.shots,
+        queries=args.queries,
+        episodes=args.episodes,
+        mode=args.mode,
+        steps=args.steps,
+        seed=args.seed,
+        within_group=args.within_group,
+        device=device,
     )
     if args.json:
         print(json.dumps(result.to_dict()))

@@ -65,7 +65,9 @@ class ImageDataset:
         )
 
 
-def split_groups(dataset: ImageDataset, holdout: int, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+def split_groups(
+    dataset: ImageDataset, holdout: int, seed: int = 0
+) -> tuple[ImageDataset, ImageDataset]:
     """Split by group (alphabet): `holdout` groups, chosen by `seed`, become the validation set."""
     names = dataset.group_names
     if holdout <= 0 or holdout >= len(names):
@@ -96,7 +98,9 @@ def _entries(names: list[str]) -> list[_Entry]:
     depths = {len(PurePosixPath(n).parts) for n in files}
     if min(depths) < 2:
         loose = next(n for n in files if len(PurePosixPath(n).parts) < 2)
-        raise DatasetError(f"image {loose!r} is not inside a class folder; expected root/<class>/<image>")
+        raise DatasetError(
+            f"image {loose!r} is not inside a class folder; expected root/<class>/<image>"
+        )
     entries = []
     for name in files:
         parts = PurePosixPath(name).parts
@@ -150,12 +154,21 @@ def _cache_file(path: Path, config: ModelConfig) -> Path | None:
         return None
     stat = path.stat()
     key = json.dumps(
-        [str(path.resolve()), stat.st_size, stat.st_mtime_ns, config.in_channels, config.image_size, config.invert]
+        [
+            str(path.resolve()),
+            stat.st_size,
+            stat.st_mtime_ns,
+            config.in_channels,
+            config.image_size,
+            config.invert,
+        ]
     )
     return Path(root) / f"dataset-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
 
 
-def load_dataset(path: str | Path, config: ModelConfig | None = None, *, workers: int = 2) -> ImageDataset:
+def load_dataset(
+    path: str | Path, config: ModelConfig | None = None, *, workers: int = 2
+) -> ImageDataset:
     """Decode a dataset folder or zip into an ImageDataset at the config's size and mode.
 
     A decoded copy of a zip is cached as .npz (no pickles) under $FEWSHOT_CACHE_DIR

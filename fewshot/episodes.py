@@ -70,21 +70,29 @@ class EpisodeSampler:
             pool = np.flatnonzero(eligible_mask)
         multiplier = 4 if self.rotations else 1
         if pool.size * multiplier < ways:
-            raise EpisodeError(f"{ways}-way tasks need {ways} classes with >= {needed} images; {pool.size} have")
+            raise EpisodeError(
+                f"{ways}-way tasks need {ways} classes with >= {needed} images; {pool.size} have"
+            )
         picks = rng.choice(pool.size * multiplier, size=ways, replace=False)
         return np.stack([pool[picks % pool.size], picks // pool.size], axis=1)
 
-    def sample(self, rng: np.random.Generator, tasks: int, ways: int, shots: int, queries: int) -> EpisodeBatch:
+    def sample(
+        self, rng: np.random.Generator, tasks: int, ways: int, shots: int, queries: int
+    ) -> EpisodeBatch:
         """Draw `tasks` tasks of `ways` classes with `shots` support and `queries` query images each."""
         if ways < 2 or shots < 1 or queries < 1:
-            raise EpisodeError(f"need ways >= 2, shots >= 1, queries >= 1; got {ways}, {shots}, {queries}")
+            raise EpisodeError(
+                f"need ways >= 2, shots >= 1, queries >= 1; got {ways}, {shots}, {queries}"
+            )
         per_class = shots + queries
         chosen = np.concatenate([self._classes(rng, ways, per_class) for _ in range(tasks)])
         classes, turns = chosen[:, 0], chosen[:, 1]
         scores = rng.random((classes.size, self.table.shape[1]))
         scores[self.table[classes] < 0] = np.inf
         columns = np.argsort(scores, axis=1)[:, :per_class]
-        index = torch.from_numpy(np.take_along_axis(self.table[classes], columns, axis=1)).to(self.device)
+        index = torch.from_numpy(np.take_along_axis(self.table[classes], columns, axis=1)).to(
+            self.device
+        )
         images = self.images[index]  # [T*N, K+Q, C, H, W]
         if self.rotations:
             turns_t = torch.from_numpy(turns).to(self.device)

@@ -64,15 +64,34 @@ def evaluate(
             tasks = min(batch, remaining)
             b = sampler.sample(rng, tasks, ways, shots, queries)
             out = query_logits(
-                module, meta, sizes, b.support_x, b.support_y, b.query_x, ways,
-                steps=steps, default_step_size=init.config.inner_step_size, mode=mode, first_order=True,
+                module,
+                meta,
+                sizes,
+                b.support_x,
+                b.support_y,
+                b.query_x,
+                ways,
+                steps=steps,
+                default_step_size=init.config.inner_step_size,
+                mode=mode,
+                first_order=True,
             )
             correct = (out.argmax(dim=-1) == b.query_y).float().mean(dim=1)
             scores.extend(correct.cpu().tolist())
             remaining -= tasks
     values = np.array(scores)
-    ci = 1.96 * float(values.std(ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    ci = (
+        1.96 * float(values.std(ddof=1)) / math.sqrt(len(values))
+        if len(values) > 1
+        else float("nan")
+    )
     return EvalResult(
-        accuracy=float(values.mean()), ci95=ci, episodes=len(values), ways=ways, shots=shots,
-        queries=queries, mode=mode, steps=steps,
+        accuracy=float(values.mean()),
+        ci95=ci,
+        episodes=len(values),
+        ways=ways,
+        shots=shots,
+        queries=queries,
+        mode=mode,
+        steps=steps,
     )

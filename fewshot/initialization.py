@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,7 +72,9 @@ class Initialization:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.params.items()}
-        tensors.update({_STEP_PREFIX + k: v.detach().cpu().contiguous() for k, v in self.step_sizes.items()})
+        tensors.update(
+            {_STEP_PREFIX + k: v.detach().cpu().contiguous() for k, v in self.step_sizes.items()}
+        )
         tmp = folder / (WEIGHTS_FILE + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
         tmp.replace(folder / WEIGHTS_FILE)
@@ -93,10 +94,14 @@ class Initialization:
         except (OSError, json.JSONDecodeError, SafetensorError) as exc:
             raise CheckpointError(f"cannot read initialization at {folder}: {exc}") from exc
         if document.get("format") != FORMAT:
-            raise CheckpointError(f"{folder / CONFIG_FILE}: unknown format {document.get('format')!r}")
+            raise CheckpointError(
+                f"{folder / CONFIG_FILE}: unknown format {document.get('format')!r}"
+            )
         config = ModelConfig.from_dict(document.get("model", {}))
         params = {k: v for k, v in tensors.items() if not k.startswith(_STEP_PREFIX)}
-        step_sizes = {k[len(_STEP_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_STEP_PREFIX)}
+        step_sizes = {
+            k[len(_STEP_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_STEP_PREFIX)
+        }
         expected = {name: tuple(p.shape) for name, p in Conv4(config).named_parameters()}
         expected[HEAD_SCALE] = ()
         got = {name: tuple(t.shape) for name, t in params.items()}
@@ -108,4 +113,9 @@ class Initialization:
                 if missing or extra
                 else f"{folder / WEIGHTS_FILE}: tensor shapes do not match its config"
             )
-        return cls(config=config, params=params, step_sizes=step_sizes, metadata=document.get("metadata", {}))
+        return cls(
+            config=config,
+            params=params,
+            step_sizes=step_sizes,
+            metadata=document.get("metadata", {}),
+        )

@@ -48,7 +48,9 @@ def logits(module: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor
     return head_logits(features, params[HEAD_WEIGHT], params[HEAD_BIAS], params[HEAD_SCALE])
 
 
-def step_size(step_sizes: Mapping[str, Tensor], name: str, step: int, default: float) -> Tensor | float:
+def step_size(
+    step_sizes: Mapping[str, Tensor], name: str, step: int, default: float
+) -> Tensor | float:
     """Inner step size for `name` at `step`: learned per layer and step (MAML++ LSLR) or the default."""
     sizes = step_sizes.get(name)
     if sizes is None:
@@ -107,8 +109,10 @@ def adapt_params(
     return fast
 
 
-def predict_logits_batched(module: nn.Module, params: Mapping[str, Tensor], x: Tensor, chunk: int = 1024) -> Tensor:
+def predict_logits_batched(
+    module: nn.Module, params: Mapping[str, Tensor], x: Tensor, chunk: int = 1024
+) -> Tensor:
     """Logits [B, N] computed in chunks; each image is processed independently of the others."""
     if x.shape[0] <= chunk:
         return logits(module, params, x)
-    return torch.cat([logits(module, params, part) for part in x.split(chunk)])
+    return torch.cat([logits(module, params, part) for part in torch.split(x, chunk)])

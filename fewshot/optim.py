@@ -11,7 +11,12 @@ from torch import Tensor
 class Adam:
     """Adam (Kingma and Ba 2015) over a dict of tensors; state is two dicts of tensors and a count."""
 
-    def __init__(self, params: dict[str, Tensor], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    def __init__(
+        self,
+        params: dict[str, Tensor],
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ):
         self.params = params
         self.betas = betas
         self.eps = eps

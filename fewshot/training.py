@@ -112,15 +112,24 @@ class MetaTrainer:
         self.device = torch.device(device)
         if start is None:
             model_cfg = ModelConfig.from_dict(
-                {**cfg.model.to_dict(), "inner_steps": cfg.inner_steps, "inner_step_size": cfg.inner_step_size}
+                {
+                    **cfg.model.to_dict(),
+                    "inner_steps": cfg.inner_steps,
+                    "inner_step_size": cfg.inner_step_size,
+                }
             )
             start = Initialization.random(model_cfg, seed=cfg.seed)
         self.base = start
         self.config = start.config
         self.module = start.module()
-        self.params = {k: v.detach().clone().float().to(self.device).requires_grad_(True) for k, v in start.params.items()}
+        self.params = {
+            k: v.detach().clone().float().to(self.device).requires_grad_(True)
+            for k, v in start.params.items()
+        }
         sizes = _fit_step_sizes(start, cfg.inner_steps, cfg.inner_step_size)
-        self.step_sizes = {k: v.to(self.device).requires_grad_(cfg.learn_step_sizes) for k, v in sizes.items()}
+        self.step_sizes = {
+            k: v.to(self.device).requires_grad_(cfg.learn_step_sizes) for k, v in sizes.items()
+        }
         trainable = dict(self.params)
         if cfg.learn_step_sizes:
             trainable.update({f"step_size.{k}": v for k, v in self.step_sizes.items()})
@@ -152,7 +161,11 @@ class MetaTrainer:
     def snapshot(self) -> Initialization:
         """The current meta-parameters as an Initialization (on CPU)."""
         config = ModelConfig.from_dict(
-            {**self.config.to_dict(), "inner_steps": self.cfg.inner_steps, "inner_step_size": self.cfg.inner_step_size}
+            {
+                **self.config.to_dict(),
+                "inner_steps": self.cfg.inner_steps,
+                "inner_step_size": self.cfg.inner_step_size,
+            }
         )
         return Initialization(
             config=config,
@@ -165,8 +178,12 @@ class MetaTrainer:
         """Write checkpoint.safetensors + state.json atomically (temporary name, then rename)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tensors = {f"param.{k}": v.detach().cpu().contiguous() for k, v in self.params.items()}
-        tensors.update({f"step_size.{k}": v.detach().cpu().contiguous() for k, v in self.step_sizes.items()})
-        tensors.update({k: v.detach().cpu().contiguous() for k, v in self.optimizer.state_tensors().items()})
+        tensors.update(
+            {f"step_size.{k}": v.detach().cpu().contiguous() for k, v in self.step_sizes.items()}
+        )
+        tensors.update(
+            {k: v.detach().cpu().contiguous() for k, v in self.optimizer.state_tensors().items()}
+        )
         tmp = self.out_dir / (CHECKPOINT_FILE + ".tmp")
         save_file(tensors, str(tmp))
         state = {
@@ -217,7 +234,11 @@ class MetaTrainer:
             loss = F.cross_entropy(out.flatten(0, 1), target.flatten())
             final = out
         loss.backward()  # type: ignore[no-untyped-call]
-        lr = cosine_lr(cfg.outer_lr, cfg.min_outer_lr, progress) if cfg.cosine_annealing else cfg.outer_lr
+        lr = (
+            cosine_lr(cfg.outer_lr, cfg.min_outer_lr, progress)
+            if cfg.cosine_annealing
+            else cfg.outer_lr
+        )
         self.optimizer.step(lr, max_norm=10.0)
         accuracy = (final.argmax(dim=-1) == target).float().mean()
         return float(loss.detach()), float(accuracy)
@@ -232,8 +253,15 @@ class MetaTrainer:
             if len(self.val.classes) < ways:
                 continue
             result = evaluate(
-                snap.to(self.device), self.val, ways=ways, shots=shots, queries=5,
-                episodes=self.cfg.val_episodes, seed=12345, device=self.device, sampler=self.val_sampler,
+                snap.to(self.device),
+                self.val,
+                ways=ways,
+                shots=shots,
+                queries=5,
+                episodes=self.cfg.val_episodes,
+                seed=12345,
+                device=self.device,
+                sampler=self.val_sampler,
             )
             out[f"val_{ways}w{shots}s"] = result.accuracy
         return out
@@ -250,10 +278,17 @@ class MetaTrainer:
         cfg = self.cfg
         last_checkpoint = time.monotonic()
         window: list[tuple[float, float]] = []
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not show_progress, desc="meta-train")
+        bar = tqdm(
+            total=cfg.iterations,
+            initial=self.iteration,
+            disable=not show_progress,
+            desc="meta-train",
+        )
         cancelled = False
         started = time.monotonic() - self.elapsed
-        while self.iteration < cfg.iterations and not (cfg.max_seconds and self.elapsed >= cfg.max_seconds):
+        while self.iteration < cfg.iterations and not (
+            cfg.max_seconds and self.elapsed >= cfg.max_seconds
+        ):
             rng = np.random.default_rng([cfg.seed, self.iteration])
             window.append(self.meta_step(rng))
             self.iteration += 1
@@ -271,7 +306,9 @@ class MetaTrainer:
                 if validate_now or self.iteration == cfg.iterations:
                     point.update(self.validate())
                 self.curve.append(point)
-                bar.set_postfix({k: round(v, 4) for k, v in point.items() if k.startswith(("loss", "val_"))})
+                bar.set_postfix(
+                    {k: round(v, 4) for k, v in point.items() if k.startswith(("loss", "val_"))}
+                )
                 if on_progress is not None:
                     on_progress(self._progress_report(point))
                 if should_stop is not None and should_stop():
@@ -330,7 +367,9 @@ def plot_curve(curve: list[dict[str, Any]], path: str | Path) -> None:
         for key in keys:
             pts = [(p["iteration"], p[key]) for p in curve if key in p]
             right.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=key)
-        right.plot(its, [p["train_accuracy"] for p in curve], alpha=0.4, label="train query accuracy")
+        right.plot(
+            its, [p["train_accuracy"] for p in curve], alpha=0.4, label="train query accuracy"
+        )
     left.set_xlabel("meta-iteration")
     left.set_title("meta-train loss")
     left.legend()
