@@ -34,7 +34,7 @@ def _start(runtime: Runtime) -> None:
                 "no active initialization: %s has none to register", runtime.initialization_folder()
             )
         else:
-            runtime.models.initialization(row)
+            runtime.models.warm_up(runtime.models.initialization(row))
             log.info("active initialization %s loaded on %s", row.version, runtime.models.device)
 
 

@@ -52,6 +52,16 @@ class ModelCache:
         with self._lock:
             return self._inits.setdefault(row.version, init)
 
+    def warm_up(self, init: fewshot.Initialization) -> None:
+        """Run one tiny adaptation and prediction so the first real request pays no warm-up."""
+        import torch
+
+        import fewshot
+
+        config = init.config
+        x = torch.rand((2, config.in_channels, config.image_size, config.image_size))
+        fewshot.adapt(init, x, ["a", "b"], steps=1, device=self.device).predict_proba(x)
+
     def adapted(
         self, row: models.AdaptedModel, init: fewshot.Initialization
     ) -> fewshot.AdaptedModel:

@@ -64,7 +64,7 @@ def preload() -> None:
         with rt.sessions() as session:
             row = crud.active_initialization(session=session)
             if row is not None:
-                rt.models.initialization(row)
+                rt.models.warm_up(rt.models.initialization(row))
     except Exception:
         log.exception("could not preload the active initialization")
 
