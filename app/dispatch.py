@@ -61,6 +61,8 @@ class InProcessDispatcher:
     def __init__(self, runtime: Runtime, threads: int) -> None:
         self.runtime = runtime
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="maml-serve-job")
+        # Meta-training runs for hours; its own thread keeps adaptations flowing meanwhile.
+        self._train_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maml-serve-train")
         self._timers: set[threading.Timer] = set()
         self._events: dict[uuid.UUID, threading.Event] = {}
         self._closed = False
@@ -71,7 +73,8 @@ class InProcessDispatcher:
         with self._lock:
             if self._closed:
                 return
-            self._pool.submit(self._run, job_id, kind, queue)
+            pool = self._train_pool if queue == "train" else self._pool
+            pool.submit(self._run, job_id, kind, queue)
 
     def _run(self, job_id: uuid.UUID, kind: str, queue: str) -> None:
         from worker.runner import run_job
@@ -140,7 +143,13 @@ class InProcessDispatcher:
             timers = list(self._timers)
         for timer in timers:
             timer.cancel()
+        from worker.training import clear_stop, request_stop
+
+        # A running meta-training checkpoints and goes back to the queue; the next start resumes it.
+        request_stop(self.runtime)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._train_pool.shutdown(wait=True, cancel_futures=True)
+        clear_stop(self.runtime)
 
 
 class CeleryDispatcher:

@@ -31,6 +31,12 @@ def make_celery(settings: Settings) -> Celery:
             "maml_serve.evaluate": {"queue": "train"},
         },
         task_time_limit=settings.task_time_limit_seconds,
+        task_annotations={
+            "maml_serve.meta_train": {
+                "time_limit": settings.train_time_limit_seconds,
+                "soft_time_limit": max(1, settings.train_time_limit_seconds - 60),
+            }
+        },
         task_soft_time_limit=max(1, settings.task_time_limit_seconds - 30),
         # Unacknowledged messages come back after this long; it must exceed the longest task.
         broker_transport_options={

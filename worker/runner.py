@@ -32,7 +32,15 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from app import metrics
-from app.models import AdaptedModel, Job, SupportExample, Task, UTCDateTime, utcnow
+from app.models import (
+    AdaptedModel,
+    Initialization,
+    Job,
+    SupportExample,
+    Task,
+    UTCDateTime,
+    utcnow,
+)
 from app.runtime import Runtime
 from app.storage import ArtifactCorrupt, adapted_weights_key, sha256_file
 
@@ -151,8 +159,12 @@ def fail_job(
     job = session.get(Job, job_id, populate_existing=True)
     if _rowcount(result) == 1 and job is not None:
         if job.task_id is not None:
+            # A failed re-adaptation leaves a task that still has an adapted model ready.
+            has_model = select(AdaptedModel.id).where(AdaptedModel.task_id == job.task_id).exists()
             session.execute(
-                update(Task).where(Task.id == job.task_id).values(status="failed", updated_at=now)
+                update(Task)
+                .where(Task.id == job.task_id, ~has_model)
+                .values(status="failed", updated_at=now)
             )
         _observe_end(job, "failed")
     session.commit()
@@ -212,7 +224,9 @@ def _finish_adapt(session: Session, claim: Claim, job: Job, model_row: AdaptedMo
         session.rollback()
         return False
     session.execute(
-        update(Task).where(Task.id == model_row.task_id).values(status="ready", updated_at=now)
+        update(Task)
+        .where(Task.id == model_row.task_id)
+        .values(status="ready", initialization_id=model_row.initialization_id, updated_at=now)
     )
     session.commit()
     _observe_end(job, "succeeded")
@@ -242,7 +256,12 @@ def run_adapt(runtime: Runtime, claim: Claim) -> Outcome:
                 .order_by(SupportExample.position)
             )
         )
-        init_row = task.initialization
+        # A re-adaptation names its own version; a first adaptation uses the task's pinned one.
+        init_row = (
+            session.get(Initialization, job.initialization_id)
+            if job.initialization_id is not None
+            else None
+        ) or task.initialization
         mode = str(job.params.get("mode", task.mode))
         steps_param = job.params.get("steps", task.steps)
         try:
@@ -357,3 +376,7 @@ def run_job(runtime: Runtime, job_id: uuid.UUID) -> Outcome:
                 return Outcome("failed")
             release_job(session, claimed)
         return Outcome("retry", retry_in=float(2**claimed.attempt))
+
+
+# Other job kinds register their handlers when imported (after the helpers above exist).
+import worker.training  # noqa: E402, F401
