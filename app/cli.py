@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(handler=_migrate)
 
     try:
-        from fewshot.cli import add_subcommands  # type: ignore[import-not-found,unused-ignore]
+        from fewshot.cli import add_subcommands
     except ImportError:
         pass
     else:
