@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from app import crud
-from app.api.routes import health, initializations, jobs, tasks
+from app.api.routes import adaptations, admin, health, initializations, jobs, tasks
 from app.core.config import Settings, get_settings
 from app.core.migrate import upgrade
 from app.dispatch import InProcessDispatcher, make_dispatcher
@@ -66,8 +66,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        # The dataset route checks its own cap and answers dataset_too_large; 1 MiB for the form.
+        path_limits={"/v1/admin/datasets": settings.max_dataset_bytes + (1 << 20)},
+    )
     app.add_middleware(MetricsMiddleware)
-    for module in (tasks, jobs, initializations, health):
+    for module in (tasks, adaptations, jobs, initializations, admin, health):
         app.include_router(module.router)
     return app

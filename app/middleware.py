@@ -33,18 +33,23 @@ def _problem_413(limit: int, path: str) -> bytes:
 class BodyLimitMiddleware:
     """Answers 413 as soon as a body is known to exceed the limit (header or streamed bytes)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, path_limits: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        # Exact paths with a limit of their own (dataset uploads are larger than support sets).
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.path_limits.get(str(scope.get("path", "")), self.max_bytes)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._reject(scope, send)
+        if length is not None and length.isdigit() and int(length) > limit:
+            await self._reject(scope, send, limit)
             return
         received = 0
         exceeded = False
@@ -55,7 +60,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     exceeded = True
                     raise _BodyTooLarge
             return message
@@ -76,10 +81,10 @@ class BodyLimitMiddleware:
             if not exceeded:
                 raise
         if exceeded and not started:
-            await self._reject(scope, send)
+            await self._reject(scope, send, limit)
 
-    async def _reject(self, scope: Scope, send: Send) -> None:
-        body = _problem_413(self.max_bytes, str(scope.get("path", "")))
+    async def _reject(self, scope: Scope, send: Send, limit: int) -> None:
+        body = _problem_413(limit, str(scope.get("path", "")))
         await send(
             {
                 "type": "http.response.start",

@@ -1,0 +1,59 @@
+"""/v1/tasks/{id}/adaptations: re-adapt a task (e.g. from a newly promoted version)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Response, status
+
+from app import crud, training_service
+from app.api.views import job_public
+from app.deps import DispatcherDep, RuntimeDep, SessionDep, TenantDep
+from app.schemas import JobPublic, Problem
+from app.schemas_admin import AdaptationCreate, AdaptedModelList, AdaptedModelRecord
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+
+_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "content": {"application/problem+json": {}}}
+    for code in (401, 404, 409, 422, 503)
+}
+
+
+@router.post(
+    "/{task_id}/adaptations",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    responses=_PROBLEMS,
+)
+def create_adaptation(
+    caller: TenantDep,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    dispatcher: DispatcherDep,
+    response: Response,
+    task_id: uuid.UUID,
+    body: Annotated[AdaptationCreate | None, Body()] = None,
+) -> JobPublic:
+    """Re-adapt the task from the active (or a named) version as a new adapted model."""
+    task = crud.get_task(session=session, tenant_id=caller.tenant_id, task_id=task_id)
+    job = training_service.readapt(
+        session=session,
+        runtime=runtime,
+        dispatcher=dispatcher,
+        task=task,
+        body=body or AdaptationCreate(),
+    )
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_public(job)
+
+
+@router.get("/{task_id}/adaptations", response_model=AdaptedModelList, responses=_PROBLEMS)
+def list_adaptations(
+    caller: TenantDep, session: SessionDep, task_id: uuid.UUID
+) -> AdaptedModelList:
+    """The task's adapted models, newest (the one predictions use) first."""
+    crud.get_task(session=session, tenant_id=caller.tenant_id, task_id=task_id)
+    rows = training_service.adapted_models(session=session, task_id=task_id)
+    return AdaptedModelList(items=[AdaptedModelRecord.model_validate(r) for r in rows])
