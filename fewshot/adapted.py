@@ -17,7 +17,13 @@ from fewshot.backbone import Conv4
 from fewshot.config import AdaptMode, ModelConfig
 from fewshot.errors import CheckpointError, EpisodeError
 from fewshot.initialization import Initialization
-from fewshot.inner import adapt_params, predict_logits_batched
+from fewshot.inner import (
+    HEAD_BIAS,
+    HEAD_SCALE,
+    HEAD_WEIGHT,
+    adapt_params,
+    predict_logits_batched,
+)
 
 ADAPTED_FORMAT = "maml-serve/adapted-model/v1"
 
@@ -85,13 +91,26 @@ class AdaptedModel:
             raise CheckpointError(f"cannot read adapted model {path}: {exc}") from exc
         if meta.get("format") != ADAPTED_FORMAT:
             raise CheckpointError(f"{path}: not an adapted model file")
-        config = (
-            init.config if init is not None else ModelConfig.from_dict(json.loads(meta["model"]))
-        )
+        try:
+            if init is not None:
+                config = init.config
+            else:
+                config = ModelConfig.from_dict(json.loads(meta["model"]))
+            labels = [str(label) for label in json.loads(meta["labels"])]
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: unreadable model config or labels ({exc})") from exc
+        expected = {name: tuple(p.shape) for name, p in Conv4(config).named_parameters()}
+        expected[HEAD_SCALE] = ()
+        expected[HEAD_WEIGHT] = (len(labels), config.feature_dim)
+        expected[HEAD_BIAS] = (len(labels),)
+        if {name: tuple(t.shape) for name, t in tensors.items()} != expected:
+            raise CheckpointError(
+                f"{path}: tensor names or shapes do not match its config and {len(labels)} labels"
+            )
         return cls(
             config=config,
             params=tensors,
-            labels=list(json.loads(meta["labels"])),
+            labels=labels,
             mode="head" if meta.get("mode") == "head" else "full",
             steps=int(meta.get("steps", "0")),
             support_accuracy=float(meta.get("support_accuracy", "nan")),
