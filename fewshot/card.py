@@ -16,6 +16,7 @@ def render_model_card(metadata: dict[str, Any]) -> str:
         ("wall_time_s", "Meta-training wall time (s)"),
         ("iterations", "Meta-iterations"),
         ("hardware", "Hardware"),
+        ("note", "Note"),
     ):
         if key in metadata:
             value = metadata[key]
