@@ -152,6 +152,11 @@ def install_error_handlers(app: FastAPI) -> None:
             }
             for e in exc.errors()
         ]
+        if errors and all(e["loc"][:1] == ["path"] for e in errors):
+            # A malformed id names nothing that exists: the same 404 as an unknown id.
+            return problem_response(
+                404, "not_found", f"nothing at {request.url.path}", instance=request.url.path
+            )
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         where = ".".join(str(part) for part in first["loc"])
         detail = f"{where}: {first['msg']}" if where else str(first["msg"])

@@ -7,19 +7,19 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    from fewshot.data import ImageDataset
+    from fewshot.initialization import Initialization
 
-from fewshot.config import MetaTrainConfig, ModelConfig
-from fewshot.data import ImageDataset, load_dataset, split_groups
-from fewshot.evaluate import evaluate
-from fewshot.initialization import Initialization, shipped_initialization_path
-
+# torch and the core load inside the handlers, so `maml-serve --help` stays fast.
 REPORT_SHAPES = ((5, 1), (5, 5), (20, 1), (20, 5))
 
 
 def _device(name: str) -> str:
+    import torch
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
@@ -106,6 +106,8 @@ def report(
     init: Initialization, val: ImageDataset, episodes: int, device: str, seed: int = 2024
 ) -> dict[str, Any]:
     """Accuracy with 95% CI on the four standard Omniglot shapes (those the data allows)."""
+    from fewshot.evaluate import evaluate
+
     out: dict[str, Any] = {}
     for ways, shots in REPORT_SHAPES:
         if len(val.classes) >= ways:
@@ -126,6 +128,9 @@ def report(
 def run_train(args: argparse.Namespace) -> int:
     """Meta-train, report validation accuracy, and write the initialization folder."""
     from fewshot.card import write_model_card
+    from fewshot.config import MetaTrainConfig, ModelConfig
+    from fewshot.data import load_dataset, split_groups
+    from fewshot.initialization import Initialization
     from fewshot.training import MetaTrainer
 
     device = _device(args.device)
@@ -179,6 +184,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Print mean accuracy and 95% CI over sampled episodes."""
+    from fewshot.data import load_dataset
+    from fewshot.evaluate import evaluate
+    from fewshot.initialization import Initialization, shipped_initialization_path
+
     device = _device(args.device)
     init = Initialization.load(args.init or shipped_initialization_path())
     data = load_dataset(args.data, init.config)

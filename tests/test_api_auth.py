@@ -78,3 +78,17 @@ def test_same_idempotency_key_in_two_tenants_is_independent(client: TestClient) 
     )
     assert one.status_code in (201, 202) and two.status_code in (201, 202)
     assert one.json()["id"] != two.json()["id"]
+
+
+def test_malformed_ids_are_the_same_404_as_unknown_ones(client: TestClient) -> None:
+    key = create_key(client, "acme")
+    for method, url in [
+        ("GET", "/v1/tasks/not-a-uuid"),
+        ("GET", "/v1/tasks/123/predictions"),
+        ("GET", "/v1/jobs/zzz"),
+        ("DELETE", "/v1/tasks/%20"),
+    ]:
+        response = client.request(method, url, headers=key)
+        assert response.status_code == 404, (method, url)
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert response.json()["code"] == "not_found"
