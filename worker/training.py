@@ -251,7 +251,9 @@ def _result(row: Initialization, promoted: bool) -> dict[str, Any]:
 # --- evaluation and registration --------------------------------------------------------------
 
 
-def _score(init: FewshotInitialization, val: ImageDataset, episodes: int, device: str) -> dict:  # type: ignore[type-arg]
+def _score(
+    init: FewshotInitialization, val: ImageDataset, episodes: int, device: str
+) -> dict[str, Any]:
     from fewshot.evaluate import evaluate
 
     out: dict[str, Any] = {}
@@ -344,7 +346,6 @@ def _register(
         progress=1.0,
         progress_detail={**job.progress_detail, "stage": "done"},
         result=_result(row, promoted),
-        initialization_id=job.initialization_id,
     ):
         return None
     return row, promoted
@@ -404,12 +405,16 @@ def run_meta_train(runtime: Runtime, claim: Claim) -> Outcome:
             ]
             reporter.stage("training", resumes=resumes, iteration=trainer.iteration)
             log.info("job %s: resuming from iteration %d", claim.job_id, trainer.iteration)
-        result = trainer.run(
-            on_progress=lambda report: reporter.progress(report, trainer.curve, folder),
-            should_stop=reporter.should_stop,
-            log_every=max(1, int(params.get("log_every", 25))),
-            show_progress=False,
-        )
+        try:
+            result = trainer.run(
+                on_progress=lambda report: reporter.progress(report, trainer.curve, folder),
+                should_stop=reporter.should_stop,
+                log_every=max(1, int(params.get("log_every", 25))),
+                show_progress=False,
+            )
+        except fewshot.EpisodeError as exc:
+            # E.g. classes with fewer images than shots + queries: another attempt would repeat it.
+            raise PermanentJobError("invalid_settings", str(exc)) from exc
         if result.cancelled or result.initialization is None:
             with runtime.sessions() as session:
                 if reporter.cancelled:
