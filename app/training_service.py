@@ -58,6 +58,10 @@ def _ready_version(session: Session, version: str) -> Initialization:
 # --- meta-training runs -----------------------------------------------------------------------
 
 
+# fewshot.training validates on 1-shot tasks with this many queries per class.
+VALIDATION_QUERIES = 5
+
+
 def start_meta_training(
     *,
     session: Session,
@@ -84,6 +88,17 @@ def start_meta_training(
             f"training after the validation split; ways up to {needed} need more (lower "
             "algorithm.ways or validation_split, or use a larger dataset)",
             code="dataset_too_small",
+        )
+    # Training draws shots + queries images per class; validation draws 1 shot + 5 queries.
+    per_class = max(body.algorithm.shots[1] + body.algorithm.queries, 1 + VALIDATION_QUERIES)
+    smallest = int((dataset.details or {}).get("min_images_per_class", per_class))
+    if smallest < per_class:
+        raise InvalidRequest(
+            f"dataset {dataset.name!r} has classes with only {smallest} images; these settings "
+            f"draw {per_class} per class (shots up to {body.algorithm.shots[1]} + "
+            f"{body.algorithm.queries} queries, and 1 + {VALIDATION_QUERIES} for validation); "
+            "lower algorithm.shots or algorithm.queries, or use classes with more images",
+            code="classes_too_small",
         )
     params: dict[str, Any] = body.model_dump(mode="json")
     params.update(

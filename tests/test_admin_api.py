@@ -343,12 +343,14 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_on_restart(
         assert run["progress"]["iteration"] == 60
 
 
-def test_a_run_that_cannot_sample_episodes_fails_once_with_a_code(
+def test_a_run_whose_classes_are_too_small_is_refused_up_front(
     client: TestClient, admin: dict[str, str]
 ) -> None:
     # Two images per class: training episodes fit (1 shot + 1 query), validation ones (1 + 5) do not.
     dataset = upload(client, admin, dataset_zip(images=2), "small-classes").json()
-    run = client.post("/v1/admin/meta-trainings", headers=admin, json=tiny_run(dataset["id"]))
-    run = wait_run(client, admin, run.json()["id"])
-    assert run["state"] == "failed" and run["attempts"] == 1
-    assert run["error"]["code"] == "invalid_settings"
+    response = client.post("/v1/admin/meta-trainings", headers=admin, json=tiny_run(dataset["id"]))
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "classes_too_small"
+    assert "only 2 images" in response.json()["detail"]
+    listed = client.get("/v1/admin/meta-trainings", headers=admin).json()
+    assert listed["items"] == []
