@@ -28,6 +28,7 @@ from tqdm import tqdm
 from fewshot.config import MetaTrainConfig, ModelConfig
 from fewshot.data import ImageDataset
 from fewshot.episodes import EpisodeSampler
+from fewshot.errors import EpisodeError
 from fewshot.evaluate import evaluate
 from fewshot.initialization import Initialization
 from fewshot.optim import Adam, cosine_lr
@@ -252,17 +253,20 @@ class MetaTrainer:
         for ways, shots in VALIDATION_SHAPES:
             if len(self.val.classes) < ways:
                 continue
-            result = evaluate(
-                snap.to(self.device),
-                self.val,
-                ways=ways,
-                shots=shots,
-                queries=5,
-                episodes=self.cfg.val_episodes,
-                seed=12345,
-                device=self.device,
-                sampler=self.val_sampler,
-            )
+            try:
+                result = evaluate(
+                    snap.to(self.device),
+                    self.val,
+                    ways=ways,
+                    shots=shots,
+                    queries=5,
+                    episodes=self.cfg.val_episodes,
+                    seed=12345,
+                    device=self.device,
+                    sampler=self.val_sampler,
+                )
+            except EpisodeError:  # too few images per class for this shape
+                continue
             out[f"val_{ways}w{shots}s"] = result.accuracy
         return out
 

@@ -1,0 +1,87 @@
+"""`python -m fewshot.cli evaluate` and `train` on tiny generated datasets."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fewshot
+from fewshot.cli import main
+from tests.fewshot_helpers import tiny_init, write_image_folder, zip_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_evaluate_prints_one_json_object(tmp_path: Path) -> None:
+    tiny_init(dtype=torch.float32).save(tmp_path / "init")
+    write_image_folder(tmp_path / "set", groups=2, classes=4, images=4)
+    archive = zip_folder(tmp_path / "set", tmp_path / "set.zip")
+    env = {**os.environ, "FEWSHOT_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "fewshot.cli", "evaluate", "--data", str(archive)]
+    command += ["--init", str(tmp_path / "init"), "--ways", "3", "--shots", "1", "--queries", "2"]
+    command += ["--episodes", "6", "--device", "cpu", "--json"]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert {"accuracy", "ci95", "episodes", "ways", "shots"} <= result.keys()
+    assert (result["episodes"], result["ways"], result["shots"]) == (6, 3, 1)
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert math.isfinite(result["ci95"]) and result["ci95"] >= 0
+    assert list((tmp_path / "cache").glob("dataset-*.npz")), "the zip was not cached where asked"
+
+
+def test_evaluate_text_output_and_groups(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny_init(dtype=torch.float32).save(tmp_path / "init")
+    write_image_folder(tmp_path / "set", groups=2, classes=3, images=3)
+    args = ["evaluate", "--data", str(tmp_path / "set"), "--init", str(tmp_path / "init")]
+    args += ["--ways", "3", "--shots", "1", "--queries", "1", "--episodes", "3", "--device", "cpu"]
+    assert main([*args, "--groups", "group1", "--within-group"]) == 0
+    assert "3-way 1-shot (full, 3 steps):" in capsys.readouterr().out
+
+
+def test_train_writes_an_initialization_with_a_model_card(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Six images per class: enough for 5-way 1-shot validation, too few for 5-shot (skipped).
+    write_image_folder(tmp_path / "set", groups=2, classes=5, images=6)
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "train", "--data", "set", "--out", "run", "--holdout-groups", "1",
+        "--iterations", "3", "--meta-batch", "2", "--ways", "2", "3", "--shots", "1", "1",
+        "--queries", "1", "--steps", "1", "--val-every", "0", "--val-episodes", "2",
+        "--report-episodes", "2", "--no-rotations", "--device", "cpu", "--version", "tiny-cli",
+    ]  # fmt: skip
+    # The model card records the command line as the console script saw it.
+    monkeypatch.setattr(sys, "argv", ["maml-serve", *args])
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    folder = tmp_path / printed["path"]
+    assert folder == tmp_path / "run" / "initialization"
+    init = fewshot.Initialization.load(folder)
+    assert init.version == "tiny-cli"
+    assert init.config.inner_steps == 1
+    assert init.metadata["iterations"] == 3
+    assert len(init.metadata["validation_groups"]) == 1
+    assert set(init.metadata["metrics"]) == {"5-way 1-shot"}
+    card = (folder / "README.md").read_text()
+    assert card.startswith("# Initialization tiny-cli")
+    for text in (
+        "**Command**: `maml-serve train --data set",
+        "Validation groups",
+        "| 5-way 1-shot |",
+    ):
+        assert text in card
+    assert (tmp_path / "run" / "curve.json").is_file() and (
+        tmp_path / "run" / "curve.png"
+    ).is_file()

@@ -1,0 +1,71 @@
+"""On the shared Omniglot background zip (skipped when absent): the loader and the shipped initialization."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import fewshot
+from fewshot.data import ImageDataset, load_dataset
+from fewshot.evaluate import evaluate
+from tests.fewshot_helpers import OMNIGLOT_ZIP
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pytest.MonkeyPatch]:
+    """One private cache for this module: the zip is decoded once (~7 s), then read back."""
+    if not OMNIGLOT_ZIP.is_file():
+        pytest.skip(f"Omniglot zip not found at {OMNIGLOT_ZIP} (set MAML_SERVE_OMNIGLOT_ZIP)")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEWSHOT_CACHE_DIR", str(tmp_path_factory.mktemp("omniglot-cache")))
+        yield patch
+
+
+@pytest.fixture(scope="module")
+def shipped() -> fewshot.Initialization:
+    """The committed initialization."""
+    return fewshot.Initialization.load(fewshot.shipped_initialization_path())
+
+
+@pytest.fixture(scope="module")
+def omniglot(cache: pytest.MonkeyPatch, shipped: fewshot.Initialization) -> ImageDataset:
+    """The background set at the shipped initialization's preprocessing."""
+    return load_dataset(OMNIGLOT_ZIP, shipped.config)
+
+
+def test_loader_reads_the_official_zip(
+    omniglot: ImageDataset, shipped: fewshot.Initialization
+) -> None:
+    assert len(omniglot.classes) == 964
+    assert len(omniglot.group_names) == 30
+    assert len(omniglot) == 19280
+    assert omniglot.images.shape == (19280, 1, 28, 28)
+    assert torch.bincount(omniglot.targets).tolist() == [20] * 964
+    assert {"Latin", "Greek", "Japanese_(hiragana)"} <= set(omniglot.group_names)
+    assert omniglot.classes[0].startswith(omniglot.groups[0] + "/character")
+    # Inverted: strokes bright on a dark background (most pixels dark, corners empty).
+    sample = omniglot.images[::97].float()
+    assert float((sample > 127).float().mean()) < 0.25
+    assert float(sample[:, :, 0, 0].mean()) < 5
+    assert float(sample.amax(dim=(1, 2, 3)).min()) > 150
+    # The second load comes from the cache, identical.
+    again = load_dataset(OMNIGLOT_ZIP, shipped.config)
+    assert torch.equal(again.images, omniglot.images) and again.classes == omniglot.classes
+
+
+def test_shipped_initialization_is_more_accurate_with_more_shots(
+    omniglot: ImageDataset, shipped: fewshot.Initialization
+) -> None:
+    """5-way on the held-out validation alphabets: 5 shots beat 1 (more examples never hurt)."""
+    validation = omniglot.subset_groups(shipped.metadata["validation_groups"])
+    assert len(validation.classes) > 100
+    results = {
+        shots: evaluate(
+            shipped, validation, ways=5, shots=shots, queries=2, episodes=100, seed=0, batch=4
+        )
+        for shots in (1, 5)
+    }
+    assert results[1].accuracy > 0.9, results[1]
+    assert results[5].accuracy > results[1].accuracy, results
