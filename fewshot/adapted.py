@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from fewshot.backbone import Conv4
+from fewshot.backbone import Conv4, shared_module
 from fewshot.config import AdaptMode, ModelConfig
 from fewshot.errors import CheckpointError, EpisodeError
 from fewshot.initialization import Initialization
@@ -50,7 +50,7 @@ class AdaptedModel:
         """Class probabilities [B, N] for images [B, C, H, W], columns in `labels` order."""
         _check_images(x, self.config, "query")
         device = next(iter(self.params.values())).device
-        out = predict_logits_batched(Conv4(self.config), self.params, x.to(device))
+        out = predict_logits_batched(shared_module(self.config), self.params, x.to(device))
         return torch.softmax(out.float(), dim=1).cpu()
 
     def predict(self, x: Tensor) -> list[str]:
@@ -182,21 +182,20 @@ def adapt(
     sizes = {} if step_size is not None else {k: v.to(target) for k, v in init.step_sizes.items()}
     default = init.config.inner_step_size if step_size is None else step_size
     x, y = support_x.to(target), y.to(target)
-    module = Conv4(init.config)
+    module = shared_module(init.config)
+    fast = adapt_params(
+        module,
+        meta,
+        sizes,
+        x,
+        y,
+        len(classes),
+        steps=steps,
+        default_step_size=default,
+        mode=mode,
+        differentiable=False,
+    )
     with torch.no_grad():
-        fast = adapt_params(
-            module,
-            meta,
-            sizes,
-            x,
-            y,
-            len(classes),
-            steps=steps,
-            default_step_size=default,
-            mode=mode,
-            first_order=True,
-        )
-        fast = {k: v.detach() for k, v in fast.items()}
         accuracy = (
             (predict_logits_batched(module, fast, x).argmax(dim=1) == y).float().mean().item()
         )

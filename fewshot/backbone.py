@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Mapping
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.config import ModelConfig
@@ -36,6 +40,35 @@ class Conv4(nn.Module):
         out: Tensor = self.blocks(x).mean(dim=(-2, -1))
         return out
 
+    def forward_with(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """forward() with `params` (same names) in place of the module's own weights.
+
+        Plain torch.nn.functional calls: the same result as torch.func.functional_call without
+        swapping the module's parameters on every call, which dominates small-task adaptation.
+        Works under torch.func.grad and vmap.
+        """
+        for index, layer in enumerate(self.blocks):
+            prefix = f"blocks.{index}."
+            if isinstance(layer, nn.Conv2d):
+                x = F.conv2d(
+                    x,
+                    params[prefix + "weight"],
+                    params[prefix + "bias"],
+                    layer.stride,
+                    layer.padding,
+                )
+            elif isinstance(layer, nn.GroupNorm):
+                x = F.group_norm(
+                    x,
+                    layer.num_groups,
+                    params[prefix + "weight"],
+                    params[prefix + "bias"],
+                    layer.eps,
+                )
+            else:
+                x = layer(x)
+        return x.mean(dim=(-2, -1))
+
 
 def init_backbone_params(config: ModelConfig, seed: int) -> dict[str, Tensor]:
     """Fresh backbone parameters: Kaiming-normal convolutions, zero biases, unit norms."""
@@ -52,3 +85,18 @@ def init_backbone_params(config: ModelConfig, seed: int) -> dict[str, Tensor]:
         else:
             params[name] = torch.ones(value.shape)
     return params
+
+
+_local = threading.local()
+
+
+def shared_module(config: ModelConfig) -> Conv4:
+    """A Conv4 for functional calls, built once per config and thread.
+
+    functional_call swaps the module's parameters while it runs, so threads must not share one.
+    """
+    cache: dict[ModelConfig, Conv4] = _local.__dict__.setdefault("modules", {})
+    module = cache.get(config)
+    if module is None:
+        module = cache[config] = Conv4(config)
+    return module

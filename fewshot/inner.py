@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 
+from fewshot.backbone import Conv4
 from fewshot.config import AdaptMode
 from fewshot.head import head_logits, prototype_head
 
@@ -37,6 +38,8 @@ def adapted_names(params: Mapping[str, Tensor], mode: AdaptMode) -> list[str]:
 
 def embed(module: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
     """Embeddings [B, D] of images [B, C, H, W] under the backbone parameters in `params`."""
+    if isinstance(module, Conv4):
+        return module.forward_with(params, x)
     weights = {name: params[name] for name in params if not name.startswith("head.")}
     out: Tensor = functional_call(module, weights, (x,))
     return out
@@ -80,6 +83,7 @@ def adapt_params(
     mode: AdaptMode = "full",
     first_order: bool = False,
     on_step: Callable[[int, Params], None] | None = None,
+    differentiable: bool = True,
 ) -> Params:
     """Run `steps` SGD steps on the support cross-entropy; return the adapted parameter dict.
 
@@ -88,7 +92,13 @@ def adapt_params(
     first order (FOMAML) when `first_order` (inner gradients are treated as constants).
     Works under torch.func.vmap over a leading task dimension. `on_step(t, params)` sees the
     parameters after each step (t = 1..steps), e.g. for MAML++'s multi-step loss.
+    With `differentiable=False` (serving one task) the result is detached and the steps use
+    plain reverse-mode autograd, which skips torch.func's per-op wrapping; not for vmap.
     """
+    if not differentiable:
+        return _adapt_detached(
+            module, meta, step_sizes, support_x, support_y, n_way, steps, default_step_size, mode
+        )
     onehot = F.one_hot(support_y, n_way).to(support_x.dtype)
     features = embed(module, meta, support_x)
     weight, bias = prototype_head(features, onehot)
@@ -106,6 +116,43 @@ def adapt_params(
             fast[name] = fast[name] - step_size(step_sizes, name, t, default_step_size) * g
         if on_step is not None:
             on_step(t + 1, fast)
+    return fast
+
+
+def _adapt_detached(
+    module: nn.Module,
+    meta: Mapping[str, Tensor],
+    step_sizes: Mapping[str, Tensor],
+    support_x: Tensor,
+    support_y: Tensor,
+    n_way: int,
+    steps: int,
+    default_step_size: float,
+    mode: AdaptMode,
+) -> Params:
+    """The same steps as adapt_params on detached leaves with torch.autograd.grad."""
+    with torch.no_grad():
+        onehot = F.one_hot(support_y, n_way).to(support_x.dtype)
+        features = embed(module, meta, support_x)
+        weight, bias = prototype_head(features, onehot)
+    fast: Params = {
+        **{k: v.detach() for k, v in meta.items()},
+        HEAD_WEIGHT: weight,
+        HEAD_BIAS: bias,
+    }
+    names = adapted_names(fast, mode)
+    for t in range(steps):
+        with torch.enable_grad():
+            leaves = {name: fast[name].detach().requires_grad_(True) for name in names}
+            if mode == "head":
+                loss = _head_loss(leaves, features, fast[HEAD_SCALE], support_y)
+            else:
+                base = {name: fast[name] for name in fast if name not in leaves}
+                loss = _full_loss(leaves, base, module, support_x, support_y)
+            grads = torch.autograd.grad(loss, list(leaves.values()))
+        with torch.no_grad():
+            for name, g in zip(names, grads, strict=True):
+                fast[name] = fast[name] - step_size(step_sizes, name, t, default_step_size) * g
     return fast
 
 

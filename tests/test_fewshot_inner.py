@@ -96,6 +96,28 @@ def test_adaptation_and_meta_gradient_equal_hand_written_loop(
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("mode", ["full", "head"])
+def test_serving_path_equals_hand_written_loop(mode: AdaptMode) -> None:
+    """adapt_params(differentiable=False), which fewshot.adapt uses, takes the same steps."""
+    init = tiny_init()
+    support_x = random_images(6, seed=1)
+    fast = adapt_params(
+        Conv4(TINY), init.params, init.step_sizes, support_x, LABELS, WAYS,
+        steps=3, default_step_size=0.1, mode=mode, differentiable=False,
+    )  # fmt: skip
+    meta, sizes = _leaves(init)
+    ref_fast = reference_adapt(
+        meta, sizes, support_x, LABELS, WAYS, TINY, steps=3, mode=mode, first_order=True
+    )
+    assert set(fast) == set(ref_fast)
+    for name in fast:
+        assert not fast[name].requires_grad, name
+        torch.testing.assert_close(fast[name], ref_fast[name].detach(), atol=1e-5, rtol=0)
+    moved = fast["blocks.0.weight"] if mode == "full" else fast["head.weight"]
+    start = init.params["blocks.0.weight"] if mode == "full" else 2 * _prototypes(init, support_x)
+    assert (moved - start).abs().max() > 1e-3, "the inner loop must actually move the weights"
+
+
 def _prototypes(init: fewshot.Initialization, support_x: Tensor) -> Tensor:
     """Class means of the reference embeddings."""
     features = reference_embed(init.params, support_x, TINY)
