@@ -106,28 +106,10 @@ def report(
     init: Initialization, val: ImageDataset, episodes: int, device: str, seed: int = 2024
 ) -> dict[str, Any]:
     """Accuracy with 95% CI on the four standard Omniglot shapes (those the data allows)."""
-    from fewshot.errors import EpisodeError
-    from fewshot.evaluate import evaluate
+    from fewshot.evaluate import evaluate_shapes
 
-    out: dict[str, Any] = {}
-    for ways, shots in REPORT_SHAPES:
-        if len(val.classes) < ways:
-            continue
-        try:
-            result = evaluate(
-                init.to(device),
-                val,
-                ways=ways,
-                shots=shots,
-                queries=5,
-                episodes=episodes,
-                seed=seed,
-                device=device,
-            )
-        except EpisodeError:  # too few images per class for this shape
-            continue
-        out[f"{ways}-way {shots}-shot"] = result.to_dict()
-    return out
+    results = evaluate_shapes(init, val, REPORT_SHAPES, episodes=episodes, seed=seed, device=device)
+    return {f"{w}-way {k}-shot": r.to_dict() for (w, k), r in results.items()}
 
 
 def run_train(args: argparse.Namespace) -> int:

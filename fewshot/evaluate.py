@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from fewshot.config import AdaptMode
 from fewshot.data import ImageDataset
 from fewshot.episodes import EpisodeSampler
+from fewshot.errors import EpisodeError
 from fewshot.initialization import Initialization
 from fewshot.tasks import query_logits
 
@@ -95,3 +97,31 @@ def evaluate(
         mode=mode,
         steps=steps,
     )
+
+
+def evaluate_shapes(
+    init: Initialization,
+    dataset: ImageDataset,
+    shapes: Sequence[tuple[int, int]],
+    *,
+    episodes: int,
+    seed: int,
+    queries: int = 5,
+    device: str | torch.device = "cpu",
+    sampler: EpisodeSampler | None = None,
+) -> dict[tuple[int, int], EvalResult]:
+    """evaluate() for each (ways, shots), skipping shapes the data has too few classes or images for."""
+    sampler = sampler or EpisodeSampler(dataset, device=device)
+    on_device = init.to(device)
+    out: dict[tuple[int, int], EvalResult] = {}
+    for ways, shots in shapes:
+        if len(dataset.classes) < ways:
+            continue
+        try:
+            out[(ways, shots)] = evaluate(
+                on_device, dataset, ways=ways, shots=shots, queries=queries, episodes=episodes,
+                seed=seed, device=device, sampler=sampler,
+            )  # fmt: skip
+        except EpisodeError:  # too few images per class for this shape
+            continue
+    return out

@@ -28,8 +28,7 @@ from tqdm import tqdm
 from fewshot.config import MetaTrainConfig, ModelConfig
 from fewshot.data import ImageDataset
 from fewshot.episodes import EpisodeSampler
-from fewshot.errors import EpisodeError
-from fewshot.evaluate import evaluate
+from fewshot.evaluate import evaluate_shapes
 from fewshot.initialization import Initialization
 from fewshot.optim import Adam, cosine_lr
 from fewshot.tasks import query_logits
@@ -248,27 +247,11 @@ class MetaTrainer:
         """Accuracy on held-out validation episodes (5-way and 20-way 1-shot), same seeds each time."""
         if self.val is None or self.val_sampler is None:
             return {}
-        snap = self.snapshot()
-        out: dict[str, float] = {}
-        for ways, shots in VALIDATION_SHAPES:
-            if len(self.val.classes) < ways:
-                continue
-            try:
-                result = evaluate(
-                    snap.to(self.device),
-                    self.val,
-                    ways=ways,
-                    shots=shots,
-                    queries=5,
-                    episodes=self.cfg.val_episodes,
-                    seed=12345,
-                    device=self.device,
-                    sampler=self.val_sampler,
-                )
-            except EpisodeError:  # too few images per class for this shape
-                continue
-            out[f"val_{ways}w{shots}s"] = result.accuracy
-        return out
+        results = evaluate_shapes(
+            self.snapshot(), self.val, VALIDATION_SHAPES, episodes=self.cfg.val_episodes,
+            seed=12345, device=self.device, sampler=self.val_sampler,
+        )  # fmt: skip
+        return {f"val_{w}w{k}s": r.accuracy for (w, k), r in results.items()}
 
     def run(
         self,

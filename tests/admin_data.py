@@ -11,7 +11,7 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.helpers import OMNIGLOT_ZIP
+from tests.data_paths import OMNIGLOT_ZIP
 
 
 def _png(array: np.ndarray) -> bytes:

@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 
 from app.core.config import Settings
 from app.main import create_app
-from tests.helpers import OMNIGLOT_ZIP, Omniglot, create_key, make_settings
+from tests.data_paths import OMNIGLOT_ZIP
+from tests.helpers import Omniglot, create_key, make_settings
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,13 +15,6 @@ from torch import Tensor
 import fewshot
 from fewshot.config import AdaptMode, ModelConfig
 from fewshot.data import ImageDataset
-
-OMNIGLOT_ZIP = Path(
-    os.environ.get(
-        "MAML_SERVE_OMNIGLOT_ZIP",
-        Path(__file__).resolve().parents[2] / "shared/data/omniglot/images_background.zip",
-    )
-)
 
 TINY = ModelConfig(width=8, image_size=12, inner_steps=3, inner_step_size=0.1)
 

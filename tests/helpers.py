@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import random
 import zipfile
 from dataclasses import dataclass
@@ -17,13 +16,6 @@ from PIL import Image
 from app import crud
 from app.core.config import Settings
 from app.runtime import Runtime
-
-OMNIGLOT_ZIP = Path(
-    os.environ.get(
-        "MAML_SERVE_OMNIGLOT_ZIP",
-        Path(__file__).resolve().parents[2] / "shared/data/omniglot/images_background.zip",
-    )
-)
 
 
 def shipped_init_dir() -> Path | None:

@@ -10,7 +10,7 @@ import torch
 import fewshot
 from fewshot.data import ImageDataset, load_dataset
 from fewshot.evaluate import evaluate
-from tests.fewshot_helpers import OMNIGLOT_ZIP
+from tests.data_paths import OMNIGLOT_ZIP
 
 
 @pytest.fixture(scope="module")

@@ -254,29 +254,19 @@ def _result(row: Initialization, promoted: bool) -> dict[str, Any]:
 def _score(
     init: FewshotInitialization, val: ImageDataset, episodes: int, device: str
 ) -> dict[str, Any]:
-    from fewshot.evaluate import evaluate
+    from fewshot.evaluate import evaluate_shapes
 
-    out: dict[str, Any] = {}
-    for ways, shots in COMPARISON_SHAPES:
-        if len(val.classes) < ways:
-            continue
-        result = evaluate(
-            init.to(device),
-            val,
-            ways=ways,
-            shots=shots,
-            queries=5,
-            episodes=episodes,
-            seed=EVAL_SEED,
-            device=device,
-        )
-        ci = result.ci95 if math.isfinite(result.ci95) else 0.0
-        out[f"{ways}w{shots}s"] = {
-            "accuracy": round(result.accuracy, 5),
-            "ci95": round(ci, 5),
-            "episodes": result.episodes,
+    results = evaluate_shapes(
+        init, val, COMPARISON_SHAPES, episodes=episodes, seed=EVAL_SEED, device=device
+    )
+    return {
+        f"{w}w{k}s": {
+            "accuracy": round(r.accuracy, 5),
+            "ci95": round(r.ci95 if math.isfinite(r.ci95) else 0.0, 5),
+            "episodes": r.episodes,
         }
-    return out
+        for (w, k), r in results.items()
+    }
 
 
 def compare(new: dict[str, Any], active: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from sqlalchemy import func, select
 from app.core.config import Settings
 from app.models import Dataset
 from tests.admin_data import omniglot_alphabets_zip, tiny_run, upload, wait_run
-from tests.helpers import OMNIGLOT_ZIP, create_key, runtime_of, support_files
+from tests.data_paths import OMNIGLOT_ZIP
+from tests.helpers import create_key, runtime_of, support_files
 from tests.integration.conftest import ROOT, _environment
 
 pytestmark = pytest.mark.integration
