@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
@@ -49,8 +50,6 @@ def query_logits(
         )
         if not every_step:
             return logits(module, fast, qx)
-        import torch
-
         states = seen or [fast]
         return torch.stack([logits(module, p, qx) for p in states])
 

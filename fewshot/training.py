@@ -171,7 +171,10 @@ class MetaTrainer:
             config=config,
             params={k: v.detach().cpu().clone() for k, v in self.params.items()},
             step_sizes={k: v.detach().cpu().clone() for k, v in self.step_sizes.items()},
-            metadata=dict(self.base.metadata),
+            # A new initialization: only its lineage carries over, not the parent's metrics.
+            metadata={"parent_version": self.base.metadata["version"]}
+            if "version" in self.base.metadata
+            else {},
         )
 
     def checkpoint(self) -> None:
