@@ -71,6 +71,7 @@ def add_subcommands(sub: Any) -> None:
     train.add_argument("--lr", type=float, default=1e-3, help="outer Adam learning rate")
     train.add_argument("--no-cosine", action="store_true")
     train.add_argument("--no-rotations", action="store_true")
+    train.add_argument("--shift", type=int, default=0, help="random translation in pixels (0: off)")
     train.add_argument("--pooling", choices=("stride", "maxpool"), default="stride")
     train.add_argument("--val-every", type=int, default=500)
     train.add_argument("--val-episodes", type=int, default=200)
@@ -140,6 +141,7 @@ def run_train(args: argparse.Namespace) -> int:
         outer_lr=args.lr,
         cosine_annealing=not args.no_cosine,
         rotations=not args.no_rotations,
+        shift=args.shift,
         seed=args.seed,
         val_every=args.val_every,
         val_episodes=args.val_episodes,

@@ -68,6 +68,8 @@ class MetaTrainConfig:
     cosine_annealing: bool = True
     min_outer_lr: float = 1e-5
     rotations: bool = True
+    # Random translation of meta-training images by up to this many pixels (0: off).
+    shift: int = 0
     seed: int = 0
     val_every: int = 500
     val_episodes: int = 200

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fewshot.data import ImageDataset
@@ -30,6 +31,8 @@ class EpisodeSampler:
     With `rotations`, each class also appears rotated by 90, 180 and 270 degrees as three new
     classes (Santoro et al. 2016; Finn et al. 2017), for meta-training. With `within_group`,
     a task's classes all come from one group (Lake et al. 2015's within-alphabet runs).
+    With `shift` > 0, every image is translated by up to `shift` pixels each way (zero fill),
+    a regulariser against overfitting the meta-training alphabets.
     Images are kept as float on `device` so sampling costs one gather.
     """
 
@@ -39,11 +42,13 @@ class EpisodeSampler:
         *,
         rotations: bool = False,
         within_group: bool = False,
+        shift: int = 0,
         device: str | torch.device = "cpu",
     ) -> None:
         self.images = dataset.images.to(device).float().div_(255.0)
         self.rotations = rotations
         self.within_group = within_group
+        self.shift = shift
         self.device = torch.device(device)
         n_classes = len(dataset.classes)
         counts = torch.bincount(dataset.targets, minlength=n_classes)
@@ -100,6 +105,10 @@ class EpisodeSampler:
                 mask = turns_t == k
                 if bool(mask.any()):
                     images[mask] = torch.rot90(images[mask], k, dims=(-2, -1))
+        if self.shift > 0:
+            flat = images.flatten(0, 1)
+            offsets = torch.from_numpy(rng.integers(0, 2 * self.shift + 1, size=(flat.shape[0], 2)))
+            images = random_shift(flat, self.shift, offsets.to(self.device)).view_as(images)
         shape = images.shape[2:]
         images = images.view(tasks, ways, per_class, *shape)
         labels = torch.arange(ways, device=self.device)
@@ -113,3 +122,21 @@ class EpisodeSampler:
             ways=ways,
             shots=shots,
         )
+
+
+def random_shift(images: Tensor, shift: int, offsets: Tensor) -> Tensor:
+    """Translate each image [B, C, H, W] by offsets [B, 2] (dy, dx in 0..2*shift) minus `shift`.
+
+    Zero padding by `shift`, then a per-image crop back to H x W, in one gather.
+    """
+    batch, channels, height, width = images.shape
+    padded = F.pad(images, (shift, shift, shift, shift))
+    device = images.device
+    rows = offsets[:, 0, None] + torch.arange(height, device=device)  # [B, H]
+    cols = offsets[:, 1, None] + torch.arange(width, device=device)  # [B, W]
+    return padded[
+        torch.arange(batch, device=device)[:, None, None, None],
+        torch.arange(channels, device=device)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]

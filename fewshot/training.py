@@ -134,7 +134,9 @@ class MetaTrainer:
         if cfg.learn_step_sizes:
             trainable.update({f"step_size.{k}": v for k, v in self.step_sizes.items()})
         self.optimizer = Adam(trainable)
-        self.train_sampler = EpisodeSampler(train, rotations=cfg.rotations, device=self.device)
+        self.train_sampler = EpisodeSampler(
+            train, rotations=cfg.rotations, shift=cfg.shift, device=self.device
+        )
         self.val = val
         self.val_sampler = EpisodeSampler(val, device=self.device) if val is not None else None
         self.iteration = 0

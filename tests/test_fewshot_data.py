@@ -169,3 +169,27 @@ def test_sampler_within_group_and_its_errors() -> None:
         sampler.sample(np.random.default_rng(0), tasks=1, ways=1, shots=1, queries=1)
     with pytest.raises(EpisodeError, match="13-way tasks need 13 classes"):
         EpisodeSampler(data).sample(np.random.default_rng(0), tasks=1, ways=13, shots=1, queries=1)
+
+
+def test_random_shift_translates_each_image_by_its_offset() -> None:
+    from fewshot.episodes import random_shift
+
+    images = torch.zeros(3, 1, 6, 6)
+    images[:, 0, 2, 3] = 1.0  # one bright pixel per image
+    offsets = torch.tensor([[2, 2], [0, 4], [4, 1]])  # (dy, dx) - shift: moves by -2..+2
+    out = random_shift(images, 2, offsets)
+    assert out.shape == images.shape
+    for i, (dy, dx) in enumerate(offsets.tolist()):
+        assert out[i].sum() == 1.0
+        assert out[i, 0, 2 - (dy - 2), 3 - (dx - 2)] == 1.0
+
+
+def test_sampler_shift_is_seeded_and_off_by_default() -> None:
+    data = synthetic_dataset()
+    plain = EpisodeSampler(data).sample(np.random.default_rng(3), 2, 3, 1, 2)
+    unshifted = EpisodeSampler(data, shift=0).sample(np.random.default_rng(3), 2, 3, 1, 2)
+    torch.testing.assert_close(plain.support_x, unshifted.support_x)
+    first = EpisodeSampler(data, shift=2).sample(np.random.default_rng(3), 2, 3, 1, 2)
+    second = EpisodeSampler(data, shift=2).sample(np.random.default_rng(3), 2, 3, 1, 2)
+    torch.testing.assert_close(first.query_x, second.query_x)
+    assert not torch.equal(first.query_x, plain.query_x)
