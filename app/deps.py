@@ -1,4 +1,9 @@
-"""FastAPI dependencies as Annotated aliases: runtime, settings, session, caller."""
+"""FastAPI dependencies as Annotated aliases: runtime, settings, session, caller.
+
+Dependencies that only look at objects in memory are `async def`: FastAPI runs every plain `def`
+dependency on the thread pool, a hand-off per dependency per request. Those that touch the
+database stay `def`.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from app.runtime import Runtime
 _bearer = HTTPBearer(auto_error=False, description="An API key from `maml-serve keys create`.")
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     """The process's runtime, built by the app's lifespan."""
     runtime: Runtime = request.app.state.runtime
     return runtime
@@ -29,7 +34,7 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_settings_dep(runtime: RuntimeDep) -> Settings:
+async def get_settings_dep(runtime: RuntimeDep) -> Settings:
     """The app's settings."""
     return runtime.settings
 
@@ -37,7 +42,7 @@ def get_settings_dep(runtime: RuntimeDep) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
-def get_dispatcher(request: Request) -> InProcessDispatcher | CeleryDispatcher:
+async def get_dispatcher(request: Request) -> InProcessDispatcher | CeleryDispatcher:
     """Where committed jobs are sent."""
     dispatcher: InProcessDispatcher | CeleryDispatcher = request.app.state.dispatcher
     return dispatcher
@@ -88,12 +93,12 @@ def get_caller(
     return Caller(tenant_id=row.tenant_id, key_id=row.id, scopes=tuple(row.scopes))
 
 
-def require_user(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
+async def require_user(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
     """Any valid key."""
     return caller
 
 
-def require_admin(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
+async def require_admin(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
     """A key with the admin scope; 403 otherwise."""
     if "admin" not in caller.scopes:
         raise Forbidden(

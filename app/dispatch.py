@@ -26,10 +26,15 @@ TASK_NAMES = {
 
 
 class JobWatch:
-    """Lets a request wait for a job: woken early when the job runs in this process."""
+    """Lets a request wait for a job: woken as soon as a run ends when the job runs in-process."""
 
     def __init__(self, event: threading.Event | None = None) -> None:
         self._event = event
+
+    @property
+    def pushed(self) -> bool:
+        """True when the runner wakes this watch itself, so polling is only a safety net."""
+        return self._event is not None
 
     def wait(self, seconds: float) -> None:
         """Sleep up to `seconds`, returning early if the job's runner signals."""
@@ -59,12 +64,16 @@ class InProcessDispatcher:
     """The embedded default: jobs run on a thread pool in this process, through the same runner."""
 
     def __init__(self, runtime: Runtime, threads: int) -> None:
+        # Imported now, not by the first job (it pulls in Celery's signals: ~0.5 s).
+        import worker.runner  # noqa: F401
+
         self.runtime = runtime
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="maml-serve-job")
         # Meta-training runs for hours; its own thread keeps adaptations flowing meanwhile.
         self._train_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maml-serve-train")
         self._timers: set[threading.Timer] = set()
-        self._events: dict[uuid.UUID, threading.Event] = {}
+        # One event per waiting request, set whenever a run of its job ends.
+        self._events: dict[uuid.UUID, set[threading.Event]] = {}
         self._closed = False
         self._lock = threading.Lock()
 
@@ -86,8 +95,8 @@ class InProcessDispatcher:
             return
         finally:
             with self._lock:
-                event = self._events.get(job_id)
-            if event is not None:
+                events = list(self._events.get(job_id, ()))
+            for event in events:
                 event.set()
         if outcome.retry_in is not None:
             self._later(outcome.retry_in, job_id, kind, queue)
@@ -128,13 +137,18 @@ class InProcessDispatcher:
     @contextmanager
     def watch(self, job_id: uuid.UUID) -> Iterator[JobWatch]:
         """Wake the waiter as soon as a run of this job ends."""
+        event = threading.Event()
         with self._lock:
-            event = self._events.setdefault(job_id, threading.Event())
+            self._events.setdefault(job_id, set()).add(event)
         try:
             yield JobWatch(event)
         finally:
             with self._lock:
-                self._events.pop(job_id, None)
+                waiting = self._events.get(job_id)
+                if waiting is not None:
+                    waiting.discard(event)
+                    if not waiting:
+                        del self._events[job_id]
 
     def close(self) -> None:
         """Cancel pending retries and wait for running jobs."""

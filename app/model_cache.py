@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from app import metrics
 from app.storage import ArtifactStore
+from app.torch_threads import SERVING_DEFAULT, use_threads
 
 if TYPE_CHECKING:
     import fewshot
@@ -25,12 +26,19 @@ def default_device(requested: str | None) -> str:
 
 
 class ModelCache:
-    """Thread-safe caches by initialization version and adapted-model id; sha256 checked on load."""
+    """Thread-safe caches by initialization version and adapted-model id; sha256 checked on load.
 
-    def __init__(self, store: ArtifactStore, max_bytes: int, device: str) -> None:
+    `threads` is the intra-op thread count of every thread that adapts or predicts (see
+    app.torch_threads); `use_serving_threads` applies it to the calling thread.
+    """
+
+    def __init__(
+        self, store: ArtifactStore, max_bytes: int, device: str, threads: int = SERVING_DEFAULT
+    ) -> None:
         self.store = store
         self.max_bytes = max_bytes
         self.device = device
+        self.threads = threads
         self._lock = threading.Lock()
         self._inits: dict[str, fewshot.Initialization] = {}
         self._adapted: OrderedDict[uuid.UUID, fewshot.AdaptedModel] = OrderedDict()
@@ -52,15 +60,30 @@ class ModelCache:
         with self._lock:
             return self._inits.setdefault(row.version, init)
 
+    def use_serving_threads(self) -> None:
+        """Size torch's intra-op threads on the calling thread for adaptation and prediction."""
+        use_threads(self.threads)
+
     def warm_up(self, init: fewshot.Initialization) -> None:
         """Run one tiny adaptation and prediction so the first real request pays no warm-up."""
         import torch
 
         import fewshot
 
+        self.use_serving_threads()
         config = init.config
         x = torch.rand((2, config.in_channels, config.image_size, config.image_size))
         fewshot.adapt(init, x, ["a", "b"], steps=1, device=self.device).predict_proba(x)
+
+    def cached_adapted(self, model_id: uuid.UUID) -> fewshot.AdaptedModel | None:
+        """The cached adapted model with this id (a hit, now most recently used), or None."""
+        with self._lock:
+            cached = self._adapted.get(model_id)
+            if cached is not None:
+                self._adapted.move_to_end(model_id)
+        if cached is not None:
+            metrics.CACHE_HITS.labels("adapted").inc()
+        return cached
 
     def adapted(
         self, row: models.AdaptedModel, init: fewshot.Initialization
@@ -68,12 +91,8 @@ class ModelCache:
         """The adapted model of a row, cached or read (sha256-checked) from the store."""
         import fewshot
 
-        with self._lock:
-            cached = self._adapted.get(row.id)
-            if cached is not None:
-                self._adapted.move_to_end(row.id)
+        cached = self.cached_adapted(row.id)
         if cached is not None:
-            metrics.CACHE_HITS.labels("adapted").inc()
             return cached
         metrics.CACHE_MISSES.labels("adapted").inc()
         path = self.store.verify(row.weights_key, row.sha256)

@@ -12,6 +12,7 @@ from app.core.config import Settings
 from app.core.db import make_engine, make_session_factory
 from app.model_cache import ModelCache, default_device
 from app.storage import ArtifactStore
+from app.torch_threads import serving_threads, torch_default
 
 
 @dataclass
@@ -30,11 +31,17 @@ class Runtime:
         if settings.torch_threads is not None:
             import torch
 
+            torch_default()  # remembered before it is changed (meta-training falls back to it)
             torch.set_num_threads(settings.torch_threads)
         engine = make_engine(settings)
         store = ArtifactStore(settings.artifact_dir)
         store.root.mkdir(parents=True, exist_ok=True)
-        cache = ModelCache(store, settings.adapted_cache_bytes, default_device(settings.device))
+        cache = ModelCache(
+            store,
+            settings.adapted_cache_bytes,
+            default_device(settings.device),
+            threads=serving_threads(settings.torch_threads),
+        )
         return cls(settings, engine, make_session_factory(engine), store, cache)
 
     def initialization_folder(self) -> Path:

@@ -7,8 +7,11 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -31,9 +34,9 @@ def support_set_hash(labels: list[str], image_hashes: list[str]) -> str:
     return hashlib.sha256(document.encode()).hexdigest()
 
 
-def _fingerprint(body: SupportSetIn, init_version: str) -> str:
+def _fingerprint(support_hash: str, body: SupportSetIn, init_version: str) -> str:
     document = {
-        "support": support_set_hash(body.labels, [i.sha256 for i in body.images]),
+        "support": support_hash,
         "name": body.name,
         "mode": body.mode,
         "steps": body.steps,
@@ -50,11 +53,11 @@ def create_task(
     tenant_id: uuid.UUID,
     body: SupportSetIn,
     idempotency_key: str | None,
-) -> tuple[Task, bool]:
+) -> tuple[Task, Job | None]:
     """Store the images, record task + examples + adapt job in one transaction, then enqueue.
 
-    Returns the task and whether it was created now (False: an earlier request with the same
-    Idempotency-Key created it). Nothing stays behind when any step fails.
+    Returns the task and the adapt job created now, or None for the job when an earlier request
+    with the same Idempotency-Key created the task. Nothing stays behind when any step fails.
     """
     init_row = crud.active_initialization(session=session)
     if init_row is None:
@@ -62,22 +65,24 @@ def create_task(
             "no active initialization is registered yet; an administrator must promote one",
             code="no_active_initialization",
         )
-    fingerprint = _fingerprint(body, init_row.version)
+    support_hash = support_set_hash(body.labels, [i.sha256 for i in body.images])
+    fingerprint = _fingerprint(support_hash, body, init_row.version)
     if idempotency_key is not None:
         earlier = crud.find_idempotent_job(
             session=session, tenant_id=tenant_id, key=idempotency_key
         )
         if earlier is not None:
-            return _idempotent_replay(session, tenant_id, earlier, fingerprint), False
+            return _idempotent_replay(session, tenant_id, earlier, fingerprint), None
 
     task_id = uuid.uuid4()
     labels_in_order = list(dict.fromkeys(body.labels))
     try:
         examples = []
+        # Content-addressed in a folder of this new task: a repeated image is stored once.
+        files: dict[str, bytes] = {}
         for position, (image, label) in enumerate(zip(body.images, body.labels, strict=True)):
             key = support_image_key(task_id, image.sha256, image.format)
-            if not runtime.store.exists(key):
-                runtime.store.put_bytes(key, image.data)
+            files.setdefault(key, image.data)
             examples.append(
                 SupportExample(
                     position=position,
@@ -90,6 +95,7 @@ def create_task(
                     size_bytes=len(image.data),
                 )
             )
+        runtime.store.put_many(files)
         task = Task(
             id=task_id,
             tenant_id=tenant_id,
@@ -99,7 +105,7 @@ def create_task(
             mode=body.mode,
             steps=body.steps,
             initialization_id=init_row.id,
-            support_set_sha256=support_set_hash(body.labels, [i.sha256 for i in body.images]),
+            support_set_sha256=support_hash,
             example_count=len(examples),
             examples=examples,
         )
@@ -127,14 +133,14 @@ def create_task(
                 session=session, tenant_id=tenant_id, key=idempotency_key
             )
             if earlier is not None:
-                return _idempotent_replay(session, tenant_id, earlier, fingerprint), False
+                return _idempotent_replay(session, tenant_id, earlier, fingerprint), None
         raise
     except BaseException:
         session.rollback()
         runtime.store.delete_tree(task_prefix(task_id))
         raise
     _enqueue(session, dispatcher, job)
-    return task, True
+    return task, job
 
 
 def _idempotent_replay(session: Session, tenant_id: uuid.UUID, job: Job, fingerprint: str) -> Task:
@@ -167,6 +173,11 @@ def _enqueue(
         ) from exc
 
 
+# How often a waiter re-reads a job that its runner signals anyway (in-process executor): only a
+# safety net for changes no run signals, such as the task being deleted meanwhile.
+PUSHED_RECHECK_SECONDS = 0.25
+
+
 def wait_for_job(
     *,
     runtime: Runtime,
@@ -174,23 +185,43 @@ def wait_for_job(
     job_id: uuid.UUID,
     timeout: float,
 ) -> str:
-    """Re-read the job row until it ends or `timeout` seconds pass; returns its last state."""
+    """Re-read the job row until it ends or `timeout` seconds pass; returns its last state.
+
+    In-process jobs wake the waiter when a run ends, so the row is read once per run instead of
+    being polled; Celery jobs are polled with a growing delay.
+    """
     deadline = time.monotonic() + timeout
     delay = 0.002
     with dispatcher.watch(job_id) as watch:
         while True:
             with runtime.sessions() as session:
                 state = session.scalar(select(Job.state).where(Job.id == job_id)) or "missing"
-            if state not in ("queued", "running") or time.monotonic() >= deadline:
+            remaining = deadline - time.monotonic()
+            if state not in ("queued", "running") or remaining <= 0:
                 return state
-            watch.wait(min(delay, max(0.0, deadline - time.monotonic())))
+            watch.wait(min(PUSHED_RECHECK_SECONDS if watch.pushed else delay, remaining))
             delay = min(delay * 1.5, 0.1)
+
+
+@dataclass(frozen=True)
+class PredictionOut:
+    """One recorded prediction as the response shows it."""
+
+    id: uuid.UUID
+    label: str
+    probabilities: dict[str, float]
+    top_k: list[tuple[str, float]]
+    image_sha256: str
 
 
 def predict(
     *, session: Session, runtime: Runtime, task: Task, queries: QueriesIn
-) -> tuple[AdaptedModel, uuid.UUID, list[Prediction], list[list[tuple[str, float]]]]:
-    """Predict every query with the task's current adapted model and record one row per image."""
+) -> tuple[AdaptedModel, uuid.UUID, list[PredictionOut]]:
+    """Predict every query with the task's current adapted model and record one row per image.
+
+    The rows are written by one INSERT statement executed for all of them (executemany), in the
+    request's transaction.
+    """
     import fewshot
 
     model_row = crud.current_adapted_model(session=session, task_id=task.id)
@@ -210,10 +241,13 @@ def predict(
             code="not_adapted_yet",
             headers={"Retry-After": str(runtime.settings.retry_after_seconds)},
         )
-    init_row = session.get(Initialization, model_row.initialization_id)
-    assert init_row is not None
-    init = runtime.models.initialization(init_row)
-    model = runtime.models.adapted(model_row, init)
+    runtime.models.use_serving_threads()
+    # A cached model (e.g. the one this process just adapted) needs no initialization lookup.
+    model = runtime.models.cached_adapted(model_row.id)
+    if model is None:
+        init_row = session.get(Initialization, model_row.initialization_id)
+        assert init_row is not None
+        model = runtime.models.adapted(model_row, runtime.models.initialization(init_row))
     x = fewshot.preprocess_images([image.decode() for image in queries.images], model.config)
     started = time.perf_counter()
     probabilities = model.predict_proba(x)
@@ -221,31 +255,43 @@ def predict(
     metrics.PREDICTED_IMAGES.inc(len(queries.images))
 
     request_id = uuid.uuid4()
-    top_k = min(queries.top_k or len(model.labels), len(model.labels))
-    rows: list[Prediction] = []
-    ranked: list[list[tuple[str, float]]] = []
+    labels = list(model.labels)
+    top_k = min(queries.top_k or len(labels), len(labels))
+    by_probability = itemgetter(1)
+    out: list[PredictionOut] = []
+    values: list[dict[str, Any]] = []
     for position, (image, row) in enumerate(
         zip(queries.images, probabilities.tolist(), strict=True)
     ):
-        probs = {label: float(p) for label, p in zip(model.labels, row, strict=True)}
-        order = sorted(probs.items(), key=lambda item: item[1], reverse=True)
-        ranked.append(order[:top_k])
-        rows.append(
-            Prediction(
-                id=uuid.uuid4(),
-                tenant_id=task.tenant_id,
-                task_id=task.id,
-                adapted_model_id=model_row.id,
-                request_id=request_id,
-                position=position,
-                image_sha256=image.sha256,
-                label=order[0][0],
-                probabilities=probs,
-            )
+        probs = dict(zip(labels, row, strict=True))
+        order = sorted(probs.items(), key=by_probability, reverse=True)
+        prediction = PredictionOut(
+            id=uuid.uuid4(),
+            label=order[0][0],
+            probabilities=probs,
+            top_k=order[:top_k],
+            image_sha256=image.sha256,
         )
-    session.add_all(rows)
+        out.append(prediction)
+        values.append(
+            {
+                "id": prediction.id,
+                "tenant_id": task.tenant_id,
+                "task_id": task.id,
+                "adapted_model_id": model_row.id,
+                "request_id": request_id,
+                "position": position,
+                "image_sha256": image.sha256,
+                "label": prediction.label,
+                "probabilities": probs,
+                # One timestamp per row, as rows made one by one had: newest-first lists keep
+                # the images of a request in (reverse) order.
+                "created_at": utcnow(),
+            }
+        )
+    session.execute(insert(Prediction), values)
     session.commit()
-    return model_row, request_id, rows, ranked
+    return model_row, request_id, out
 
 
 def delete_task(*, session: Session, runtime: Runtime, task: Task) -> None:

@@ -264,6 +264,7 @@ def run_adapt(runtime: Runtime, claim: Claim) -> Outcome:
         ) or task.initialization
         mode = str(job.params.get("mode", task.mode))
         steps_param = job.params.get("steps", task.steps)
+        runtime.models.use_serving_threads()
         try:
             init = runtime.models.initialization(init_row)
             images = [

@@ -29,6 +29,7 @@ from app import crud
 from app.models import Dataset, Initialization, Job, utcnow
 from app.runtime import Runtime
 from app.storage import initialization_key, sha256_file
+from app.torch_threads import training_threads, use_threads
 from worker.runner import (
     Claim,
     Outcome,
@@ -346,6 +347,8 @@ def run_meta_train(runtime: Runtime, claim: Claim) -> Outcome:
     import fewshot
     from fewshot.training import MetaTrainer
 
+    # One long job on its own thread: torch's default team (serving threads use fewer).
+    use_threads(training_threads(runtime.settings.torch_threads))
     with runtime.sessions() as session:
         job = session.get(Job, claim.job_id)
         if job is None:

@@ -48,8 +48,9 @@ class Settings(BaseSettings):
     adapted_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     # None: "cuda" when torch sees a GPU, otherwise "cpu".
     device: str | None = None
-    # Intra-op threads for torch; None keeps torch's default. On small CPU boxes 1 is often
-    # faster, because jobs and predictions run in threads that otherwise contend for the cores.
+    # Intra-op threads for torch in each thread that adapts or predicts; None: 1, because jobs and
+    # predictions run on several threads whose thread teams otherwise contend for the cores (see
+    # app.torch_threads). Meta-training uses this value too, or torch's default when None.
     torch_threads: int | None = Field(default=None, gt=0)
     task_time_limit_seconds: int = Field(default=600, gt=0)
     worker_metrics_port: int | None = None

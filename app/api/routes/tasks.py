@@ -86,7 +86,7 @@ def create_task(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
 ) -> TaskPublic:
     """Create a task from a support set and adapt the active initialization to it."""
-    task, _created = service.create_task(
+    task, created_job = service.create_task(
         session=session,
         runtime=runtime,
         dispatcher=dispatcher,
@@ -95,7 +95,8 @@ def create_task(
         idempotency_key=idempotency_key,
     )
     if wait:
-        job = crud.latest_job(session=session, task_id=task.id)
+        # A new task's job is its latest; a replayed one may have been re-adapted since.
+        job = created_job or crud.latest_job(session=session, task_id=task.id)
         if job is not None:
             service.wait_for_job(
                 runtime=runtime,
@@ -160,7 +161,7 @@ def create_predictions(
 ) -> PredictionResult:
     """Predict labels for query images with the task's adapted model (409 while it is adapting)."""
     task = crud.get_task(session=session, tenant_id=caller.tenant_id, task_id=task_id)
-    model_row, request_id, rows, ranked = service.predict(
+    model_row, request_id, predictions = service.predict(
         session=session, runtime=runtime, task=task, queries=queries
     )
     return PredictionResult(
@@ -169,13 +170,13 @@ def create_predictions(
         request_id=request_id,
         predictions=[
             PredictionPublic(
-                id=row.id,
-                label=row.label,
-                probabilities=row.probabilities,
-                top_k=[LabelProbability(label=label, probability=p) for label, p in top],
-                image_sha256=row.image_sha256,
+                id=p.id,
+                label=p.label,
+                probabilities=p.probabilities,
+                top_k=[LabelProbability(label=label, probability=pr) for label, pr in p.top_k],
+                image_sha256=p.image_sha256,
             )
-            for row, top in zip(rows, ranked, strict=True)
+            for p in predictions
         ],
     )
 

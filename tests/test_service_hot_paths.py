@@ -1,0 +1,209 @@
+"""What keeps POST ?wait and predictions fast: cached models, one INSERT, pushed wake-ups, threads."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from sqlalchemy import event, select
+
+import fewshot
+from app import torch_threads
+from app.dispatch import InProcessDispatcher
+from app.main import create_app
+from app.models import Prediction
+from app.storage import ArtifactStore
+from tests.helpers import create_ready_task, make_settings, query_files, runtime_of, support_files
+from worker import runner
+
+
+@contextmanager
+def _statements(client: TestClient) -> Iterator[list[tuple[str, bool]]]:
+    """Every SQL statement the app's engine sends meanwhile, with its executemany flag."""
+    engine = runtime_of(client).engine
+    seen: list[tuple[str, bool]] = []
+
+    def record(
+        _conn: Any, _cursor: Any, statement: str, _params: Any, _ctx: Any, many: bool
+    ) -> None:
+        seen.append((statement, many))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def test_the_adapted_model_is_cached_so_the_first_prediction_reads_no_weights(
+    client: TestClient, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = create_ready_task(client, auth, ["a", "b", "c"])
+    model_id = uuid.UUID(task["adapted_model"]["id"])
+    assert runtime_of(client).models.cached_adapted(model_id) is not None
+
+    def no_load(*_: Any, **__: Any) -> None:
+        raise AssertionError("the adapted model was read back from the store")
+
+    monkeypatch.setattr(fewshot.AdaptedModel, "load", no_load)
+    with _statements(client) as seen:
+        response = client.post(
+            f"/v1/tasks/{task['id']}/predictions", headers=auth, files=query_files(2)
+        )
+    assert response.status_code == 200, response.text
+    # A cached model needs no initialization row either.
+    assert not [s for s, _ in seen if "FROM initializations" in s]
+
+
+def test_predictions_are_written_with_one_insert_in_request_order(
+    client: TestClient, auth: dict[str, str]
+) -> None:
+    task = create_ready_task(client, auth, ["a", "b"])
+    with _statements(client) as seen:
+        response = client.post(
+            f"/v1/tasks/{task['id']}/predictions", headers=auth, files=query_files(7)
+        )
+    assert response.status_code == 200, response.text
+    inserts = [(s, many) for s, many in seen if s.lstrip().upper().startswith("INSERT")]
+    assert len(inserts) == 1 and "predictions" in inserts[0][0], inserts
+    body = response.json()
+    with runtime_of(client).sessions() as session:
+        rows = list(
+            session.scalars(
+                select(Prediction)
+                .where(Prediction.request_id == uuid.UUID(body["request_id"]))
+                .order_by(Prediction.position)
+            )
+        )
+    assert [str(r.id) for r in rows] == [p["id"] for p in body["predictions"]]
+    assert [r.label for r in rows] == [p["label"] for p in body["predictions"]]
+    assert [r.probabilities for r in rows] == [p["probabilities"] for p in body["predictions"]]
+    # Newest first lists the request's images in reverse order, as before.
+    listed = client.get(f"/v1/tasks/{task['id']}/predictions", headers=auth).json()["items"]
+    assert [p["position"] for p in listed] == list(range(6, -1, -1))
+
+
+def test_wait_is_woken_by_the_runner_instead_of_polling(
+    client: TestClient, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapt = fewshot.adapt
+
+    def slow_adapt(*args: Any, **kwargs: Any) -> fewshot.AdaptedModel:
+        time.sleep(0.6)
+        return adapt(*args, **kwargs)
+
+    monkeypatch.setattr(fewshot, "adapt", slow_adapt)
+    files, data = support_files(["a", "b"])
+    with _statements(client) as seen:
+        started = time.monotonic()
+        response = client.post("/v1/tasks?wait=10", headers=auth, files=files, data=data)
+        elapsed = time.monotonic() - started
+    assert response.status_code == 201, response.text
+    assert elapsed < 5
+    state_reads = [s for s, _ in seen if s.lstrip().startswith("SELECT jobs.state")]
+    # Polling with a growing delay read the row about a dozen times in 0.6 s; a pushed wake-up
+    # reads it on entry, at the 0.25 s safety checks and once the run has ended.
+    assert 2 <= len(state_reads) <= 5, len(state_reads)
+
+
+def test_a_waiter_is_woken_after_another_waiter_on_the_job_gave_up(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dispatcher = client.app.state.dispatcher  # type: ignore[attr-defined]
+    assert isinstance(dispatcher, InProcessDispatcher)
+    monkeypatch.setattr(runner, "run_job", lambda *_: runner.Outcome("done"))
+    job_id = uuid.uuid4()
+    with dispatcher.watch(job_id) as watch:
+        assert watch.pushed
+        with dispatcher.watch(job_id):
+            pass  # another request on the same job stopped waiting
+        dispatcher.submit(job_id, "adapt", "adapt")
+        started = time.monotonic()
+        watch.wait(5)
+        assert time.monotonic() - started < 4
+
+
+def _threads_seen(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[int]]:
+    seen: dict[str, set[int]] = {"adapt": set(), "predict": set()}
+    adapt = fewshot.adapt
+    predict = fewshot.AdaptedModel.predict_proba
+
+    def counting_adapt(*args: Any, **kwargs: Any) -> fewshot.AdaptedModel:
+        seen["adapt"].add(torch.get_num_threads())
+        return adapt(*args, **kwargs)
+
+    def counting_predict(self: fewshot.AdaptedModel, x: torch.Tensor) -> torch.Tensor:
+        seen["predict"].add(torch.get_num_threads())
+        return predict(self, x)
+
+    monkeypatch.setattr(fewshot, "adapt", counting_adapt)
+    monkeypatch.setattr(fewshot.AdaptedModel, "predict_proba", counting_predict)
+    return seen
+
+
+def test_jobs_and_predictions_run_torch_with_one_thread_each_by_default(
+    client: TestClient, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _threads_seen(monkeypatch)
+    task = create_ready_task(client, auth, ["a", "b"])
+    response = client.post(
+        f"/v1/tasks/{task['id']}/predictions", headers=auth, files=query_files(2)
+    )
+    assert response.status_code == 200, response.text
+    assert seen == {"adapt": {1}, "predict": {1}}
+
+
+def test_torch_threads_setting_sizes_the_serving_threads(
+    tmp_path: Path, tiny_init_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = torch.get_num_threads()
+    try:
+        settings = make_settings(tmp_path / "data", tiny_init_dir, torch_threads=3)
+        with TestClient(create_app(settings)) as client:
+            from tests.helpers import create_key
+
+            auth = create_key(client, "acme")
+            seen = _threads_seen(monkeypatch)
+            task = create_ready_task(client, auth, ["a", "b"])
+            client.post(f"/v1/tasks/{task['id']}/predictions", headers=auth, files=query_files(1))
+        assert seen == {"adapt": {3}, "predict": {3}}
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_meta_training_keeps_torch_default_unless_set() -> None:
+    assert torch_threads.serving_threads(None) == 1
+    assert torch_threads.serving_threads(4) == 4
+    assert torch_threads.training_threads(None) == torch_threads.torch_default() >= 1
+    assert torch_threads.training_threads(2) == 2
+
+
+def test_put_many_renames_into_place_and_leaves_nothing_on_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    store.put_many({"t/a/x.png": b"one", "t/a/y.png": b"two", "t/b/z.png": b"three"})
+    assert store.read_bytes("t/a/x.png") == b"one"
+    assert store.read_bytes("t/b/z.png") == b"three"
+    assert sorted(p.name for p in (tmp_path / "store").rglob("*") if p.is_file()) == [
+        "x.png",
+        "y.png",
+        "z.png",
+    ]
+
+    def broken_fsync(_fd: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("app.storage.os.fsync", broken_fsync)
+    with pytest.raises(OSError):
+        store.put_many({"t/c/x.png": b"new", "t/a/x.png": b"changed"})
+    assert store.read_bytes("t/a/x.png") == b"one"
+    assert not store.exists("t/c/x.png")
+    assert not [p for p in (tmp_path / "store").rglob("*.tmp")]
