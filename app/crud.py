@@ -8,7 +8,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -202,8 +202,12 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         data = json.loads(raw)
-        return datetime.fromisoformat(data["t"]), uuid.UUID(data["id"])
-    except (binascii.Error, ValueError, KeyError, TypeError):
+        at = datetime.fromisoformat(data["t"])
+        if at.tzinfo is None:
+            # Cursors carry aware UTC timestamps; the timestamp columns refuse naive ones.
+            raise ValueError("naive timestamp")
+        return at.astimezone(UTC), uuid.UUID(data["id"])
+    except (binascii.Error, ValueError, KeyError, TypeError, OverflowError, RecursionError):
         raise InvalidRequest(
             "cursor is not valid; pass the next_cursor of a previous page", code="invalid_cursor"
         ) from None

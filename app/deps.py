@@ -20,6 +20,7 @@ from app import crud
 from app.core.config import Settings
 from app.dispatch import CeleryDispatcher, InProcessDispatcher
 from app.errors import Forbidden, Unauthorized
+from app.models import Task
 from app.runtime import Runtime
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `maml-serve keys create`.")
@@ -109,3 +110,15 @@ async def require_admin(caller: Annotated[Caller, Depends(get_caller)]) -> Calle
 
 TenantDep = Annotated[Caller, Depends(require_user)]
 AdminDep = Annotated[Caller, Depends(require_admin)]
+
+
+def get_owned_task(caller: TenantDep, session: SessionDep, task_id: uuid.UUID) -> Task:
+    """The caller's task named in the path, or 404 (malformed, unknown or another tenant's).
+
+    Routes that also read a body depend on this first, so a missing task is a 404 whatever the
+    body holds, and the body is not parsed for nothing.
+    """
+    return crud.get_task(session=session, tenant_id=caller.tenant_id, task_id=task_id)
+
+
+OwnedTaskDep = Annotated[Task, Depends(get_owned_task)]

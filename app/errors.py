@@ -119,6 +119,9 @@ def problem_response(
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
+# The detail of the 400 FastAPI raises when a JSON body cannot be read at all.
+_BODY_PARSE_ERROR = "There was an error parsing the body"
+
 _HTTP_CODES = {
     401: "invalid_api_key",
     404: "not_found",
@@ -152,10 +155,20 @@ def install_error_handlers(app: FastAPI) -> None:
             }
             for e in exc.errors()
         ]
-        if errors and all(e["loc"][:1] == ["path"] for e in errors):
-            # A malformed id names nothing that exists: the same 404 as an unknown id.
+        if any(e["loc"][:1] == ["path"] for e in errors):
+            # A malformed id names nothing that exists: the same 404 as an unknown id, whatever
+            # else is wrong with the request.
             return problem_response(
                 404, "not_found", f"nothing at {request.url.path}", instance=request.url.path
+            )
+        invalid_json = [e for e in errors if e["type"] == "json_invalid"]
+        if invalid_json:
+            where = ".".join(str(part) for part in invalid_json[0]["loc"][1:])
+            return problem_response(
+                422,
+                "invalid_json",
+                f"the body is not valid JSON (near position {where or '?'}); send one JSON object",
+                instance=request.url.path,
             )
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         where = ".".join(str(part) for part in first["loc"])
@@ -166,6 +179,24 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:
+            # FastAPI's answer to a JSON body that is not UTF-8 text: the same 422 as bad JSON.
+            return problem_response(
+                422,
+                "invalid_json",
+                "the body is not valid JSON (it is not UTF-8 text); send one JSON object",
+                instance=request.url.path,
+            )
+        media = request.headers.get("content-type", "").lower()
+        if exc.status_code == 400 and media.startswith("multipart/form-data"):
+            # FastAPI's answer to a form it cannot parse: the same 422 as the routes that read
+            # their multipart bodies themselves.
+            return problem_response(
+                422,
+                "invalid_multipart",
+                f"the multipart body could not be parsed: {exc.detail}",
+                instance=request.url.path,
+            )
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         return problem_response(
             exc.status_code,

@@ -12,7 +12,9 @@ from app.errors import InvalidRequest, PayloadTooLarge
 from app.storage import sha256_bytes
 
 _SIGNATURES = {"png": (b"\x89PNG\r\n\x1a\n",), "jpeg": (b"\xff\xd8\xff",)}
-_PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg"}
+# MPO (multi-picture JPEG, as many phone cameras write) is a JPEG file: PIL reads its first
+# picture, like any JPEG viewer does.
+_PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg"}
 
 
 # Images up to this size keep their decoded pixels from the check, so they are decoded once.

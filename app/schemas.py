@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
+
+
+def unstorable_character(text: str) -> str | None:
+    """The first character no database column can hold (a control character such as NUL, or a
+    lone UTF-16 surrogate from a JSON escape), as ``U+XXXX``; None when the text is clean."""
+    for char in text:
+        if unicodedata.category(char) in ("Cc", "Cs"):
+            return f"U+{ord(char):04X}"
+    return None
+
+
+def _clean_text(value: str) -> str:
+    bad = unstorable_character(value)
+    if bad is not None:
+        raise ValueError(f"contains the character {bad}, which is not allowed in text")
+    return value
+
+
+CleanText = Annotated[str, AfterValidator(_clean_text)]
+"""A string without control characters or lone surrogates (both fail as 500s in a database)."""
 
 
 class Problem(BaseModel):
@@ -18,6 +39,14 @@ class Problem(BaseModel):
     code: str = Field(description="Machine-readable error code, e.g. invalid_image.")
     detail: str = Field(description="What went wrong and what to change.")
     instance: str | None = None
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` documenting problem+json bodies for these statuses."""
+    return {
+        status: {"model": Problem, "content": {"application/problem+json": {}}}
+        for status in statuses
+    }
 
 
 class ErrorInfo(BaseModel):
@@ -168,7 +197,7 @@ class InitializationList(BaseModel):
 class SupportExampleJson(BaseModel):
     """One support image as JSON."""
 
-    label: str
+    label: CleanText
     image: str = Field(description="Base64-encoded PNG or JPEG bytes.")
 
 
@@ -178,9 +207,9 @@ class SupportSetJson(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     examples: list[SupportExampleJson]
-    name: str | None = None
+    name: CleanText | None = None
     mode: str = "full"
-    steps: int | None = None
+    steps: StrictInt | None = None
 
 
 class QueriesJson(BaseModel):
@@ -189,4 +218,4 @@ class QueriesJson(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     images: list[str] = Field(description="Base64-encoded PNG or JPEG bytes, one per query image.")
-    top_k: int | None = None
+    top_k: StrictInt | None = None

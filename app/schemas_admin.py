@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.schemas import ErrorInfo
+from app.schemas import CleanText, ErrorInfo
 
 
 class DatasetPublic(BaseModel):
@@ -37,7 +37,7 @@ class OmniglotIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="omniglot-background", min_length=1, max_length=200)
+    name: CleanText = Field(default="omniglot-background", min_length=1, max_length=200)
 
 
 class AlgorithmIn(BaseModel):
@@ -92,7 +92,7 @@ class MetaTrainingCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset_id: uuid.UUID
-    start: str = Field(
+    start: CleanText = Field(
         default="scratch", description="'scratch', or the initialization version to start from."
     )
     algorithm: AlgorithmIn = Field(default_factory=AlgorithmIn)
@@ -166,7 +166,7 @@ class AdaptationCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    initialization_version: str | None = Field(
+    initialization_version: CleanText | None = Field(
         default=None, description="Defaults to the active version."
     )
     mode: Literal["full", "head"] | None = None

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from app import crud, metrics
 from app.api.bodies import QueriesIn, SupportSetIn
 from app.dispatch import CeleryDispatcher, InProcessDispatcher
-from app.errors import Conflict, ServiceUnavailable
+from app.errors import Conflict, NotFound, ServiceUnavailable
 from app.models import AdaptedModel, Initialization, Job, Prediction, SupportExample, Task, utcnow
 from app.runtime import Runtime
 from app.storage import support_image_key, task_prefix
@@ -247,7 +247,12 @@ def predict(
     if model is None:
         init_row = session.get(Initialization, model_row.initialization_id)
         assert init_row is not None
-        model = runtime.models.adapted(model_row, runtime.models.initialization(init_row))
+        try:
+            model = runtime.models.adapted(model_row, runtime.models.initialization(init_row))
+        except FileNotFoundError:
+            # The task was deleted (with its weights) since it was read: the same 404 as after.
+            _raise_if_task_gone(session, task.id)
+            raise
     x = fewshot.preprocess_images([image.decode() for image in queries.images], model.config)
     started = time.perf_counter()
     probabilities = model.predict_proba(x)
@@ -289,9 +294,21 @@ def predict(
                 "created_at": utcnow(),
             }
         )
-    session.execute(insert(Prediction), values)
-    session.commit()
+    try:
+        session.execute(insert(Prediction), values)
+        session.commit()
+    except IntegrityError:
+        # A concurrent DELETE removed the task (its foreign key fails): 404, nothing written.
+        # The rollback expires `task`, whose row may be gone: use the id read before.
+        session.rollback()
+        _raise_if_task_gone(session, values[0]["task_id"])
+        raise
     return model_row, request_id, out
+
+
+def _raise_if_task_gone(session: Session, task_id: uuid.UUID) -> None:
+    if session.scalar(select(Task.id).where(Task.id == task_id)) is None:
+        raise NotFound(f"no task {task_id}")
 
 
 def delete_task(*, session: Session, runtime: Runtime, task: Task) -> None:

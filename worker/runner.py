@@ -42,7 +42,7 @@ from app.models import (
     utcnow,
 )
 from app.runtime import Runtime
-from app.storage import ArtifactCorrupt, adapted_weights_key, sha256_file
+from app.storage import ArtifactCorrupt, adapted_weights_key, sha256_file, task_prefix
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,16 @@ def _finish_adapt(session: Session, claim: Claim, job: Job, model_row: AdaptedMo
     return True
 
 
+def _forget_if_task_deleted(runtime: Runtime, session: Session, task_id: uuid.UUID) -> bool:
+    """Remove the files of a task deleted while it adapted (the weights just written would
+    otherwise outlive it); True when it was deleted."""
+    if session.scalar(select(Task.id).where(Task.id == task_id)) is not None:
+        return False
+    log.info("task %s was deleted while adapting; its files are removed", task_id)
+    runtime.store.delete_tree(task_prefix(task_id))
+    return True
+
+
 def run_adapt(runtime: Runtime, claim: Claim) -> Outcome:
     """Adapt the task's pinned initialization to its support set and store the weights."""
     import fewshot
@@ -315,14 +325,18 @@ def run_adapt(runtime: Runtime, claim: Claim) -> Outcome:
             compute_seconds=compute,
             device=str(runtime.models.device),
         )
+        job_id, task_id = job.id, task.id
         try:
             finished = _finish_adapt(session, claim, job, row)
         except IntegrityError:
-            # A concurrent delivery recorded this job's model first (job_id is unique).
+            # A concurrent delivery recorded this job's model first (job_id is unique), or the
+            # task was deleted meanwhile (its foreign key fails).
             session.rollback()
-            log.info("job %s: adapted model already recorded by another delivery", job.id)
+            if not _forget_if_task_deleted(runtime, session, task_id):
+                log.info("job %s: adapted model already recorded by another delivery", job_id)
             return Outcome("skipped")
         if not finished:
+            _forget_if_task_deleted(runtime, session, task_id)
             return Outcome("skipped")
         runtime.models.put_adapted(row.id, model)
         return Outcome("done")

@@ -18,7 +18,7 @@ from app.core.config import Settings
 from app.errors import InvalidRequest, PayloadTooLarge, ProblemError
 from app.images import CheckedImage, check_image
 from app.runtime import Runtime
-from app.schemas import QueriesJson, SupportSetJson
+from app.schemas import QueriesJson, SupportSetJson, unstorable_character
 
 MULTIPART = "multipart/form-data"
 JSON = "application/json"
@@ -77,7 +77,7 @@ async def _form(request: Request, max_files: int) -> FormData:
                 f"too many images; at most {max_files} are allowed per request",
                 code="too_many_images",
             ) from None
-        raise ProblemError(
+        raise InvalidRequest(
             f"the multipart body could not be parsed: {exc.detail}", code="invalid_multipart"
         ) from None
 
@@ -94,7 +94,9 @@ async def _upload_bytes(upload: UploadFile, what: str, max_bytes: int) -> bytes:
 async def _json(request: Request) -> Any:
     try:
         return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    # ValueError covers JSONDecodeError, UnicodeDecodeError and integers over Python's digit
+    # limit; RecursionError is a deeply nested document.
+    except (ValueError, RecursionError) as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
 
 
@@ -139,6 +141,13 @@ def _check_labels(labels: list[str], image_count: int, settings: Settings) -> No
                 f"label {position} is empty; every image needs a non-empty label",
                 code="empty_label",
             )
+        bad = unstorable_character(label)
+        if bad is not None:
+            raise InvalidRequest(
+                f"label {position} contains the character {bad}; "
+                "labels cannot hold control characters",
+                code="validation_error",
+            )
         if len(label) > settings.max_label_length:
             raise InvalidRequest(
                 f"label {position} is {len(label)} characters; "
@@ -156,6 +165,12 @@ def _check_labels(labels: list[str], image_count: int, settings: Settings) -> No
 def _check_options(name: str | None, mode: str, steps: int | None, settings: Settings) -> None:
     if name is not None and len(name) > 200:
         raise InvalidRequest("name is longer than 200 characters", code="validation_error")
+    bad = None if name is None else unstorable_character(name)
+    if bad is not None:
+        raise InvalidRequest(
+            f"name contains the character {bad}; names cannot hold control characters",
+            code="validation_error",
+        )
     if mode not in ("full", "head"):
         raise InvalidRequest(f"mode must be 'full' or 'head', got {mode!r}", code="invalid_mode")
     if steps is not None and not 0 <= steps <= settings.max_steps:

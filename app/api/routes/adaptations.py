@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Response, status
 
 from app import crud, training_service
 from app.api.views import job_public
-from app.deps import DispatcherDep, RuntimeDep, SessionDep, TenantDep
+from app.deps import DispatcherDep, OwnedTaskDep, RuntimeDep, SessionDep, TenantDep
 from app.schemas import JobPublic, Problem
 from app.schemas_admin import AdaptationCreate, AdaptedModelList, AdaptedModelRecord
 
@@ -28,16 +28,15 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
     responses=_PROBLEMS,
 )
 def create_adaptation(
-    caller: TenantDep,
+    task: OwnedTaskDep,
     session: SessionDep,
     runtime: RuntimeDep,
     dispatcher: DispatcherDep,
     response: Response,
-    task_id: uuid.UUID,
     body: Annotated[AdaptationCreate | None, Body()] = None,
 ) -> JobPublic:
     """Re-adapt the task from the active (or a named) version as a new adapted model."""
-    task = crud.get_task(session=session, tenant_id=caller.tenant_id, task_id=task_id)
+    # The task (a dependency) is looked up before the body is validated: an unknown id is a 404.
     job = training_service.readapt(
         session=session,
         runtime=runtime,

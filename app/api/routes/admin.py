@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, Response, UploadFile, status
 
 from app import datasets, training_service
 from app.deps import AdminDep, DispatcherDep, RuntimeDep, SessionDep
-from app.schemas import Problem
+from app.schemas import CleanText, Problem
 from app.schemas_admin import (
     DatasetList,
     DatasetPublic,
@@ -43,7 +43,7 @@ def upload_dataset(
     runtime: RuntimeDep,
     response: Response,
     file: Annotated[UploadFile, File(description="A zip: one folder per class (or group/class).")],
-    name: Annotated[str, Form(min_length=1, max_length=200)],
+    name: Annotated[CleanText, Form(min_length=1, max_length=200)],
     min_classes: Annotated[
         int, Form(ge=2, le=1000, description="The largest way count it will be used for.")
     ] = 5,

@@ -6,13 +6,14 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from app import crud
 from app.deps import DispatcherDep, RuntimeDep
 from app.errors import problem_response
+from app.schemas import problem_responses
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None)
+@router.get("/readyz", response_model=None, responses=problem_responses(503))
 def readyz(runtime: RuntimeDep, dispatcher: DispatcherDep) -> JSONResponse:
     """DB and broker reachable, an initialization loaded; else 503 naming the failing checks."""
     checks: dict[str, Any] = {"database": False, "broker": False, "initialization": None}
@@ -47,7 +48,11 @@ def readyz(runtime: RuntimeDep, dispatcher: DispatcherDep) -> JSONResponse:
     )
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text."}},
+)
 def metrics() -> Response:
     """Prometheus exposition of request, job, compute and cache metrics."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

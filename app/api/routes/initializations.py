@@ -6,12 +6,12 @@ from fastapi import APIRouter
 
 from app import crud
 from app.deps import SessionDep, TenantDep
-from app.schemas import InitializationList, InitializationPublic, Problem
+from app.schemas import InitializationList, InitializationPublic, problem_responses
 
 router = APIRouter(prefix="/v1/initializations", tags=["initializations"])
 
 
-@router.get("", response_model=InitializationList, responses={401: {"model": Problem}})
+@router.get("", response_model=InitializationList, responses=problem_responses(401))
 def list_initializations(_caller: TenantDep, session: SessionDep) -> InitializationList:
     """Every version with its metrics, newest first."""
     rows = crud.list_initializations(session=session)
@@ -23,7 +23,7 @@ def list_initializations(_caller: TenantDep, session: SessionDep) -> Initializat
 @router.get(
     "/{version}",
     response_model=InitializationPublic,
-    responses={401: {"model": Problem}, 404: {"model": Problem}},
+    responses=problem_responses(401, 404),
 )
 def get_initialization(
     _caller: TenantDep, session: SessionDep, version: str

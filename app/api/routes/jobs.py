@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from app import crud
 from app.api.views import job_public
 from app.deps import SessionDep, TenantDep
-from app.schemas import JobPublic, Problem
+from app.schemas import JobPublic, problem_responses
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 @router.get(
     "/{job_id}",
     response_model=JobPublic,
-    responses={401: {"model": Problem}, 404: {"model": Problem}},
+    responses=problem_responses(401, 404),
 )
 def get_job(caller: TenantDep, session: SessionDep, job_id: uuid.UUID) -> JobPublic:
     """A job's kind, state, progress, attempts, error and result links."""

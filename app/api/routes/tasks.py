@@ -5,12 +5,12 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 
 from app import crud, service
-from app.api.bodies import MULTIPART, QueriesDep, SupportSetDep
+from app.api.bodies import MULTIPART, QueriesIn, SupportSetDep, read_queries
 from app.api.views import task_public
-from app.deps import DispatcherDep, RuntimeDep, SessionDep, TenantDep
+from app.deps import DispatcherDep, OwnedTaskDep, RuntimeDep, SessionDep, TenantDep
 from app.schemas import (
     LabelProbability,
     PredictionPage,
@@ -94,6 +94,7 @@ def create_task(
         body=body,
         idempotency_key=idempotency_key,
     )
+    task_id = task.id
     if wait:
         # A new task's job is its latest; a replayed one may have been re-adapted since.
         job = created_job or crud.latest_job(session=session, task_id=task.id)
@@ -105,7 +106,8 @@ def create_task(
                 timeout=min(wait, runtime.settings.max_wait_seconds),
             )
         session.expire_all()
-    task = crud.get_task(session=session, tenant_id=caller.tenant_id, task_id=task.id)
+    # Read by id: the expired row raises if the task was deleted meanwhile; this is a 404.
+    task = crud.get_task(session=session, tenant_id=caller.tenant_id, task_id=task_id)
     response.headers["Location"] = f"/v1/tasks/{task.id}"
     if task.status != "adapting":
         response.status_code = status.HTTP_201_CREATED
@@ -146,6 +148,11 @@ def delete_task(
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
+async def _queries_of_task(request: Request, _task: OwnedTaskDep) -> QueriesIn:
+    # Depends on the task, so an unknown or malformed id is a 404 before the body is read.
+    return await read_queries(request)
+
+
 @router.post(
     "/{task_id}/predictions",
     response_model=PredictionResult,
@@ -153,14 +160,12 @@ def delete_task(
     openapi_extra=_QUERY_BODY,
 )
 def create_predictions(
-    caller: TenantDep,
-    queries: QueriesDep,
+    task: OwnedTaskDep,
+    queries: Annotated[QueriesIn, Depends(_queries_of_task)],
     session: SessionDep,
     runtime: RuntimeDep,
-    task_id: uuid.UUID,
 ) -> PredictionResult:
     """Predict labels for query images with the task's adapted model (409 while it is adapting)."""
-    task = crud.get_task(session=session, tenant_id=caller.tenant_id, task_id=task_id)
     model_row, request_id, predictions = service.predict(
         session=session, runtime=runtime, task=task, queries=queries
     )
