@@ -62,6 +62,10 @@ class AlgorithmIn(BaseModel):
     outer_lr: float = Field(default=1e-3, gt=0, le=1)
     cosine_annealing: bool = True
     rotations: bool = Field(default=True, description="90-degree rotations as new classes.")
+    shift: int = Field(default=0, ge=0, le=8, description="Random translation in pixels.")
+    within_group_fraction: float = Field(
+        default=0.0, ge=0, le=1, description="Share of meta-batches drawn from one group each."
+    )
     seed: int = 0
 
     @model_validator(mode="after")

@@ -72,6 +72,12 @@ def add_subcommands(sub: Any) -> None:
     train.add_argument("--no-cosine", action="store_true")
     train.add_argument("--no-rotations", action="store_true")
     train.add_argument("--shift", type=int, default=0, help="random translation in pixels (0: off)")
+    train.add_argument(
+        "--within-group-fraction",
+        type=float,
+        default=0.0,
+        help="share of meta-iterations with all classes from one group (alphabet)",
+    )
     train.add_argument("--pooling", choices=("stride", "maxpool"), default="stride")
     train.add_argument("--val-every", type=int, default=500)
     train.add_argument("--val-episodes", type=int, default=200)
@@ -142,6 +148,7 @@ def run_train(args: argparse.Namespace) -> int:
         cosine_annealing=not args.no_cosine,
         rotations=not args.no_rotations,
         shift=args.shift,
+        within_group_fraction=args.within_group_fraction,
         seed=args.seed,
         val_every=args.val_every,
         val_episodes=args.val_episodes,

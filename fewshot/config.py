@@ -70,6 +70,9 @@ class MetaTrainConfig:
     rotations: bool = True
     # Random translation of meta-training images by up to this many pixels (0: off).
     shift: int = 0
+    # Share of meta-iterations whose tasks draw all classes from one group (alphabet): harder tasks,
+    # like Lake et al. 2015's within-alphabet runs, where cross-alphabet tasks become too easy.
+    within_group_fraction: float = 0.0
     seed: int = 0
     val_every: int = 500
     val_episodes: int = 200

@@ -65,15 +65,15 @@ class EpisodeSampler:
 
     def _classes(self, rng: np.random.Generator, ways: int, needed: int) -> np.ndarray:
         eligible_mask = self.counts >= needed
+        multiplier = 4 if self.rotations else 1
         if self.within_group:
             pools = [g[eligible_mask[g]] for g in self.group_classes]
-            pools = [p for p in pools if p.size >= ways]
+            pools = [p for p in pools if p.size * multiplier >= ways]
             if not pools:
                 raise EpisodeError(f"no group has {ways} classes with {needed} images each")
             pool = pools[rng.integers(len(pools))]
         else:
             pool = np.flatnonzero(eligible_mask)
-        multiplier = 4 if self.rotations else 1
         if pool.size * multiplier < ways:
             raise EpisodeError(
                 f"{ways}-way tasks need {ways} classes with >= {needed} images; {pool.size} have"

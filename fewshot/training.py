@@ -8,6 +8,7 @@ Resumable: a checkpoint (safetensors + state.json) is written every few minutes.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from fewshot.config import MetaTrainConfig, ModelConfig
 from fewshot.data import ImageDataset
 from fewshot.episodes import EpisodeSampler
+from fewshot.errors import EpisodeError
 from fewshot.evaluate import evaluate_shapes
 from fewshot.initialization import Initialization
 from fewshot.optim import Adam, cosine_lr
@@ -137,6 +139,16 @@ class MetaTrainer:
         self.train_sampler = EpisodeSampler(
             train, rotations=cfg.rotations, shift=cfg.shift, device=self.device
         )
+        # Same images, tasks drawn within one group; shares the image tensor.
+        self.group_sampler = copy.copy(self.train_sampler)
+        self.group_sampler.within_group = True
+        if cfg.within_group_fraction > 0:
+            largest = max((g.size for g in self.group_sampler.group_classes), default=0)
+            if largest * (4 if cfg.rotations else 1) < cfg.ways[1]:
+                raise EpisodeError(
+                    f"within_group_fraction needs a group with {cfg.ways[1]}-way tasks; the "
+                    f"largest group has {largest} classes (rotations: {cfg.rotations})"
+                )
         self.val = val
         self.val_sampler = EpisodeSampler(val, device=self.device) if val is not None else None
         self.iteration = 0
@@ -210,7 +222,9 @@ class MetaTrainer:
         progress = _progress(cfg, self.iteration, self.elapsed)
         first_order = (not cfg.second_order) or progress < cfg.first_order_fraction
         tasks, ways, shots = task_shape(cfg, rng)
-        batch = self.train_sampler.sample(rng, tasks, ways, shots, cfg.queries)
+        within = cfg.within_group_fraction > 0 and rng.random() < cfg.within_group_fraction
+        sampler = self.group_sampler if within else self.train_sampler
+        batch = sampler.sample(rng, tasks, ways, shots, cfg.queries)
         out = query_logits(
             self.module,
             self.params,

@@ -171,6 +171,16 @@ def test_sampler_within_group_and_its_errors() -> None:
         EpisodeSampler(data).sample(np.random.default_rng(0), tasks=1, ways=13, shots=1, queries=1)
 
 
+def test_within_group_counts_rotated_classes_towards_the_ways() -> None:
+    # 3 groups of 4 classes: 4 classes x 4 rotations lets a group hold a 10-way task.
+    data = synthetic_dataset(classes=12, per_class=4, groups=3)
+    sampler = EpisodeSampler(data, within_group=True, rotations=True)
+    batch = sampler.sample(np.random.default_rng(0), tasks=2, ways=10, shots=1, queries=1)
+    assert batch.support_x.shape[:2] == (2, 10)
+    with pytest.raises(EpisodeError, match="no group has 17 classes"):
+        sampler.sample(np.random.default_rng(0), tasks=1, ways=17, shots=1, queries=1)
+
+
 def test_random_shift_translates_each_image_by_its_offset() -> None:
     from fewshot.episodes import random_shift
 

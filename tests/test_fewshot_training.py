@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pytest
 import torch
 
 import fewshot
 from fewshot.config import MetaTrainConfig, ModelConfig
+from fewshot.errors import EpisodeError
 from fewshot.training import CURVE_FILE, CURVE_PLOT, STATE_FILE, MetaTrainer, Progress
 from tests.fewshot_helpers import synthetic_dataset
 
@@ -112,3 +116,31 @@ def test_should_stop_cancels_and_keeps_a_checkpoint(tmp_path: Path) -> None:
     assert len(json.loads((tmp_path / "run" / CURVE_FILE).read_text())) == 3
     assert (tmp_path / "run" / CURVE_PLOT).is_file()
     assert MetaTrainer(_config(iterations=50), TRAIN, None, tmp_path / "run").iteration == 3
+
+
+def test_within_group_fraction_draws_that_share_of_batches_from_one_group(tmp_path: Path) -> None:
+    drawn: list[bool] = []
+    trainer = MetaTrainer(_config(within_group_fraction=0.5), TRAIN, None, tmp_path / "run")
+    assert trainer.group_sampler.images is trainer.train_sampler.images  # shared, not copied
+    for sampler, within in ((trainer.train_sampler, False), (trainer.group_sampler, True)):
+        original = sampler.sample
+
+        def spy(*args: Any, _original: Any = original, _within: bool = within) -> Any:
+            drawn.append(_within)
+            return _original(*args)
+
+        sampler.sample = spy  # type: ignore[method-assign]
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        trainer.meta_step(rng)
+    assert 10 <= sum(drawn) <= 30, drawn
+    off = MetaTrainer(_config(), TRAIN, None, tmp_path / "off")
+    off.group_sampler.sample = None  # type: ignore[assignment]  # never called at fraction 0
+    off.meta_step(np.random.default_rng(0))
+
+
+def test_within_group_fraction_refuses_groups_too_small_for_the_ways(tmp_path: Path) -> None:
+    # TRAIN: 3 groups of 10 classes, no rotations, so no group holds a 12-way task.
+    with pytest.raises(EpisodeError, match="largest group has 10 classes"):
+        MetaTrainer(_config(within_group_fraction=0.5, ways=(4, 12)), TRAIN, None, tmp_path / "run")
+    MetaTrainer(_config(within_group_fraction=0.5, ways=(4, 10)), TRAIN, None, tmp_path / "ok")
