@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from app import crud
 from app.core.config import Settings
 from app.dispatch import CeleryDispatcher, InProcessDispatcher
-from app.errors import Forbidden, Unauthorized
+from app.errors import Forbidden, ProblemError, Unauthorized
 from app.models import Task
 from app.runtime import Runtime
 
@@ -122,3 +122,21 @@ def get_owned_task(caller: TenantDep, session: SessionDep, task_id: uuid.UUID) -
 
 
 OwnedTaskDep = Annotated[Task, Depends(get_owned_task)]
+
+
+async def require_json_if_body(request: Request, _task: OwnedTaskDep) -> None:
+    """415 when a request that takes an optional JSON body sends a body of another media type."""
+    # Depending on the task keeps the order: an unknown or malformed id is a 404 first.
+    has_body = request.headers.get("content-length", "0") not in ("", "0") or (
+        "transfer-encoding" in request.headers
+    )
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if has_body and not (media == "application/json" or media.endswith("+json")):
+        raise ProblemError(
+            f"send the body as application/json (or no body); got {media or 'no content type'}",
+            status=415,
+            code="unsupported_media_type",
+        )
+
+
+JsonIfBodyDep = Annotated[None, Depends(require_json_if_body)]

@@ -164,6 +164,28 @@ def test_unknown_or_malformed_task_is_404_whatever_the_body(
             f"/v1/tasks/{task_id}/adaptations", headers=auth, json={"mode": "zzz"}
         )
         _problem(response, 404, "not_found")
+        response = client.post(
+            f"/v1/tasks/{task_id}/adaptations",
+            headers={**auth, "content-type": "text/plain"},
+            content=b"hello",
+        )
+        _problem(response, 404, "not_found")
+
+
+def test_adaptation_body_of_another_media_type_is_415(
+    client: TestClient, auth: dict[str, str]
+) -> None:
+    task = create_ready_task(client, auth)
+    url = f"/v1/tasks/{task['id']}/adaptations"
+    for content_type in ("text/plain", "multipart/form-data; boundary=x", None):
+        headers = {**auth, **({"content-type": content_type} if content_type else {})}
+        response = client.post(url, headers=headers, content=b'{"mode": "head"}')
+        _problem(response, 415, "unsupported_media_type")
+    jobs = client.get(f"/v1/tasks/{task['id']}/adaptations", headers=auth).json()["items"]
+    assert len(jobs) == 1  # nothing re-adapted by the refused requests
+    # A +json media type is JSON: it re-adapts (no body at all does too: tests/test_admin_api.py).
+    problem_json = {**auth, "content-type": "application/merge-patch+json"}
+    assert client.post(url, headers=problem_json, content=b'{"mode": "head"}').status_code == 202
 
 
 # --- cursors ----------------------------------------------------------------------------------

@@ -9,7 +9,14 @@ from fastapi import APIRouter, Body, Response, status
 
 from app import crud, training_service
 from app.api.views import job_public
-from app.deps import DispatcherDep, OwnedTaskDep, RuntimeDep, SessionDep, TenantDep
+from app.deps import (
+    DispatcherDep,
+    JsonIfBodyDep,
+    OwnedTaskDep,
+    RuntimeDep,
+    SessionDep,
+    TenantDep,
+)
 from app.schemas import JobPublic, Problem
 from app.schemas_admin import AdaptationCreate, AdaptedModelList, AdaptedModelRecord
 
@@ -19,16 +26,18 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem, "content": {"application/problem+json": {}}}
     for code in (401, 404, 409, 422, 503)
 }
+_POST_PROBLEMS = {**_PROBLEMS, 415: _PROBLEMS[422]}
 
 
 @router.post(
     "/{task_id}/adaptations",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobPublic,
-    responses=_PROBLEMS,
+    responses=_POST_PROBLEMS,
 )
 def create_adaptation(
     task: OwnedTaskDep,
+    _json: JsonIfBodyDep,
     session: SessionDep,
     runtime: RuntimeDep,
     dispatcher: DispatcherDep,
@@ -36,7 +45,7 @@ def create_adaptation(
     body: Annotated[AdaptationCreate | None, Body()] = None,
 ) -> JobPublic:
     """Re-adapt the task from the active (or a named) version as a new adapted model."""
-    # The task (a dependency) is looked up before the body is validated: an unknown id is a 404.
+    # The task (a dependency) is looked up before the body is checked: an unknown id is a 404.
     job = training_service.readapt(
         session=session,
         runtime=runtime,
