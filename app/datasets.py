@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, ServiceUnavailable
 from app.images import check_image
-from app.models import Dataset
+from app.models import Dataset, Job
 from app.runtime import Runtime
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -295,3 +295,21 @@ def get_dataset(*, session: Session, tenant_id: uuid.UUID, dataset_id: uuid.UUID
     if row is None:
         raise NotFound(f"no dataset {dataset_id}; GET /v1/admin/datasets lists them")
     return row
+
+
+def delete_dataset(*, session: Session, runtime: Runtime, dataset: Dataset) -> None:
+    """Remove a dataset's row and then its zip; 409 while a queued or running run reads it."""
+    busy = session.scalar(
+        select(Job.id).where(Job.dataset_id == dataset.id, Job.state.in_(("queued", "running")))
+    )
+    if busy is not None:
+        raise Conflict(
+            f"meta-training run {busy} uses dataset {dataset.name!r}; cancel it "
+            f"(POST /v1/admin/meta-trainings/{busy}/cancel) or wait for it to end",
+            code="dataset_in_use",
+        )
+    dataset_id = dataset.id
+    # Finished runs and versions keep their record of the dataset (name in params, id set null).
+    session.delete(dataset)
+    session.commit()
+    runtime.store.delete_tree(dataset_prefix(dataset_id))

@@ -135,7 +135,8 @@ class MetaTrainingPublic(BaseModel):
 
     id: uuid.UUID
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
-    dataset_id: uuid.UUID | None
+    dataset_id: uuid.UUID | None = Field(description="Null once the dataset is deleted.")
+    dataset_name: str | None = Field(default=None, description="Kept after a dataset delete.")
     start: str
     settings: dict[str, Any]
     progress: TrainingProgress

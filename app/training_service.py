@@ -176,6 +176,7 @@ def meta_training_public(job: Job) -> MetaTrainingPublic:
         id=job.id,
         state=job.state,  # type: ignore[arg-type]
         dataset_id=job.dataset_id,
+        dataset_name=params.get("dataset_name"),
         start=params.get("start_version") or "scratch",
         settings={k: v for k, v in params.items() if k not in ("dataset_name", "start_version")},
         progress=TrainingProgress(

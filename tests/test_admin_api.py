@@ -60,6 +60,7 @@ ADMIN_ROUTES = [
     ("post", "/v1/admin/datasets/omniglot"),
     ("get", "/v1/admin/datasets"),
     ("get", "/v1/admin/datasets/00000000-0000-0000-0000-000000000000"),
+    ("delete", "/v1/admin/datasets/00000000-0000-0000-0000-000000000000"),
     ("post", "/v1/admin/meta-trainings"),
     ("get", "/v1/admin/meta-trainings"),
     ("get", "/v1/admin/meta-trainings/00000000-0000-0000-0000-000000000000"),
@@ -314,6 +315,32 @@ def test_cancel_stops_a_run(client: TestClient, admin: dict[str, str], good_zip:
     assert run["progress"]["iteration"] < 100_000
     again = client.post(run["links"]["cancel"], headers=admin)
     assert again.status_code == 409 and again.json()["code"] == "job_finished"
+
+
+def test_delete_dataset_waits_for_its_runs_then_removes_row_and_zip(
+    client: TestClient, admin: dict[str, str], good_zip: bytes
+) -> None:
+    dataset = upload(client, admin, good_zip, "generated").json()
+    url = f"/v1/admin/datasets/{dataset['id']}"
+    other_admin = create_key(client, "other", admin=True)
+    assert client.delete(url, headers=other_admin).status_code == 404
+    body = tiny_run(dataset["id"], algorithm={"iterations": 100_000})
+    run = client.post("/v1/admin/meta-trainings", headers=admin, json=body).json()
+    busy = client.delete(url, headers=admin)
+    assert busy.status_code == 409 and busy.json()["code"] == "dataset_in_use"
+    assert run["id"] in busy.json()["detail"]
+    assert client.get(url, headers=admin).status_code == 200
+    client.post(run["links"]["cancel"], headers=admin)
+    wait_run(client, admin, run["id"], timeout=30)
+    assert client.delete(url, headers=admin).status_code == 204
+    assert client.get(url, headers=admin).status_code == 404
+    assert client.delete(url, headers=admin).status_code == 404
+    _assert_no_datasets(client)
+    # The finished run still says which dataset it read.
+    ended = client.get(f"/v1/admin/meta-trainings/{run['id']}", headers=admin).json()
+    assert ended["state"] == "cancelled"
+    assert ended["dataset_id"] is None and ended["dataset_name"] == "generated"
+    assert upload(client, admin, good_zip, "generated").status_code == 201  # the name is free
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint_on_restart(

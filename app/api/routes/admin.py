@@ -94,6 +94,17 @@ def get_dataset(caller: AdminDep, session: SessionDep, dataset_id: uuid.UUID) ->
     )
 
 
+@router.delete(
+    "/datasets/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_PROBLEMS
+)
+def delete_dataset(
+    caller: AdminDep, session: SessionDep, runtime: RuntimeDep, dataset_id: uuid.UUID
+) -> None:
+    """Delete a dataset and its zip (409 while a run uses it); finished runs keep its name."""
+    row = datasets.get_dataset(session=session, tenant_id=caller.tenant_id, dataset_id=dataset_id)
+    datasets.delete_dataset(session=session, runtime=runtime, dataset=row)
+
+
 # --- meta-training runs -----------------------------------------------------------------------
 
 
