@@ -18,7 +18,17 @@ from sqlalchemy.orm import Session
 
 from app.core.security import display_prefix, generate_key, hash_key
 from app.errors import InvalidRequest, NotFound
-from app.models import AdaptedModel, ApiKey, Initialization, Job, Prediction, Task, Tenant, utcnow
+from app.models import (
+    AdaptedModel,
+    ApiKey,
+    Initialization,
+    Job,
+    Prediction,
+    Promotion,
+    Task,
+    Tenant,
+    utcnow,
+)
 from app.storage import ArtifactStore, initialization_key, sha256_file
 
 T = TypeVar("T", Task, Prediction)
@@ -86,6 +96,20 @@ def get_initialization(*, session: Session, version: str) -> Initialization:
     return row
 
 
+def record_promotion(
+    *, session: Session, action: str, version: str, previous: str | None, actor: str
+) -> None:
+    """Add an audit row for a change of the active version (committed with that change)."""
+    session.add(Promotion(action=action, version=version, previous_version=previous, actor=actor))
+
+
+def list_promotions(*, session: Session, limit: int) -> Sequence[Promotion]:
+    """Changes of the active version, newest first."""
+    return session.scalars(
+        select(Promotion).order_by(Promotion.created_at.desc(), Promotion.id).limit(limit)
+    ).all()
+
+
 def register_initialization_folder(
     *, session: Session, store: ArtifactStore, folder: Path, source: str, activate: bool
 ) -> Initialization:
@@ -112,6 +136,10 @@ def register_initialization_folder(
         promoted_at=now if activate else None,
     )
     session.add(row)
+    if activate:
+        record_promotion(
+            session=session, action="initial", version=version, previous=None, actor="system"
+        )
     session.flush()
     return row
 

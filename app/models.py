@@ -31,6 +31,7 @@ JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TASK_STATUSES = ("adapting", "ready", "failed")
 INITIALIZATION_STATUSES = ("pending", "ready", "failed", "retired")
 ADAPT_MODES = ("full", "head")
+PROMOTION_ACTIONS = ("initial", "promote", "auto_promote", "rollback")
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -166,6 +167,22 @@ class Initialization(Base):
     )
     parent_version: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Promotion(Base):
+    """One change of the active initialization: which version became active, replacing which."""
+
+    __tablename__ = "promotions"
+    __table_args__ = (CheckConstraint(_in("action", PROMOTION_ACTIONS), name="action"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    action: Mapped[str] = mapped_column(String(16))
+    # Plain version names, not foreign keys: the audit trail outlives any row it names.
+    version: Mapped[str] = mapped_column(String(100))
+    previous_version: Mapped[str | None] = mapped_column(String(100))
+    # "key:<api key id>", "job:<meta-training job id>" or "system" (first start-up).
+    actor: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class Task(Base):

@@ -166,6 +166,24 @@ class PromotionResult(BaseModel):
     previous_version: str | None
 
 
+class PromotionRecord(BaseModel):
+    """One change of the active initialization."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    action: Literal["initial", "promote", "auto_promote", "rollback"]
+    version: str = Field(description="The version made active.")
+    previous_version: str | None = Field(description="The version it replaced.")
+    actor: str = Field(description="'key:<api key id>', 'job:<meta-training id>' or 'system'.")
+    created_at: datetime
+
+
+class PromotionList(BaseModel):
+    """Changes of the active version, newest first."""
+
+    items: list[PromotionRecord]
+
+
 class AdaptationCreate(BaseModel):
     """Re-adapt a task (keeps its earlier adapted models)."""
 

@@ -215,7 +215,7 @@ def curve_png(job: Job) -> bytes:
 # --- versions in service ----------------------------------------------------------------------
 
 
-def promote(*, session: Session, version: str) -> tuple[Initialization, str | None]:
+def promote(*, session: Session, version: str, actor: str) -> tuple[Initialization, str | None]:
     """Make a version the active one; returns it and the version it replaced."""
     row = _ready_version(session, version)
     current = crud.active_initialization(session=session)
@@ -226,6 +226,13 @@ def promote(*, session: Session, version: str) -> tuple[Initialization, str | No
             current.is_active = False
             session.flush()
         row.is_active, row.promoted_at = True, utcnow()
+        crud.record_promotion(
+            session=session,
+            action="promote",
+            version=row.version,
+            previous=None if current is None else current.version,
+            actor=actor,
+        )
         session.commit()
     except IntegrityError:
         session.rollback()
@@ -235,7 +242,9 @@ def promote(*, session: Session, version: str) -> tuple[Initialization, str | No
     return row, None if current is None else current.version
 
 
-def rollback(*, session: Session, version: str | None = None) -> tuple[Initialization, str]:
+def rollback(
+    *, session: Session, actor: str, version: str | None = None
+) -> tuple[Initialization, str]:
     """Return to the version that was active before the current one (`version`, when named)."""
     current = crud.active_initialization(session=session)
     if current is None or current.promoted_at is None:
@@ -269,6 +278,13 @@ def rollback(*, session: Session, version: str | None = None) -> tuple[Initializ
         current.is_active, current.promoted_at = False, None
         session.flush()
         previous.is_active = True
+        crud.record_promotion(
+            session=session,
+            action="rollback",
+            version=previous.version,
+            previous=current.version,
+            actor=actor,
+        )
         session.commit()
     except IntegrityError:
         session.rollback()

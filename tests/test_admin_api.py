@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
+from app import crud
 from app.core.config import Settings
 from app.main import create_app
 from app.models import AdaptedModel, Dataset, Job
@@ -244,6 +245,15 @@ def test_meta_training_promotion_readaptation_and_rollback(
     assert client.get("/v1/initializations", headers=auth).json()["active_version"] == "tiny-test-1"
     nothing = client.post("/v1/admin/initializations/rollback", headers=admin)
     assert nothing.status_code == 409 and nothing.json()["code"] == "no_previous_version"
+    history = client.get("/v1/admin/promotions", headers=admin).json()["items"]
+    key = f"key:{_key_id(client, admin)}"
+    assert [(h["action"], h["version"], h["previous_version"], h["actor"]) for h in history] == [
+        ("rollback", "tiny-test-1", version, key),
+        ("promote", version, "tiny-test-1", key),
+        ("initial", "tiny-test-1", None, "system"),
+    ]
+    assert len(client.get("/v1/admin/promotions?limit=1", headers=admin).json()["items"]) == 1
+    assert client.get("/v1/admin/promotions?limit=0", headers=admin).status_code == 422
     with runtime_of(client).sessions() as session:
         assert (
             session.scalar(
@@ -253,6 +263,17 @@ def test_meta_training_promotion_readaptation_and_rollback(
             )
             == 3
         )
+
+
+def _key_id(client: TestClient, headers: dict[str, str]) -> uuid.UUID:
+    token = headers["Authorization"].removeprefix("Bearer ")
+    runtime = runtime_of(client)
+    with runtime.sessions() as session:
+        key = crud.authenticate(
+            session=session, key=token, pepper=runtime.settings.api_key_pepper.get_secret_value()
+        )
+        assert key is not None
+        return key.id
 
 
 def _wait_job(client: TestClient, headers: dict[str, str], job_id: str) -> None:
@@ -301,6 +322,9 @@ def test_auto_promote_and_start_from_a_version(
         client.get(f"/v1/initializations/{version}", headers=auth).json()["parent_version"]
         == "tiny-test-1"
     )
+    latest = client.get("/v1/admin/promotions", headers=admin).json()["items"][0]
+    assert (latest["action"], latest["version"]) == ("auto_promote", version)
+    assert (latest["previous_version"], latest["actor"]) == ("tiny-test-1", f"job:{run['id']}")
 
 
 def test_cancel_stops_a_run(client: TestClient, admin: dict[str, str], good_zip: bytes) -> None:

@@ -330,6 +330,13 @@ def _register(
             current.is_active = False
             session.flush()
         row.is_active, row.promoted_at, promoted = True, now, True
+        crud.record_promotion(
+            session=session,
+            action="auto_promote",
+            version=row.version,
+            previous=None if current is None else current.version,
+            actor=f"job:{job.id}",
+        )
     if not _end(
         session,
         claim,

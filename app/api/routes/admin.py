@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 
-from app import datasets, training_service
+from app import crud, datasets, training_service
 from app.deps import AdminDep, DispatcherDep, RuntimeDep, SessionDep
 from app.schemas import CleanText, Problem
 from app.schemas_admin import (
@@ -17,6 +17,8 @@ from app.schemas_admin import (
     MetaTrainingList,
     MetaTrainingPublic,
     OmniglotIn,
+    PromotionList,
+    PromotionRecord,
     PromotionResult,
 )
 
@@ -189,23 +191,38 @@ def cancel_meta_training(
 @router.post(
     "/initializations/{version}/promote", response_model=PromotionResult, responses=_PROBLEMS
 )
-def promote(_caller: AdminDep, session: SessionDep, version: str) -> PromotionResult:
+def promote(caller: AdminDep, session: SessionDep, version: str) -> PromotionResult:
     """Make a version the one new tasks adapt from."""
-    row, previous = training_service.promote(session=session, version=version)
+    row, previous = training_service.promote(
+        session=session, version=version, actor=f"key:{caller.key_id}"
+    )
     return PromotionResult(active_version=row.version, previous_version=previous)
 
 
 @router.post("/initializations/rollback", response_model=PromotionResult, responses=_PROBLEMS)
-def rollback(_caller: AdminDep, session: SessionDep) -> PromotionResult:
+def rollback(caller: AdminDep, session: SessionDep) -> PromotionResult:
     """Return to the version that was active before the current one."""
-    row, previous = training_service.rollback(session=session)
+    row, previous = training_service.rollback(session=session, actor=f"key:{caller.key_id}")
     return PromotionResult(active_version=row.version, previous_version=previous)
 
 
 @router.post(
     "/initializations/{version}/rollback", response_model=PromotionResult, responses=_PROBLEMS
 )
-def rollback_version(_caller: AdminDep, session: SessionDep, version: str) -> PromotionResult:
+def rollback_version(caller: AdminDep, session: SessionDep, version: str) -> PromotionResult:
     """Roll back `version` (which must be the active one) to the version active before it."""
-    row, previous = training_service.rollback(session=session, version=version)
+    row, previous = training_service.rollback(
+        session=session, version=version, actor=f"key:{caller.key_id}"
+    )
     return PromotionResult(active_version=row.version, previous_version=previous)
+
+
+@router.get("/promotions", response_model=PromotionList, responses=_PROBLEMS)
+def list_promotions(
+    _caller: AdminDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> PromotionList:
+    """Every change of the active version (first start-up, promote, auto-promote, rollback)."""
+    rows = crud.list_promotions(session=session, limit=limit)
+    return PromotionList(items=[PromotionRecord.model_validate(row) for row in rows])
