@@ -87,6 +87,16 @@ def test_nul_in_multipart_label_is_rejected(client: TestClient, auth: dict[str, 
     _nothing_written(client)
 
 
+@pytest.mark.parametrize("steps", [" 3 ", "3_0", "\u0663", "+3", "3.0", "9" * 12])
+def test_multipart_steps_must_be_plain_digits(
+    client: TestClient, auth: dict[str, str], steps: str
+) -> None:
+    files, data = support_files(["a", "b"])
+    response = client.post("/v1/tasks", headers=auth, files=files, data={**data, "steps": steps})
+    assert "steps must be an integer" in _problem(response, 422, "validation_error")["detail"]
+    _nothing_written(client)
+
+
 @pytest.mark.parametrize("steps", [True, "3"])
 def test_json_steps_must_be_an_integer(
     client: TestClient, auth: dict[str, str], steps: Any

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -179,15 +180,16 @@ def _check_options(name: str | None, mode: str, steps: int | None, settings: Set
         )
 
 
+_INTEGER = re.compile(r"-?[0-9]{1,9}")
+
+
 def _int_field(value: str | None, name: str) -> int | None:
     if value is None or value == "":
         return None
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidRequest(
-            f"{name} must be an integer, got {value!r}", code="validation_error"
-        ) from None
+    # Plain ASCII digits only: int() alone would take " 3 ", "3_0" and non-ASCII digits.
+    if not _INTEGER.fullmatch(value):
+        raise InvalidRequest(f"{name} must be an integer, got {value!r}", code="validation_error")
+    return int(value)
 
 
 def _first(values: list[str]) -> str | None:
