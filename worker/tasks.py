@@ -8,17 +8,20 @@ import threading
 import uuid
 
 from celery import Task
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
 from app.core.config import get_settings
+from app.dispatch import TASK_NAMES
 from app.runtime import Runtime
 from worker.celery_app import celery_app
+from worker.reaper import reaper_loop
 from worker.runner import run_job
 
 log = logging.getLogger(__name__)
 _runtime: Runtime | None = None
 _runtime_pid = 0
 _lock = threading.Lock()
+_reaper_stop = threading.Event()
 
 
 def runtime() -> Runtime:
@@ -69,14 +72,26 @@ def preload() -> None:
         log.exception("could not preload the active initialization")
 
 
+@worker_shutting_down.connect  # type: ignore[untyped-decorator]
+def _on_worker_shutting_down(**_: object) -> None:
+    _reaper_stop.set()
+
+
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _on_child_start(**_: object) -> None:
     preload()
 
 
+def _send(job_id: uuid.UUID, kind: str, queue: str) -> None:
+    celery_app.send_task(TASK_NAMES[kind], args=[str(job_id)], queue=queue)
+
+
 @worker_ready.connect  # type: ignore[untyped-decorator]
 def _on_worker_ready(**_: object) -> None:
     preload()
+    threading.Thread(
+        target=reaper_loop, args=(runtime(), _send, _reaper_stop), daemon=True, name="reaper"
+    ).start()
     port = get_settings().worker_metrics_port
     if port:
         from prometheus_client import start_http_server

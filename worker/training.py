@@ -20,8 +20,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from celery.signals import worker_ready, worker_shutting_down
-from sqlalchemy import or_, select, update
+from celery.signals import worker_shutting_down
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -476,48 +476,6 @@ def run_meta_train(runtime: Runtime, claim: Claim) -> Outcome:
 
 
 register_handler("meta_train", run_meta_train)
-
-
-# --- picking up runs whose worker died --------------------------------------------------------
-
-
-def stale_jobs(runtime: Runtime) -> list[uuid.UUID]:
-    """Meta-training jobs queued, or running under an expired lease (their worker is gone)."""
-    now = utcnow()
-    with runtime.sessions() as session:
-        return list(
-            session.scalars(
-                select(Job.id).where(
-                    Job.kind == "meta_train",
-                    Job.attempts < Job.max_attempts,
-                    or_(
-                        Job.state == "queued",
-                        (Job.state == "running") & (Job.lease_expires_at < now),
-                    ),
-                )
-            )
-        )
-
-
-def _republish_loop() -> None:
-    from worker.celery_app import celery_app
-    from worker.tasks import runtime
-
-    rt = runtime()
-    while not _stopping.is_set():
-        try:
-            for job_id in stale_jobs(rt):
-                # A duplicate message is harmless: the claim lets only one delivery run.
-                celery_app.send_task("maml_serve.meta_train", args=[str(job_id)], queue="train")
-                log.info("re-sent meta-training job %s (queued or lease expired)", job_id)
-        except Exception:
-            log.exception("could not look for stale meta-training jobs")
-        _stopping.wait(rt.settings.train_lease_seconds)
-
-
-@worker_ready.connect  # type: ignore[untyped-decorator]
-def _on_worker_ready(**_: object) -> None:
-    threading.Thread(target=_republish_loop, daemon=True, name="train-republish").start()
 
 
 @worker_shutting_down.connect  # type: ignore[untyped-decorator]

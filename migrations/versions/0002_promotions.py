@@ -1,4 +1,5 @@
-"""promotions: the audit trail of which initialization was made active, when and by whom
+"""promotions: the audit trail of which initialization was made active, when and by whom;
+jobs.sent_at: when a worker last re-sent a job whose message was presumed lost
 
 Revision ID: 0002
 Revises: 0001
@@ -29,9 +30,13 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('promotions', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_promotions_created_at'), ['created_at'], unique=False)
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('sent_at', sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_column('sent_at')
     with op.batch_alter_table('promotions', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_promotions_created_at'))
     op.drop_table('promotions')

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
@@ -250,3 +251,29 @@ def _zip(members: dict[str, bytes]) -> bytes:
         for name, data in members.items():
             archive.writestr(name, data)
     return buffer.getvalue()
+
+
+def test_a_run_whose_message_the_broker_lost_still_runs(
+    production_client: TestClient,
+    production_settings: Settings,
+    dataset: dict[str, Any],
+    train_worker: TrainWorker,
+) -> None:
+    client, admin = production_client, dataset["headers"]
+    train_worker.stop()
+    body = tiny_run(
+        dataset["id"],
+        algorithm={"iterations": 4, "meta_batch": 2},
+        validation_split=0.34,
+        validation_episodes=4,
+        validate_every=0,
+    )
+    run = client.post("/v1/admin/meta-trainings", headers=admin, json=body).json()
+    # The broker forgets the message, as a Redis restarted without persistence would.
+    assert production_settings.broker_url is not None
+    broker = redis.Redis.from_url(production_settings.broker_url.get_secret_value())
+    assert broker.delete("train") == 1
+    train_worker.start()
+    run = wait_run(client, admin, run["id"], timeout=120)
+    assert run["state"] == "succeeded" and run["attempts"] == 1, run
+    assert "re-sent meta_train job " + run["id"] in train_worker.log.read_text()
