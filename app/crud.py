@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from app.models import (
     utcnow,
 )
 from app.storage import ArtifactStore, initialization_key, sha256_file
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T", Task, Prediction)
 
@@ -110,6 +113,11 @@ def list_promotions(*, session: Session, limit: int) -> Sequence[Promotion]:
     ).all()
 
 
+def folder_version(metadata: dict[str, Any], weights_sha: str, source: str) -> str:
+    """The version an initialization folder is registered under: its own, or source-sha256."""
+    return str(metadata.get("version") or f"{source}-{weights_sha[:12]}")
+
+
 def register_initialization_folder(
     *, session: Session, store: ArtifactStore, folder: Path, source: str, activate: bool
 ) -> Initialization:
@@ -118,7 +126,7 @@ def register_initialization_folder(
 
     init = fewshot.Initialization.load(folder)
     weights_sha = sha256_file(folder / "weights.safetensors")
-    version = str(init.metadata.get("version") or f"{source}-{weights_sha[:12]}")
+    version = folder_version(init.metadata, weights_sha, source)
     key = initialization_key(version)
     store.copy_tree_in(folder, key)
     store.verify(f"{key}/weights.safetensors", weights_sha)
@@ -147,21 +155,36 @@ def register_initialization_folder(
 def ensure_initialization(
     *, session: Session, store: ArtifactStore, folder: Path
 ) -> Initialization | None:
-    """Register `folder` as the first active version when the table is empty; idempotent."""
-    if session.scalar(select(func.count()).select_from(Initialization)):
-        return active_initialization(session=session)
+    """Register `folder` (the configured initialization); idempotent.
+
+    On an empty table it becomes the active version. Otherwise a version not seen before (e.g.
+    a newer shipped one after an upgrade) is registered as available, not active: switching what
+    every new task adapts from stays an admin's call (POST .../promote).
+    """
     if not (folder / "weights.safetensors").is_file():
-        return None
+        return active_initialization(session=session)
+    first = not session.scalar(select(func.count()).select_from(Initialization))
+    if not first:
+        import fewshot
+
+        metadata = fewshot.Initialization.load(folder).metadata
+        version = folder_version(metadata, sha256_file(folder / "weights.safetensors"), "shipped")
+        if session.scalar(select(Initialization.id).where(Initialization.version == version)):
+            return active_initialization(session=session)
     try:
         row = register_initialization_folder(
-            session=session, store=store, folder=folder, source="shipped", activate=True
+            session=session, store=store, folder=folder, source="shipped", activate=first
         )
         session.commit()
-        return row
+        if not first:
+            log.info(
+                "registered initialization %s (not active; promote it with "
+                "POST /v1/admin/initializations/%s/promote)", row.version, row.version,
+            )  # fmt: skip
     except IntegrityError:
         # Another process registered it first.
         session.rollback()
-        return active_initialization(session=session)
+    return active_initialization(session=session)
 
 
 # --- tasks ------------------------------------------------------------------------------------

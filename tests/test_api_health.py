@@ -68,3 +68,27 @@ def test_openapi_documents_both_body_types(client: TestClient) -> None:
     content = spec["paths"]["/v1/tasks"]["post"]["requestBody"]["content"]
     assert set(content) == {"multipart/form-data", "application/json"}
     assert client.get("/docs").status_code == 200
+
+
+def test_a_new_shipped_version_is_registered_but_not_activated_on_restart(
+    tmp_path,
+    tiny_init_dir,  # type: ignore[no-untyped-def]
+) -> None:
+    import fewshot
+    from app.main import create_app
+    from tests.helpers import create_key, make_settings
+
+    data = tmp_path / "data"
+    with TestClient(create_app(make_settings(data, tiny_init_dir))) as client:
+        admin = create_key(client, "ops", admin=True)
+    newer = fewshot.Initialization.load(tiny_init_dir)
+    newer.metadata["version"] = "tiny-test-2"
+    newer.save(tmp_path / "newer")
+    for _ in range(2):  # a second restart registers nothing more
+        with TestClient(create_app(make_settings(data, tmp_path / "newer"))) as client:
+            listed = client.get("/v1/initializations", headers=admin).json()
+            assert listed["active_version"] == "tiny-test-1"
+            assert sorted(i["version"] for i in listed["items"]) == ["tiny-test-1", "tiny-test-2"]
+    with TestClient(create_app(make_settings(data, tmp_path / "newer"))) as client:
+        promoted = client.post("/v1/admin/initializations/tiny-test-2/promote", headers=admin)
+        assert promoted.json()["active_version"] == "tiny-test-2"
