@@ -33,8 +33,8 @@ def resend_after(runtime: Runtime, kind: str) -> float:
 
 
 def take_stale_jobs(runtime: Runtime) -> list[tuple[uuid.UUID, str, str]]:
-    """Mark and return (id, kind, queue) of jobs to send again: queued or lease-expired, and
-    not sent for their kind's period; a concurrent caller never gets the same job."""
+    """Mark and return (id, kind, queue) of queued or lease-expired jobs not sent for a period."""
+    # A concurrent caller never gets the same job: the UPDATE re-checks the condition.
     now = utcnow()
     taken: list[tuple[uuid.UUID, str, str]] = []
     with runtime.sessions() as session:
@@ -52,7 +52,6 @@ def take_stale_jobs(runtime: Runtime) -> list[tuple[uuid.UUID, str, str]]:
             ids = list(session.scalars(select(Job.id).where(stale)))
             if not ids:
                 continue
-            # The condition is checked again in the UPDATE: a job another worker took is skipped.
             rows = session.execute(
                 update(Job)
                 .where(Job.id.in_(ids), stale)
