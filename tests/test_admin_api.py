@@ -70,6 +70,7 @@ ADMIN_ROUTES = [
     ("post", "/v1/admin/initializations/tiny-test-1/promote"),
     ("post", "/v1/admin/initializations/tiny-test-1/rollback"),
     ("post", "/v1/admin/initializations/rollback"),
+    ("get", "/v1/admin/promotions"),
 ]
 
 
