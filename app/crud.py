@@ -106,6 +106,26 @@ def record_promotion(
     session.add(Promotion(action=action, version=version, previous_version=previous, actor=actor))
 
 
+def make_active(
+    *, session: Session, row: Initialization, action: str, actor: str
+) -> Initialization | None:
+    """Activate `row` in place of the active version, audited, uncommitted; returns the replaced."""
+    current = active_initialization(session=session)
+    if current is not None:
+        current.is_active = False
+        # The partial unique index allows one active row: flush the old one off first.
+        session.flush()
+    row.is_active, row.promoted_at = True, utcnow()
+    record_promotion(
+        session=session,
+        action=action,
+        version=row.version,
+        previous=None if current is None else current.version,
+        actor=actor,
+    )
+    return current
+
+
 def list_promotions(*, session: Session, limit: int) -> Sequence[Promotion]:
     """Changes of the active version, newest first."""
     return session.scalars(

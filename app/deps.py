@@ -124,13 +124,18 @@ def get_owned_task(caller: TenantDep, session: SessionDep, task_id: uuid.UUID) -
 OwnedTaskDep = Annotated[Task, Depends(get_owned_task)]
 
 
+def request_media_type(request: Request) -> str:
+    """The request's Content-Type without parameters, lower-cased ('' when absent)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 async def require_json_if_body(request: Request, _task: OwnedTaskDep) -> None:
     """415 when a request that takes an optional JSON body sends a body of another media type."""
     # Depending on the task keeps the order: an unknown or malformed id is a 404 first.
     has_body = request.headers.get("content-length", "0") not in ("", "0") or (
         "transfer-encoding" in request.headers
     )
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media = request_media_type(request)
     if has_body and not (media == "application/json" or media.endswith("+json")):
         raise ProblemError(
             f"send the body as application/json (or no body); got {media or 'no content type'}",

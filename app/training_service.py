@@ -222,17 +222,7 @@ def promote(*, session: Session, version: str, actor: str) -> tuple[Initializati
     if current is not None and current.id == row.id:
         return row, None
     try:
-        if current is not None:
-            current.is_active = False
-            session.flush()
-        row.is_active, row.promoted_at = True, utcnow()
-        crud.record_promotion(
-            session=session,
-            action="promote",
-            version=row.version,
-            previous=None if current is None else current.version,
-            actor=actor,
-        )
+        crud.make_active(session=session, row=row, action="promote", actor=actor)
         session.commit()
     except IntegrityError:
         session.rollback()

@@ -47,6 +47,8 @@ class EpisodeSampler:
     ) -> None:
         self.images = dataset.images.to(device).float().div_(255.0)
         self.rotations = rotations
+        # Each rotation of a class is a class of its own.
+        self.multiplier = 4 if rotations else 1
         self.within_group = within_group
         self.shift = shift
         self.device = torch.device(device)
@@ -65,7 +67,7 @@ class EpisodeSampler:
 
     def _classes(self, rng: np.random.Generator, ways: int, needed: int) -> np.ndarray:
         eligible_mask = self.counts >= needed
-        multiplier = 4 if self.rotations else 1
+        multiplier = self.multiplier
         if self.within_group:
             pools = [g[eligible_mask[g]] for g in self.group_classes]
             pools = [p for p in pools if p.size * multiplier >= ways]

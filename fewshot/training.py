@@ -144,7 +144,7 @@ class MetaTrainer:
         self.group_sampler.within_group = True
         if cfg.within_group_fraction > 0:
             largest = max((g.size for g in self.group_sampler.group_classes), default=0)
-            if largest * (4 if cfg.rotations else 1) < cfg.ways[1]:
+            if largest * self.group_sampler.multiplier < cfg.ways[1]:
                 raise EpisodeError(
                     f"within_group_fraction needs a group with {cfg.ways[1]}-way tasks; the "
                     f"largest group has {largest} classes (rotations: {cfg.rotations})"

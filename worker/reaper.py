@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, update
 
 from app.dispatch import TASK_NAMES
 from app.models import Job, utcnow
@@ -34,7 +34,7 @@ def resend_after(runtime: Runtime, kind: str) -> float:
 
 def take_stale_jobs(runtime: Runtime) -> list[tuple[uuid.UUID, str, str]]:
     """Mark and return (id, kind, queue) of queued or lease-expired jobs not sent for a period."""
-    # A concurrent caller never gets the same job: the UPDATE re-checks the condition.
+    # One conditional UPDATE per kind: a concurrent caller never gets the same job.
     now = utcnow()
     taken: list[tuple[uuid.UUID, str, str]] = []
     with runtime.sessions() as session:
@@ -49,12 +49,9 @@ def take_stale_jobs(runtime: Runtime) -> list[tuple[uuid.UUID, str, str]]:
                     and_(Job.state == "running", Job.lease_expires_at < now),
                 ),
             )
-            ids = list(session.scalars(select(Job.id).where(stale)))
-            if not ids:
-                continue
             rows = session.execute(
                 update(Job)
-                .where(Job.id.in_(ids), stale)
+                .where(stale)
                 .values(sent_at=now)
                 .returning(Job.id, Job.kind, Job.queue)
                 .execution_options(synchronize_session=False)

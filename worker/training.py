@@ -325,18 +325,8 @@ def _register(
     session.flush()
     promoted = False
     if promote:
-        current = crud.active_initialization(session=session)
-        if current is not None:
-            current.is_active = False
-            session.flush()
-        row.is_active, row.promoted_at, promoted = True, now, True
-        crud.record_promotion(
-            session=session,
-            action="auto_promote",
-            version=row.version,
-            previous=None if current is None else current.version,
-            actor=f"job:{job.id}",
-        )
+        crud.make_active(session=session, row=row, action="auto_promote", actor=f"job:{job.id}")
+        promoted = True
     if not _end(
         session,
         claim,

@@ -16,6 +16,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 
 from app.core.config import Settings
+from app.deps import request_media_type
 from app.errors import InvalidRequest, PayloadTooLarge, ProblemError
 from app.images import CheckedImage, check_image
 from app.runtime import Runtime
@@ -56,7 +57,7 @@ def _settings(request: Request) -> Settings:
 
 
 def _media_type(request: Request) -> str:
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media = request_media_type(request)
     if media not in (MULTIPART, JSON):
         raise ProblemError(
             f"send {MULTIPART} (file parts 'images') or {JSON}; got {media or 'no content type'}",
