@@ -1,0 +1,71 @@
+"""maml_serve: a typed Python client of the maml-serve API (sync `Client`, asyncio `AsyncClient`)."""
+
+from maml_serve._core import ImageInput, RetryPolicy, SupportSet
+from maml_serve._version import __version__
+from maml_serve.async_client import AsyncClient
+from maml_serve.client import Client
+from maml_serve.errors import (
+    AdaptationFailed,
+    ApiError,
+    AuthenticationError,
+    ConflictError,
+    InvalidRequest,
+    MamlServeError,
+    NotAdaptedYet,
+    NotFoundError,
+    PayloadTooLarge,
+    PermissionDenied,
+    RateLimited,
+    ServerError,
+    ServiceUnavailable,
+    TransportError,
+    UnsupportedMediaType,
+    WaitTimeout,
+)
+from maml_serve.types import (
+    AdaptedModel,
+    Dataset,
+    Initialization,
+    Job,
+    MetaTraining,
+    Prediction,
+    PredictionResult,
+    Promotion,
+    Task,
+    TaskPage,
+)
+
+__all__ = [
+    "AdaptationFailed",
+    "AdaptedModel",
+    "ApiError",
+    "AsyncClient",
+    "AuthenticationError",
+    "Client",
+    "ConflictError",
+    "Dataset",
+    "ImageInput",
+    "Initialization",
+    "InvalidRequest",
+    "Job",
+    "MamlServeError",
+    "MetaTraining",
+    "NotAdaptedYet",
+    "NotFoundError",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "Prediction",
+    "PredictionResult",
+    "Promotion",
+    "RateLimited",
+    "RetryPolicy",
+    "ServerError",
+    "ServiceUnavailable",
+    "SupportSet",
+    "Task",
+    "TaskPage",
+    "TransportError",
+    "UnsupportedMediaType",
+    "WaitTimeout",
+    "__version__",
+]
