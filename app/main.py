@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import crud
 from app.api.routes import adaptations, admin, health, initializations, jobs, tasks
+from app.console import install as install_console
 from app.core.config import Settings, get_settings
 from app.core.migrate import upgrade
 from app.dispatch import InProcessDispatcher, make_dispatcher
@@ -77,6 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (tasks, adaptations, jobs, initializations, admin, health):
         app.include_router(module.router)
     _document_raw_bodies(app)
+    # The browser console at / and offline Swagger UI / ReDoc at /docs and /redoc.
+    install_console(app)
     return app
 
 
