@@ -1,4 +1,8 @@
-"""The `maml-serve` command: serve, worker, keys, migrate (train and evaluate come from fewshot)."""
+"""The `maml-serve` command: serve, worker, keys, migrate (train and evaluate come from fewshot).
+
+Every import beyond the standard library happens inside a handler, so `--help` and `--version`
+answer without loading torch, FastAPI or SQLAlchemy.
+"""
 
 from __future__ import annotations
 
@@ -77,15 +81,38 @@ def _migrate(args: argparse.Namespace) -> int:
     from app.core.config import get_settings
     from app.core.migrate import upgrade
 
-    upgrade(get_settings(), args.revision)
+    report = upgrade(get_settings(), args.revision)
+    sys.stdout.write(report.describe() + "\n")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
+# The few-shot core's commands; their parsers (and torch) load only when one of them is run.
+CORE_COMMANDS = {
+    "train": "meta-train an initialization (MAML) from an image dataset",
+    "evaluate": "mean accuracy of an initialization over sampled episodes",
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("maml-serve")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _core_command(args: argparse.Namespace) -> int:
+    # Reached only through a parser built with core=False; main() never builds one for these.
+    return main([args.command, *args.rest])
+
+
+def build_parser(core: bool = True) -> argparse.ArgumentParser:
+    """Every subcommand's parser; with core=False, train and evaluate are listed, not loaded."""
     parser = argparse.ArgumentParser(
         prog="maml-serve", description="Serve few-shot image classifiers meta-learned with MAML."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser(
@@ -121,18 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("revision", nargs="?", default="head")
     migrate.set_defaults(handler=_migrate)
 
-    try:
+    if core:
         from fewshot.cli import add_subcommands
-    except ImportError:
-        pass
-    else:
+
         add_subcommands(sub)
+    else:
+        for name, text in CORE_COMMANDS.items():
+            stub = sub.add_parser(name, help=text, add_help=False)
+            stub.add_argument("rest", nargs=argparse.REMAINDER)
+            stub.set_defaults(handler=_core_command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `maml-serve` console script."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(core=command in CORE_COMMANDS).parse_args(argv)
     result = args.handler(args)
     return int(result or 0)
 
