@@ -33,6 +33,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from app.core.config import get_settings
+
+    if get_settings().broker_url is None:
+        from worker.celery_app import NO_BROKER
+
+        sys.stderr.write(NO_BROKER + "\n")
+        return 2
     from worker.celery_app import celery_app
 
     argv = ["worker", "-Q", args.queues, "--pool", args.pool, "--loglevel", args.log_level]
@@ -43,10 +50,10 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _keys_create(args: argparse.Namespace) -> int:
-    from app import crud
     from app.core.config import get_settings
     from app.core.migrate import upgrade
-    from app.runtime import Runtime
+    from app.core.runtime import Runtime
+    from app.keys import service as keys
 
     settings = get_settings()
     if settings.is_embedded_database:
@@ -54,8 +61,8 @@ def _keys_create(args: argparse.Namespace) -> int:
     runtime = Runtime.build(settings)
     try:
         with runtime.sessions() as session:
-            tenant = crud.get_or_create_tenant(session=session, name=args.tenant)
-            row, key = crud.create_api_key(
+            tenant = keys.get_or_create_tenant(session=session, name=args.tenant)
+            row, key = keys.create_api_key(
                 session=session,
                 tenant=tenant,
                 admin=args.admin,

@@ -16,12 +16,14 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from app import crud
 from app.core.config import Settings
-from app.dispatch import CeleryDispatcher, InProcessDispatcher
-from app.errors import Forbidden, ProblemError, Unauthorized
+from app.core.errors import Forbidden, ProblemError, Unauthorized
+from app.core.media import request_media_type
+from app.core.runtime import Runtime
+from app.jobs.dispatch import CeleryDispatcher, InProcessDispatcher
+from app.keys import service as keys
 from app.models import Task
-from app.runtime import Runtime
+from app.tasks import service as tasks
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `maml-serve keys create`.")
 
@@ -82,7 +84,7 @@ def get_caller(
             "`maml-serve keys create --tenant NAME`)",
             code="missing_api_key",
         )
-    row = crud.authenticate(
+    row = keys.authenticate(
         session=session,
         key=credentials.credentials,
         pepper=settings.api_key_pepper.get_secret_value(),
@@ -118,15 +120,10 @@ def get_owned_task(caller: TenantDep, session: SessionDep, task_id: uuid.UUID) -
     Routes that also read a body depend on this first, so a missing task is a 404 whatever the
     body holds, and the body is not parsed for nothing.
     """
-    return crud.get_task(session=session, tenant_id=caller.tenant_id, task_id=task_id)
+    return tasks.get_task(session=session, tenant_id=caller.tenant_id, task_id=task_id)
 
 
 OwnedTaskDep = Annotated[Task, Depends(get_owned_task)]
-
-
-def request_media_type(request: Request) -> str:
-    """The request's Content-Type without parameters, lower-cased ('' when absent)."""
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 async def require_json_if_body(request: Request, _task: OwnedTaskDep) -> None:

@@ -10,15 +10,22 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from app import crud
-from app.api.routes import adaptations, admin, health, initializations, jobs, tasks
+from app.adaptations import views as adaptations_views
 from app.console import install as install_console
 from app.core.config import Settings, get_settings
+from app.core.errors import install_error_handlers
 from app.core.migrate import upgrade
-from app.dispatch import InProcessDispatcher, make_dispatcher
-from app.errors import install_error_handlers
+from app.core.runtime import Runtime
+from app.datasets import views as datasets_views
+from app.health import views as health_views
+from app.initializations import registry
+from app.initializations import views as initializations_views
+from app.jobs import views as jobs_views
+from app.jobs.dispatch import InProcessDispatcher, make_dispatcher
+from app.meta_training import views as meta_training_views
 from app.middleware import BodyLimitMiddleware, MetricsMiddleware
-from app.runtime import Runtime
+from app.predictions import views as predictions_views
+from app.tasks import views as tasks_views
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +35,7 @@ def _start(runtime: Runtime) -> None:
     if settings.is_embedded_database:
         upgrade(settings)
     with runtime.sessions() as session:
-        row = crud.ensure_initialization(
+        row = registry.ensure_initialization(
             session=session, store=runtime.store, folder=runtime.initialization_folder()
         )
         if row is None:
@@ -75,8 +82,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         path_limits={"/v1/admin/datasets": settings.max_dataset_bytes + (1 << 20)},
     )
     app.add_middleware(MetricsMiddleware)
-    for module in (tasks, adaptations, jobs, initializations, admin, health):
-        app.include_router(module.router)
+    for router in (
+        tasks_views.router,
+        predictions_views.router,
+        adaptations_views.router,
+        jobs_views.router,
+        initializations_views.router,
+        initializations_views.admin_router,
+        datasets_views.router,
+        meta_training_views.router,
+        health_views.router,
+    ):
+        app.include_router(router)
     _document_raw_bodies(app)
     # The browser console at / and offline Swagger UI / ReDoc at /docs and /redoc.
     install_console(app)
@@ -88,7 +105,8 @@ def _document_raw_bodies(app: FastAPI) -> None:
     components, where the routes' request bodies refer to them."""
     from pydantic.json_schema import models_json_schema
 
-    from app.schemas import QueriesJson, SupportSetJson
+    from app.predictions.schemas import QueriesJson
+    from app.tasks.schemas import SupportSetJson
 
     generate = app.openapi
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import metrics
-from app.errors import PROBLEM_JSON
+from app.core import metrics
+from app.core.errors import PROBLEM_JSON
 
 
 class _BodyTooLarge(Exception):

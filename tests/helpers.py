@@ -13,9 +13,9 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app import crud
 from app.core.config import Settings
-from app.runtime import Runtime
+from app.core.runtime import Runtime
+from app.keys import service as keys
 
 
 def shipped_init_dir() -> Path | None:
@@ -48,8 +48,8 @@ def create_key(client: TestClient, tenant: str, admin: bool = False) -> dict[str
     """Authorization headers for a new key of `tenant`."""
     runtime = runtime_of(client)
     with runtime.sessions() as session:
-        row = crud.get_or_create_tenant(session=session, name=tenant)
-        _, key = crud.create_api_key(
+        row = keys.get_or_create_tenant(session=session, name=tenant)
+        _, key = keys.create_api_key(
             session=session,
             tenant=row,
             admin=admin,

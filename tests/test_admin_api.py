@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from app import crud
 from app.core.config import Settings
+from app.keys import service as keys
 from app.main import create_app
 from app.models import AdaptedModel, Dataset, Job
 from tests.admin_data import dataset_zip, tiny_run, upload, wait_run
@@ -270,7 +270,7 @@ def _key_id(client: TestClient, headers: dict[str, str]) -> uuid.UUID:
     token = headers["Authorization"].removeprefix("Bearer ")
     runtime = runtime_of(client)
     with runtime.sessions() as session:
-        key = crud.authenticate(
+        key = keys.authenticate(
             session=session, key=token, pepper=runtime.settings.api_key_pepper.get_secret_value()
         )
         assert key is not None

@@ -15,6 +15,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from app import models
+from app.predictions import service
 from tests.helpers import create_key, create_ready_task, png, query_files, runtime_of, support_files
 
 
@@ -256,7 +257,6 @@ def test_delete_while_adapting_leaves_no_files(
 def test_prediction_racing_a_delete_is_404_not_500(
     client: TestClient, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app import service
 
     task = create_ready_task(client, auth)
     real_insert = service.insert

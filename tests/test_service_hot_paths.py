@@ -15,13 +15,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, select
 
 import fewshot
-from app import torch_threads
-from app.dispatch import InProcessDispatcher
+from app.core import threads as torch_threads
+from app.core.storage import ArtifactStore
+from app.jobs import runner as runner
+from app.jobs.dispatch import InProcessDispatcher
 from app.main import create_app
 from app.models import Prediction
-from app.storage import ArtifactStore
 from tests.helpers import create_ready_task, make_settings, query_files, runtime_of, support_files
-from worker import runner
 
 
 @contextmanager
@@ -201,7 +201,7 @@ def test_put_many_renames_into_place_and_leaves_nothing_on_failure(
     def broken_fsync(_fd: int) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("app.storage.os.fsync", broken_fsync)
+    monkeypatch.setattr("app.core.storage.os.fsync", broken_fsync)
     with pytest.raises(OSError):
         store.put_many({"t/c/x.png": b"new", "t/a/x.png": b"changed"})
     assert store.read_bytes("t/a/x.png") == b"one"

@@ -1,4 +1,4 @@
-"""worker.reaper: jobs whose message was lost are sent again, once per period, never twice at once."""
+"""app.jobs.reaper: lost messages re-sent once per lease, backlogs not multiplied, spent jobs failed."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from datetime import timedelta
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from app.models import Job, utcnow
-from app.runtime import Runtime
+from app.core.runtime import Runtime
+from app.jobs.reaper import reap
+from app.models import Job, Task, utcnow
 from tests.helpers import runtime_of, support_files
-from worker.reaper import resend_stale_jobs, take_stale_jobs
+
+Sent = list[tuple[uuid.UUID, str, str]]
 
 
 def _unsent_job(client: TestClient, auth: dict[str, str]) -> uuid.UUID:
@@ -34,20 +36,39 @@ def _age(runtime: Runtime, job_id: uuid.UUID, seconds: float) -> None:
     _set(runtime, job_id, created_at=utcnow() - timedelta(seconds=seconds))
 
 
+def _reap(runtime: Runtime, backlog: int | None = None) -> list[uuid.UUID]:
+    sent: Sent = []
+    reap(runtime, lambda *job: sent.append(job), lambda _queue: backlog)
+    return [job_id for job_id, _, _ in sent]
+
+
 def test_a_queued_job_is_resent_once_its_period_has_passed(
     client: TestClient, auth: dict[str, str]
 ) -> None:
     runtime = runtime_of(client)
     job_id = _unsent_job(client, auth)
     period = runtime.settings.job_lease_seconds
-    assert take_stale_jobs(runtime) == []  # just sent: not lost yet
+    assert _reap(runtime) == []  # just sent: not lost yet
     _age(runtime, job_id, period + 1)
-    sent: list[tuple[uuid.UUID, str, str]] = []
-    assert resend_stale_jobs(runtime, lambda *job: sent.append(job)) == 1
+    sent: Sent = []
+    assert reap(runtime, lambda *job: sent.append(job)) == 1
     assert sent == [(job_id, "adapt", "adapt")]
-    assert take_stale_jobs(runtime) == []  # sent_at was moved to now
+    assert _reap(runtime) == []  # sent_at was moved to now
     _set(runtime, job_id, sent_at=utcnow() - timedelta(seconds=period + 1))
-    assert [j for j, _, _ in take_stale_jobs(runtime)] == [job_id]
+    assert _reap(runtime) == [job_id]
+
+
+def test_a_backlog_waiting_in_the_broker_is_not_sent_again(
+    client: TestClient, auth: dict[str, str]
+) -> None:
+    runtime = runtime_of(client)
+    jobs = [_unsent_job(client, auth) for _ in range(5)]
+    for job_id in jobs:
+        _age(runtime, job_id, runtime.settings.job_lease_seconds + 1)
+    # All five messages are still in line: nothing is lost, nothing is sent.
+    assert _reap(runtime, backlog=5) == []
+    # The broker lost two of them (e.g. restarted without persistence): the two oldest go again.
+    assert sorted(_reap(runtime, backlog=3)) == sorted(jobs[:2])
 
 
 def test_running_jobs_are_resent_only_when_their_lease_ran_out(
@@ -57,23 +78,46 @@ def test_running_jobs_are_resent_only_when_their_lease_ran_out(
     job_id = _unsent_job(client, auth)
     old = utcnow() - timedelta(seconds=runtime.settings.job_lease_seconds + 1)
     _set(
-        runtime, job_id, state="running", created_at=old, lease_expires_at=utcnow() + timedelta(60)
+        runtime,
+        job_id,
+        state="running",
+        attempts=1,
+        created_at=old,
+        lease_expires_at=utcnow() + timedelta(60),
     )
-    assert take_stale_jobs(runtime) == []  # a live worker holds it
+    assert _reap(runtime, backlog=0) == []  # a live worker holds it
     _set(runtime, job_id, lease_expires_at=utcnow() - timedelta(seconds=1))
-    assert [j for j, _, _ in take_stale_jobs(runtime)] == [job_id]
+    assert _reap(runtime, backlog=0) == [job_id]
 
 
-def test_finished_and_exhausted_jobs_are_left_alone(
+def test_a_spent_job_whose_worker_died_is_failed_not_left_running(
     client: TestClient, auth: dict[str, str]
 ) -> None:
     runtime = runtime_of(client)
-    done, exhausted = _unsent_job(client, auth), _unsent_job(client, auth)
-    for job_id in (done, exhausted):
-        _age(runtime, job_id, runtime.settings.job_lease_seconds + 1)
+    job_id = _unsent_job(client, auth)
+    _set(
+        runtime,
+        job_id,
+        state="running",
+        attempts=3,
+        max_attempts=3,
+        lease_expires_at=utcnow() - timedelta(seconds=1),
+    )
+    assert _reap(runtime) == []
+    with runtime.sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.state == "failed"
+        assert job.error_code == "attempts_exhausted"
+        task = session.get(Task, job.task_id)
+        assert task is not None and task.status == "failed"
+
+
+def test_finished_jobs_are_left_alone(client: TestClient, auth: dict[str, str]) -> None:
+    runtime = runtime_of(client)
+    done = _unsent_job(client, auth)
+    _age(runtime, done, runtime.settings.job_lease_seconds + 1)
     _set(runtime, done, state="succeeded")
-    _set(runtime, exhausted, attempts=3, max_attempts=3)
-    assert take_stale_jobs(runtime) == []
+    assert _reap(runtime) == []
 
 
 def test_concurrent_reapers_never_take_the_same_job(
@@ -86,11 +130,11 @@ def test_concurrent_reapers_never_take_the_same_job(
     taken: list[uuid.UUID] = []
     barrier = threading.Barrier(4)
 
-    def reap() -> None:
+    def one_reaper() -> None:
         barrier.wait()
-        taken.extend(j for j, _, _ in take_stale_jobs(runtime))
+        taken.extend(_reap(runtime))
 
-    threads = [threading.Thread(target=reap) for _ in range(4)]
+    threads = [threading.Thread(target=one_reaper) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -1,54 +1,22 @@
-"""The Celery application: JSON only, late acks, one message at a time per worker process."""
+"""The workers' Celery application, configured from the environment."""
 
 from __future__ import annotations
 
-from celery import Celery
-from kombu import Queue  # type: ignore[attr-defined]
+import sys
 
-from app.core.config import Settings, get_settings
+from celery.signals import worker_init
 
-QUEUES = ("adapt", "predict", "train")
+from app.core.config import get_settings
+from app.jobs.broker import make_celery
 
+NO_BROKER = "maml-serve worker: no broker configured; set MAML_SERVE_BROKER_URL (e.g. redis://localhost:6379/0)"
 
-def make_celery(settings: Settings) -> Celery:
-    """A Celery app for these settings (the API builds one to publish, workers to consume)."""
-    broker = settings.broker_url.get_secret_value() if settings.broker_url else "memory://"
-    app = Celery("maml_serve", broker=broker, include=["worker.tasks"])
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        result_serializer="json",
-        # The database is the result store; Celery's own states say nothing we rely on.
-        task_ignore_result=True,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_queues=[Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
-        task_default_queue="adapt",
-        task_routes={
-            "maml_serve.adapt": {"queue": "adapt"},
-            "maml_serve.meta_train": {"queue": "train"},
-            "maml_serve.evaluate": {"queue": "train"},
-        },
-        task_time_limit=settings.task_time_limit_seconds,
-        task_annotations={
-            "maml_serve.meta_train": {
-                "time_limit": settings.train_time_limit_seconds,
-                "soft_time_limit": max(1, settings.train_time_limit_seconds - 60),
-            }
-        },
-        task_soft_time_limit=max(1, settings.task_time_limit_seconds - 30),
-        # Unacknowledged messages come back after this long; it must exceed the longest task.
-        broker_transport_options={
-            "visibility_timeout": max(3600, 2 * settings.task_time_limit_seconds)
-        },
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        timezone="UTC",
-        enable_utc=True,
-    )
-    return app
+celery_app = make_celery(get_settings(), include=["worker.tasks"])
 
 
-celery_app = make_celery(get_settings())
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _refuse_without_broker(**_: object) -> None:
+    # An in-memory broker would say "ready" and never receive a job.
+    if get_settings().broker_url is None:
+        sys.stderr.write(NO_BROKER + "\n")
+        raise SystemExit(2)

@@ -1,4 +1,4 @@
-"""Thin Celery tasks: they carry a job id and call the runner; the job row holds the state."""
+"""Celery glue: each task carries a job id and hands it to the job runner; the row holds the state."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from celery import Task
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
 from app.core.config import get_settings
-from app.dispatch import TASK_NAMES
-from app.runtime import Runtime
+from app.core.runtime import Runtime
+from app.jobs.dispatch import CeleryDispatcher
+from app.jobs.kinds import KINDS
+from app.jobs.reaper import reaper_loop
+from app.jobs.runner import request_stop, run_job
 from worker.celery_app import celery_app
-from worker.reaper import reaper_loop
-from worker.runner import run_job
 
 log = logging.getLogger(__name__)
 _runtime: Runtime | None = None
@@ -44,28 +45,31 @@ def _deliver(task: Task, job_id: str) -> None:
         raise task.retry(countdown=outcome.retry_in, max_retries=None)
 
 
-@celery_app.task(name="maml_serve.adapt", bind=True, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
-def adapt(self: Task, job_id: str) -> None:
-    """Adapt a task's initialization to its support set (job kind "adapt")."""
-    _deliver(self, job_id)
+def _register(kind_name: str) -> Task:
+    kind = KINDS[kind_name]
+
+    def deliver(self: Task, job_id: str) -> None:
+        _deliver(self, job_id)
+
+    deliver.__doc__ = f"Run one {kind.name} job."
+    task: Task = celery_app.task(
+        name=kind.task_name, bind=True, acks_late=True, reject_on_worker_lost=True
+    )(deliver)
+    return task
 
 
-@celery_app.task(  # type: ignore[untyped-decorator]
-    name="maml_serve.meta_train", bind=True, acks_late=True, reject_on_worker_lost=True
-)
-def meta_train(self: Task, job_id: str) -> None:
-    """Meta-train a new initialization (job kind "meta_train")."""
-    _deliver(self, job_id)
+# One Celery task per kind of job, wired from the table in app.jobs.kinds.
+TASKS: dict[str, Task] = {kind: _register(kind) for kind in KINDS}
 
 
 def preload() -> None:
     """Load the active initialization once per worker process, before the first task arrives."""
-    from app import crud
+    from app.initializations import registry
 
     try:
         rt = runtime()
         with rt.sessions() as session:
-            row = crud.active_initialization(session=session)
+            row = registry.active_initialization(session=session)
             if row is not None:
                 rt.models.warm_up(rt.models.initialization(row))
     except Exception:
@@ -74,6 +78,8 @@ def preload() -> None:
 
 @worker_shutting_down.connect  # type: ignore[untyped-decorator]
 def _on_worker_shutting_down(**_: object) -> None:
+    # Long jobs checkpoint and hand their job back without spending an attempt.
+    request_stop()
     _reaper_stop.set()
 
 
@@ -82,18 +88,18 @@ def _on_child_start(**_: object) -> None:
     preload()
 
 
-def _send(job_id: uuid.UUID, kind: str, queue: str) -> None:
-    celery_app.send_task(TASK_NAMES[kind], args=[str(job_id)], queue=queue)
-
-
 @worker_ready.connect  # type: ignore[untyped-decorator]
 def _on_worker_ready(**_: object) -> None:
     preload()
+    dispatcher = CeleryDispatcher(runtime())
     threading.Thread(
-        target=reaper_loop, args=(runtime(), _send, _reaper_stop), daemon=True, name="reaper"
+        target=reaper_loop,
+        args=(runtime(), dispatcher.submit, dispatcher.backlog, _reaper_stop),
+        daemon=True,
+        name="reaper",
     ).start()
-    port = get_settings().worker_metrics_port
-    if port:
+    settings = get_settings()
+    if settings.worker_metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(port)
+        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)

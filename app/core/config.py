@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(default=None, gt=0)
     task_time_limit_seconds: int = Field(default=600, gt=0)
     worker_metrics_port: int | None = None
+    # Loopback by default: metrics are for the operator's scraper, not the world.
+    worker_metrics_host: str = "127.0.0.1"
 
     # Admin meta-training (issue 4).
     # Upload cap for a dataset zip, and for what its members would unpack to.

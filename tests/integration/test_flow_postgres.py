@@ -19,7 +19,7 @@ from app.core.migrate import alembic_config, upgrade
 from app.models import AdaptedModel, Job, Prediction, SupportExample, Task
 from tests.helpers import Omniglot, create_key, runtime_of, shipped_init_dir, support_files
 from tests.integration.conftest import create_database, drop_database
-from worker.celery_app import make_celery
+from app.jobs.broker import make_celery
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,144 @@
+"""The adapt job: the task's initialization adapted to its support set, weights stored once."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core import metrics
+from app.core.runtime import Runtime
+from app.core.storage import ArtifactCorrupt, adapted_weights_key, sha256_file, task_prefix
+from app.jobs import state
+from app.jobs.heartbeat import Heartbeat
+from app.jobs.runner import PermanentJobError
+from app.jobs.state import Claim, Outcome
+from app.models import AdaptedModel, Initialization, Job, SupportExample, Task
+
+log = logging.getLogger(__name__)
+
+_DONE = {"stage": "done"}
+
+
+def _result(row: AdaptedModel) -> dict[str, Any]:
+    return {
+        "adapted_model_id": str(row.id),
+        "task_id": str(row.task_id),
+        "support_accuracy": row.support_accuracy,
+    }
+
+
+def _forget_if_task_deleted(runtime: Runtime, session: Session, task_id: uuid.UUID) -> bool:
+    """Remove the files of a task deleted while it adapted (the weights just written would
+    otherwise outlive it); True when it was deleted."""
+    if session.scalar(select(Task.id).where(Task.id == task_id)) is not None:
+        return False
+    log.info("task %s was deleted while adapting; its files are removed", task_id)
+    runtime.store.delete_tree(task_prefix(task_id))
+    return True
+
+
+def run_adapt(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
+    """Adapt the task's pinned initialization to its support set and store the weights."""
+    import fewshot
+
+    with runtime.sessions() as session:
+        job = session.get(Job, claim.job_id)
+        task = (
+            session.get(Task, job.task_id) if job is not None and job.task_id is not None else None
+        )
+        if job is None or task is None:
+            return Outcome("skipped")
+        existing = session.scalar(select(AdaptedModel).where(AdaptedModel.job_id == job.id))
+        if existing is not None:
+            # An earlier delivery did the work and died before marking the job; just finish it.
+            state.finish(session, claim, result=_result(existing), progress_detail=_DONE)
+            return Outcome("skipped")
+        examples = list(
+            session.scalars(
+                select(SupportExample)
+                .where(SupportExample.task_id == task.id)
+                .order_by(SupportExample.position)
+            )
+        )
+        # A re-adaptation names its own version; a first adaptation uses the task's pinned one.
+        init_row = (
+            session.get(Initialization, job.initialization_id)
+            if job.initialization_id is not None
+            else None
+        ) or task.initialization
+        mode = str(job.params.get("mode", task.mode))
+        steps_param = job.params.get("steps", task.steps)
+        runtime.models.use_serving_threads()
+        try:
+            init = runtime.models.initialization(init_row)
+            images = [
+                fewshot.decode_image(runtime.store.read_bytes(e.image_key, sha256=e.sha256))
+                for e in examples
+            ]
+            labels = [e.label for e in examples]
+            support = fewshot.preprocess_images(images, init.config)
+            started = time.perf_counter()
+            model = fewshot.adapt(
+                init,
+                support,
+                labels,
+                mode="head" if mode == "head" else "full",
+                steps=None if steps_param is None else int(steps_param),
+                device=runtime.models.device,
+            )
+            compute = time.perf_counter() - started
+        except fewshot.EpisodeError as exc:
+            raise PermanentJobError("invalid_support_set", str(exc)) from exc
+        except fewshot.CheckpointError as exc:
+            raise PermanentJobError("initialization_unreadable", str(exc)) from exc
+        except ArtifactCorrupt as exc:
+            raise PermanentJobError("artifact_corrupt", exc.detail) from exc
+        except FileNotFoundError as exc:
+            raise PermanentJobError(
+                "artifact_missing", f"a stored file is missing: {exc.filename}"
+            ) from exc
+        metrics.ADAPT_COMPUTE.labels(model.mode).observe(compute)
+        key = adapted_weights_key(task.id, job.id)
+        path = model.save(runtime.store.path(key))
+        support_hash = task.support_set_sha256
+        row = AdaptedModel(
+            task_id=task.id,
+            job_id=job.id,
+            initialization_id=init_row.id,
+            initialization_version=init_row.version,
+            mode=model.mode,
+            steps=model.steps,
+            step_size=None,
+            seed=0,
+            support_set_sha256=support_hash,
+            support_accuracy=float(model.support_accuracy),
+            labels=list(model.labels),
+            weights_key=key,
+            sha256=sha256_file(path),
+            size_bytes=path.stat().st_size,
+            compute_seconds=compute,
+            device=str(runtime.models.device),
+        )
+        job_id, task_id = job.id, task.id
+        try:
+            session.add(row)
+            session.flush()
+            finished = state.finish(session, claim, result=_result(row), progress_detail=_DONE)
+        except IntegrityError:
+            # A concurrent delivery recorded this job's model first (job_id is unique), or the
+            # task was deleted meanwhile (its foreign key fails).
+            session.rollback()
+            if not _forget_if_task_deleted(runtime, session, task_id):
+                log.info("job %s: adapted model already recorded by another delivery", job_id)
+            return Outcome("skipped")
+        if not finished:
+            _forget_if_task_deleted(runtime, session, task_id)
+            return Outcome("skipped")
+        runtime.models.put_adapted(row.id, model)
+        return Outcome("done")

@@ -1,0 +1,57 @@
+"""The objects one process shares: settings, database, artifact store and model cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core.config import Settings
+from app.core.db import make_engine, make_session_factory
+from app.core.storage import ArtifactStore
+from app.core.threads import serving_threads, torch_default
+from app.predictions.cache import ModelCache, default_device
+
+
+@dataclass
+class Runtime:
+    """Process-wide services, built once by the API or a worker."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    store: ArtifactStore
+    models: ModelCache
+
+    @classmethod
+    def build(cls, settings: Settings) -> Runtime:
+        """Connect to the database and open the artifact store (no queries are run)."""
+        if settings.torch_threads is not None:
+            import torch
+
+            torch_default()  # remembered before it is changed (meta-training falls back to it)
+            torch.set_num_threads(settings.torch_threads)
+        engine = make_engine(settings)
+        store = ArtifactStore(settings.artifact_dir)
+        store.root.mkdir(parents=True, exist_ok=True)
+        cache = ModelCache(
+            store,
+            settings.adapted_cache_bytes,
+            default_device(settings.device),
+            threads=serving_threads(settings.torch_threads),
+        )
+        return cls(settings, engine, make_session_factory(engine), store, cache)
+
+    def initialization_folder(self) -> Path:
+        """The folder registered as the first active initialization of an empty database."""
+        if self.settings.initialization_path is not None:
+            return self.settings.initialization_path
+        import fewshot
+
+        return fewshot.shipped_initialization_path()
+
+    def close(self) -> None:
+        """Release database connections."""
+        self.engine.dispose()

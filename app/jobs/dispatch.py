@@ -1,0 +1,215 @@
+"""Handing committed jobs to whatever runs them: a thread pool here, or Celery workers via Redis."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol
+
+from sqlalchemy import or_, select
+
+from app.core.runtime import Runtime
+from app.jobs.kinds import KINDS
+from app.models import Job, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class JobWatch:
+    """Lets a request wait for a job: woken as soon as a run ends when the job runs in-process."""
+
+    def __init__(self, event: threading.Event | None = None) -> None:
+        self._event = event
+
+    @property
+    def pushed(self) -> bool:
+        """True when the runner wakes this watch itself, so polling is only a safety net."""
+        return self._event is not None
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to `seconds`, returning early if the job's runner signals."""
+        if self._event is None:
+            time.sleep(seconds)
+        elif self._event.wait(seconds):
+            self._event.clear()
+
+
+class Dispatcher(Protocol):
+    """Sends a job id to a runner; called only after the job row is committed."""
+
+    def submit(self, job_id: uuid.UUID, kind: str, queue: str) -> None:
+        """Send one job to be run."""
+
+    def ping(self) -> bool:
+        """True when jobs can be sent right now."""
+
+    def backlog(self, queue: str) -> int | None:
+        """Messages waiting in a queue, or None when that cannot be known."""
+
+    def watch(self, job_id: uuid.UUID) -> AbstractContextManager[JobWatch]:
+        """A handle to wait on while the job runs."""
+
+    def close(self) -> None:
+        """Stop sending; finish or drop in-flight work."""
+
+
+class InProcessDispatcher:
+    """The embedded default: jobs run on a thread pool in this process, through the same runner."""
+
+    def __init__(self, runtime: Runtime, threads: int) -> None:
+        # Imported now, not by the first job.
+        import app.adaptations.handler  # noqa: F401
+
+        self.runtime = runtime
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="maml-serve-job")
+        # Meta-training runs for hours; its own thread keeps adaptations flowing meanwhile.
+        self._train_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maml-serve-train")
+        self._timers: set[threading.Timer] = set()
+        # One event per waiting request, set whenever a run of its job ends.
+        self._events: dict[uuid.UUID, set[threading.Event]] = {}
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def submit(self, job_id: uuid.UUID, kind: str, queue: str) -> None:
+        """Queue the job on the pool."""
+        with self._lock:
+            if self._closed:
+                return
+            pool = self._train_pool if queue == "train" else self._pool
+            pool.submit(self._run, job_id, kind, queue)
+
+    def _run(self, job_id: uuid.UUID, kind: str, queue: str) -> None:
+        from app.jobs.runner import run_job
+
+        try:
+            outcome = run_job(self.runtime, job_id)
+        except Exception:
+            log.exception("job %s crashed the in-process runner", job_id)
+            return
+        finally:
+            with self._lock:
+                events = list(self._events.get(job_id, ()))
+            for event in events:
+                event.set()
+        if outcome.retry_in is not None:
+            self._later(outcome.retry_in, job_id, kind, queue)
+
+    def _later(self, delay: float, job_id: uuid.UUID, kind: str, queue: str) -> None:
+        def fire() -> None:
+            self._timers.discard(timer)
+            self.submit(job_id, kind, queue)
+
+        timer = threading.Timer(delay, fire)
+        timer.daemon = True
+        with self._lock:
+            if self._closed:
+                return
+            self._timers.add(timer)
+        timer.start()
+
+    def resume_unfinished(self) -> int:
+        """Resubmit jobs a previous run of this process left queued or running."""
+        with self.runtime.sessions() as session:
+            jobs = session.execute(
+                select(Job.id, Job.kind, Job.queue).where(
+                    or_(Job.state == "queued", Job.state == "running"), Job.kind.in_(KINDS)
+                )
+            ).all()
+            # Leases of a dead process would otherwise delay the rerun until they expire.
+            for job in session.scalars(select(Job).where(Job.state == "running")):
+                job.lease_expires_at = utcnow()
+            session.commit()
+        for job_id, kind, queue in jobs:
+            self.submit(job_id, kind, queue)
+        return len(jobs)
+
+    def ping(self) -> bool:
+        """The pool is always reachable while open."""
+        return not self._closed
+
+    def backlog(self, queue: str) -> int | None:
+        """Jobs wait in the database's order here; the pool's queue is not inspected."""
+        return None
+
+    @contextmanager
+    def watch(self, job_id: uuid.UUID) -> Iterator[JobWatch]:
+        """Wake the waiter as soon as a run of this job ends."""
+        event = threading.Event()
+        with self._lock:
+            self._events.setdefault(job_id, set()).add(event)
+        try:
+            yield JobWatch(event)
+        finally:
+            with self._lock:
+                waiting = self._events.get(job_id)
+                if waiting is not None:
+                    waiting.discard(event)
+                    if not waiting:
+                        del self._events[job_id]
+
+    def close(self) -> None:
+        """Cancel pending retries and wait for running jobs."""
+        with self._lock:
+            self._closed = True
+            timers = list(self._timers)
+        for timer in timers:
+            timer.cancel()
+        from app.jobs.runner import clear_stop, request_stop
+
+        # A running meta-training checkpoints and goes back to the queue; the next start resumes it.
+        request_stop(self.runtime)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._train_pool.shutdown(wait=True, cancel_futures=True)
+        clear_stop(self.runtime)
+
+
+class CeleryDispatcher:
+    """Production: publish the job id to its queue on the broker; workers re-read the row."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        from app.jobs.broker import make_celery
+
+        self.celery = make_celery(runtime.settings)
+
+    def submit(self, job_id: uuid.UUID, kind: str, queue: str) -> None:
+        """Publish the job id (JSON) to the kind's queue."""
+        self.celery.send_task(KINDS[kind].task_name, args=[str(job_id)], queue=queue)
+
+    def backlog(self, queue: str) -> int | None:
+        """Messages ready in the broker's queue (those a worker holds are not counted)."""
+        try:
+            with self.celery.connection_for_write() as connection:
+                declared = connection.default_channel.queue_declare(queue=queue, passive=True)
+                return int(declared.message_count)
+        except Exception:
+            return None
+
+    def ping(self) -> bool:
+        """True when the broker accepts a connection."""
+        try:
+            with self.celery.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, timeout=2)
+            return True
+        except Exception:
+            return False
+
+    @contextmanager
+    def watch(self, job_id: uuid.UUID) -> Iterator[JobWatch]:
+        """Plain polling: the job runs in another process."""
+        yield JobWatch()
+
+    def close(self) -> None:
+        """Close the broker connection pool."""
+        self.celery.close()
+
+
+def make_dispatcher(runtime: Runtime) -> InProcessDispatcher | CeleryDispatcher:
+    """Celery when a broker URL is configured, the in-process pool otherwise."""
+    if runtime.settings.uses_celery:
+        return CeleryDispatcher(runtime)
+    return InProcessDispatcher(runtime, runtime.settings.executor_threads)

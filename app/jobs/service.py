@@ -1,0 +1,121 @@
+"""Reading jobs, waiting on them, and sending them once their rows are committed."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.errors import NotFound, ServiceUnavailable
+from app.core.runtime import Runtime
+from app.core.schemas import ErrorInfo
+from app.jobs.dispatch import CeleryDispatcher, InProcessDispatcher
+from app.jobs.schemas import JobPublic
+from app.models import Job
+
+log = logging.getLogger(__name__)
+Dispatcher = InProcessDispatcher | CeleryDispatcher
+
+
+def latest_job(*, session: Session, task_id: uuid.UUID) -> Job | None:
+    """The task's newest adapt job."""
+    return session.scalar(
+        select(Job)
+        .where(Job.task_id == task_id)
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(1)
+    )
+
+
+def find_idempotent_job(*, session: Session, tenant_id: uuid.UUID, key: str) -> Job | None:
+    """The job an earlier request with the same Idempotency-Key created."""
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+
+
+def get_job(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    """The tenant's job, or 404."""
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+# How often a waiter re-reads a job that its runner signals anyway (in-process executor): only a
+# safety net for changes no run signals, such as the task being deleted meanwhile.
+PUSHED_RECHECK_SECONDS = 0.25
+
+
+def wait_for_job(
+    *,
+    runtime: Runtime,
+    dispatcher: Dispatcher,
+    job_id: uuid.UUID,
+    timeout: float,
+) -> str:
+    """Re-read the job row until it ends or `timeout` seconds pass; returns its last state.
+
+    In-process jobs wake the waiter when a run ends, so the row is read once per run instead of
+    being polled; Celery jobs are polled with a growing delay.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    with dispatcher.watch(job_id) as watch:
+        while True:
+            with runtime.sessions() as session:
+                state = session.scalar(select(Job.state).where(Job.id == job_id)) or "missing"
+            remaining = deadline - time.monotonic()
+            if state not in ("queued", "running") or remaining <= 0:
+                return state
+            watch.wait(min(PUSHED_RECHECK_SECONDS if watch.pushed else delay, remaining))
+            delay = min(delay * 1.5, 0.1)
+
+
+def job_public(job: Job) -> JobPublic:
+    """A job with links to what it is about and what it produced."""
+    links = {"self": f"/v1/jobs/{job.id}"}
+    if job.task_id is not None:
+        links["task"] = f"/v1/tasks/{job.task_id}"
+    if job.result and "adapted_model_id" in job.result and job.task_id is not None:
+        links["predictions"] = f"/v1/tasks/{job.task_id}/predictions"
+    error = (
+        ErrorInfo(code=job.error_code, message=job.error_message or "") if job.error_code else None
+    )
+    return JobPublic(
+        id=job.id,
+        kind=job.kind,
+        state=job.state,  # type: ignore[arg-type]
+        progress=job.progress,
+        progress_detail=dict(job.progress_detail or {}),
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        error=error,
+        result=job.result,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        updated_at=job.updated_at,
+        links=links,
+    )
+
+
+def send(dispatcher: Dispatcher, job: Job, *, discard: Callable[[], None]) -> None:
+    """Publish a committed job; if the broker refuses, `discard` its rows and files and answer 503.
+
+    The request that made the job is then rejected as a whole, so its Idempotency-Key may be
+    used again and nothing is left behind.
+    """
+    job_id, kind, queue = job.id, job.kind, job.queue
+    try:
+        dispatcher.submit(job_id, kind, queue)
+    except Exception as exc:
+        log.warning("could not enqueue job %s (%s); the request is withdrawn", job_id,
+                    type(exc).__name__)  # fmt: skip
+        discard()
+        raise ServiceUnavailable(
+            "the job queue is unreachable; nothing was recorded, try again shortly",
+            code="broker_unavailable",
+        ) from None

@@ -1,0 +1,131 @@
+"""Initializations loaded once per process, and adapted models in an LRU bounded in bytes."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from app.core import metrics
+from app.core.storage import ArtifactStore
+from app.core.threads import SERVING_DEFAULT, use_threads
+
+if TYPE_CHECKING:
+    import fewshot
+    from app import models
+
+
+def default_device(requested: str | None) -> str:
+    """The configured device, else "cuda" when torch sees a GPU, else "cpu"."""
+    if requested:
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class ModelCache:
+    """Thread-safe caches by initialization version and adapted-model id; sha256 checked on load.
+
+    `threads` is the intra-op thread count of every thread that adapts or predicts (see
+    app.torch_threads); `use_serving_threads` applies it to the calling thread.
+    """
+
+    def __init__(
+        self, store: ArtifactStore, max_bytes: int, device: str, threads: int = SERVING_DEFAULT
+    ) -> None:
+        self.store = store
+        self.max_bytes = max_bytes
+        self.device = device
+        self.threads = threads
+        self._lock = threading.Lock()
+        self._inits: dict[str, fewshot.Initialization] = {}
+        self._adapted: OrderedDict[uuid.UUID, fewshot.AdaptedModel] = OrderedDict()
+        self._bytes = 0
+
+    def initialization(self, row: models.Initialization) -> fewshot.Initialization:
+        """The initialization of a row, read from the store on first use."""
+        import fewshot
+
+        with self._lock:
+            cached = self._inits.get(row.version)
+        if cached is not None:
+            metrics.CACHE_HITS.labels("initialization").inc()
+            return cached
+        metrics.CACHE_MISSES.labels("initialization").inc()
+        self.store.verify(f"{row.artifact_key}/weights.safetensors", row.sha256)
+        init = fewshot.Initialization.load(self.store.path(row.artifact_key), device=self.device)
+        init.metadata.setdefault("version", row.version)
+        with self._lock:
+            return self._inits.setdefault(row.version, init)
+
+    def use_serving_threads(self) -> None:
+        """Size torch's intra-op threads on the calling thread for adaptation and prediction."""
+        use_threads(self.threads)
+
+    def warm_up(self, init: fewshot.Initialization) -> None:
+        """Run one tiny adaptation and prediction so the first real request pays no warm-up."""
+        import torch
+
+        import fewshot
+
+        self.use_serving_threads()
+        config = init.config
+        x = torch.rand((2, config.in_channels, config.image_size, config.image_size))
+        fewshot.adapt(init, x, ["a", "b"], steps=1, device=self.device).predict_proba(x)
+
+    def cached_adapted(self, model_id: uuid.UUID) -> fewshot.AdaptedModel | None:
+        """The cached adapted model with this id (a hit, now most recently used), or None."""
+        with self._lock:
+            cached = self._adapted.get(model_id)
+            if cached is not None:
+                self._adapted.move_to_end(model_id)
+        if cached is not None:
+            metrics.CACHE_HITS.labels("adapted").inc()
+        return cached
+
+    def adapted(
+        self, row: models.AdaptedModel, init: fewshot.Initialization
+    ) -> fewshot.AdaptedModel:
+        """The adapted model of a row, cached or read (sha256-checked) from the store."""
+        import fewshot
+
+        cached = self.cached_adapted(row.id)
+        if cached is not None:
+            return cached
+        metrics.CACHE_MISSES.labels("adapted").inc()
+        path = self.store.verify(row.weights_key, row.sha256)
+        model = fewshot.AdaptedModel.load(path, init, device=self.device)
+        self.put_adapted(row.id, model)
+        return model
+
+    def put_adapted(self, model_id: uuid.UUID, model: fewshot.AdaptedModel) -> None:
+        """Insert a model, evicting the least recently used ones beyond the byte budget."""
+        size = model.nbytes
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            previous = self._adapted.pop(model_id, None)
+            if previous is not None:
+                self._bytes -= previous.nbytes
+            self._adapted[model_id] = model
+            self._bytes += size
+            while self._bytes > self.max_bytes and self._adapted:
+                _, evicted = self._adapted.popitem(last=False)
+                self._bytes -= evicted.nbytes
+            metrics.CACHE_BYTES.set(self._bytes)
+
+    def forget(self, model_ids: list[uuid.UUID]) -> None:
+        """Drop models (their task was deleted)."""
+        with self._lock:
+            for model_id in model_ids:
+                evicted = self._adapted.pop(model_id, None)
+                if evicted is not None:
+                    self._bytes -= evicted.nbytes
+            metrics.CACHE_BYTES.set(self._bytes)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes currently held by adapted models."""
+        return self._bytes

@@ -1,0 +1,146 @@
+"""Predicting query images with a task's current adapted model, and the record of it."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.adaptations import service as adaptations
+from app.core import metrics
+from app.core.errors import Conflict, NotFound
+from app.core.pagination import Page, paginate
+from app.core.runtime import Runtime
+from app.jobs import service as jobs
+from app.models import (
+    AdaptedModel,
+    Initialization,
+    Prediction,
+    Task,
+    utcnow,
+)
+from app.tasks.bodies import QueriesIn
+
+
+def list_predictions(
+    *, session: Session, tenant_id: uuid.UUID, task_id: uuid.UUID, limit: int, cursor: str | None
+) -> Page:
+    """A task's recorded predictions, newest first."""
+    query = select(Prediction).where(
+        Prediction.tenant_id == tenant_id, Prediction.task_id == task_id
+    )
+    return paginate(session=session, query=query, model=Prediction, limit=limit, cursor=cursor)
+
+
+@dataclass(frozen=True)
+class PredictionOut:
+    """One recorded prediction as the response shows it."""
+
+    id: uuid.UUID
+    label: str
+    probabilities: dict[str, float]
+    top_k: list[tuple[str, float]]
+    image_sha256: str
+
+
+def predict(
+    *, session: Session, runtime: Runtime, task: Task, queries: QueriesIn
+) -> tuple[AdaptedModel, uuid.UUID, list[PredictionOut]]:
+    """Predict every query with the task's current adapted model and record one row per image.
+
+    The rows are written by one INSERT statement executed for all of them (executemany), in the
+    request's transaction.
+    """
+    import fewshot
+
+    model_row = adaptations.current_adapted_model(session=session, task_id=task.id)
+    if model_row is None:
+        if task.status == "failed":
+            job = jobs.latest_job(session=session, task_id=task.id)
+            why = (
+                f" ({job.error_code}: {job.error_message})"
+                if job is not None and job.error_code
+                else ""
+            )
+            raise Conflict(
+                f"adapting this task failed{why}; create the task again", code="adaptation_failed"
+            )
+        raise Conflict(
+            "the task is still adapting; retry after the Retry-After delay or poll its job",
+            code="not_adapted_yet",
+            headers={"Retry-After": str(runtime.settings.retry_after_seconds)},
+        )
+    runtime.models.use_serving_threads()
+    # A cached model (e.g. the one this process just adapted) needs no initialization lookup.
+    model = runtime.models.cached_adapted(model_row.id)
+    if model is None:
+        init_row = session.get(Initialization, model_row.initialization_id)
+        assert init_row is not None
+        try:
+            model = runtime.models.adapted(model_row, runtime.models.initialization(init_row))
+        except FileNotFoundError:
+            # The task was deleted (with its weights) since it was read: the same 404 as after.
+            _raise_if_task_gone(session, task.id)
+            raise
+    x = fewshot.preprocess_images([image.decode() for image in queries.images], model.config)
+    started = time.perf_counter()
+    probabilities = model.predict_proba(x)
+    metrics.PREDICT_COMPUTE.observe(time.perf_counter() - started)
+    metrics.PREDICTED_IMAGES.inc(len(queries.images))
+
+    request_id = uuid.uuid4()
+    labels = list(model.labels)
+    top_k = min(queries.top_k or len(labels), len(labels))
+    by_probability = itemgetter(1)
+    out: list[PredictionOut] = []
+    values: list[dict[str, Any]] = []
+    for position, (image, row) in enumerate(
+        zip(queries.images, probabilities.tolist(), strict=True)
+    ):
+        probs = dict(zip(labels, row, strict=True))
+        order = sorted(probs.items(), key=by_probability, reverse=True)
+        prediction = PredictionOut(
+            id=uuid.uuid4(),
+            label=order[0][0],
+            probabilities=probs,
+            top_k=order[:top_k],
+            image_sha256=image.sha256,
+        )
+        out.append(prediction)
+        values.append(
+            {
+                "id": prediction.id,
+                "tenant_id": task.tenant_id,
+                "task_id": task.id,
+                "adapted_model_id": model_row.id,
+                "request_id": request_id,
+                "position": position,
+                "image_sha256": image.sha256,
+                "label": prediction.label,
+                "probabilities": probs,
+                # One timestamp per row, as rows made one by one had: newest-first lists keep
+                # the images of a request in (reverse) order.
+                "created_at": utcnow(),
+            }
+        )
+    try:
+        session.execute(insert(Prediction), values)
+        session.commit()
+    except IntegrityError:
+        # A concurrent DELETE removed the task (its foreign key fails): 404, nothing written.
+        # The rollback expires `task`, whose row may be gone: use the id read before.
+        session.rollback()
+        _raise_if_task_gone(session, values[0]["task_id"])
+        raise
+    return model_row, request_id, out
+
+
+def _raise_if_task_gone(session: Session, task_id: uuid.UUID) -> None:
+    if session.scalar(select(Task.id).where(Task.id == task_id)) is None:
+        raise NotFound(f"no task {task_id}")

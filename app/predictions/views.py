@@ -1,0 +1,85 @@
+"""/v1/tasks/{id}/predictions: query images in, labels and probabilities out."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from app.core.schemas import FILES, multipart_body, problem_responses
+from app.deps import OwnedTaskDep, RuntimeDep, SessionDep, TenantDep
+from app.predictions import service as predicting
+from app.predictions.schemas import (
+    LabelProbability,
+    PredictionPage,
+    PredictionPublic,
+    PredictionRecord,
+    PredictionResult,
+)
+from app.tasks import service as tasks
+from app.tasks.bodies import QueriesIn, read_queries
+
+router = APIRouter(prefix="/v1/tasks", tags=["predictions"])
+_PROBLEMS = problem_responses(401, 404, 409, 413, 415, 422)
+_QUERY_BODY = multipart_body(
+    {"images": FILES, "top_k": {"type": "integer", "minimum": 1}}, ["images"]
+)
+
+
+async def _queries_of_task(request: Request, _task: OwnedTaskDep) -> QueriesIn:
+    # Depends on the task, so an unknown or malformed id is a 404 before the body is read.
+    return await read_queries(request)
+
+
+@router.post(
+    "/{task_id}/predictions",
+    response_model=PredictionResult,
+    responses=_PROBLEMS,
+    openapi_extra=_QUERY_BODY,
+)
+def create_predictions(
+    task: OwnedTaskDep,
+    queries: Annotated[QueriesIn, Depends(_queries_of_task)],
+    session: SessionDep,
+    runtime: RuntimeDep,
+) -> PredictionResult:
+    """Predict labels for query images with the task's adapted model (409 while it is adapting)."""
+    model_row, request_id, predictions = predicting.predict(
+        session=session, runtime=runtime, task=task, queries=queries
+    )
+    return PredictionResult(
+        task_id=task.id,
+        adapted_model_id=model_row.id,
+        request_id=request_id,
+        predictions=[
+            PredictionPublic(
+                id=p.id,
+                label=p.label,
+                probabilities=p.probabilities,
+                top_k=[LabelProbability(label=label, probability=pr) for label, pr in p.top_k],
+                image_sha256=p.image_sha256,
+            )
+            for p in predictions
+        ],
+    )
+
+
+@router.get("/{task_id}/predictions", response_model=PredictionPage, responses=_PROBLEMS)
+def list_predictions(
+    caller: TenantDep,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    task_id: uuid.UUID,
+    limit: Annotated[int | None, Query(ge=1)] = None,
+    cursor: str | None = None,
+) -> PredictionPage:
+    """The task's recorded predictions, newest first."""
+    tasks.get_task(session=session, tenant_id=caller.tenant_id, task_id=task_id)
+    size = min(limit or runtime.settings.page_size, runtime.settings.max_page_size)
+    page = predicting.list_predictions(
+        session=session, tenant_id=caller.tenant_id, task_id=task_id, limit=size, cursor=cursor
+    )
+    return PredictionPage(
+        items=[PredictionRecord.model_validate(p) for p in page.items], next_cursor=page.next_cursor
+    )

@@ -1,0 +1,240 @@
+"""Task lifecycle: create with its adapt job, read, list, delete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.adaptations import service as adaptations
+from app.core.errors import Conflict, NotFound, ServiceUnavailable
+from app.core.pagination import Page, paginate
+from app.core.runtime import Runtime
+from app.core.schemas import ErrorInfo
+from app.core.storage import (
+    support_image_key,
+    task_prefix,
+)
+from app.initializations import registry
+from app.jobs import service as jobs
+from app.jobs import state
+from app.jobs.dispatch import CeleryDispatcher, InProcessDispatcher
+from app.models import (
+    AdaptedModel,
+    Job,
+    SupportExample,
+    Task,
+)
+from app.tasks import service as tasks
+from app.tasks.bodies import SupportSetIn
+from app.tasks.schemas import AdaptedModelPublic, JobRef, TaskPublic
+
+log = logging.getLogger(__name__)
+
+
+def support_set_hash(labels: list[str], image_hashes: list[str]) -> str:
+    """sha256 over the ordered (label, image sha256) pairs: what an adapted model was made from."""
+    document = json.dumps(
+        [[label, digest] for label, digest in zip(labels, image_hashes, strict=True)]
+    )
+    return hashlib.sha256(document.encode()).hexdigest()
+
+
+def _fingerprint(support_hash: str, body: SupportSetIn, init_version: str) -> str:
+    document = {
+        "support": support_hash,
+        "name": body.name,
+        "mode": body.mode,
+        "steps": body.steps,
+        "initialization": init_version,
+    }
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+def create_task(
+    *,
+    session: Session,
+    runtime: Runtime,
+    dispatcher: InProcessDispatcher | CeleryDispatcher,
+    tenant_id: uuid.UUID,
+    body: SupportSetIn,
+    idempotency_key: str | None,
+) -> tuple[Task, Job | None]:
+    """Store the images, record task + examples + adapt job in one transaction, then enqueue.
+
+    Returns the task and the adapt job created now, or None for the job when an earlier request
+    with the same Idempotency-Key created the task. Nothing stays behind when any step fails.
+    """
+    init_row = registry.active_initialization(session=session)
+    if init_row is None:
+        raise ServiceUnavailable(
+            "no active initialization is registered yet; an administrator must promote one",
+            code="no_active_initialization",
+        )
+    support_hash = support_set_hash(body.labels, [i.sha256 for i in body.images])
+    fingerprint = _fingerprint(support_hash, body, init_row.version)
+    if idempotency_key is not None:
+        earlier = jobs.find_idempotent_job(
+            session=session, tenant_id=tenant_id, key=idempotency_key
+        )
+        if earlier is not None:
+            return _idempotent_replay(session, tenant_id, earlier, fingerprint), None
+
+    task_id = uuid.uuid4()
+    labels_in_order = list(dict.fromkeys(body.labels))
+    try:
+        examples = []
+        # Content-addressed in a folder of this new task: a repeated image is stored once.
+        files: dict[str, bytes] = {}
+        for position, (image, label) in enumerate(zip(body.images, body.labels, strict=True)):
+            key = support_image_key(task_id, image.sha256, image.format)
+            files.setdefault(key, image.data)
+            examples.append(
+                SupportExample(
+                    position=position,
+                    label=label,
+                    image_key=key,
+                    sha256=image.sha256,
+                    format=image.format,
+                    width=image.width,
+                    height=image.height,
+                    size_bytes=len(image.data),
+                )
+            )
+        runtime.store.put_many(files)
+        task = Task(
+            id=task_id,
+            tenant_id=tenant_id,
+            name=body.name,
+            status="adapting",
+            labels=labels_in_order,
+            mode=body.mode,
+            steps=body.steps,
+            initialization_id=init_row.id,
+            support_set_sha256=support_hash,
+            example_count=len(examples),
+            examples=examples,
+        )
+        job = state.new_job(
+            kind="adapt",
+            settings=runtime.settings,
+            tenant_id=tenant_id,
+            task_id=task_id,
+            initialization_id=init_row.id,
+            params={"mode": body.mode, "steps": body.steps, "fingerprint": fingerprint},
+            idempotency_key=idempotency_key,
+        )
+        session.add(task)
+        # Jobs have no ORM relationship to tasks, so the task row must exist before the job's.
+        session.flush()
+        session.add(job)
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        runtime.store.delete_tree(task_prefix(task_id))
+        if idempotency_key is not None:
+            earlier = jobs.find_idempotent_job(
+                session=session, tenant_id=tenant_id, key=idempotency_key
+            )
+            if earlier is not None:
+                return _idempotent_replay(session, tenant_id, earlier, fingerprint), None
+        raise
+    except BaseException:
+        session.rollback()
+        runtime.store.delete_tree(task_prefix(task_id))
+        raise
+
+    def discard() -> None:
+        # The broker refused the job: withdraw the whole request (rows, files, the key).
+        session.rollback()
+        session.execute(delete(Task).where(Task.id == task_id))
+        session.commit()
+        runtime.store.delete_tree(task_prefix(task_id))
+
+    jobs.send(dispatcher, job, discard=discard)
+    return task, job
+
+
+def _idempotent_replay(session: Session, tenant_id: uuid.UUID, job: Job, fingerprint: str) -> Task:
+    if job.params.get("fingerprint") != fingerprint or job.task_id is None:
+        raise Conflict(
+            "this Idempotency-Key was already used for a different request; use a new key",
+            code="idempotency_key_reused",
+        )
+    return tasks.get_task(session=session, tenant_id=tenant_id, task_id=job.task_id)
+
+
+def delete_task(*, session: Session, runtime: Runtime, task: Task) -> None:
+    """Remove a task's rows (examples, jobs, models, predictions) and then its files."""
+    model_ids = list(
+        session.scalars(select(AdaptedModel.id).where(AdaptedModel.task_id == task.id))
+    )
+    session.delete(task)
+    session.commit()
+    runtime.store.delete_tree(task_prefix(task.id))
+    runtime.models.forget(model_ids)
+
+
+def get_task(*, session: Session, tenant_id: uuid.UUID, task_id: uuid.UUID) -> Task:
+    """The tenant's task, or 404 (also for another tenant's task)."""
+    task = session.scalar(select(Task).where(Task.id == task_id, Task.tenant_id == tenant_id))
+    if task is None:
+        raise NotFound(f"no task {task_id}")
+    return task
+
+
+def list_tasks(*, session: Session, tenant_id: uuid.UUID, limit: int, cursor: str | None) -> Page:
+    """The tenant's tasks, newest first."""
+    query = select(Task).where(Task.tenant_id == tenant_id)
+    return paginate(session=session, query=query, model=Task, limit=limit, cursor=cursor)
+
+
+def label_counts(task: Task) -> dict[str, int]:
+    """Support images per label, in the task's label order."""
+    counts = dict.fromkeys(task.labels, 0)
+    for example in task.examples:
+        counts[example.label] = counts.get(example.label, 0) + 1
+    return counts
+
+
+def task_public(session: Session, task: Task) -> TaskPublic:
+    """A task with its current adapted model, latest job and links."""
+    model = adaptations.current_adapted_model(session=session, task_id=task.id)
+    job = jobs.latest_job(session=session, task_id=task.id)
+    links = {"self": f"/v1/tasks/{task.id}", "predictions": f"/v1/tasks/{task.id}/predictions"}
+    if job is not None:
+        links["job"] = f"/v1/jobs/{job.id}"
+    error = None
+    if task.status == "failed" and job is not None and job.error_code:
+        error = ErrorInfo(code=job.error_code, message=job.error_message or "")
+    return TaskPublic(
+        id=task.id,
+        name=task.name,
+        status=task.status,  # type: ignore[arg-type]
+        mode=task.mode,
+        steps=task.steps,
+        labels=list(task.labels),
+        counts=tasks.label_counts(task),
+        example_count=task.example_count,
+        initialization_version=task.initialization.version,
+        adapted_model=None
+        if model is None
+        else AdaptedModelPublic(
+            id=model.id,
+            initialization_version=model.initialization_version,
+            mode=model.mode,
+            steps=model.steps,
+            support_accuracy=model.support_accuracy,
+            created_at=model.created_at,
+        ),
+        job=None if job is None else JobRef(id=job.id, state=job.state),
+        error=error,
+        created_at=task.created_at,
+        updated_at=task.updated_at,
+        links=links,
+    )
