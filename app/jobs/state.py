@@ -188,109 +188,68 @@ def release(session: Session, claim: Claim) -> bool:
     return _rowcount(result) == 1
 
 
-def finish(session: Session, claim: Claim, *, result: dict[str, Any], **values: Any) -> bool:
-    """Mark the claimed run succeeded in the caller's transaction, and commit; False if fenced off.
+def _end(session: Session, job_id: uuid.UUID, where: list[Any], state: str, **values: Any) -> bool:
+    """Move a job matching `where` to a terminal state, and commit; False when none matched.
 
-    The caller may have added rows (an adapted model, an initialization) to the same
-    transaction: they are committed with the success or rolled back with its refusal.
+    Rows the caller added to the transaction are committed with the change, or rolled back
+    when it is refused.
     """
     now = utcnow()
-    done = session.execute(
-        update(Job)
-        .where(*_fenced(claim))
-        .values(
-            state="succeeded",
-            progress=1.0,
-            result=result,
-            finished_at=now,
-            lease_expires_at=None,
-            updated_at=now,
-            **values,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if _rowcount(done) != 1:
-        session.rollback()
-        return False
-    _after_end(session, claim.job_id, "succeeded")
-    session.commit()
-    return True
-
-
-def fail(
-    session: Session, job_id: uuid.UUID, *, attempt: int | None, code: str, message: str
-) -> bool:
-    """Mark a job failed (fenced by `attempt` when given), and commit."""
-    now = utcnow()
-    conditions = [Job.id == job_id, Job.state.in_(ACTIVE_STATES)]
-    if attempt is not None:
-        conditions.append(Job.attempts == attempt)
     result = session.execute(
         update(Job)
-        .where(*conditions)
-        .values(
-            state="failed",
-            error_code=code,
-            error_message=message[:2000],
-            finished_at=now,
-            lease_expires_at=None,
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    ended = _rowcount(result) == 1
-    if ended:
-        _after_end(session, job_id, "failed")
-    session.commit()
-    return ended
-
-
-def fail_exhausted(session: Session, job_id: uuid.UUID) -> bool:
-    """Fail a running job whose lease ran out with no attempt left."""
-    now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.state == "running",
-            Job.attempts >= Job.max_attempts,
-            Job.lease_expires_at < now,
-        )
-        .values(
-            state="failed",
-            error_code="attempts_exhausted",
-            error_message=(
-                "gave up after every attempt ended without finishing (each worker stopped or "
-                "lost its lease)"
-            ),
-            finished_at=now,
-            lease_expires_at=None,
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    ended = _rowcount(result) == 1
-    if ended:
-        _after_end(session, job_id, "failed")
-    session.commit()
-    return ended
-
-
-def end_fenced(session: Session, claim: Claim, state: str, **values: Any) -> bool:
-    """End the claimed run in `state` (e.g. cancelled at a worker's checkpoint), and commit."""
-    now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(*_fenced(claim))
+        .where(Job.id == job_id, *where)
         .values(state=state, finished_at=now, lease_expires_at=None, updated_at=now, **values)
         .execution_options(synchronize_session=False)
     )
     if _rowcount(result) != 1:
         session.rollback()
         return False
-    _after_end(session, claim.job_id, state)
+    _after_end(session, job_id, state)
     session.commit()
     return True
+
+
+def finish(session: Session, claim: Claim, *, result: dict[str, Any], **values: Any) -> bool:
+    """Mark the claimed run succeeded, with what the caller added to the transaction."""
+    return _end(
+        session, claim.job_id, list(_fenced(claim)), "succeeded", progress=1.0, result=result,
+        **values,
+    )  # fmt: skip
+
+
+def fail(
+    session: Session, job_id: uuid.UUID, *, attempt: int | None, code: str, message: str
+) -> bool:
+    """Mark a job failed (fenced by `attempt` when given), and commit."""
+    where: list[Any] = [Job.state.in_(ACTIVE_STATES)]
+    if attempt is not None:
+        where.append(Job.attempts == attempt)
+    return _end(session, job_id, where, "failed", error_code=code, error_message=message[:2000])
+
+
+def fail_exhausted(session: Session, job_id: uuid.UUID) -> bool:
+    """Fail a running job whose lease ran out with no attempt left."""
+    where = [
+        Job.state == "running",
+        Job.attempts >= Job.max_attempts,
+        Job.lease_expires_at < utcnow(),
+    ]
+    return _end(
+        session,
+        job_id,
+        where,
+        "failed",
+        error_code="attempts_exhausted",
+        error_message=(
+            "gave up after every attempt ended without finishing (each worker stopped or "
+            "lost its lease)"
+        ),
+    )
+
+
+def end_fenced(session: Session, claim: Claim, state: str, **values: Any) -> bool:
+    """End the claimed run in `state` (e.g. cancelled at a worker's checkpoint), and commit."""
+    return _end(session, claim.job_id, list(_fenced(claim)), state, **values)
 
 
 def cancel(session: Session, job: Job) -> bool:

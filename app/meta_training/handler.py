@@ -287,13 +287,15 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
     except fewshot.DatasetError as exc:
         raise PermanentJobError("invalid_dataset", str(exc)) from exc
     trainer = MetaTrainer(cfg, train, val, folder, start=start, device=device)
+    extra: dict[str, Any] = {"iteration": trainer.iteration, "total": cfg.iterations}
     if trainer.iteration > 0:
-        resumes = [
+        extra["resumes"] = [
             *detail.get("resumes", []),
             {"attempt": claim.attempt, "iteration": trainer.iteration},
         ]
-        reporter.stage("training", resumes=resumes, iteration=trainer.iteration)
         log.info("job %s: resuming from iteration %d", claim.job_id, trainer.iteration)
+    # The data is loaded: say so now, not at the first report (which can be minutes away).
+    reporter.stage("training", **extra)
     try:
         result = trainer.run(
             on_progress=lambda report: reporter.progress(report, trainer.curve, folder),
