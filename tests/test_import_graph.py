@@ -1,0 +1,157 @@
+"""The import graph of app/, worker/ and fewshot/: no cycles, app -> worker only in the CLI, a pure core."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("app", "worker", "fewshot")
+# Frameworks the ML core must not need: web, queue, database and settings.
+FORBIDDEN_IN_FEWSHOT = (
+    "fastapi",
+    "celery",
+    "sqlalchemy",
+    "redis",
+    "starlette",
+    "pydantic_settings",
+)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "migrations" in path.relative_to(ROOT).parts:
+                continue
+            found[_module_name(path)] = path
+    return found
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _import_nodes(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Every import statement, module- or function-level, except under `if TYPE_CHECKING:`."""
+    stack: list[ast.AST] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def _imported(module: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """Absolute names this module imports (for `from x import y`, `x.y` when that is a module)."""
+    names: set[str] = set()
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in _import_nodes(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+            continue
+        base = node.module or ""
+        if node.level:
+            anchor = package.split(".")
+            anchor = anchor[: len(anchor) - (node.level - 1)]
+            base = ".".join([*anchor, base] if base else anchor)
+        names.add(base)
+        for alias in node.names:
+            if f"{base}.{alias.name}" in known:
+                names.add(f"{base}.{alias.name}")
+    return names
+
+
+def _graph() -> dict[str, set[str]]:
+    known = _modules()
+    return {module: _imported(module, path, known) for module, path in known.items()}
+
+
+def _internal(name: str, known: dict[str, set[str]]) -> str | None:
+    """The known module a name refers to (a name inside a module counts as that module)."""
+    while name and name not in known:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    edges = {
+        module: {t for n in names if (t := _internal(n, graph)) and t != module}
+        for module, names in graph.items()
+    }
+    colour: dict[str, int] = {}
+    trail: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        colour[module] = 1
+        trail.append(module)
+        for target in sorted(edges[module]):
+            if colour.get(target) == 1:
+                return [*trail[trail.index(target) :], target]
+            if target not in colour and (found := visit(target)):
+                return found
+        colour[module] = 2
+        trail.pop()
+        return None
+
+    for module in sorted(edges):
+        if module not in colour and (found := visit(module)):
+            return found
+    return None
+
+
+def test_the_graph_sees_known_edges() -> None:
+    graph = _graph()
+    # Guards the parser itself: a module-level, a relative-free from-import and a function-level one.
+    assert "app.jobs.kinds" in graph["app.jobs.state"]
+    assert "worker.celery_app" in graph["app.cli"]
+    assert "app.jobs.runner" in graph["app.jobs.dispatch"]
+
+
+def test_no_import_cycle_among_app_modules() -> None:
+    graph = {m: names for m, names in _graph().items() if m.split(".")[0] == "app"}
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_app_imports_worker_only_in_its_cli() -> None:
+    offenders = {
+        module: sorted(n for n in names if n.split(".")[0] == "worker")
+        for module, names in _graph().items()
+        if module.split(".")[0] == "app" and module != "app.cli"
+    }
+    assert {m: n for m, n in offenders.items() if n} == {}
+
+
+def test_fewshot_imports_no_web_queue_or_database_framework() -> None:
+    offenders = {
+        module: sorted(n for n in names if n.split(".")[0] in FORBIDDEN_IN_FEWSHOT)
+        for module, names in _graph().items()
+        if module.split(".")[0] == "fewshot"
+    }
+    assert {m: n for m, n in offenders.items() if n} == {}
+    assert not any(
+        n.split(".")[0] in ("app", "worker")
+        for module, names in _graph().items()
+        if module.split(".")[0] == "fewshot"
+        for n in names
+    ), "fewshot must not import the service"
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c.x"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
