@@ -1,8 +1,10 @@
 # One image for the API, the Celery workers and the one-shot migration.
+#   docker build -t maml-serve .                                # CPU torch
+#   docker build --build-arg TORCH_VARIANT=cu128 -t maml-serve:gpu .  # CUDA torch (GPU workers)
 FROM python:3.11-slim
 
 ARG TORCH_VERSION=2.13.0
-# "cpu" for CPU-only images; e.g. "cu124" builds a GPU worker image.
+# "cpu" for CPU-only images; a CUDA variant (e.g. "cu128") for GPU workers.
 ARG TORCH_VARIANT=cpu
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -11,7 +13,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MAML_SERVE_DATA_DIR=/data
 
-WORKDIR /app
+WORKDIR /src
 
 # torch first, from its own index, so the resolver never swaps in another build.
 RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" "torch==${TORCH_VERSION}"
@@ -22,16 +24,21 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
 
-COPY README.md alembic.ini ./
+# A regular install, as from a wheel: the migrations, the shipped initialization and the
+# console travel inside the packages, so no source tree is kept in the image.
+COPY README.md ./
 COPY migrations ./migrations
 COPY fewshot ./fewshot
 COPY app ./app
 COPY worker ./worker
-RUN pip install --no-deps -e . \
+COPY maml_serve ./maml_serve
+RUN pip install --no-deps . \
+    && cd / && rm -rf /src \
     && useradd --create-home --uid 10001 maml \
     && mkdir -p /data \
     && chown maml /data
 
+WORKDIR /home/maml
 USER maml
 VOLUME ["/data"]
 EXPOSE 8000

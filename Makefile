@@ -2,9 +2,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU wheel; a bare `torch` would pull a multi-GB CUDA build. Override for a GPU box, e.g.
-# make TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128' install
-TORCH_SPEC ?= torch==2.13.0
+# torch first, the CPU build from PyTorch's CPU index: PyPI's Linux `torch` is the multi-GB CUDA
+# build. A GPU box picks a CUDA build instead, e.g.
+#   make TORCH_INDEX=https://download.pytorch.org/whl/cu128 install
+# (Where that index is out of reach but a local CPU wheel is on pip's find-links, pip takes that.)
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_SPEC ?= torch==$(TORCH_VERSION) --index-url $(TORCH_INDEX) --retries 1
 HOST ?= 127.0.0.1
 PORT ?= 8000
 

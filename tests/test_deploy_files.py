@@ -1,0 +1,135 @@
+"""docker-compose files, Dockerfile and README production steps: parsed and checked against the code."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from app.cli import build_parser
+from app.core.config import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _compose(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((REPO / name).read_text())
+    return data
+
+
+def _parses(command: list[str]) -> Any:
+    """The CLI's parse of a `maml-serve ...` command line (fails the test if it would not start)."""
+    assert command[0] == "maml-serve", command
+    try:
+        return build_parser(core=False).parse_args(command[1:])
+    except SystemExit as exc:  # argparse's way of refusing
+        pytest.fail(f"not a valid maml-serve command: {command} ({exc})")
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    assert isinstance(env, dict), "environment as a mapping"
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def test_compose_services_run_real_commands_with_real_settings() -> None:
+    services = _compose("docker-compose.yml")["services"]
+    assert {"postgres", "redis", "migrate", "api", "worker", "trainer"} <= set(services)
+    fields = set(Settings.model_fields)
+    for name, service in services.items():
+        command = service.get("command")
+        if command and command[0] == "maml-serve":
+            _parses(command)
+        for key in _env(service):
+            if key.startswith("MAML_SERVE_"):
+                assert key.removeprefix("MAML_SERVE_").lower() in fields, (
+                    f"{name}: {key} is no setting"
+                )
+    assert _parses(services["migrate"]["command"]).command == "migrate"
+    assert _parses(services["api"]["command"]).command == "serve"
+    worker = _parses(services["worker"]["command"])
+    assert set(worker.queues.split(",")) == {"adapt", "predict"}
+    trainer = _parses(services["trainer"]["command"])
+    assert trainer.queues == "train" and trainer.pool == "solo"
+    # The trainer's limit is the meta-training one; the adapt limit belongs to the adapt worker.
+    assert "MAML_SERVE_TRAIN_TIME_LIMIT_SECONDS" in _env(services["trainer"])
+    assert "MAML_SERVE_TASK_TIME_LIMIT_SECONDS" not in _env(services["trainer"])
+    for name in ("api", "worker", "trainer", "migrate"):
+        env = _env(services[name])
+        assert env["MAML_SERVE_ENVIRONMENT"] == "production"
+        assert "MAML_SERVE_API_KEY_PEPPER" in env and "MAML_SERVE_BROKER_URL" in env
+
+
+def test_the_omniglot_zip_is_mounted_where_the_api_looks() -> None:
+    api = _compose("docker-compose.yml")["services"]["api"]
+    path = _env(api)["MAML_SERVE_OMNIGLOT_PATH"]
+    targets = [str(v).rsplit(":", 2)[1] for v in api["volumes"] if str(v).count(":") >= 1]
+    assert any(path.startswith(target.rstrip("/") + "/") for target in targets), (path, targets)
+
+
+def test_required_variables_are_in_env_example_and_created_by_the_readme() -> None:
+    text = (REPO / "docker-compose.yml").read_text()
+    required = set(re.findall(r"\$\{(\w+):\?", text))
+    assert required == {"POSTGRES_PASSWORD", "MAML_SERVE_API_KEY_PEPPER"}
+    example = (REPO / ".env.example").read_text()
+    production = _readme_section("### Production")
+    for name in required:
+        assert re.search(rf"^{name}=", example, re.M), f".env.example lacks {name}"
+        assert f"{name}=" in production, f"the README's production steps do not set {name}"
+    assert ".env" in (REPO / ".gitignore").read_text().split()
+    assert ".env" in (REPO / ".dockerignore").read_text().split()
+
+
+def test_gpu_override_gives_the_workers_a_cuda_build_and_the_gpus() -> None:
+    base = _compose("docker-compose.yml")["services"]
+    override = _compose("docker-compose.gpu.yml")["services"]
+    assert set(override) == {"worker", "trainer"} and set(override) <= set(base)
+    for service in override.values():
+        assert service["build"]["args"]["TORCH_VARIANT"].startswith("${")
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert "ARG TORCH_VARIANT=cpu" in (REPO / "Dockerfile").read_text()
+
+
+def test_dockerfile_copies_what_exists_and_starts_the_api() -> None:
+    lines = (REPO / "Dockerfile").read_text().splitlines()
+    for line in lines:
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (REPO / source).exists(), f"Dockerfile copies missing {source}"
+    cmd = next(line for line in lines if line.startswith("CMD "))
+    assert _parses(eval(cmd.removeprefix("CMD "))).command == "serve"
+
+
+def _readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index(title + "\n")
+    end = text.find("\n### ", start + len(title))
+    return text[start : end if end > 0 else None]
+
+
+def test_readme_commands_exist() -> None:
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    subcommands = set(build_parser(core=False)._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    seen = 0
+    for block in blocks:
+        for line in block.splitlines():
+            for match in re.finditer(r"maml-serve ([a-z][a-z-]*)", line):
+                assert match.group(1) in subcommands, (
+                    f"README runs maml-serve {match.group(1)}: {line}"
+                )
+                seen += 1
+            for compose_file in re.findall(r"-f (\S+\.ya?ml)", line):
+                assert (REPO / compose_file).is_file(), f"README names missing {compose_file}"
+    assert seen > 5
+    production = _readme_section("### Production")
+    assert "--queues train" in production, "the no-Docker steps start a train worker"
+    assert "docker-compose.gpu.yml" in production
+    for line in production.splitlines():
+        if line.startswith("maml-serve worker"):
+            _parses(shlex.split(line.split("#")[0].strip().rstrip("&")))
