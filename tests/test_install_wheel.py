@@ -76,14 +76,16 @@ def test_wheel_install_migrates_and_creates_keys(tmp_path: Path) -> None:
         _run(
             python,
             "-c",
-            "import json, app, maml_serve, app.core.migrate as m;"
-            "print(json.dumps([app.__file__, maml_serve.__file__, str(m.migrations_dir())]))",
+            "import json, app, maml_serve, app.core.migrate as m, app.console.router as c;"
+            "print(json.dumps([app.__file__, maml_serve.__file__, str(m.migrations_dir()),"
+            " str(c.STATIC_DIR / 'index.html')]))",
             cwd=tmp_path,
             env=env,
         )
     )
     assert all(path.startswith(str(fresh_site)) for path in where), where
     assert (Path(where[2]) / "versions").is_dir()
+    assert Path(where[3]).is_file(), "the console's files are in the wheel"
 
     cli = venv / "bin" / "maml-serve"
     work = tmp_path / "elsewhere"  # no alembic.ini, no migrations/ in sight
