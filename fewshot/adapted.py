@@ -21,6 +21,7 @@ from fewshot.inner import (
     HEAD_BIAS,
     HEAD_SCALE,
     HEAD_WEIGHT,
+    InnerRecipe,
     adapt_params,
     predict_logits_batched,
 )
@@ -194,6 +195,7 @@ def adapt(
         default_step_size=default,
         mode=mode,
         differentiable=False,
+        recipe=InnerRecipe.from_config(init.config),
     )
     with torch.no_grad():
         accuracy = (

@@ -59,6 +59,30 @@ def add_subcommands(sub: Any) -> None:
     train.add_argument(
         "--no-lslr", action="store_true", help="keep step sizes fixed (no MAML++ LSLR)"
     )
+    train.add_argument(
+        "--inner-temperature",
+        type=float,
+        help="multiplier on the logits in the inner loop's support loss (default: the start's)",
+    )
+    train.add_argument(
+        "--inner-label-smoothing", type=float, help="label smoothing of the support loss"
+    )
+    train.add_argument(
+        "--inner-shift-views",
+        type=int,
+        help="also fit 4 copies of the support shifted by this many pixels (0: off)",
+    )
+    train.add_argument(
+        "--softplus-steps", action="store_true", help="keep step sizes positive via softplus"
+    )
+    train.add_argument(
+        "--reset-step-sizes",
+        action="store_true",
+        help="start the learned step sizes at --step-size instead of the start's",
+    )
+    train.add_argument(
+        "--head-step-size", type=float, help="with --reset-step-sizes: the head's starting size"
+    )
     train.add_argument("--first-order", action="store_true", help="first-order MAML throughout")
     train.add_argument(
         "--first-order-fraction",
@@ -106,6 +130,7 @@ def add_subcommands(sub: Any) -> None:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     ev.set_defaults(handler=run_evaluate)
 
 
@@ -140,6 +165,12 @@ def run_train(args: argparse.Namespace) -> int:
         inner_steps=args.steps,
         inner_step_size=args.step_size,
         learn_step_sizes=not args.no_lslr,
+        inner_temperature=args.inner_temperature,
+        inner_label_smoothing=args.inner_label_smoothing,
+        inner_shift_views=args.inner_shift_views,
+        step_size_transform="softplus" if args.softplus_steps else None,
+        reset_step_sizes=args.reset_step_sizes,
+        head_step_size=args.head_step_size,
         first_order_fraction=args.first_order_fraction,
         second_order=not args.first_order,
         multi_step_loss=args.msl,
@@ -168,6 +199,7 @@ def run_train(args: argparse.Namespace) -> int:
             "command": "maml-serve " + shlex.join(sys.argv[1:]),
             "data": str(args.data),
             "validation_groups": val.group_names,
+            "training_groups": train.group_names,
             "metrics": report(init, val, args.report_episodes, device),
         }
     )
@@ -178,37 +210,73 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _advance(bar: Any, n: int) -> None:
+    bar.update(n)
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
-    """Print mean accuracy and 95% CI over sampled episodes."""
+    """Print accuracy and 95% CI over sampled episodes, at the served steps and at 0 steps."""
+    from tqdm import tqdm
+
     from fewshot.data import load_dataset
+    from fewshot.errors import FewShotError
     from fewshot.evaluate import evaluate
     from fewshot.initialization import Initialization, shipped_initialization_path
+    from fewshot.promotion import trained_groups
 
     device = _device(args.device)
-    init = Initialization.load(args.init or shipped_initialization_path())
-    data = load_dataset(args.data, init.config)
-    if args.groups:
-        data = data.subset_groups(args.groups)
-    result = evaluate(
-        init.to(device),
-        data,
-        ways=args.ways,
-        shots=args.shots,
-        queries=args.queries,
-        episodes=args.episodes,
-        mode=args.mode,
-        steps=args.steps,
-        seed=args.seed,
-        within_group=args.within_group,
-        device=device,
-    )
+    try:
+        init = Initialization.load(args.init or shipped_initialization_path())
+        data = load_dataset(args.data, init.config)
+        if args.groups:
+            unknown = sorted(set(args.groups) - set(data.group_names))
+            if unknown:
+                raise FewShotError(
+                    f"unknown group(s) {', '.join(unknown)}; the data has: "
+                    + ", ".join(data.group_names)
+                )
+            data = data.subset_groups(args.groups)
+        overlap = sorted(set(data.group_names) & set(trained_groups(init.metadata, data)))
+        if overlap:
+            print(
+                f"warning: {init.version} was meta-trained on {len(overlap)} of these groups "
+                f"({', '.join(overlap)}); its accuracy on them is not a held-out estimate",
+                file=sys.stderr,
+            )
+        with tqdm(
+            total=args.episodes, desc="evaluate", unit="episode", disable=args.no_progress
+        ) as bar:
+            result = evaluate(
+                init.to(device),
+                data,
+                ways=args.ways,
+                shots=args.shots,
+                queries=args.queries,
+                episodes=args.episodes,
+                mode=args.mode,
+                steps=args.steps,
+                seed=args.seed,
+                within_group=args.within_group,
+                device=device,
+                on_progress=lambda n: _advance(bar, n),
+            )
+    except (FewShotError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
-        print(
+        line = (
             f"{result.ways}-way {result.shots}-shot ({result.mode}, {result.steps} steps): "
             f"{100 * result.accuracy:.2f}% ± {100 * result.ci95:.2f} over {result.episodes} episodes"
         )
+        if result.steps > 0 and result.accuracy_0_steps is not None:
+            line += (
+                f"; 0 steps: {100 * result.accuracy_0_steps:.2f}% ± {100 * (result.ci95_0_steps or 0):.2f}"
+                f"; adaptation gain {100 * (result.adaptation_gain or 0):+.2f}"
+                f" ± {100 * (result.adaptation_gain_ci95 or 0):.2f} points (paired)"
+            )
+        print(line)
     return 0
 
 

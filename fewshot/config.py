@@ -9,6 +9,7 @@ from typing import Any, Literal
 Pooling = Literal["stride", "maxpool"]
 Norm = Literal["group", "none"]
 AdaptMode = Literal["full", "head"]
+StepSizeTransform = Literal["identity", "softplus"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,16 @@ class ModelConfig:
     invert: bool = True
     inner_steps: int = 5
     inner_step_size: float = 0.1
+    # The inner loop's support loss (defaults reproduce v1/v2, whose support loss is ~0):
+    # logits are multiplied by `inner_temperature` in the support loss only (< 1 keeps the loss
+    # and its gradients away from zero under the prototype head), cross-entropy with
+    # `inner_label_smoothing`, over the support images plus, with `inner_shift_views` = s > 0,
+    # four copies shifted by s pixels (up, down, left, right; zero fill).
+    inner_temperature: float = 1.0
+    inner_label_smoothing: float = 0.0
+    inner_shift_views: int = 0
+    # "softplus": stored step sizes are raw values and the inner loop uses softplus(raw) > 0.
+    step_size_transform: StepSizeTransform = "identity"
 
     @property
     def feature_dim(self) -> int:
@@ -59,6 +70,16 @@ class MetaTrainConfig:
     inner_steps: int = 5
     inner_step_size: float = 0.1
     learn_step_sizes: bool = True
+    # The inner loop's support-loss recipe (see ModelConfig); None keeps the start's (or the
+    # model field's, from scratch).
+    inner_temperature: float | None = None
+    inner_label_smoothing: float | None = None
+    inner_shift_views: int | None = None
+    step_size_transform: StepSizeTransform | None = None
+    # Start the learned step sizes afresh at `inner_step_size` instead of the start's.
+    reset_step_sizes: bool = False
+    # With reset_step_sizes: the head's starting step size (None: inner_step_size).
+    head_step_size: float | None = None
     # Fraction of iterations run first-order before switching to second order (1.0: first order only).
     first_order_fraction: float = 0.5
     second_order: bool = True

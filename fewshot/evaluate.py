@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,12 +15,18 @@ from fewshot.data import ImageDataset
 from fewshot.episodes import EpisodeSampler
 from fewshot.errors import EpisodeError
 from fewshot.initialization import Initialization
+from fewshot.inner import InnerRecipe
 from fewshot.tasks import query_logits
 
 
 @dataclass
 class EvalResult:
-    """Mean query accuracy over episodes and its 95% normal-approximation interval half-width."""
+    """Mean query accuracy over episodes and its 95% normal-approximation interval half-width.
+
+    `accuracy_0_steps` is the same episodes' accuracy with no inner step (the prototype head on
+    the meta-learned backbone, a Prototypical Network); `adaptation_gain` is the paired mean of
+    (served steps - 0 steps) per episode, with its 95% interval half-width.
+    """
 
     accuracy: float
     ci95: float
@@ -30,10 +36,72 @@ class EvalResult:
     queries: int
     mode: str
     steps: int
+    accuracy_0_steps: float | None = None
+    ci95_0_steps: float | None = None
+    adaptation_gain: float | None = None
+    adaptation_gain_ci95: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
         return asdict(self)
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and 95% normal-approximation half-width (nan for fewer than 2 values)."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.size == 0:
+        return float("nan"), float("nan")
+    ci = 1.96 * float(array.std(ddof=1)) / math.sqrt(array.size) if array.size > 1 else float("nan")
+    return float(array.mean()), ci
+
+
+def episode_scores(
+    init: Initialization,
+    dataset: ImageDataset,
+    *,
+    ways: int,
+    shots: int,
+    queries: int = 5,
+    episodes: int = 100,
+    mode: AdaptMode = "full",
+    steps_list: Sequence[int] = (5,),
+    seed: int = 0,
+    batch: int = 16,
+    within_group: bool = False,
+    device: str | torch.device = "cpu",
+    sampler: EpisodeSampler | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> dict[int, list[float]]:
+    """Per-episode query accuracy for each inner-step count in `steps_list`, on the SAME episodes.
+
+    Episodes are drawn from `seed` alone, so two initializations (or two step counts) scored
+    with one seed see identical tasks and can be compared paired. `on_progress(n)` is called
+    after every n finished episodes.
+    """
+    sampler = sampler or EpisodeSampler(dataset, within_group=within_group, device=device)
+    rng = np.random.default_rng(seed)
+    module = init.module()
+    meta = {k: v.detach().to(device) for k, v in init.params.items()}
+    sizes = {k: v.detach().to(device) for k, v in init.step_sizes.items()}
+    recipe = InnerRecipe.from_config(init.config)
+    scores: dict[int, list[float]] = {steps: [] for steps in steps_list}
+    remaining = episodes
+    with torch.no_grad():
+        while remaining > 0:
+            tasks = min(batch, remaining)
+            b = sampler.sample(rng, tasks, ways, shots, queries)
+            for steps in scores:
+                out = query_logits(
+                    module, meta, sizes, b.support_x, b.support_y, b.query_x, ways,
+                    steps=steps, default_step_size=init.config.inner_step_size, mode=mode,
+                    first_order=True, recipe=recipe,
+                )  # fmt: skip
+                correct = (out.argmax(dim=-1) == b.query_y).float().mean(dim=1)
+                scores[steps].extend(correct.cpu().tolist())
+            remaining -= tasks
+            if on_progress is not None:
+                on_progress(tasks)
+    return scores
 
 
 def evaluate(
@@ -51,51 +119,35 @@ def evaluate(
     within_group: bool = False,
     device: str | torch.device = "cpu",
     sampler: EpisodeSampler | None = None,
+    on_progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
-    """Adapt to `episodes` seeded tasks from `dataset` and score their queries (no rotations)."""
+    """Adapt to `episodes` seeded tasks from `dataset` and score their queries (no rotations).
+
+    Also scores the same episodes at 0 inner steps (accuracy_0_steps) and their paired gain.
+    """
     steps = init.config.inner_steps if steps is None else steps
-    sampler = sampler or EpisodeSampler(dataset, within_group=within_group, device=device)
-    rng = np.random.default_rng(seed)
-    module = init.module()
-    meta = {k: v.detach().to(device) for k, v in init.params.items()}
-    sizes = {k: v.detach().to(device) for k, v in init.step_sizes.items()}
-    scores: list[float] = []
-    remaining = episodes
-    with torch.no_grad():
-        while remaining > 0:
-            tasks = min(batch, remaining)
-            b = sampler.sample(rng, tasks, ways, shots, queries)
-            out = query_logits(
-                module,
-                meta,
-                sizes,
-                b.support_x,
-                b.support_y,
-                b.query_x,
-                ways,
-                steps=steps,
-                default_step_size=init.config.inner_step_size,
-                mode=mode,
-                first_order=True,
-            )
-            correct = (out.argmax(dim=-1) == b.query_y).float().mean(dim=1)
-            scores.extend(correct.cpu().tolist())
-            remaining -= tasks
-    values = np.array(scores)
-    ci = (
-        1.96 * float(values.std(ddof=1)) / math.sqrt(len(values))
-        if len(values) > 1
-        else float("nan")
-    )
+    steps_list = [steps] if steps == 0 else [steps, 0]
+    scores = episode_scores(
+        init, dataset, ways=ways, shots=shots, queries=queries, episodes=episodes, mode=mode,
+        steps_list=steps_list, seed=seed, batch=batch, within_group=within_group, device=device,
+        sampler=sampler, on_progress=on_progress,
+    )  # fmt: skip
+    accuracy, ci = mean_ci95(scores[steps])
+    zero, zero_ci = mean_ci95(scores[0])
+    gain, gain_ci = mean_ci95(np.array(scores[steps]) - np.array(scores[0]))
     return EvalResult(
-        accuracy=float(values.mean()),
+        accuracy=accuracy,
         ci95=ci,
-        episodes=len(values),
+        episodes=len(scores[steps]),
         ways=ways,
         shots=shots,
         queries=queries,
         mode=mode,
         steps=steps,
+        accuracy_0_steps=zero,
+        ci95_0_steps=zero_ci,
+        adaptation_gain=gain,
+        adaptation_gain_ci95=gain_ci,
     )
 
 

@@ -8,6 +8,7 @@ initialised from its prototypes, so one initialization serves any number of ways
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad
 
 from fewshot.backbone import Conv4
-from fewshot.config import AdaptMode
+from fewshot.config import AdaptMode, ModelConfig, StepSizeTransform
 from fewshot.head import head_logits, prototype_head
 
 HEAD_WEIGHT = "head.weight"
@@ -23,6 +24,64 @@ HEAD_BIAS = "head.bias"
 HEAD_SCALE = "head.log_scale"
 
 Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class InnerRecipe:
+    """How the inner loop's support loss and step sizes are formed (see ModelConfig's fields).
+
+    The defaults are the v1/v2 recipe: plain cross-entropy on the support set, raw step sizes.
+    """
+
+    temperature: float = 1.0
+    label_smoothing: float = 0.0
+    shift_views: int = 0
+    transform: StepSizeTransform = "identity"
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> InnerRecipe:
+        """The recipe an initialization's config records."""
+        return cls(
+            temperature=config.inner_temperature,
+            label_smoothing=config.inner_label_smoothing,
+            shift_views=config.inner_shift_views,
+            transform=config.step_size_transform,
+        )
+
+
+PLAIN = InnerRecipe()
+
+
+def support_views(x: Tensor, y: Tensor, shift: int) -> tuple[Tensor, Tensor]:
+    """Support images [S, C, H, W] plus four copies shifted by `shift` pixels: [5S, ...], labels [5S].
+
+    Deterministic (so adaptation is reproducible) and vmap-able; `shift` 0 returns the inputs.
+    """
+    if shift <= 0:
+        return x, y
+    height, width = x.shape[-2], x.shape[-1]
+    padded = F.pad(x, (shift, shift, shift, shift))
+    views = [x]
+    for dy, dx in ((0, shift), (2 * shift, shift), (shift, 0), (shift, 2 * shift)):
+        views.append(padded[..., dy : dy + height, dx : dx + width])
+    return torch.cat(views), y.repeat(len(views))
+
+
+def effective_step_sizes(
+    step_sizes: Mapping[str, Tensor], transform: StepSizeTransform
+) -> dict[str, Tensor]:
+    """The step sizes the inner loop uses: stored values, or softplus(stored) > 0."""
+    if transform == "softplus":
+        return {name: F.softplus(value) for name, value in step_sizes.items()}
+    return dict(step_sizes)
+
+
+def raw_step_sizes(effective: Tensor, transform: StepSizeTransform) -> Tensor:
+    """Inverse of effective_step_sizes for one tensor (values below 1e-3 clamp up under softplus)."""
+    if transform == "softplus":
+        value = effective.clamp_min(1e-3)
+        return value + torch.log(-torch.expm1(-value))
+    return effective.clone()
 
 
 def backbone_names(params: Mapping[str, Tensor]) -> list[str]:
@@ -61,13 +120,32 @@ def step_size(
     return sizes[min(step, sizes.shape[0] - 1)]
 
 
-def _full_loss(adapted: Params, base: Params, module: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(logits(module, {**base, **adapted}, x), y)
+def _full_loss(
+    adapted: Params, base: Params, module: nn.Module, x: Tensor, y: Tensor, recipe: InnerRecipe
+) -> Tensor:
+    out = logits(module, {**base, **adapted}, x)
+    return _support_loss(out, y, recipe)
 
 
-def _head_loss(adapted: Params, features: Tensor, log_scale: Tensor, y: Tensor) -> Tensor:
+def _head_loss(
+    adapted: Params, features: Tensor, log_scale: Tensor, y: Tensor, recipe: InnerRecipe
+) -> Tensor:
     out = head_logits(features, adapted[HEAD_WEIGHT], adapted[HEAD_BIAS], log_scale)
-    return F.cross_entropy(out, y)
+    return _support_loss(out, y, recipe)
+
+
+def _support_loss(out: Tensor, y: Tensor, recipe: InnerRecipe) -> Tensor:
+    if recipe.temperature != 1.0:
+        out = out * recipe.temperature
+    return F.cross_entropy(out, y, label_smoothing=recipe.label_smoothing)
+
+
+def support_loss(
+    module: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, recipe: InnerRecipe
+) -> Tensor:
+    """The inner loop's loss on a support set [S, C, H, W] / [S] under adapted params (with head)."""
+    views_x, views_y = support_views(x, y, recipe.shift_views)
+    return _support_loss(logits(module, params, views_x), views_y, recipe)
 
 
 def adapt_params(
@@ -84,6 +162,7 @@ def adapt_params(
     first_order: bool = False,
     on_step: Callable[[int, Params], None] | None = None,
     differentiable: bool = True,
+    recipe: InnerRecipe = PLAIN,
 ) -> Params:
     """Run `steps` SGD steps on the support cross-entropy; return the adapted parameter dict.
 
@@ -94,11 +173,20 @@ def adapt_params(
     parameters after each step (t = 1..steps), e.g. for MAML++'s multi-step loss.
     With `differentiable=False` (serving one task) the result is detached and the steps use
     plain reverse-mode autograd, which skips torch.func's per-op wrapping; not for vmap.
+    `recipe` sets the support loss (temperature, label smoothing, shifted views) and whether
+    the stored step sizes pass through softplus; the head starts from the plain support's prototypes.
     """
     onehot = F.one_hot(support_y, n_way).to(support_x.dtype)
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
         features = embed(module, meta, support_x)
         weight, bias = prototype_head(features, onehot)
+        step_sizes = effective_step_sizes(step_sizes, recipe.transform) if steps > 0 else {}
+    loss_x, loss_y = support_views(support_x, support_y, recipe.shift_views)
+    if recipe.shift_views > 0 and mode == "head" and steps > 0:
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            loss_features = embed(module, meta, loss_x)
+    else:
+        loss_features = features
     fast: Params = {**meta, HEAD_WEIGHT: weight, HEAD_BIAS: bias}
     if not differentiable:
         fast = {name: value.detach() for name, value in fast.items()}
@@ -107,7 +195,7 @@ def adapt_params(
     for t in range(steps):
         adapted = {name: fast[name] for name in names}
         base = {name: fast[name] for name in fast if name not in adapted}
-        grads = support_grads(adapted, base, module, features, support_x, support_y, mode)
+        grads = support_grads(adapted, base, module, loss_features, loss_x, loss_y, mode, recipe)
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             for name in names:
                 g = grads[name].detach() if first_order else grads[name]
@@ -125,12 +213,13 @@ def _func_grads(
     x: Tensor,
     y: Tensor,
     mode: AdaptMode,
+    recipe: InnerRecipe,
 ) -> Params:
     """Support-loss gradients with torch.func.grad: differentiable, and vmap-able."""
     if mode == "head":
-        out: Params = grad(_head_loss)(adapted, features, base[HEAD_SCALE], y)
+        out: Params = grad(_head_loss)(adapted, features, base[HEAD_SCALE], y, recipe)
     else:
-        out = grad(_full_loss)(adapted, base, module, x, y)
+        out = grad(_full_loss)(adapted, base, module, x, y, recipe)
     return out
 
 
@@ -142,6 +231,7 @@ def _autograd_grads(
     x: Tensor,
     y: Tensor,
     mode: AdaptMode,
+    recipe: InnerRecipe,
 ) -> Params:
     """Support-loss gradients on fresh leaves with torch.autograd.grad: constants, not vmap-able.
 
@@ -150,9 +240,9 @@ def _autograd_grads(
     with torch.enable_grad():
         leaves = {name: value.detach().requires_grad_(True) for name, value in adapted.items()}
         if mode == "head":
-            loss = _head_loss(leaves, features.detach(), base[HEAD_SCALE], y)
+            loss = _head_loss(leaves, features.detach(), base[HEAD_SCALE], y, recipe)
         else:
-            loss = _full_loss(leaves, base, module, x, y)
+            loss = _full_loss(leaves, base, module, x, y, recipe)
         grads = torch.autograd.grad(loss, list(leaves.values()))
     return dict(zip(leaves, grads, strict=True))
 

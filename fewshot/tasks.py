@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from fewshot.config import AdaptMode
-from fewshot.inner import Params, adapt_params, logits
+from fewshot.inner import PLAIN, InnerRecipe, Params, adapt_params, logits
 
 
 def query_logits(
@@ -26,6 +26,7 @@ def query_logits(
     mode: AdaptMode = "full",
     first_order: bool = False,
     every_step: bool = False,
+    recipe: InnerRecipe = PLAIN,
 ) -> Tensor:
     """Query logits of T tasks after adaptation: [T, Q, N], or [steps, T, Q, N] with `every_step`.
 
@@ -46,6 +47,7 @@ def query_logits(
             default_step_size=default_step_size,
             mode=mode,
             first_order=first_order,
+            recipe=recipe,
             on_step=(lambda _t, p: seen.append(dict(p))) if every_step and steps > 0 else None,
         )
         if not every_step:

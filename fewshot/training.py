@@ -26,12 +26,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from fewshot.config import MetaTrainConfig, ModelConfig
+from fewshot.config import MetaTrainConfig, ModelConfig, StepSizeTransform
 from fewshot.data import ImageDataset
 from fewshot.episodes import EpisodeSampler
 from fewshot.errors import EpisodeError
 from fewshot.evaluate import evaluate_shapes
 from fewshot.initialization import Initialization
+from fewshot.inner import InnerRecipe, effective_step_sizes, raw_step_sizes
 from fewshot.optim import Adam, cosine_lr
 from fewshot.tasks import query_logits
 
@@ -83,17 +84,49 @@ def _progress(cfg: MetaTrainConfig, iteration: int, elapsed: float) -> float:
     return min(1.0, max(by_iter, by_time))
 
 
-def _fit_step_sizes(init: Initialization, steps: int, value: float) -> dict[str, Tensor]:
+def _fit_step_sizes(
+    init: Initialization,
+    steps: int,
+    value: float,
+    transform: StepSizeTransform = "identity",
+    reset: bool = False,
+    head_value: float | None = None,
+) -> dict[str, Tensor]:
+    """Stored step sizes [steps] per adapted name, converted to `transform` from the start's."""
     names = [*[n for n in init.params if not n.startswith("head.")], "head.weight", "head.bias"]
+    start_transform = init.config.step_size_transform
     out = {}
     for name in names:
-        old = init.step_sizes.get(name)
+        old = None if reset else init.step_sizes.get(name)
         if old is None:
-            out[name] = torch.full((steps,), value)
+            start = head_value if head_value is not None and name.startswith("head.") else value
+            out[name] = raw_step_sizes(torch.full((steps,), float(start)), transform)
         else:
             last = old[-1:].expand(max(steps - old.shape[0], 0))
-            out[name] = torch.cat([old[:steps], last]).clone().float()
+            stored = torch.cat([old[:steps], last]).clone().float()
+            if start_transform != transform:
+                effective = effective_step_sizes({name: stored}, start_transform)[name]
+                stored = raw_step_sizes(effective, transform)
+            out[name] = stored
     return out
+
+
+def _recipe_config(config: ModelConfig, cfg: MetaTrainConfig) -> ModelConfig:
+    """`config` with the run's inner steps, step size and any support-loss recipe overrides."""
+    overrides: dict[str, Any] = {
+        "inner_steps": cfg.inner_steps,
+        "inner_step_size": cfg.inner_step_size,
+    }
+    for key in (
+        "inner_temperature",
+        "inner_label_smoothing",
+        "inner_shift_views",
+        "step_size_transform",
+    ):
+        value = getattr(cfg, key)
+        if value is not None:
+            overrides[key] = value
+    return ModelConfig.from_dict({**config.to_dict(), **overrides})
 
 
 class MetaTrainer:
@@ -113,22 +146,23 @@ class MetaTrainer:
         self.out_dir = Path(out_dir)
         self.device = torch.device(device)
         if start is None:
-            model_cfg = ModelConfig.from_dict(
-                {
-                    **cfg.model.to_dict(),
-                    "inner_steps": cfg.inner_steps,
-                    "inner_step_size": cfg.inner_step_size,
-                }
-            )
-            start = Initialization.random(model_cfg, seed=cfg.seed)
+            start = Initialization.random(_recipe_config(cfg.model, cfg), seed=cfg.seed)
         self.base = start
-        self.config = start.config
+        self.config = _recipe_config(start.config, cfg)
+        self.recipe = InnerRecipe.from_config(self.config)
         self.module = start.module()
         self.params = {
             k: v.detach().clone().float().to(self.device).requires_grad_(True)
             for k, v in start.params.items()
         }
-        sizes = _fit_step_sizes(start, cfg.inner_steps, cfg.inner_step_size)
+        sizes = _fit_step_sizes(
+            start,
+            cfg.inner_steps,
+            cfg.inner_step_size,
+            self.config.step_size_transform,
+            reset=cfg.reset_step_sizes,
+            head_value=cfg.head_step_size,
+        )
         self.step_sizes = {
             k: v.to(self.device).requires_grad_(cfg.learn_step_sizes) for k, v in sizes.items()
         }
@@ -174,15 +208,8 @@ class MetaTrainer:
 
     def snapshot(self) -> Initialization:
         """The current meta-parameters as an Initialization (on CPU)."""
-        config = ModelConfig.from_dict(
-            {
-                **self.config.to_dict(),
-                "inner_steps": self.cfg.inner_steps,
-                "inner_step_size": self.cfg.inner_step_size,
-            }
-        )
         return Initialization(
-            config=config,
+            config=self.config,
             params={k: v.detach().cpu().clone() for k, v in self.params.items()},
             step_sizes={k: v.detach().cpu().clone() for k, v in self.step_sizes.items()},
             # A new initialization: only its lineage carries over, not the parent's metrics.
@@ -238,6 +265,7 @@ class MetaTrainer:
             mode=cfg.adapt_mode,
             first_order=first_order,
             every_step=cfg.multi_step_loss,
+            recipe=self.recipe,
         )
         target = batch.query_y
         if cfg.multi_step_loss:
