@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+import maml_serve
 import maml_serve.client
 from maml_serve import (
     Client,
@@ -128,3 +129,25 @@ def test_create_task_sends_one_idempotency_key_across_retries(sleeps: list[float
 def test_unreachable_server_is_a_transport_error() -> None:
     with Client("http://127.0.0.1:9", "k", timeout=2) as client, pytest.raises(TransportError):
         client.list_tasks()
+
+
+def test_async_client_retries_the_same_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import maml_serve.async_client
+
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(maml_serve.async_client.asyncio, "sleep", fake_sleep)
+    answers = iter([_problem(409, "not_adapted_yet", "3"), httpx.Response(200, json=PREDICTED)])
+
+    async def scenario() -> list[str]:
+        transport = httpx.MockTransport(lambda request: next(answers))
+        async with maml_serve.AsyncClient("http://service", "k", transport=transport) as client:
+            return (await client.predict(TASK, [b"img"])).labels
+
+    assert asyncio.run(scenario()) == ["a"]
+    assert slept == [3.0]
