@@ -12,7 +12,18 @@ import sys
 from collections.abc import Sequence
 
 
+def _share_metrics(processes: int) -> None:
+    """Point several processes at one fresh metrics folder (before prometheus_client loads)."""
+    import os
+
+    if processes > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="maml-serve-metrics-")
+
+
 def _serve(args: argparse.Namespace) -> int:
+    _share_metrics(args.workers)
     import uvicorn
 
     from app.main import create_app
@@ -33,6 +44,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    # Prefork children run the jobs; the metrics server in the parent must see their values.
+    _share_metrics(2 if args.pool == "prefork" else 1)
     from app.core.config import get_settings
 
     if get_settings().broker_url is None:

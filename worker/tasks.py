@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import uuid
+from typing import Any
 
 from celery import Task
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
 from app.core.config import get_settings
+from app.core.metrics import registry
 from app.core.runtime import Runtime
 from app.jobs.dispatch import CeleryDispatcher
 from app.jobs.kinds import KINDS
+from app.jobs.liveness import mark_loop
 from app.jobs.reaper import reaper_loop
 from app.jobs.runner import request_stop, run_job
 from worker.celery_app import celery_app
@@ -89,7 +93,7 @@ def _on_child_start(**_: object) -> None:
 
 
 @worker_ready.connect  # type: ignore[untyped-decorator]
-def _on_worker_ready(**_: object) -> None:
+def _on_worker_ready(sender: Any = None, **_: object) -> None:
     preload()
     dispatcher = CeleryDispatcher(runtime())
     threading.Thread(
@@ -99,7 +103,23 @@ def _on_worker_ready(**_: object) -> None:
         name="reaper",
     ).start()
     settings = get_settings()
+    queues = sorted(sender.app.amqp.queues.consume_from) if sender is not None else []
+    threading.Thread(
+        target=mark_loop,
+        args=(
+            dispatcher.announce,
+            queues,
+            f"{socket.gethostname()}:{os.getpid()}",
+            settings.worker_heartbeat_seconds,
+            _reaper_stop,
+        ),
+        daemon=True,
+        name="queue-marks",
+    ).start()
+    log.info("consuming queues %s", ",".join(queues))
     if settings.worker_metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
+        start_http_server(
+            settings.worker_metrics_port, addr=settings.worker_metrics_host, registry=registry()
+        )

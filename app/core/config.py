@@ -37,6 +37,23 @@ class Settings(BaseSettings):
     max_label_length: int = Field(default=200, gt=0)
     max_steps: int = Field(default=100, ge=0)
     max_wait_seconds: float = Field(default=60.0, ge=0)
+    # Query images are kept decoded at most this many pixels on a side (an initialization's input
+    # is at most 224), so a request holds one full-size image at a time, never all of them.
+    max_decoded_side: int = Field(default=256, ge=8)
+    # Values (array items, object members) a JSON body may hold, counted before it is parsed.
+    max_json_values: int = Field(default=4096, gt=0)
+    # A request body that sends nothing for this long is answered 408 and its resources freed.
+    body_read_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Threads for sync routes and dependencies (anyio's limiter); the pool is sized to them.
+    api_threads: int = Field(default=40, gt=0)
+    # None: api_threads + executor_threads + 4, so no thread ever waits for a connection.
+    db_pool_size: int | None = Field(default=None, gt=0)
+    # Per API key: sustained requests per second, the burst above it, and requests in flight.
+    key_rate_per_second: float = Field(default=20.0, gt=0)
+    key_rate_burst: int = Field(default=40, gt=0)
+    key_max_in_flight: int = Field(default=16, gt=0)
+    # Failed key attempts per client address per minute before it is answered 429.
+    max_failed_auth_per_minute: int = Field(default=20, gt=0)
     retry_after_seconds: int = Field(default=1, ge=1)
     page_size: int = Field(default=50, gt=0)
     max_page_size: int = Field(default=500, gt=0)
@@ -56,6 +73,19 @@ class Settings(BaseSettings):
     worker_metrics_port: int | None = None
     # Loopback by default: metrics are for the operator's scraper, not the world.
     worker_metrics_host: str = "127.0.0.1"
+
+    # Timeouts, so a stopped or frozen dependency answers 503 instead of hanging a request.
+    # PostgreSQL: opening a connection (libpq's minimum is 2 s), one statement (server side; the
+    # client also gives up on a silent server 1 s after it), and waiting for a pooled connection.
+    database_connect_timeout_seconds: int = Field(default=3, ge=2)
+    database_statement_timeout_seconds: float = Field(default=15.0, gt=0)
+    database_pool_timeout_seconds: float = Field(default=5.0, gt=0)
+    # Redis: connecting and each command; a publish is tried twice before the request gets 503.
+    broker_timeout_seconds: float = Field(default=3.0, gt=0)
+    # Each /readyz check answers within this, or counts as failing.
+    readiness_timeout_seconds: float = Field(default=2.0, gt=0)
+    # Each worker marks the queues it consumes as served every this often (the mark lasts 3x).
+    worker_heartbeat_seconds: float = Field(default=5.0, gt=0)
 
     # Admin meta-training (issue 4).
     # Upload cap for a dataset zip, and for what its members would unpack to.
@@ -90,6 +120,11 @@ class Settings(BaseSettings):
         if self.database_url is not None:
             return self.database_url.get_secret_value()
         return f"sqlite:///{(self.data_dir / 'maml-serve.db').resolve()}"
+
+    @property
+    def pool_size(self) -> int:
+        """Database connections per process: one for every thread that may use one."""
+        return self.db_pool_size or self.api_threads + self.executor_threads + 4
 
     @property
     def is_embedded_database(self) -> bool:

@@ -1,8 +1,15 @@
-"""Prometheus metrics shared by the API and the workers (one set per process)."""
+"""Prometheus metrics shared by the API and the workers.
+
+With PROMETHEUS_MULTIPROC_DIR set (before this module is imported), every process writes its
+values to files there and `registry()` adds them up, so `serve --workers N` and prefork workers
+report one total; `serve --workers N` sets it to a fresh temporary folder when it is unset.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _SLOW = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 7200.0)
@@ -47,7 +54,11 @@ PREDICT_COMPUTE = Histogram(
 PREDICTED_IMAGES = Counter("maml_serve_predicted_images_total", "Query images predicted.")
 CACHE_HITS = Counter("maml_serve_model_cache_hits_total", "Model cache hits.", ["cache"])
 CACHE_MISSES = Counter("maml_serve_model_cache_misses_total", "Model cache misses.", ["cache"])
-CACHE_BYTES = Gauge("maml_serve_model_cache_bytes", "Bytes held by the adapted-model cache.")
+CACHE_BYTES = Gauge(
+    "maml_serve_model_cache_bytes",
+    "Bytes held by the adapted-model cache.",
+    multiprocess_mode="livesum",
+)
 JOB_HAND_BACKS = Counter(
     "maml_serve_job_hand_backs_total", "Jobs handed back at shutdown (no attempt spent).", ["kind"]
 )
@@ -57,3 +68,25 @@ LEASE_EXPIRIES = Counter(
     "Running jobs found with an expired lease, by what the reaper did.",
     ["outcome"],
 )
+JOB_ATTEMPTS = Counter(
+    "maml_serve_job_attempts_total",
+    "Claims of a job by a worker (each counts an attempt).",
+    ["kind"],
+)
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    """The folder processes share their values through, or None (one process, in memory)."""
+    return os.environ.get(MULTIPROCESS_ENV) or None
+
+
+def registry() -> CollectorRegistry:
+    """What to expose: every process's values when they share a folder, else this process's."""
+    folder = multiprocess_dir()
+    if folder is None:
+        return REGISTRY
+    shared = CollectorRegistry()
+    multiprocess.MultiProcessCollector(shared, path=folder)  # type: ignore[no-untyped-call]
+    return shared

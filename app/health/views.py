@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from sqlalchemy import func, select, text
 
 from app.core.errors import problem_response
+from app.core.metrics import registry as process_metrics
+from app.core.runtime import Runtime
 from app.core.schemas import problem_responses
 from app.deps import DispatcherDep, RuntimeDep
+from app.health.gauges import StateCollector
 from app.initializations import registry
+from app.jobs.kinds import QUEUES
+from app.jobs.service import Dispatcher
+from app.models import Job
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger(__name__)
@@ -25,24 +33,69 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+# Checks run here so each can be abandoned at its deadline; their own timeouts end them later.
+_checks = ThreadPoolExecutor(max_workers=8, thread_name_prefix="readyz")
+
+
+def _database(runtime: Runtime) -> tuple[str | None, dict[str, int]]:
+    """The active initialization's version (loaded), and queued jobs per queue."""
+    with runtime.sessions() as session:
+        session.execute(text("SELECT 1"))
+        queued = {
+            queue: int(count)
+            for queue, count in session.execute(
+                select(Job.queue, func.count()).where(Job.state == "queued").group_by(Job.queue)
+            )
+        }
+        row = registry.active_initialization(session=session)
+        if row is None:
+            return None, queued
+        runtime.models.initialization(row)
+        return row.version, queued
+
+
+def _unserved(dispatcher: Dispatcher, queued: dict[str, int]) -> list[str]:
+    """Queues with work waiting (jobs or messages) that no live worker consumes."""
+    unserved = []
+    for queue in QUEUES:
+        if not queued.get(queue) and not dispatcher.backlog(queue):
+            continue
+        if not dispatcher.consumers(queue):
+            unserved.append(queue)
+    return unserved
+
+
 @router.get("/readyz", response_model=None, responses=problem_responses(503))
 def readyz(runtime: RuntimeDep, dispatcher: DispatcherDep) -> JSONResponse:
-    """DB and broker reachable, an initialization loaded; else 503 naming the failing checks."""
-    checks: dict[str, Any] = {"database": False, "broker": False, "initialization": None}
-    try:
-        with runtime.sessions() as session:
-            session.execute(text("SELECT 1"))
-            checks["database"] = True
-            row = registry.active_initialization(session=session)
-            if row is not None:
-                runtime.models.initialization(row)
-                checks["initialization"] = row.version
-    except Exception:
-        log.warning("readiness check failed", exc_info=True)
-    checks["broker"] = dispatcher.ping()
-    if checks["database"] and checks["broker"] and checks["initialization"]:
-        return JSONResponse({"status": "ready", "checks": checks})
+    """DB and broker reachable, an initialization loaded, every queue with work consumed; else 503.
+
+    Each check has `readiness_timeout_seconds` to answer; the answer never names an address.
+    """
+    deadline = time.monotonic() + runtime.settings.readiness_timeout_seconds
+
+    def within(future: Future[Any]) -> Any:
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except Exception:
+            log.warning("readiness check failed or timed out", exc_info=True)
+            return None
+
+    database = _checks.submit(_database, runtime)
+    broker = _checks.submit(dispatcher.ping)
+    checks: dict[str, Any] = {"database": False, "broker": bool(within(broker))}
+    answered = within(database)
+    checks["database"] = answered is not None
+    version, queued = answered if answered is not None else (None, {})
+    checks["initialization"] = version
     failing = [name for name, ok in checks.items() if not ok]
+    if runtime.settings.uses_celery and checks["database"] and checks["broker"]:
+        unserved = within(_checks.submit(_unserved, dispatcher, queued))
+        checks["workers"] = unserved == []
+        checks["queues_without_workers"] = unserved if unserved is not None else list(QUEUES)
+        if not checks["workers"]:
+            failing.append("workers")
+    if not failing:
+        return JSONResponse({"status": "ready", "checks": checks})
     return problem_response(
         503, "not_ready", f"not ready: {', '.join(failing)} unavailable", extra={"checks": checks}
     )
@@ -53,6 +106,9 @@ def readyz(runtime: RuntimeDep, dispatcher: DispatcherDep) -> JSONResponse:
     response_class=PlainTextResponse,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text."}},
 )
-def metrics() -> Response:
-    """Prometheus exposition of request, job, compute and cache metrics."""
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+def metrics(runtime: RuntimeDep, dispatcher: DispatcherDep) -> Response:
+    """Prometheus exposition of request, job, compute and cache metrics, summed over processes."""
+    state = CollectorRegistry(auto_describe=False)
+    state.register(StateCollector(runtime, dispatcher))
+    body = generate_latest(process_metrics()) + generate_latest(state)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

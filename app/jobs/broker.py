@@ -39,7 +39,18 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
         task_soft_time_limit=max(1, settings.task_time_limit_seconds - 30),
         # Unacknowledged messages come back after this long; it must exceed the longest task.
         broker_transport_options={
-            "visibility_timeout": max(3600, 2 * settings.task_time_limit_seconds)
+            "visibility_timeout": max(3600, 2 * settings.task_time_limit_seconds),
+            # A frozen Redis still accepts TCP; without these a publish or a ping waits forever.
+            "socket_timeout": settings.broker_timeout_seconds,
+            "socket_connect_timeout": settings.broker_timeout_seconds,
+        },
+        broker_connection_timeout=settings.broker_timeout_seconds,
+        # One quick retry (a pooled connection that a Redis restart cut), then the request's 503.
+        task_publish_retry_policy={
+            "max_retries": 1,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.2,
         },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
@@ -15,6 +15,7 @@ from sqlalchemy import or_, select
 
 from app.core.runtime import Runtime
 from app.jobs.kinds import KINDS
+from app.jobs.liveness import consumer_key
 from app.models import Job, utcnow
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,13 @@ class JobWatch:
     def pushed(self) -> bool:
         """True when the runner wakes this watch itself, so polling is only a safety net."""
         return self._event is not None
+
+    def take_signal(self) -> bool:
+        """True once for each signal of the job's runner since the last call; never blocks."""
+        if self._event is None or not self._event.is_set():
+            return False
+        self._event.clear()
+        return True
 
     def wait(self, seconds: float) -> None:
         """Sleep up to `seconds`, returning early if the job's runner signals."""
@@ -50,6 +58,9 @@ class Dispatcher(Protocol):
 
     def backlog(self, queue: str) -> int | None:
         """Messages waiting in a queue, or None when that cannot be known."""
+
+    def consumers(self, queue: str) -> int | None:
+        """Live workers consuming a queue, or None when that cannot be known."""
 
     def watch(self, job_id: uuid.UUID) -> AbstractContextManager[JobWatch]:
         """A handle to wait on while the job runs."""
@@ -136,6 +147,10 @@ class InProcessDispatcher:
         """Jobs wait in the database's order here; the pool's queue is not inspected."""
         return None
 
+    def consumers(self, queue: str) -> int | None:
+        """This process runs every queue itself; there are no workers to count."""
+        return None
+
     @contextmanager
     def watch(self, job_id: uuid.UUID) -> Iterator[JobWatch]:
         """Wake the waiter as soon as a run of this job ends."""
@@ -190,13 +205,30 @@ class CeleryDispatcher:
             return None
 
     def ping(self) -> bool:
-        """True when the broker accepts a connection."""
+        """True when the broker answers a PING (a frozen one accepts TCP but never answers)."""
         try:
             with self.celery.connection_for_write() as connection:
-                connection.ensure_connection(max_retries=1, timeout=2)
-            return True
+                return bool(connection.default_channel.client.ping())
         except Exception:
             return False
+
+    def consumers(self, queue: str) -> int | None:
+        """Workers whose mark on `queue` has not expired, or None when the broker is unreachable."""
+        try:
+            with self.celery.connection_for_write() as connection:
+                client = connection.default_channel.client
+                pattern = consumer_key(queue, "*")
+                return sum(1 for _ in client.scan_iter(match=pattern, count=1000))
+        except Exception:
+            return None
+
+    def announce(self, queues: Sequence[str], worker: str, ttl: int) -> None:
+        """Mark `queues` as consumed by `worker` for `ttl` seconds."""
+        with self.celery.connection_for_write() as connection:
+            pipeline = connection.default_channel.client.pipeline()
+            for queue in queues:
+                pipeline.set(consumer_key(queue, worker), "1", ex=ttl)
+            pipeline.execute()
 
     @contextmanager
     def watch(self, job_id: uuid.UUID) -> Iterator[JobWatch]:

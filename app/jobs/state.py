@@ -125,6 +125,7 @@ def claim(session: Session, job_id: uuid.UUID, settings: Settings) -> Claim | Ou
     session.commit()
     session.refresh(job)
     if _rowcount(result) == 1:
+        metrics.JOB_ATTEMPTS.labels(job.kind).inc()
         if job.attempts == 1:
             metrics.JOB_QUEUE_TIME.labels(job.kind).observe((now - job.created_at).total_seconds())
         return Claim(job_id=job_id, kind=job.kind, attempt=job.attempts, worker=worker)
