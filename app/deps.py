@@ -8,7 +8,7 @@ database stay `def`.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.errors import Forbidden, ProblemError, Unauthorized
+from app.core.limits import Limits
 from app.core.media import request_media_type
 from app.core.runtime import Runtime
 from app.jobs.dispatch import CeleryDispatcher, InProcessDispatcher
@@ -72,36 +73,64 @@ class Caller:
     scopes: tuple[str, ...]
 
 
+def _limits(request: Request) -> Limits:
+    limits: Limits = request.app.state.limits
+    return limits
+
+
 def get_caller(
-    session: SessionDep,
-    settings: SettingsDep,
+    request: Request,
+    runtime: RuntimeDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
-    """Authenticate the bearer API key."""
+    """Authenticate the bearer API key (429 for an address with too many failed attempts)."""
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise Unauthorized(
             "missing API key; send the header 'Authorization: Bearer <key>' (create one with "
             "`maml-serve keys create --tenant NAME`)",
             code="missing_api_key",
         )
-    row = keys.authenticate(
-        session=session,
-        key=credentials.credentials,
-        pepper=settings.api_key_pepper.get_secret_value(),
-    )
-    if row is None:
+    throttle = _limits(request).failed_auth
+    address = request.client.host if request.client is not None else "unknown"
+    throttle.check(address)
+    # A session of its own, closed before the body is read: a slow upload holds no connection.
+    with runtime.sessions() as session:
+        row = keys.authenticate(
+            session=session,
+            key=credentials.credentials,
+            pepper=runtime.settings.api_key_pepper.get_secret_value(),
+        )
+        caller = (
+            None
+            if row is None
+            else Caller(tenant_id=row.tenant_id, key_id=row.id, scopes=tuple(row.scopes))
+        )
+    if caller is None:
+        throttle.record_failure(address)
         raise Unauthorized(
             "the API key is not valid or has been revoked; check it or create a new one"
         )
-    return Caller(tenant_id=row.tenant_id, key_id=row.id, scopes=tuple(row.scopes))
+    return caller
 
 
-async def require_user(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
+async def admit_caller(
+    request: Request, caller: Annotated[Caller, Depends(get_caller)]
+) -> AsyncIterator[Caller]:
+    """Count the request against its key's rate and in-flight limits (429 when over one)."""
+    limits = _limits(request).keys
+    limits.admit(caller.key_id)
+    try:
+        yield caller
+    finally:
+        limits.release(caller.key_id)
+
+
+async def require_user(caller: Annotated[Caller, Depends(admit_caller)]) -> Caller:
     """Any valid key."""
     return caller
 
 
-async def require_admin(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
+async def require_admin(caller: Annotated[Caller, Depends(admit_caller)]) -> Caller:
     """A key with the admin scope; 403 otherwise."""
     if "admin" not in caller.scopes:
         raise Forbidden(
@@ -120,7 +149,10 @@ def get_owned_task(caller: TenantDep, session: SessionDep, task_id: uuid.UUID) -
     Routes that also read a body depend on this first, so a missing task is a 404 whatever the
     body holds, and the body is not parsed for nothing.
     """
-    return tasks.get_task(session=session, tenant_id=caller.tenant_id, task_id=task_id)
+    task = tasks.get_task(session=session, tenant_id=caller.tenant_id, task_id=task_id)
+    # Ends the read transaction: its connection goes back to the pool while the body is read.
+    session.commit()
+    return task
 
 
 OwnedTaskDep = Annotated[Task, Depends(get_owned_task)]

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from anyio import to_thread
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
@@ -14,6 +15,7 @@ from app.adaptations import views as adaptations_views
 from app.console import install as install_console
 from app.core.config import Settings, get_settings
 from app.core.errors import install_error_handlers
+from app.core.limits import Limits
 from app.core.migrate import upgrade
 from app.core.runtime import Runtime
 from app.datasets import views as datasets_views
@@ -53,6 +55,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Sync routes and dependencies share these threads; the database pool has one
+        # connection for each (Settings.pool_size).
+        to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         runtime = Runtime.build(settings)
         await run_in_threadpool(_start, runtime)
         dispatcher = make_dispatcher(runtime)
@@ -80,7 +85,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.max_body_bytes,
         # The dataset route checks its own cap and answers dataset_too_large; 1 MiB for the form.
         path_limits={"/v1/admin/datasets": settings.max_dataset_bytes + (1 << 20)},
+        read_timeout=settings.body_read_timeout_seconds,
     )
+    app.state.limits = Limits.from_settings(settings)
     app.add_middleware(MetricsMiddleware)
     for router in (
         tasks_views.router,

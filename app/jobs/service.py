@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -9,6 +10,7 @@ from collections.abc import Callable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import NotFound, ServiceUnavailable
 from app.core.runtime import Runtime
@@ -72,6 +74,44 @@ def wait_for_job(
                 return state
             watch.wait(min(PUSHED_RECHECK_SECONDS if watch.pushed else delay, remaining))
             delay = min(delay * 1.5, 0.1)
+
+
+# How often an async waiter looks at its watch's in-memory signal: cheap, and no thread is held.
+SIGNAL_POLL_SECONDS = 0.02
+
+
+def _job_state(runtime: Runtime, job_id: uuid.UUID) -> str:
+    with runtime.sessions() as session:
+        return session.scalar(select(Job.state).where(Job.id == job_id)) or "missing"
+
+
+async def wait_for_job_async(
+    *,
+    runtime: Runtime,
+    dispatcher: Dispatcher,
+    job_id: uuid.UUID,
+    timeout: float,
+) -> str:
+    """wait_for_job for the event loop: sleeps with asyncio, holding no thread or connection.
+
+    Each read of the job row is a short session on the thread pool; between reads the waiter
+    sleeps on the loop, woken by the runner's signal (in-process) or a growing delay (Celery).
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    with dispatcher.watch(job_id) as watch:
+        while True:
+            state = await run_in_threadpool(_job_state, runtime, job_id)
+            remaining = deadline - time.monotonic()
+            if state not in ("queued", "running") or remaining <= 0:
+                return state
+            if not watch.pushed:
+                await asyncio.sleep(min(delay, remaining))
+                delay = min(delay * 1.5, 0.1)
+                continue
+            recheck = time.monotonic() + min(PUSHED_RECHECK_SECONDS, remaining)
+            while not watch.take_signal() and time.monotonic() < recheck:
+                await asyncio.sleep(SIGNAL_POLL_SECONDS)
 
 
 def job_public(job: Job) -> JobPublic:

@@ -95,13 +95,48 @@ async def _upload_bytes(upload: UploadFile, what: str, max_bytes: int) -> bytes:
     return await upload.read()
 
 
-async def _json(request: Request) -> Any:
+# A JSON string (escapes included), replaced by one character before values are counted.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def _values(raw: bytes) -> int:
+    # Every value after the first in an array or object follows a comma. (Deep nesting without
+    # commas fails fast, as too deep for the parser.)
+    return raw.count(b",") + 1
+
+
+def _parse_json(raw: bytes, max_values: int, max_text_chars: int) -> Any:
+    # Counted before parsing: a document of millions of tiny values costs far more to parse and
+    # validate than its bytes suggest. Commas inside strings (only labels and names hold any)
+    # inflate the plain count, so a body over the limit by less than the text it may hold is
+    # counted again without its strings.
+    values = _values(raw)
+    if values > max_values and values <= max_values + max_text_chars:
+        values = _values(_JSON_STRING.sub(b"0", raw))
+    if values > max_values:
+        raise InvalidRequest(
+            f"the JSON body holds about {values} values; at most {max_values} are allowed",
+            code="too_many_json_values",
+        )
     try:
-        return json.loads(await request.body())
+        return json.loads(raw)
     # ValueError covers JSONDecodeError, UnicodeDecodeError and integers over Python's digit
     # limit; RecursionError is a deeply nested document.
-    except (ValueError, RecursionError) as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"the body is not valid JSON (line {exc.lineno}, column {exc.colno})",
+            code="invalid_json",
+        ) from None
+    except (ValueError, RecursionError):
+        raise InvalidRequest("the body is not valid JSON", code="invalid_json") from None
+
+
+async def _json(request: Request, settings: Settings) -> Any:
+    # Off the event loop: parsing a body of up to max_body_bytes takes long enough to stall it.
+    text = settings.max_support_images * (settings.max_label_length + 1) + 256
+    return await run_in_threadpool(
+        _parse_json, await request.body(), settings.max_json_values, text
+    )
 
 
 def _json_model(model: type[SupportSetJson] | type[QueriesJson], data: Any) -> Any:
@@ -218,13 +253,16 @@ async def _image_parts(form: FormData, what: str, max_bytes: int) -> list[_RawIm
     return images
 
 
-def _check_all(raw: list[_RawImage], settings: Settings) -> list[CheckedImage]:
+def _check_all(raw: list[_RawImage], settings: Settings, *, keep: bool) -> list[CheckedImage]:
+    # One image at a time: each is decoded, shrunk (kept only for queries) and let go before the
+    # next, so a request holds at most one full-size image.
     return [
         check_image(
             r.data,
             what=r.what,
             max_bytes=settings.max_image_bytes,
             max_pixels=settings.max_image_pixels,
+            keep_side=settings.max_decoded_side if keep else None,
         )
         for r in raw
     ]
@@ -246,7 +284,9 @@ async def read_support_set(request: Request) -> SupportSetIn:
         finally:
             await form.close()
     else:
-        body: SupportSetJson = _json_model(SupportSetJson, await _json(request))
+        body: SupportSetJson = await run_in_threadpool(
+            _json_model, SupportSetJson, await _json(request, settings)
+        )
         raw = [
             _RawImage(_b64(e.image, f"support image {i}"), f"support image {i}")
             for i, e in enumerate(body.examples)
@@ -256,7 +296,7 @@ async def read_support_set(request: Request) -> SupportSetIn:
     _check_count(len(raw), settings.max_support_images, "support")
     _check_labels(labels, len(raw), settings)
     _check_options(name, mode, steps, settings)
-    images = await run_in_threadpool(_check_all, raw, settings)
+    images = await run_in_threadpool(_check_all, raw, settings, keep=False)
     return SupportSetIn(images=images, labels=labels, name=name, mode=mode, steps=steps)
 
 
@@ -272,7 +312,9 @@ async def read_queries(request: Request) -> QueriesIn:
         finally:
             await form.close()
     else:
-        body: QueriesJson = _json_model(QueriesJson, await _json(request))
+        body: QueriesJson = await run_in_threadpool(
+            _json_model, QueriesJson, await _json(request, settings)
+        )
         raw = [
             _RawImage(_b64(text, f"query image {i}"), f"query image {i}")
             for i, text in enumerate(body.images)
@@ -284,7 +326,7 @@ async def read_queries(request: Request) -> QueriesIn:
     if top_k is not None and top_k < 1:
         raise InvalidRequest(f"top_k must be at least 1, got {top_k}", code="validation_error")
     _check_count(len(raw), settings.max_query_images, "query")
-    images = await run_in_threadpool(_check_all, raw, settings)
+    images = await run_in_threadpool(_check_all, raw, settings, keep=True)
     return QueriesIn(images=images, top_k=top_k)
 
 

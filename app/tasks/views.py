@@ -6,9 +6,11 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.core.schemas import FILES, multipart_body, problem_responses
-from app.deps import DispatcherDep, RuntimeDep, SessionDep, TenantDep
+from app.deps import Caller, DispatcherDep, RuntimeDep, SessionDep, TenantDep
 from app.jobs import service as jobs
 from app.tasks import service as tasks
 from app.tasks.bodies import SupportSetDep
@@ -43,7 +45,7 @@ _SUPPORT_BODY = multipart_body(
     responses={201: {"model": TaskPublic, "description": "Adapted within ?wait."}, **_PROBLEMS},
     openapi_extra=_SUPPORT_BODY,
 )
-def create_task(
+async def create_task(
     caller: TenantDep,
     body: SupportSetDep,
     session: SessionDep,
@@ -56,26 +58,48 @@ def create_task(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
 ) -> TaskPublic:
     """Create a task from a support set and adapt the active initialization to it."""
-    task, created_job = tasks.create_task(
-        session=session,
-        runtime=runtime,
-        dispatcher=dispatcher,
-        tenant_id=caller.tenant_id,
-        body=body,
-        idempotency_key=idempotency_key,
-    )
-    task_id = task.id
+
+    # Async, with the database work on the thread pool: a ?wait holds no thread and no
+    # connection while it waits.
+    def create() -> tuple[uuid.UUID, uuid.UUID | None]:
+        task, created_job = tasks.create_task(
+            session=session,
+            runtime=runtime,
+            dispatcher=dispatcher,
+            tenant_id=caller.tenant_id,
+            body=body,
+            idempotency_key=idempotency_key,
+        )
+        # Ends any read after the write: no connection is held while the request waits.
+        session.commit()
+        return task.id, None if created_job is None else created_job.id
+
+    task_id, job_id = await run_in_threadpool(create)
     if wait:
         # A new task's job is its latest; a replayed one may have been re-adapted since.
-        job = created_job or jobs.latest_job(session=session, task_id=task.id)
-        if job is not None:
-            jobs.wait_for_job(
+        if job_id is None:
+            job_id = await run_in_threadpool(_latest_job_id, session, task_id)
+        if job_id is not None:
+            await jobs.wait_for_job_async(
                 runtime=runtime,
                 dispatcher=dispatcher,
-                job_id=job.id,
+                job_id=job_id,
                 timeout=min(wait, runtime.settings.max_wait_seconds),
             )
         session.expire_all()
+    return await run_in_threadpool(_created, session, caller, task_id, response)
+
+
+def _latest_job_id(session: Session, task_id: uuid.UUID) -> uuid.UUID | None:
+    job = jobs.latest_job(session=session, task_id=task_id)
+    # Ends the read: no connection is held while the request waits.
+    session.commit()
+    return None if job is None else job.id
+
+
+def _created(
+    session: Session, caller: Caller, task_id: uuid.UUID, response: Response
+) -> TaskPublic:
     # Read by id: the expired row raises if the task was deleted meanwhile; this is a 404.
     task = tasks.get_task(session=session, tenant_id=caller.tenant_id, task_id=task_id)
     response.headers["Location"] = f"/v1/tasks/{task.id}"

@@ -1,0 +1,139 @@
+"""Per-key request rate and in-flight limits, and a throttle on failed key attempts per address.
+
+State is in process memory: each API process enforces the limits on its own share of traffic.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from app.core.config import Settings
+from app.core.errors import ProblemError
+
+# Addresses remembered by the failed-attempt throttle before expired windows are swept.
+_SWEEP_AT = 10_000
+_WINDOW_SECONDS = 60.0
+
+
+class TooManyRequests(ProblemError):
+    """A limit on how much one key or one address may ask for was reached (429)."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, detail: str, *, code: str, retry_after: float) -> None:
+        super().__init__(
+            detail, code=code, headers={"Retry-After": str(max(1, math.ceil(retry_after)))}
+        )
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+    in_flight: int = 0
+
+
+@dataclass
+class KeyLimits:
+    """A token bucket (rate and burst) and a count of requests in flight, per API key."""
+
+    rate: float
+    burst: int
+    max_in_flight: int
+    _buckets: dict[uuid.UUID, _Bucket] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def admit(self, key_id: uuid.UUID) -> None:
+        """Count one request of the key in flight, or raise 429 when it is over a limit."""
+        now = time.monotonic()
+        with self._lock:
+            bucket = self._buckets.setdefault(key_id, _Bucket(float(self.burst), now))
+            bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.stamp) * self.rate)
+            bucket.stamp = now
+            if bucket.in_flight >= self.max_in_flight:
+                raise TooManyRequests(
+                    f"this API key already has {self.max_in_flight} requests in progress; "
+                    "wait for one to finish",
+                    code="too_many_requests",
+                    retry_after=1,
+                )
+            if bucket.tokens < 1.0:
+                raise TooManyRequests(
+                    f"this API key is over {self.rate:g} requests per second "
+                    f"(bursts of {self.burst}); slow down",
+                    code="rate_limited",
+                    retry_after=(1.0 - bucket.tokens) / self.rate,
+                )
+            bucket.tokens -= 1.0
+            bucket.in_flight += 1
+
+    def release(self, key_id: uuid.UUID) -> None:
+        """The request admitted for this key has ended."""
+        with self._lock:
+            bucket = self._buckets.get(key_id)
+            if bucket is not None and bucket.in_flight > 0:
+                bucket.in_flight -= 1
+
+
+@dataclass
+class FailedAuthThrottle:
+    """Counts failed key attempts per client address in one-minute windows."""
+
+    per_minute: int
+    _windows: dict[str, tuple[float, int]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def check(self, address: str) -> None:
+        """Raise 429 when this address failed too often in the current window."""
+        now = time.monotonic()
+        with self._lock:
+            start, count = self._windows.get(address, (now, 0))
+        if now - start < _WINDOW_SECONDS and count >= self.per_minute:
+            raise TooManyRequests(
+                f"too many requests with an invalid API key from this address (at most "
+                f"{self.per_minute} a minute); check the key and try again later",
+                code="too_many_failed_attempts",
+                retry_after=_WINDOW_SECONDS - (now - start),
+            )
+
+    def record_failure(self, address: str) -> None:
+        """Count one failed attempt of this address."""
+        now = time.monotonic()
+        with self._lock:
+            if len(self._windows) >= _SWEEP_AT:
+                self._windows = {
+                    a: w for a, w in self._windows.items() if now - w[0] < _WINDOW_SECONDS
+                }
+                # Still full: addresses sprayed faster than they expire. Forgetting them costs
+                # nothing a sprayer could not get by switching address anyway.
+                if len(self._windows) >= _SWEEP_AT:
+                    self._windows.clear()
+            start, count = self._windows.get(address, (now, 0))
+            if now - start >= _WINDOW_SECONDS:
+                start, count = now, 0
+            self._windows[address] = (start, count + 1)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The process's request limits."""
+
+    keys: KeyLimits
+    failed_auth: FailedAuthThrottle
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        """Limits as configured."""
+        return cls(
+            keys=KeyLimits(
+                rate=settings.key_rate_per_second,
+                burst=settings.key_rate_burst,
+                max_in_flight=settings.key_max_in_flight,
+            ),
+            failed_auth=FailedAuthThrottle(per_minute=settings.max_failed_auth_per_minute),
+        )
