@@ -1,0 +1,255 @@
+"""Serving one task fast: adapt_params' inner loop (differentiable=False) with less work per step.
+
+The same SGD steps on the same support loss as `fewshot.inner.adapt_params`, equal to it up to
+float rounding, for Conv4 initializations:
+
+- the first step's forward pass also yields the prototype head's embeddings (same parameters,
+  same images), so the trunk runs once less;
+- step sizes are read once as Python floats and every step updates all parameters with two
+  foreach kernels on leaves owned by this call, instead of three dispatches per tensor;
+- head-only (ANIL) steps use the closed-form gradient of the cross-entropy of a linear head on
+  fixed embeddings (no autograd graph), and the support accuracy reuses those embeddings;
+- the final accuracy pass runs under inference mode.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fewshot.adapted import AdaptedModel, _check_images, encode_labels
+from fewshot.backbone import Conv4, shared_module
+from fewshot.config import AdaptMode
+from fewshot.errors import EpisodeError
+from fewshot.head import head_logits, prototype_head
+from fewshot.initialization import Initialization
+from fewshot.inner import (
+    HEAD_BIAS,
+    HEAD_SCALE,
+    HEAD_WEIGHT,
+    InnerRecipe,
+    Params,
+    backbone_names,
+    effective_step_sizes,
+    embed,
+    support_views,
+)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An initialization's tensors on one device, laid out for the fast loop, and its step sizes."""
+
+    meta: Params
+    # Effective step size per adapted name and step (None: the default step size).
+    sizes: dict[str, list[float]]
+
+
+_lock = threading.Lock()
+_prepared: OrderedDict[tuple[int, str], tuple[Initialization, Prepared]] = OrderedDict()
+_PREPARED_LIMIT = 8
+
+
+def prepare(init: Initialization, device: torch.device) -> Prepared:
+    """The initialization's parameters and effective step sizes on `device`, cached."""
+    key = (id(init), str(device))
+    with _lock:
+        hit = _prepared.get(key)
+        if hit is not None and hit[0] is init:
+            _prepared.move_to_end(key)
+            return hit[1]
+    recipe = InnerRecipe.from_config(init.config)
+    meta = {name: value.to(device).contiguous() for name, value in init.params.items()}
+    effective = effective_step_sizes(init.step_sizes, recipe.transform)
+    sizes = {
+        name: [float(v) for v in value.reshape(-1).tolist()] for name, value in effective.items()
+    }
+    prepared = Prepared(meta=meta, sizes=sizes)
+    with _lock:
+        _prepared[key] = (init, prepared)
+        while len(_prepared) > _PREPARED_LIMIT:
+            _prepared.popitem(last=False)
+    return prepared
+
+
+def step_sizes_at(
+    sizes: dict[str, list[float]], names: Sequence[str], step: int, default: float
+) -> list[float]:
+    """The step size of each name at `step`: learned (last one reused past its end) or default."""
+    out = []
+    for name in names:
+        values = sizes.get(name)
+        out.append(default if not values else values[min(step, len(values) - 1)])
+    return out
+
+
+def head_grads(
+    features: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    log_scale: Tensor,
+    targets: Tensor,
+    temperature: float,
+) -> tuple[Tensor, Tensor]:
+    """Closed-form gradients of the support loss in the head's weight [N, D] and bias [N].
+
+    loss = mean_i CE(t * exp(s) * (f_i W^T + b), q_i) with soft targets q (label smoothing
+    folded in), so dloss/dlogits = (softmax - q) / B and the chain rule through the linear head.
+    """
+    factor = torch.exp(log_scale) * temperature
+    out = head_logits(features, weight, bias, log_scale)
+    if temperature != 1.0:
+        out = out * temperature
+    dlogits = (torch.softmax(out, dim=1) - targets) * (factor / features.shape[0])
+    return dlogits.transpose(0, 1) @ features, dlogits.sum(dim=0)
+
+
+def soft_targets(y: Tensor, n_way: int, smoothing: float, dtype: torch.dtype) -> Tensor:
+    """The cross-entropy's target distribution [B, N]: one-hot mixed with uniform by `smoothing`."""
+    onehot = F.one_hot(y, n_way).to(dtype)
+    if smoothing == 0.0:
+        return onehot
+    return onehot * (1.0 - smoothing) + smoothing / n_way
+
+
+def adapt_params_fast(
+    module: Conv4,
+    prepared: Prepared,
+    support_x: Tensor,
+    support_y: Tensor,
+    n_way: int,
+    *,
+    steps: int,
+    default_step_size: float,
+    mode: AdaptMode,
+    recipe: InnerRecipe,
+    learned_step_sizes: bool = True,
+) -> tuple[Params, Tensor]:
+    """adapt_params(..., differentiable=False) for one task, plus reusable support embeddings.
+
+    Returns the adapted parameters (detached) and the support images' embeddings under the
+    adapted backbone when they are known without another pass (head mode), else an empty tensor.
+    """
+    meta = prepared.meta
+    sizes = prepared.sizes if learned_step_sizes else {}
+    x = support_x
+    onehot = F.one_hot(support_y, n_way).to(x.dtype)
+    loss_x, loss_y = support_views(x, support_y, recipe.shift_views)
+    targets = soft_targets(loss_y, n_way, recipe.label_smoothing, x.dtype)
+    count = support_x.shape[0]
+    if mode == "head" or steps == 0:
+        with torch.inference_mode():
+            features = embed(module, meta, x)
+            weight, bias = prototype_head(features, onehot)
+            loss_features = embed(module, meta, loss_x) if recipe.shift_views > 0 else features
+            names = [HEAD_WEIGHT, HEAD_BIAS]
+            for t in range(steps):
+                g_weight, g_bias = head_grads(
+                    loss_features, weight, bias, meta[HEAD_SCALE], targets, recipe.temperature
+                )
+                lr_weight, lr_bias = step_sizes_at(sizes, names, t, default_step_size)
+                weight = weight - lr_weight * g_weight
+                bias = bias - lr_bias * g_bias
+        out = dict(meta)
+        out[HEAD_WEIGHT], out[HEAD_BIAS] = weight.clone(), bias.clone()
+        return out, features.clone()
+
+    backbone = backbone_names(meta)
+    names = [*backbone, HEAD_WEIGHT, HEAD_BIAS]
+    leaves = {name: meta[name].detach().clone().requires_grad_(True) for name in backbone}
+    fast: Params = {**meta, **leaves}
+    for t in range(steps):
+        with torch.enable_grad():
+            features = embed(module, fast, loss_x)
+            if t == 0:
+                # The unshifted support comes first in loss_x: its embeddings under the meta
+                # parameters are the prototypes' (adapt_params computes them in a separate pass).
+                weight, bias = prototype_head(features[:count].detach(), onehot)
+                leaves[HEAD_WEIGHT] = weight.requires_grad_(True)
+                leaves[HEAD_BIAS] = bias.requires_grad_(True)
+                fast.update(leaves)
+            out_logits = head_logits(features, fast[HEAD_WEIGHT], fast[HEAD_BIAS], fast[HEAD_SCALE])
+            if recipe.temperature != 1.0:
+                out_logits = out_logits * recipe.temperature
+            loss = F.cross_entropy(out_logits, loss_y, label_smoothing=recipe.label_smoothing)
+            params = [leaves[name] for name in names]
+            grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            scaled = torch._foreach_mul(
+                list(grads), step_sizes_at(sizes, names, t, default_step_size)
+            )
+            torch._foreach_sub_(params, scaled)
+    return {name: value.detach() for name, value in fast.items()}, torch.empty(0)
+
+
+def adapt_fast(
+    init: Initialization,
+    support_x: Tensor,
+    labels: Sequence[str],
+    *,
+    mode: AdaptMode = "full",
+    steps: int | None = None,
+    step_size: float | None = None,
+    device: str | torch.device | None = None,
+) -> AdaptedModel:
+    """fewshot.adapt with the fast single-task loop: same arguments, same result up to rounding."""
+    if mode not in ("full", "head"):
+        raise EpisodeError(f"mode must be 'full' or 'head', got {mode!r}")
+    _check_images(support_x, init.config, "support")
+    if len(labels) != support_x.shape[0]:
+        raise EpisodeError(
+            f"{support_x.shape[0]} support images but {len(labels)} labels; give one label per image"
+        )
+    steps = init.config.inner_steps if steps is None else steps
+    if steps < 0:
+        raise EpisodeError(f"steps must be >= 0, got {steps}")
+    classes, y = encode_labels(labels)
+    target = (
+        torch.device(device) if device is not None else init.params[next(iter(init.params))].device
+    )
+    prepared = prepare(init, target)
+    default = init.config.inner_step_size if step_size is None else step_size
+    x, y = support_x.to(target), y.to(target)
+    module = shared_module(init.config)
+    params, features = adapt_params_fast(
+        module,
+        prepared,
+        x,
+        y,
+        len(classes),
+        steps=steps,
+        default_step_size=default,
+        mode=mode,
+        recipe=InnerRecipe.from_config(init.config),
+        learned_step_sizes=step_size is None,
+    )
+    accuracy = support_accuracy(module, params, x, y, features)
+    return AdaptedModel(
+        config=init.config,
+        params=params,
+        labels=classes,
+        mode=mode,
+        steps=steps,
+        support_accuracy=accuracy,
+        initialization_version=init.version,
+    )
+
+
+def support_accuracy(
+    module: Conv4, params: Params, x: Tensor, y: Tensor, features: Tensor | None = None
+) -> float:
+    """Fraction of support images the adapted parameters classify correctly.
+
+    `features` (non-empty) are the support embeddings under `params`' backbone, when known.
+    """
+    with torch.inference_mode():
+        if features is None or features.numel() == 0:
+            features = embed(module, params, x)
+        out = head_logits(features, params[HEAD_WEIGHT], params[HEAD_BIAS], params[HEAD_SCALE])
+        return float((out.argmax(dim=1) == y).float().mean().item())

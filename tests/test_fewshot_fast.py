@@ -1,0 +1,89 @@
+"""The fast single-task loop and the batched adaptation equal fewshot.adapt's reference loop."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import fewshot
+from fewshot.batched import adapt_many
+from fewshot.config import AdaptMode
+from fewshot.fast import adapt_fast
+from tests.fewshot_helpers import TINY, random_images, tiny_init
+
+LABELS = ["a", "b", "c", "a", "c", "c"]  # unbalanced: 2, 1 and 3 shots
+RECIPE = replace(
+    TINY,
+    inner_temperature=0.25,
+    inner_label_smoothing=0.1,
+    inner_shift_views=1,
+    step_size_transform="softplus",
+)
+
+
+def _close(a: fewshot.AdaptedModel, b: fewshot.AdaptedModel, tol: float) -> None:
+    assert a.labels == b.labels
+    assert a.support_accuracy == b.support_accuracy
+    assert a.params.keys() == b.params.keys()
+    for name in a.params:
+        torch.testing.assert_close(a.params[name], b.params[name], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("mode", ["full", "head"])
+@pytest.mark.parametrize("config", [TINY, RECIPE], ids=["plain", "recipe"])
+@pytest.mark.parametrize("steps", [0, 3])
+def test_fast_loop_equals_reference(
+    mode: AdaptMode, config: fewshot.ModelConfig, steps: int
+) -> None:
+    init = tiny_init(config)
+    support = random_images(len(LABELS), config, seed=1)
+    reference = fewshot.adapt(init, support, LABELS, mode=mode, steps=steps)
+    _close(adapt_fast(init, support, LABELS, mode=mode, steps=steps), reference, 1e-10)
+
+
+def test_fast_loop_moves_the_weights_and_honours_a_step_size_override() -> None:
+    init = tiny_init()
+    support = random_images(len(LABELS), seed=2)
+    reference = fewshot.adapt(init, support, LABELS, step_size=0.3)
+    fast = adapt_fast(init, support, LABELS, step_size=0.3)
+    _close(fast, reference, 1e-10)
+    unadapted = adapt_fast(init, support, LABELS, steps=0)
+    moved = (fast.params["blocks.0.weight"] - unadapted.params["blocks.0.weight"]).abs().max()
+    assert float(moved) > 1e-4
+
+
+def test_fast_loop_float32_shipped() -> None:
+    init = fewshot.Initialization.load(fewshot.shipped_initialization_path())
+    support = random_images(5, init.config, seed=3, dtype=torch.float32)
+    labels = ["a", "b", "c", "d", "e"]
+    for mode in ("full", "head"):
+        reference = fewshot.adapt(init, support, labels, mode=mode)
+        fast = adapt_fast(init, support, labels, mode=mode)
+        queries = random_images(9, init.config, seed=4, dtype=torch.float32)
+        torch.testing.assert_close(
+            fast.predict_proba(queries), reference.predict_proba(queries), atol=1e-5, rtol=0
+        )
+
+
+@pytest.mark.parametrize("mode", ["full", "head"])
+@pytest.mark.parametrize("config", [TINY, RECIPE], ids=["plain", "recipe"])
+def test_batched_adaptation_equals_one_at_a_time(
+    mode: AdaptMode, config: fewshot.ModelConfig
+) -> None:
+    init = tiny_init(config)
+    supports = [
+        (random_images(6, config, seed=10), LABELS),
+        (random_images(4, config, seed=11), ["x", "y", "x", "y"]),  # another shape: its own group
+        (random_images(6, config, seed=12), ["c", "a", "b", "b", "a", "c"]),
+        (random_images(2, config, seed=13), ["only", "only"]),  # invalid: one class
+        (random_images(6, config, seed=14), ["p", "q", "r", "r", "q", "p"]),
+    ]
+    results = adapt_many(init, supports, mode=mode, max_batch=2)
+    assert len(results) == len(supports)
+    assert isinstance(results[3], fewshot.EpisodeError)
+    for (x, labels), result in zip(supports, results, strict=True):
+        if isinstance(result, fewshot.EpisodeError):
+            continue
+        _close(result, fewshot.adapt(init, x, labels, mode=mode), 1e-10)
