@@ -178,3 +178,97 @@ def _head_group(
         {**meta, HEAD_WEIGHT: weight[t].clone(), HEAD_BIAS: bias[t].clone()} for t in range(count)
     ]
     return params, accuracy
+
+
+def predict_many(
+    models: Sequence[AdaptedModel], images: Sequence[Tensor], *, chunk: int = 32
+) -> list[Tensor]:
+    """Class probabilities of each model on its own images [B_i, C, H, W], in few forward passes.
+
+    Head-only models of one initialization share their backbone: all their images go through
+    it in one pass. Other models of one config run as one pass vmapped over their stacked
+    backbones, each request cut into rows of at most `chunk` images (the last row padded with
+    copies of its first image, whose outputs are dropped). Every image is processed on its own
+    (GroupNorm, no batch statistics), so its probabilities do not depend on the others.
+    """
+    if len(models) != len(images):
+        raise ValueError("one batch of images per model")
+    for model, x in zip(models, images, strict=True):
+        _check_images(x, model.config, "query")
+    features: list[Tensor | None] = [None] * len(models)
+    shared: dict[tuple[object, ...], list[int]] = {}
+    stacked: dict[object, list[int]] = {}
+    for index, model in enumerate(models):
+        if model.mode == "head":
+            key = (model.config, model.initialization_version)
+            group = shared.setdefault(key, [])
+            if not group or _same_backbone(models[group[0]], model):
+                group.append(index)
+                continue
+        stacked.setdefault(model.config, []).append(index)
+    with torch.inference_mode():
+        for group in shared.values():
+            _shared_backbone(models, images, group, features)
+        for group in stacked.values():
+            _stacked_backbones(models, images, group, features, chunk)
+        out = []
+        for model, feature in zip(models, features, strict=True):
+            assert feature is not None
+            p = model.params
+            row = head_logits(feature, p[HEAD_WEIGHT], p[HEAD_BIAS], p[HEAD_SCALE])
+            out.append(torch.softmax(row.float(), dim=1).cpu())
+    return [value.clone() for value in out]
+
+
+def _same_backbone(a: AdaptedModel, b: AdaptedModel) -> bool:
+    """True when two models hold the same backbone tensors (the same objects, or equal values)."""
+    for name in backbone_names(a.params):
+        x, y = a.params[name], b.params[name]
+        if x is not y and not torch.equal(x, y):
+            return False
+    return True
+
+
+def _shared_backbone(
+    models: Sequence[AdaptedModel],
+    images: Sequence[Tensor],
+    group: list[int],
+    features: list[Tensor | None],
+) -> None:
+    """Embed the images of models with one backbone in a single pass."""
+    first = models[group[0]]
+    device = next(iter(first.params.values())).device
+    x = torch.cat([images[i] for i in group]).to(device)
+    embedded = embed(shared_module(first.config), first.params, x)
+    for i, part in zip(group, torch.split(embedded, [images[i].shape[0] for i in group]), strict=True):
+        features[i] = part
+
+
+def _stacked_backbones(
+    models: Sequence[AdaptedModel],
+    images: Sequence[Tensor],
+    group: list[int],
+    features: list[Tensor | None],
+    chunk: int,
+) -> None:
+    """Embed each model's images under its own backbone, one pass vmapped over the models."""
+    first = models[group[0]]
+    module = shared_module(first.config)
+    device = next(iter(first.params.values())).device
+    names = backbone_names(first.params)
+    width = min(chunk, max(images[i].shape[0] for i in group))
+    rows: list[tuple[int, Tensor]] = []
+    for i in group:
+        for part in torch.split(images[i], width):
+            if part.shape[0] < width:
+                pad = part[:1].expand(width - part.shape[0], *part.shape[1:])
+                part = torch.cat([part, pad])
+            rows.append((i, part))
+    params = {name: torch.stack([models[i].params[name] for i, _ in rows]) for name in names}
+    x = torch.stack([part for _, part in rows]).to(device)
+    embedded = vmap(lambda p, xs: embed(module, p, xs))(params, x)
+    pieces: dict[int, list[Tensor]] = {}
+    for (i, _), row in zip(rows, embedded, strict=True):
+        pieces.setdefault(i, []).append(row)
+    for i, parts in pieces.items():
+        features[i] = torch.cat(parts)[: images[i].shape[0]]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fewshot
-from fewshot.batched import adapt_many
+from fewshot.batched import adapt_many, predict_many
 from fewshot.config import AdaptMode
 from fewshot.fast import adapt_fast
 from tests.fewshot_helpers import TINY, random_images, tiny_init
@@ -87,3 +87,32 @@ def test_batched_adaptation_equals_one_at_a_time(
         if isinstance(result, fewshot.EpisodeError):
             continue
         _close(result, fewshot.adapt(init, x, labels, mode=mode), 1e-10)
+
+
+def test_batched_predictions_do_not_depend_on_the_other_requests() -> None:
+    init = fewshot.Initialization.load(fewshot.shipped_initialization_path())
+    config = init.config
+    models = [
+        fewshot.adapt(init, random_images(5, config, seed=20, dtype=torch.float32), list("abcde")),
+        fewshot.adapt(
+            init, random_images(3, config, seed=21, dtype=torch.float32), ["x", "y", "z"]
+        ),
+        adapt_fast(
+            init, random_images(4, config, seed=22, dtype=torch.float32), list("pqrs"), mode="head"
+        ),
+        adapt_fast(
+            init, random_images(2, config, seed=23, dtype=torch.float32), ["u", "v"], mode="head"
+        ),
+    ]
+    counts = [7, 1, 32, 3]
+    images = [
+        random_images(n, config, seed=30 + i, dtype=torch.float32) for i, n in enumerate(counts)
+    ]
+    together = predict_many(models, images, chunk=4)
+    for model, x, batched in zip(models, images, together, strict=True):
+        assert batched.shape == (x.shape[0], len(model.labels))
+        alone = predict_many([model], [x])[0]
+        torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+        torch.testing.assert_close(batched, model.predict_proba(x), atol=1e-5, rtol=0)
+    # A model's probabilities move when its weights differ: the test can tell models apart.
+    assert not torch.allclose(together[0][:1, :3], predict_many([models[1]], [images[0][:1]])[0])
