@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -34,6 +35,21 @@ def _env(service: dict[str, Any]) -> dict[str, str]:
     env = service.get("environment") or {}
     assert isinstance(env, dict), "environment as a mapping"
     return {str(k): str(v) for k, v in env.items()}
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.gpu.yml"])
+def test_compose_files_follow_the_compose_specification(name: str) -> None:
+    from importlib.resources import files
+
+    import jsonschema
+
+    schema_file = files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = [
+        f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(_compose(name))
+    ]
+    assert not errors, errors
 
 
 def test_compose_services_run_real_commands_with_real_settings() -> None:
