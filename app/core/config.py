@@ -63,6 +63,19 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(default=3, gt=0)
     executor_threads: int = Field(default=1, gt=0)
     adapted_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    # Predictions of concurrent requests, for any adapted models, share forward passes: a batch
+    # starts as soon as the previous one ends (no wait when idle) and, once started, collects
+    # requests for at most this long or until it holds this many images. 0 images: no batching.
+    predict_batch_wait_ms: float = Field(default=2.0, ge=0)
+    predict_batch_max_images: int = Field(default=1024, ge=0)
+    # A worker adapts up to this many waiting adapt jobs in one vmapped pass (1: one at a time);
+    # when it finds a line it waits at most adapt_batch_wait_ms for the batch to fill.
+    adapt_batch_max_jobs: int = Field(default=32, gt=0)
+    adapt_batch_wait_ms: float = Field(default=0.0, ge=0)
+    # Adapt jobs queued (not yet running) beyond which POST /v1/tasks answers 429 for the tenant
+    # or 503 for everyone, with Retry-After, instead of growing the line.
+    max_queued_adaptations: int = Field(default=512, gt=0)
+    max_queued_adaptations_per_tenant: int = Field(default=128, gt=0)
     # None: "cuda" when torch sees a GPU, otherwise "cpu".
     device: str | None = None
     # Intra-op threads for torch in each thread that adapts or predicts; None: 1, because jobs and

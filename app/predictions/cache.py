@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
+import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from app.core import metrics
-from app.core.storage import ArtifactStore
+from app.core.storage import ArtifactCorrupt, ArtifactStore
 from app.core.threads import SERVING_DEFAULT, use_threads
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     import fewshot
     from app import models
+    from app.predictions.batcher import PredictionBatcher
+
+log = logging.getLogger(__name__)
 
 
 def default_device(requested: str | None) -> str:
@@ -43,6 +50,7 @@ class ModelCache:
         self._inits: dict[str, fewshot.Initialization] = {}
         self._adapted: OrderedDict[uuid.UUID, fewshot.AdaptedModel] = OrderedDict()
         self._bytes = 0
+        self._batcher: PredictionBatcher | None = None
 
     def initialization(self, row: models.Initialization) -> fewshot.Initialization:
         """The initialization of a row, read from the store on first use."""
@@ -54,8 +62,20 @@ class ModelCache:
             metrics.CACHE_HITS.labels("initialization").inc()
             return cached
         metrics.CACHE_MISSES.labels("initialization").inc()
-        self.store.verify(f"{row.artifact_key}/weights.safetensors", row.sha256)
-        init = fewshot.Initialization.load(self.store.path(row.artifact_key), device=self.device)
+        try:
+            self.store.verify(f"{row.artifact_key}/weights.safetensors", row.sha256)
+            init = fewshot.Initialization.load(
+                self.store.path(row.artifact_key), device=self.device
+            )
+        except (ArtifactCorrupt, fewshot.CheckpointError) as exc:
+            log.error("initialization %s is unreadable: %s", row.version, exc)
+            # Nothing the caller can redo fixes it: the operator restores or rolls back.
+            raise ArtifactCorrupt(
+                "the initialization this task was adapted from failed its integrity check; "
+                "try again later",
+                status=503,
+                headers={"Retry-After": "60"},
+            ) from None
         init.metadata.setdefault("version", row.version)
         with self._lock:
             return self._inits.setdefault(row.version, init)
@@ -95,8 +115,16 @@ class ModelCache:
         if cached is not None:
             return cached
         metrics.CACHE_MISSES.labels("adapted").inc()
-        path = self.store.verify(row.weights_key, row.sha256)
-        model = fewshot.AdaptedModel.load(path, init, device=self.device)
+        try:
+            path = self.store.verify(row.weights_key, row.sha256)
+            model = fewshot.AdaptedModel.load(path, init, device=self.device)
+        except (ArtifactCorrupt, fewshot.CheckpointError) as exc:
+            # The file's name and the reader's message go to the log only.
+            log.error("adapted model %s is unreadable: %s", row.id, exc)
+            raise ArtifactCorrupt(
+                "this task's adapted model failed its integrity check; adapt the task again "
+                "(POST /v1/tasks/{id}/adaptations)"
+            ) from None
         self.put_adapted(row.id, model)
         return model
 
@@ -115,6 +143,29 @@ class ModelCache:
                 _, evicted = self._adapted.popitem(last=False)
                 self._bytes -= evicted.nbytes
             metrics.CACHE_BYTES.set(self._bytes)
+
+    def predict_proba(
+        self, model: fewshot.AdaptedModel, x: Tensor, *, wait_seconds: float, max_images: int
+    ) -> Tensor:
+        """Class probabilities of `model` on images `x`, batched with concurrent requests.
+
+        `max_images` 0 predicts on the calling thread, alone.
+        """
+        if max_images <= 0:
+            self.use_serving_threads()
+            return model.predict_proba(x)
+        from app.predictions.batcher import PredictionBatcher
+
+        with self._lock:
+            batcher = self._batcher
+            if batcher is None:
+                batcher = self._batcher = PredictionBatcher(
+                    wait_seconds=wait_seconds, max_images=max_images, threads=self.threads
+                )
+                # The batching thread holds the batcher, not the cache: stop it with the cache.
+                weakref.finalize(self, batcher.close)
+            batcher.wait_seconds, batcher.max_images = wait_seconds, max_images
+        return batcher.predict_proba(model, x)
 
     def forget(self, model_ids: list[uuid.UUID]) -> None:
         """Drop models (their task was deleted)."""

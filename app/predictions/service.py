@@ -59,8 +59,12 @@ def predict(
     """
     import fewshot
 
-    model_row = adaptations.current_adapted_model(session=session, task_id=task.id)
+    task_id = task.id
+    model_row = adaptations.current_adapted_model(session=session, task_id=task_id)
     if model_row is None:
+        # A DELETE committed since the task was read removes its models too: that is a 404
+        # (as for any request after it), never "still adapting".
+        _raise_if_task_gone(session, task_id)
         if task.status == "failed":
             job = jobs.latest_job(session=session, task_id=task.id)
             why = (
@@ -90,7 +94,13 @@ def predict(
             raise
     x = fewshot.preprocess_images([image.decode() for image in queries.images], model.config)
     started = time.perf_counter()
-    probabilities = model.predict_proba(x)
+    settings = runtime.settings
+    probabilities = runtime.models.predict_proba(
+        model,
+        x,
+        wait_seconds=settings.predict_batch_wait_ms / 1000,
+        max_images=settings.predict_batch_max_images,
+    )
     metrics.PREDICT_COMPUTE.observe(time.perf_counter() - started)
     metrics.PREDICTED_IMAGES.inc(len(queries.images))
 

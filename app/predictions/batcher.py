@@ -1,0 +1,137 @@
+"""Dynamic batching of predictions: concurrent requests, for any adapted models, share passes.
+
+Request threads hand (model, images) to one batching thread and wait. The thread starts a
+batch as soon as the previous one ends, so an idle service adds no delay; once started, a batch
+collects requests for at most `wait_seconds` or until it holds `max_images` images, then runs
+`fewshot.batched.predict_many` (one backbone pass per group of models). Every image is
+processed on its own, so a request's probabilities do not depend on the others in its batch.
+A batch that fails is retried one request at a time, so each request gets its own answer.
+The thread exits after a while without requests and starts again on the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prometheus_client import Histogram
+
+from app.core.threads import use_threads
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    import fewshot
+
+log = logging.getLogger(__name__)
+
+BATCH_IMAGES = Histogram(
+    "maml_serve_predict_batch_images",
+    "Query images per batched prediction pass",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+)
+BATCH_REQUESTS = Histogram(
+    "maml_serve_predict_batch_requests",
+    "Prediction requests per batched prediction pass",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
+
+# A batching thread with nothing to do for this long exits (a new one starts on demand).
+IDLE_EXIT_SECONDS = 30.0
+
+
+@dataclass
+class _Request:
+    model: fewshot.AdaptedModel
+    images: Tensor
+    done: Future[Tensor] = field(default_factory=Future)
+
+
+class PredictionBatcher:
+    """One batching thread per process (per model cache); `predict_proba` blocks until done."""
+
+    def __init__(self, *, wait_seconds: float, max_images: int, threads: int) -> None:
+        self.wait_seconds = wait_seconds
+        self.max_images = max_images
+        self.threads = threads
+        self._line: deque[_Request] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def predict_proba(self, model: fewshot.AdaptedModel, images: Tensor) -> Tensor:
+        """Class probabilities [B, N] of `model` on `images`, computed in a shared batch."""
+        request = _Request(model, images)
+        with self._cond:
+            if self._closed:
+                return model.predict_proba(images)
+            self._line.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="maml-serve-predict-batcher", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        return request.done.result()
+
+    def close(self) -> None:
+        """Stop the thread after the requests already waiting."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _take(self) -> list[_Request] | None:
+        """The next batch, or None when the thread should exit."""
+        with self._cond:
+            if not self._line and not self._closed:
+                self._cond.wait(IDLE_EXIT_SECONDS)
+            if not self._line:
+                self._thread = None
+                return None
+            batch = [self._line.popleft()]
+            size = batch[0].images.shape[0]
+            deadline = time.monotonic() + self.wait_seconds
+            while size < self.max_images:
+                if self._line:
+                    nxt = self._line[0]
+                    if size + nxt.images.shape[0] > self.max_images:
+                        break
+                    batch.append(self._line.popleft())
+                    size += nxt.images.shape[0]
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    break
+                self._cond.wait(left)
+            return batch
+
+    def _loop(self) -> None:
+        use_threads(self.threads)
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _run(self, batch: list[_Request]) -> None:
+        from fewshot.batched import predict_many
+
+        BATCH_REQUESTS.observe(len(batch))
+        BATCH_IMAGES.observe(sum(r.images.shape[0] for r in batch))
+        try:
+            results = predict_many([r.model for r in batch], [r.images for r in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].done.set_exception(exc)
+                return
+            log.warning("a batch of %d predictions failed; retrying one by one", len(batch))
+            for request in batch:
+                self._run([request])
+            return
+        for request, result in zip(batch, results, strict=True):
+            request.done.set_result(result)

@@ -1,0 +1,106 @@
+"""The prediction batcher: concurrent requests for different models share passes, answers stay exact."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import fewshot
+import fewshot.batched
+from app.predictions import batcher as batching
+from app.predictions.batcher import PredictionBatcher
+from tests.fewshot_helpers import TINY, random_images, tiny_init
+
+
+@pytest.fixture(scope="module")
+def models() -> list[fewshot.AdaptedModel]:
+    """Six adapted models of one tiny initialization: full and head-only, 2 to 4 ways."""
+    init = tiny_init(dtype=torch.float32)
+    out = []
+    for i in range(6):
+        ways = 2 + i % 3
+        support = random_images(ways, seed=100 + i, dtype=torch.float32)
+        labels = [f"c{k}" for k in range(ways)]
+        out.append(fewshot.adapt(init, support, labels, mode="head" if i % 2 else "full"))
+    return out
+
+
+def _run_concurrently(
+    batcher: PredictionBatcher, jobs: list[tuple[fewshot.AdaptedModel, torch.Tensor]]
+) -> list[torch.Tensor | BaseException]:
+    results: list[torch.Tensor | BaseException] = [RuntimeError("not run")] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def one(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = batcher.predict_proba(*jobs[i])
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return results
+
+
+def test_concurrent_requests_share_passes_and_get_their_own_probabilities(
+    models: list[fewshot.AdaptedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = fewshot.batched.predict_many
+
+    def counting(ms: list[fewshot.AdaptedModel], xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        calls.append(len(ms))
+        return real(ms, xs)
+
+    monkeypatch.setattr(fewshot.batched, "predict_many", counting)
+    batcher = PredictionBatcher(wait_seconds=0.2, max_images=10_000, threads=1)
+    jobs = [
+        (models[i % len(models)], random_images(1 + i % 5, seed=200 + i, dtype=torch.float32))
+        for i in range(12)
+    ]
+    results = _run_concurrently(batcher, jobs)
+    batcher.close()
+    for (model, x), result in zip(jobs, results, strict=True):
+        assert isinstance(result, torch.Tensor)
+        torch.testing.assert_close(result, model.predict_proba(x), atol=1e-5, rtol=0)
+    assert sum(calls) == len(jobs)
+    assert len(calls) < len(jobs), "no two requests shared a pass"
+
+
+def test_a_bad_request_fails_alone(models: list[fewshot.AdaptedModel]) -> None:
+    batcher = PredictionBatcher(wait_seconds=0.2, max_images=10_000, threads=1)
+    wrong = torch.rand(2, TINY.in_channels, TINY.image_size + 1, TINY.image_size)
+    jobs = [
+        (models[0], random_images(3, seed=1, dtype=torch.float32)),
+        (models[1], wrong),
+        (models[2], random_images(2, seed=2, dtype=torch.float32)),
+    ]
+    results = _run_concurrently(batcher, jobs)
+    batcher.close()
+    assert isinstance(results[1], fewshot.EpisodeError)
+    for i in (0, 2):
+        result = results[i]
+        assert isinstance(result, torch.Tensor)
+        torch.testing.assert_close(result, jobs[i][0].predict_proba(jobs[i][1]), atol=1e-5, rtol=0)
+
+
+def test_the_batching_thread_exits_when_idle_and_restarts(
+    models: list[fewshot.AdaptedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batching, "IDLE_EXIT_SECONDS", 0.05)
+    batcher = PredictionBatcher(wait_seconds=0.0, max_images=64, threads=1)
+    x = random_images(2, seed=3, dtype=torch.float32)
+    first = batcher.predict_proba(models[0], x)
+    deadline = time.monotonic() + 5
+    while batcher._thread is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batcher._thread is None
+    torch.testing.assert_close(batcher.predict_proba(models[0], x), first)
+    batcher.close()
