@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _share_metrics(processes: int) -> None:
@@ -62,16 +63,41 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keys_create(args: argparse.Namespace) -> int:
+def _keys_runtime() -> Any:
     from app.core.config import get_settings
     from app.core.migrate import upgrade
     from app.core.runtime import Runtime
-    from app.keys import service as keys
 
     settings = get_settings()
     if settings.is_embedded_database:
         upgrade(settings)
-    runtime = Runtime.build(settings)
+    return Runtime.build(settings)
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """Seconds in '90d', '12h', '30m', '45s' or a plain number of seconds."""
+    unit = text[-1:].lower()
+    number = text[:-1] if unit in _DURATION_UNITS else text
+    try:
+        seconds = float(number) * _DURATION_UNITS.get(unit, 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90d, 12h, 30m)") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError("the duration must be positive")
+    return seconds
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from app.keys import service as keys
+    from app.models import utcnow
+
+    runtime = _keys_runtime()
+    expires_at = None if args.expires_in is None else utcnow() + timedelta(seconds=args.expires_in)
     try:
         with runtime.sessions() as session:
             tenant = keys.get_or_create_tenant(session=session, name=args.tenant)
@@ -79,20 +105,130 @@ def _keys_create(args: argparse.Namespace) -> int:
                 session=session,
                 tenant=tenant,
                 admin=args.admin,
-                pepper=settings.api_key_pepper.get_secret_value(),
+                operator=args.operator,
+                pepper=runtime.settings.api_key_pepper.get_secret_value(),
                 name=args.name,
+                expires_at=expires_at,
             )
             session.commit()
-            scopes = list(row.scopes)
+            scopes, key_id, prefix = list(row.scopes), str(row.id), row.prefix
     finally:
         runtime.close()
     if args.json:
-        sys.stdout.write(json.dumps({"key": key, "tenant": args.tenant, "scopes": scopes}) + "\n")
+        document = {
+            "key": key,
+            "id": key_id,
+            "prefix": prefix,
+            "tenant": args.tenant,
+            "scopes": scopes,
+            "expires_at": None if expires_at is None else expires_at.isoformat(),
+        }
+        sys.stdout.write(json.dumps(document) + "\n")
     else:
         sys.stdout.write(key + "\n")
         sys.stderr.write(
-            f"created a key for tenant {args.tenant!r} with scopes {scopes}; "
-            "it is shown only once\n"
+            f"created key {key_id} ({prefix}...) for tenant {args.tenant!r} with scopes "
+            f"{scopes}; it is shown only once\n"
+        )
+    return 0
+
+
+def _key_document(row: Any, tenant: str) -> dict[str, Any]:
+    from app.keys.schemas import key_public
+
+    return {"tenant": tenant, **key_public(row).model_dump(mode="json")}
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from app.keys import service as keys
+    from app.models import Tenant
+
+    runtime = _keys_runtime()
+    try:
+        with runtime.sessions() as session:
+            tenant_id = None
+            if args.tenant is not None:
+                tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == args.tenant))
+                if tenant_id is None:
+                    sys.stderr.write(f"no tenant named {args.tenant!r}\n")
+                    return 1
+            rows = keys.list_keys(session=session, tenant_id=tenant_id, include_revoked=args.all)
+            documents = [_key_document(row, name) for row, name in rows]
+    finally:
+        runtime.close()
+    if args.json:
+        sys.stdout.write(json.dumps(documents) + "\n")
+        return 0
+    columns = ("id", "tenant", "prefix", "scopes", "state", "last_used_at", "expires_at", "name")
+    sys.stdout.write("\t".join(columns) + "\n")
+    for document in documents:
+        cells = [
+            ",".join(value) if isinstance(value, list) else "-" if value is None else str(value)
+            for value in (document[c] for c in columns)
+        ]
+        sys.stdout.write("\t".join(cells) + "\n")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from app.core.errors import ProblemError
+    from app.keys import service as keys
+
+    runtime = _keys_runtime()
+    try:
+        with runtime.sessions() as session:
+            try:
+                row = keys.revoke_key(
+                    session=session, row=keys.find_key(session=session, ref=args.key)
+                )
+            except ProblemError as exc:
+                sys.stderr.write(exc.detail + "\n")
+                return 1
+            sys.stderr.write(f"revoked key {row.id} ({row.prefix}...)\n")
+    finally:
+        runtime.close()
+    return 0
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from app.core.errors import ProblemError
+    from app.keys import service as keys
+
+    runtime = _keys_runtime()
+    try:
+        with runtime.sessions() as session:
+            try:
+                old = keys.find_key(session=session, ref=args.key)
+                new, key = keys.rotate_key(
+                    session=session,
+                    row=old,
+                    pepper=runtime.settings.api_key_pepper.get_secret_value(),
+                    grace=timedelta(seconds=args.grace or 0),
+                )
+            except ProblemError as exc:
+                sys.stderr.write(exc.detail + "\n")
+                return 1
+            old_id, new_id, prefix = old.id, str(new.id), new.prefix
+            ends = (
+                "now"
+                if old.expires_at is None or args.grace is None
+                else old.expires_at.isoformat()
+            )
+    finally:
+        runtime.close()
+    if args.json:
+        sys.stdout.write(
+            json.dumps({"key": key, "id": new_id, "prefix": prefix, "replaces": str(old_id)}) + "\n"
+        )
+    else:
+        sys.stdout.write(key + "\n")
+        sys.stderr.write(
+            f"key {old_id} replaced by {new_id} ({prefix}...), shown only once; the old key "
+            f"stops working {ends}\n"
         )
     return 0
 
@@ -160,9 +296,41 @@ def build_parser(core: bool = True) -> argparse.ArgumentParser:
     )
     create.add_argument("--tenant", required=True)
     create.add_argument("--admin", action="store_true", help="add the admin scope")
+    create.add_argument(
+        "--operator",
+        action="store_true",
+        help="add the operator scope (and admin): change the global default version, read "
+        "every tenant's promotions",
+    )
     create.add_argument("--name", default=None, help="a note to tell keys apart")
+    create.add_argument(
+        "--expires-in", type=_duration, default=None, help="e.g. 90d, 12h (default: never)"
+    )
     create.add_argument("--json", action="store_true", help='print {"key": ..., "tenant": ...}')
     create.set_defaults(handler=_keys_create)
+
+    listing = keys_sub.add_parser("list", help="list keys (prefixes, never the keys or hashes)")
+    listing.add_argument("--tenant", default=None, help="one tenant's keys (default: all)")
+    listing.add_argument("--all", action="store_true", help="include revoked keys")
+    listing.add_argument("--json", action="store_true", help="print a JSON list")
+    listing.set_defaults(handler=_keys_list)
+
+    revoke = keys_sub.add_parser("revoke", help="revoke a key at once (by id or prefix)")
+    revoke.add_argument("key", help="the key's id or its shown prefix (msk_...)")
+    revoke.set_defaults(handler=_keys_revoke)
+
+    rotate = keys_sub.add_parser(
+        "rotate", help="replace a key by a new one with the same tenant, scopes and name"
+    )
+    rotate.add_argument("key", help="the key's id or its shown prefix (msk_...)")
+    rotate.add_argument(
+        "--grace",
+        type=_duration,
+        default=None,
+        help="let the old key work this long (e.g. 1h); default: revoked at once",
+    )
+    rotate.add_argument("--json", action="store_true", help='print {"key": ..., "id": ...}')
+    rotate.set_defaults(handler=_keys_rotate)
 
     migrate = sub.add_parser("migrate", help="apply database migrations (alembic upgrade)")
     migrate.add_argument("revision", nargs="?", default="head")

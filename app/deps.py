@@ -72,6 +72,16 @@ class Caller:
     key_id: uuid.UUID
     scopes: tuple[str, ...]
 
+    @property
+    def is_operator(self) -> bool:
+        """Whether the key may change what serves every tenant (the global default version)."""
+        return "operator" in self.scopes
+
+    @property
+    def actor(self) -> str:
+        """How the audit trail names this caller."""
+        return f"key:{self.key_id}"
+
 
 def _limits(request: Request) -> Limits:
     limits: Limits = request.app.state.limits
@@ -139,8 +149,18 @@ async def require_admin(caller: Annotated[Caller, Depends(admit_caller)]) -> Cal
     return caller
 
 
+async def require_operator(caller: Annotated[Caller, Depends(admit_caller)]) -> Caller:
+    """A key with the operator scope; 403 otherwise."""
+    if "operator" not in caller.scopes:
+        raise Forbidden(
+            "this route needs an operator key (`maml-serve keys create --tenant NAME --operator`)"
+        )
+    return caller
+
+
 TenantDep = Annotated[Caller, Depends(require_user)]
 AdminDep = Annotated[Caller, Depends(require_admin)]
+OperatorDep = Annotated[Caller, Depends(require_operator)]
 
 
 def get_owned_task(caller: TenantDep, session: SessionDep, task_id: uuid.UUID) -> Task:

@@ -24,6 +24,7 @@ from app.initializations import registry
 from app.initializations import views as initializations_views
 from app.jobs import views as jobs_views
 from app.jobs.dispatch import InProcessDispatcher, make_dispatcher
+from app.keys import views as keys_views
 from app.meta_training import views as meta_training_views
 from app.middleware import BodyLimitMiddleware, MetricsMiddleware
 from app.predictions import views as predictions_views
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs_views.router,
         initializations_views.router,
         initializations_views.admin_router,
+        keys_views.router,
         datasets_views.router,
         meta_training_views.router,
         health_views.router,

@@ -32,6 +32,9 @@ TASK_STATUSES = ("adapting", "ready", "failed")
 INITIALIZATION_STATUSES = ("pending", "ready", "failed", "retired")
 ADAPT_MODES = ("full", "head")
 PROMOTION_ACTIONS = ("initial", "promote", "auto_promote", "rollback")
+SCOPES = ("user", "admin", "operator")
+# The rows of jobs.uq_jobs_task_adapting (the same text in migration 0003).
+ADAPTING = "kind = 'adapt' AND state IN ('queued', 'running')"
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -91,7 +94,7 @@ class Tenant(Base):
 
 
 class ApiKey(Base):
-    """An API key, stored only as a keyed hash; scopes are "user" and optionally "admin"."""
+    """An API key, stored only as a keyed hash; scopes: "user", optionally "admin", "operator"."""
 
     __tablename__ = "api_keys"
 
@@ -105,8 +108,11 @@ class ApiKey(Base):
     scopes: Mapped[list[str]] = mapped_column(JSON)
     name: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Written at most once a minute per key (app.keys.service.USE_RESOLUTION).
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    # None: the key does not expire.
+    expires_at: Mapped[datetime | None]
 
     tenant: Mapped[Tenant] = relationship()
 
@@ -133,7 +139,12 @@ class Dataset(Base):
 
 
 class Initialization(Base):
-    """A versioned meta-learned starting point; exactly one is active at a time."""
+    """A versioned meta-learned starting point; one global row is active at a time.
+
+    tenant_id None: a global version (shipped, imported or published by an operator), seen by
+    every tenant. Otherwise the version belongs to the tenant whose run trained it, and only that
+    tenant sees it or can use it.
+    """
 
     __tablename__ = "initializations"
     __table_args__ = (
@@ -166,7 +177,31 @@ class Initialization(Base):
         ForeignKey("datasets.id", ondelete="SET NULL")
     )
     parent_version: Mapped[str | None] = mapped_column(String(100))
+    tenant_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TenantDefault(Base):
+    """A tenant's own default initialization; the newest unretired row is the one in force.
+
+    Rolling back retires the newest row, so the one before it (or, with none left, the global
+    active version) is in force again.
+    """
+
+    __tablename__ = "tenant_defaults"
+    __table_args__ = (Index("ix_tenant_defaults_tenant_retired", "tenant_id", "retired_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    initialization_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("initializations.id", ondelete="CASCADE")
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    retired_at: Mapped[datetime | None]
+
+    initialization: Mapped[Initialization] = relationship()
 
 
 class Promotion(Base):
@@ -182,6 +217,10 @@ class Promotion(Base):
     previous_version: Mapped[str | None] = mapped_column(String(100))
     # "key:<api key id>", "job:<meta-training job id>" or "system" (first start-up).
     actor: Mapped[str] = mapped_column(String(100))
+    # None: a change of the global active version; otherwise of that tenant's own default.
+    tenant_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
@@ -249,6 +288,15 @@ class Job(Base):
         CheckConstraint(_in("state", JOB_STATES), name="state"),
         UniqueConstraint("tenant_id", "idempotency_key"),
         Index("ix_jobs_state_lease", "state", "lease_expires_at"),
+        # One adaptation in progress per task, enforced by the database: two concurrent
+        # re-adaptations cannot both pass a check-then-insert.
+        Index(
+            "uq_jobs_task_adapting",
+            "task_id",
+            unique=True,
+            postgresql_where=text(ADAPTING),
+            sqlite_where=text(ADAPTING),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)

@@ -71,6 +71,11 @@ ADMIN_ROUTES = [
     ("post", "/v1/admin/initializations/tiny-test-1/rollback"),
     ("post", "/v1/admin/initializations/rollback"),
     ("get", "/v1/admin/promotions"),
+    ("get", "/v1/admin/keys"),
+    ("post", "/v1/admin/keys"),
+    ("post", "/v1/admin/keys/00000000-0000-0000-0000-000000000000/revoke"),
+    ("delete", "/v1/admin/keys/00000000-0000-0000-0000-000000000000"),
+    ("post", "/v1/admin/keys/00000000-0000-0000-0000-000000000000/rotate"),
 ]
 
 

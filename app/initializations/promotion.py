@@ -1,8 +1,13 @@
-"""Which version is active: promotion, rollback and their audit trail."""
+"""Which version is in service: the global active one (operators) and each tenant's own default.
+
+Promotion, rollback and their audit trail.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+import uuid
+
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -10,20 +15,34 @@ from app.core.errors import Conflict
 from app.initializations import audit, registry
 from app.models import (
     Initialization,
+    TenantDefault,
     utcnow,
 )
+
+
+def _concurrent() -> Conflict:
+    return Conflict(
+        "another promotion happened at the same time; try again", code="promotion_conflict"
+    )
+
+
+# --- the global active version (operator scope) -----------------------------------------------
 
 
 def make_active(
     *, session: Session, row: Initialization, action: str, actor: str
 ) -> Initialization | None:
-    """Activate `row` in place of the active version, audited, uncommitted; returns the replaced."""
+    """Activate `row` globally in place of the active version, audited, uncommitted.
+
+    Returns the replaced version. A version owned by a tenant becomes global (published): it
+    now serves every tenant, so every tenant sees it.
+    """
     current = registry.active_initialization(session=session)
     if current is not None:
         current.is_active = False
         # The partial unique index allows one active row: flush the old one off first.
         session.flush()
-    row.is_active, row.promoted_at = True, utcnow()
+    row.is_active, row.promoted_at, row.tenant_id = True, utcnow(), None
     audit.record_promotion(
         session=session,
         action=action,
@@ -34,9 +53,11 @@ def make_active(
     return current
 
 
-def promote(*, session: Session, version: str, actor: str) -> tuple[Initialization, str | None]:
-    """Make a version the active one; returns it and the version it replaced."""
-    row = registry.ready_version(session, version)
+def promote(
+    *, session: Session, version: str, actor: str, tenant_id: uuid.UUID
+) -> tuple[Initialization, str | None]:
+    """Make a version (global, or the operator's tenant's own) the global active one."""
+    row = registry.ready_version(session, version, tenant_id)
     current = registry.active_initialization(session=session)
     if current is not None and current.id == row.id:
         return row, None
@@ -45,21 +66,19 @@ def promote(*, session: Session, version: str, actor: str) -> tuple[Initializati
         session.commit()
     except IntegrityError:
         session.rollback()
-        raise Conflict(
-            "another promotion happened at the same time; try again", code="promotion_conflict"
-        ) from None
+        raise _concurrent() from None
     return row, None if current is None else current.version
 
 
 def rollback(
-    *, session: Session, actor: str, version: str | None = None
+    *, session: Session, actor: str, tenant_id: uuid.UUID, version: str | None = None
 ) -> tuple[Initialization, str]:
     """Return to the version that was active before the current one (`version`, when named)."""
     current = registry.active_initialization(session=session)
     if current is None or current.promoted_at is None:
         raise Conflict("no version is active", code="no_active_initialization")
     if version is not None and version != current.version:
-        registry.get_initialization(session=session, version=version)
+        registry.get_initialization(session=session, version=version, tenant_id=tenant_id)
         raise Conflict(
             f"{version} is not the active version ({current.version} is); only the active "
             "version can be rolled back",
@@ -69,6 +88,7 @@ def rollback(
         select(Initialization)
         .where(
             Initialization.id != current.id,
+            Initialization.tenant_id.is_(None),
             Initialization.status == "ready",
             Initialization.promoted_at.is_not(None),
             Initialization.promoted_at <= current.promoted_at,
@@ -97,7 +117,85 @@ def rollback(
         session.commit()
     except IntegrityError:
         session.rollback()
-        raise Conflict(
-            "another promotion happened at the same time; try again", code="promotion_conflict"
-        ) from None
+        raise _concurrent() from None
     return previous, current.version
+
+
+# --- a tenant's own default (admin scope) -----------------------------------------------------
+
+
+def make_tenant_default(
+    *, session: Session, row: Initialization, tenant_id: uuid.UUID, action: str, actor: str
+) -> Initialization | None:
+    """Make `row` the tenant's default, audited, uncommitted; returns the version it replaced."""
+    current = registry.default_for(session=session, tenant_id=tenant_id)
+    session.add(TenantDefault(tenant_id=tenant_id, initialization_id=row.id))
+    audit.record_promotion(
+        session=session,
+        action=action,
+        version=row.version,
+        previous=None if current is None else current.version,
+        actor=actor,
+        tenant_id=tenant_id,
+    )
+    return current
+
+
+def promote_for_tenant(
+    *, session: Session, version: str, actor: str, tenant_id: uuid.UUID
+) -> tuple[Initialization, str | None]:
+    """Make a version (global or the tenant's own) the one the tenant's new tasks adapt from."""
+    row = registry.ready_version(session, version, tenant_id)
+    current = registry.default_for(session=session, tenant_id=tenant_id)
+    if current is not None and current.id == row.id:
+        return row, None
+    make_tenant_default(
+        session=session, row=row, tenant_id=tenant_id, action="promote", actor=actor
+    )
+    session.commit()
+    return row, None if current is None else current.version
+
+
+def rollback_for_tenant(
+    *, session: Session, actor: str, tenant_id: uuid.UUID, version: str | None = None
+) -> tuple[Initialization, str]:
+    """Retire the tenant's default: the one before it, or the global active one, is in force."""
+    own = registry.tenant_default(session=session, tenant_id=tenant_id)
+    current = registry.default_for(session=session, tenant_id=tenant_id)
+    if version is not None and (current is None or version != current.version):
+        registry.get_initialization(session=session, version=version, tenant_id=tenant_id)
+        raise Conflict(
+            f"{version} is not your tenant's default version"
+            + ("" if current is None else f" ({current.version} is)")
+            + "; only the default can be rolled back",
+            code="not_active",
+        )
+    if own is None or current is None:
+        raise Conflict(
+            "your tenant has no default of its own (it follows the global active version); "
+            "there is nothing to roll back to",
+            code="no_previous_version",
+        )
+    retired = session.execute(
+        update(TenantDefault)
+        .where(TenantDefault.id == own.id, TenantDefault.retired_at.is_(None))
+        .values(retired_at=utcnow())
+    )
+    if retired.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        raise _concurrent()
+    session.expire_all()
+    now = registry.default_for(session=session, tenant_id=tenant_id)
+    if now is None:
+        session.rollback()
+        raise Conflict("no version is active", code="no_active_initialization")
+    audit.record_promotion(
+        session=session,
+        action="rollback",
+        version=now.version,
+        previous=current.version,
+        actor=actor,
+        tenant_id=tenant_id,
+    )
+    session.commit()
+    return now, current.version

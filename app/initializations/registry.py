@@ -3,35 +3,70 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, NotFound
 from app.core.storage import ArtifactStore, initialization_key, sha256_file
 from app.initializations import audit
-from app.models import Initialization, utcnow
+from app.models import Initialization, TenantDefault, utcnow
 
 log = logging.getLogger(__name__)
 
 
 def active_initialization(*, session: Session) -> Initialization | None:
-    """The initialization new tasks adapt from."""
+    """The global active initialization: new tasks of tenants without a default of their own."""
     return session.scalar(select(Initialization).where(Initialization.is_active.is_(True)))
 
 
-def list_initializations(*, session: Session) -> Sequence[Initialization]:
-    """Every version, newest first."""
-    return session.scalars(select(Initialization).order_by(Initialization.created_at.desc())).all()
+def visible_to(tenant_id: uuid.UUID) -> ColumnElement[bool]:
+    """Versions a tenant may see and use: the global ones and its own."""
+    return or_(Initialization.tenant_id.is_(None), Initialization.tenant_id == tenant_id)
 
 
-def get_initialization(*, session: Session, version: str) -> Initialization:
-    """One version by name, or 404."""
-    row = session.scalar(select(Initialization).where(Initialization.version == version))
+def tenant_default(*, session: Session, tenant_id: uuid.UUID) -> TenantDefault | None:
+    """The tenant's own default in force (the newest unretired one), or None."""
+    return session.scalar(
+        select(TenantDefault)
+        .where(TenantDefault.tenant_id == tenant_id, TenantDefault.retired_at.is_(None))
+        .order_by(TenantDefault.created_at.desc(), TenantDefault.id.desc())
+        .limit(1)
+    )
+
+
+def default_for(*, session: Session, tenant_id: uuid.UUID) -> Initialization | None:
+    """The version a tenant's new tasks adapt from: its own default, else the global active one."""
+    own = tenant_default(session=session, tenant_id=tenant_id)
+    if own is not None and own.initialization.status == "ready":
+        return own.initialization
+    return active_initialization(session=session)
+
+
+def list_initializations(*, session: Session, tenant_id: uuid.UUID) -> Sequence[Initialization]:
+    """The versions a tenant sees (global and its own), newest first."""
+    return session.scalars(
+        select(Initialization)
+        .where(visible_to(tenant_id))
+        .order_by(Initialization.created_at.desc())
+    ).all()
+
+
+def visible_versions(*, session: Session, tenant_id: uuid.UUID) -> set[str]:
+    """The names of the versions a tenant sees."""
+    return set(session.scalars(select(Initialization.version).where(visible_to(tenant_id))))
+
+
+def get_initialization(*, session: Session, version: str, tenant_id: uuid.UUID) -> Initialization:
+    """One version by name, or 404 (also for another tenant's, answered as for an unknown one)."""
+    row = session.scalar(
+        select(Initialization).where(Initialization.version == version, visible_to(tenant_id))
+    )
     if row is None:
         raise NotFound(
             f"no initialization with version {version!r}; GET /v1/initializations lists them"
@@ -113,8 +148,9 @@ def ensure_initialization(
     return active_initialization(session=session)
 
 
-def ready_version(session: Session, version: str) -> Initialization:
-    row = get_initialization(session=session, version=version)
+def ready_version(session: Session, version: str, tenant_id: uuid.UUID) -> Initialization:
+    """A version the tenant sees and that is ready, or 404 / 409."""
+    row = get_initialization(session=session, version=version, tenant_id=tenant_id)
     if row.status != "ready":
         raise Conflict(
             f"initialization {version!r} is {row.status}, not ready",

@@ -16,14 +16,24 @@ class PromotionResult(BaseModel):
 
 
 class PromotionRecord(BaseModel):
-    """One change of the active initialization."""
+    """One change of the global active initialization or of a tenant's own default."""
 
     model_config = ConfigDict(from_attributes=True)
 
     action: Literal["initial", "promote", "auto_promote", "rollback"]
     version: str = Field(description="The version made active.")
     previous_version: str | None = Field(description="The version it replaced.")
-    actor: str = Field(description="'key:<api key id>', 'job:<meta-training id>' or 'system'.")
+    actor: str = Field(
+        description="'key:<api key id>', 'job:<meta-training id>', 'system', or 'operator' for "
+        "a global change made by a key outside your tenant."
+    )
+    scope: Literal["global", "tenant"] = Field(
+        description="'global': the version every tenant without its own default adapts from; "
+        "'tenant': your tenant's own default."
+    )
+    tenant: str | None = Field(
+        default=None, description="The tenant of a 'tenant' change (shown to operator keys only)."
+    )
     created_at: datetime
 
 
@@ -41,7 +51,14 @@ class InitializationPublic(BaseModel):
     version: str
     status: str
     source: str
-    is_active: bool
+    scope: Literal["global", "tenant"] = Field(
+        description="'global': served to every tenant; 'tenant': your tenant's own version."
+    )
+    is_active: bool = Field(description="New tasks of your tenant adapt from this version.")
+    is_global_default: bool = Field(
+        description="The global active version (tenants without their own default use it)."
+    )
+    is_tenant_default: bool = Field(description="Your tenant's own default.")
     config: dict[str, Any]
     metrics: dict[str, Any]
     sha256: str
@@ -54,4 +71,5 @@ class InitializationList(BaseModel):
     """Every initialization version and which one is active."""
 
     items: list[InitializationPublic]
-    active_version: str | None
+    active_version: str | None = Field(description="The version your new tasks adapt from.")
+    global_version: str | None = Field(description="The global active version.")

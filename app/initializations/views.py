@@ -1,14 +1,20 @@
-"""/v1/initializations: the meta-learned starting points and which one is active."""
+"""/v1/initializations: the meta-learned starting points and which one is in service.
+
+Promotion and rollback act on the caller's tenant's own default (admin keys) or, with
+`?scope=global`, on the version every tenant without a default of its own adapts from
+(operator keys).
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
+from app.core.errors import Forbidden
 from app.core.schemas import problem_responses
-from app.deps import AdminDep, SessionDep, TenantDep
-from app.initializations import audit, promotion, registry
+from app.deps import AdminDep, Caller, SessionDep, TenantDep
+from app.initializations import audit, promotion, public
 from app.initializations.schemas import (
     InitializationList,
     InitializationPublic,
@@ -23,14 +29,29 @@ router = APIRouter(prefix="/v1/initializations", tags=["initializations"])
 admin_router = APIRouter(prefix="/v1/admin", tags=["admin"])
 _PROBLEMS = problem_responses(401, 403, 404, 409, 413, 422, 503)
 
+Scope = Annotated[
+    Literal["tenant", "global"],
+    Query(
+        description="'tenant' (default): your tenant's own default, with an admin key; "
+        "'global': the version served to every tenant without its own default, with an "
+        "operator key."
+    ),
+]
+
+
+def _check_scope(caller: Caller, scope: str) -> None:
+    if scope == "global" and not caller.is_operator:
+        raise Forbidden(
+            "changing the global default needs an operator key "
+            "(`maml-serve keys create --tenant NAME --operator`); without ?scope=global the "
+            "change applies to your tenant only"
+        )
+
 
 @router.get("", response_model=InitializationList, responses=problem_responses(401))
-def list_initializations(_caller: TenantDep, session: SessionDep) -> InitializationList:
-    """Every version with its metrics, newest first."""
-    rows = registry.list_initializations(session=session)
-    items = [InitializationPublic.model_validate(row) for row in rows]
-    active = next((row.version for row in rows if row.is_active), None)
-    return InitializationList(items=items, active_version=active)
+def list_initializations(caller: TenantDep, session: SessionDep) -> InitializationList:
+    """The global versions and your tenant's own, newest first, with the one in force for you."""
+    return public.initialization_list(session=session, tenant_id=caller.tenant_id)
 
 
 @router.get(
@@ -39,49 +60,73 @@ def list_initializations(_caller: TenantDep, session: SessionDep) -> Initializat
     responses=problem_responses(401, 404),
 )
 def get_initialization(
-    _caller: TenantDep, session: SessionDep, version: str
+    caller: TenantDep, session: SessionDep, version: str
 ) -> InitializationPublic:
-    """One version by name."""
-    return InitializationPublic.model_validate(
-        registry.get_initialization(session=session, version=version)
-    )
+    """One version by name (404 for another tenant's, as for an unknown one)."""
+    return public.initialization_one(session=session, tenant_id=caller.tenant_id, version=version)
 
 
 @admin_router.post(
     "/initializations/{version}/promote", response_model=PromotionResult, responses=_PROBLEMS
 )
-def promote(caller: AdminDep, session: SessionDep, version: str) -> PromotionResult:
-    """Make a version the one new tasks adapt from."""
-    row, previous = promotion.promote(
-        session=session, version=version, actor=f"key:{caller.key_id}"
-    )
+def promote(
+    caller: AdminDep, session: SessionDep, version: str, scope: Scope = "tenant"
+) -> PromotionResult:
+    """Make a version the one new tasks adapt from: your tenant's, or everyone's (operator)."""
+    _check_scope(caller, scope)
+    if scope == "global":
+        row, previous = promotion.promote(
+            session=session, version=version, actor=caller.actor, tenant_id=caller.tenant_id
+        )
+    else:
+        row, previous = promotion.promote_for_tenant(
+            session=session, version=version, actor=caller.actor, tenant_id=caller.tenant_id
+        )
     return PromotionResult(active_version=row.version, previous_version=previous)
 
 
 @admin_router.post("/initializations/rollback", response_model=PromotionResult, responses=_PROBLEMS)
-def rollback(caller: AdminDep, session: SessionDep) -> PromotionResult:
-    """Return to the version that was active before the current one."""
-    row, previous = promotion.rollback(session=session, actor=f"key:{caller.key_id}")
+def rollback(caller: AdminDep, session: SessionDep, scope: Scope = "tenant") -> PromotionResult:
+    """Return to the version that was in force before the current one."""
+    _check_scope(caller, scope)
+    if scope == "global":
+        row, previous = promotion.rollback(
+            session=session, actor=caller.actor, tenant_id=caller.tenant_id
+        )
+    else:
+        row, previous = promotion.rollback_for_tenant(
+            session=session, actor=caller.actor, tenant_id=caller.tenant_id
+        )
     return PromotionResult(active_version=row.version, previous_version=previous)
 
 
 @admin_router.post(
     "/initializations/{version}/rollback", response_model=PromotionResult, responses=_PROBLEMS
 )
-def rollback_version(caller: AdminDep, session: SessionDep, version: str) -> PromotionResult:
-    """Roll back `version` (which must be the active one) to the version active before it."""
-    row, previous = promotion.rollback(
-        session=session, version=version, actor=f"key:{caller.key_id}"
-    )
+def rollback_version(
+    caller: AdminDep, session: SessionDep, version: str, scope: Scope = "tenant"
+) -> PromotionResult:
+    """Roll back `version` (which must be the one in force) to the version before it."""
+    _check_scope(caller, scope)
+    if scope == "global":
+        row, previous = promotion.rollback(
+            session=session, version=version, actor=caller.actor, tenant_id=caller.tenant_id
+        )
+    else:
+        row, previous = promotion.rollback_for_tenant(
+            session=session, version=version, actor=caller.actor, tenant_id=caller.tenant_id
+        )
     return PromotionResult(active_version=row.version, previous_version=previous)
 
 
 @admin_router.get("/promotions", response_model=PromotionList, responses=_PROBLEMS)
 def list_promotions(
-    _caller: AdminDep,
+    caller: AdminDep,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> PromotionList:
-    """Every change of the active version (first start-up, promote, auto-promote, rollback)."""
-    rows = audit.list_promotions(session=session, limit=limit)
+    """Changes of the global version and of your tenant's default (every tenant's: operator)."""
+    rows = audit.list_promotions(
+        session=session, limit=limit, tenant_id=caller.tenant_id, everything=caller.is_operator
+    )
     return PromotionList(items=[PromotionRecord.model_validate(row) for row in rows])

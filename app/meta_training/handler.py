@@ -219,15 +219,27 @@ def _register(
         is_active=False,
         dataset_id=job.dataset_id,
         parent_version=job.params.get("start_version"),
+        # The version belongs to the tenant whose data trained it; only that tenant sees it.
+        tenant_id=job.tenant_id,
         created_at=now,
     )
     session.add(row)
     session.flush()
     promoted = False
     if promote:
-        promotion.make_active(
-            session=session, row=row, action="auto_promote", actor=f"job:{job.id}"
-        )
+        # Auto-promotion makes it the tenant's own default; other tenants are unaffected.
+        if job.tenant_id is not None:
+            promotion.make_tenant_default(
+                session=session,
+                row=row,
+                tenant_id=job.tenant_id,
+                action="auto_promote",
+                actor=f"job:{job.id}",
+            )
+        else:
+            promotion.make_active(
+                session=session, row=row, action="auto_promote", actor=f"job:{job.id}"
+            )
         promoted = True
     if not state.finish(
         session,
@@ -325,7 +337,13 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
     episodes = int(params.get("validation_episodes", 200))
     new_scores = _score(result.initialization, val, episodes, device)
     with runtime.sessions() as session:
-        active_row = registry.active_initialization(session=session)
+        # The baseline is what the tenant's new tasks adapt from now.
+        run_tenant = session.scalar(select(Job.tenant_id).where(Job.id == claim.job_id))
+        active_row = (
+            registry.active_initialization(session=session)
+            if run_tenant is None
+            else registry.default_for(session=session, tenant_id=run_tenant)
+        )
     metrics: dict[str, Any] = {
         "validation": new_scores,
         "dataset": {"id": str(params.get("dataset_id")), "name": params.get("dataset_name")},

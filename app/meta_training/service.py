@@ -31,7 +31,8 @@ def _submit(session: Session, dispatcher: Dispatcher, job: Job) -> None:
     except Exception as exc:
         log.exception("could not enqueue job %s", job.id)
         job.state, job.error_code, job.finished_at = "failed", "enqueue_failed", utcnow()
-        job.error_message = f"the job could not be sent to the broker: {exc}"
+        # The broker's message names its address: it goes to the log above, not to the job.
+        job.error_message = "the job could not be sent to the broker"
         session.commit()
         raise ServiceUnavailable(
             "the job queue is unreachable; the job was recorded as failed, try again shortly",
@@ -56,7 +57,9 @@ def start_meta_training(
 ) -> Job:
     """Check the request, record a meta_train job on the train queue, then enqueue it."""
     dataset = get_dataset(session=session, tenant_id=tenant_id, dataset_id=body.dataset_id)
-    start = None if body.start == "scratch" else registry.ready_version(session, body.start)
+    start = (
+        None if body.start == "scratch" else registry.ready_version(session, body.start, tenant_id)
+    )
     if start is not None and body.model is not None:
         raise InvalidRequest(
             "model settings apply only to a run from scratch; a run from a version keeps its "

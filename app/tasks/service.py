@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.adaptations import service as adaptations
-from app.core.errors import Conflict, NotFound, ServiceUnavailable
+from app.core.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
 from app.core.pagination import Page, paginate
 from app.core.runtime import Runtime
 from app.core.schemas import ErrorInfo
@@ -45,13 +45,14 @@ def support_set_hash(labels: list[str], image_hashes: list[str]) -> str:
     return hashlib.sha256(document.encode()).hexdigest()
 
 
-def _fingerprint(support_hash: str, body: SupportSetIn, init_version: str) -> str:
+def _fingerprint(support_hash: str, body: SupportSetIn) -> str:
+    # What the client sent, nothing the server chose: a retry after a promotion is the same
+    # request (and is replayed), although a new request would now adapt from another version.
     document = {
         "support": support_hash,
         "name": body.name,
         "mode": body.mode,
         "steps": body.steps,
-        "initialization": init_version,
     }
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
@@ -70,20 +71,26 @@ def create_task(
     Returns the task and the adapt job created now, or None for the job when an earlier request
     with the same Idempotency-Key created the task. Nothing stays behind when any step fails.
     """
-    init_row = registry.active_initialization(session=session)
-    if init_row is None:
-        raise ServiceUnavailable(
-            "no active initialization is registered yet; an administrator must promote one",
-            code="no_active_initialization",
+    if idempotency_key is not None and not idempotency_key.strip():
+        raise InvalidRequest(
+            "the Idempotency-Key header is empty; send a unique non-empty value (e.g. a UUID) "
+            "or leave the header out",
+            code="invalid_idempotency_key",
         )
     support_hash = support_set_hash(body.labels, [i.sha256 for i in body.images])
-    fingerprint = _fingerprint(support_hash, body, init_row.version)
+    fingerprint = _fingerprint(support_hash, body)
     if idempotency_key is not None:
         earlier = jobs.find_idempotent_job(
             session=session, tenant_id=tenant_id, key=idempotency_key
         )
         if earlier is not None:
             return _idempotent_replay(session, tenant_id, earlier, fingerprint), None
+    init_row = registry.default_for(session=session, tenant_id=tenant_id)
+    if init_row is None:
+        raise ServiceUnavailable(
+            "no active initialization is registered yet; an operator must promote one",
+            code="no_active_initialization",
+        )
 
     task_id = uuid.uuid4()
     labels_in_order = list(dict.fromkeys(body.labels))
