@@ -96,12 +96,16 @@ def run_adapt(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
         except fewshot.EpisodeError as exc:
             raise PermanentJobError("invalid_support_set", str(exc)) from exc
         except fewshot.CheckpointError as exc:
-            raise PermanentJobError("initialization_unreadable", str(exc)) from exc
+            # The reader's message names the file: it goes to the log, not to the job.
+            log.error("job %s: initialization unreadable: %s", claim.job_id, exc)
+            raise PermanentJobError(
+                "initialization_unreadable", "the initialization's files could not be read"
+            ) from exc
         except ArtifactCorrupt as exc:
             raise PermanentJobError("artifact_corrupt", exc.detail) from exc
         except FileNotFoundError as exc:
             raise PermanentJobError(
-                "artifact_missing", f"a stored file is missing: {exc.filename}"
+                "artifact_missing", "a stored file this task needs is missing"
             ) from exc
         metrics.ADAPT_COMPUTE.labels(model.mode).observe(compute)
         key = adapted_weights_key(task.id, job.id)

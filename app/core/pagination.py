@@ -41,12 +41,25 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         data = json.loads(raw)
+        # A cursor edited by hand may hold any JSON: each field must be a string.
+        if not isinstance(data, dict) or not all(
+            isinstance(data.get(name), str) for name in ("t", "id")
+        ):
+            raise ValueError("cursor fields of the wrong type")
         at = datetime.fromisoformat(data["t"])
         if at.tzinfo is None:
             # Cursors carry aware UTC timestamps; the timestamp columns refuse naive ones.
             raise ValueError("naive timestamp")
         return at.astimezone(UTC), uuid.UUID(data["id"])
-    except (binascii.Error, ValueError, KeyError, TypeError, OverflowError, RecursionError):
+    except (
+        binascii.Error,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        OverflowError,
+        RecursionError,
+    ):
         raise InvalidRequest(
             "cursor is not valid; pass the next_cursor of a previous page", code="invalid_cursor"
         ) from None

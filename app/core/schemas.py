@@ -17,6 +17,19 @@ def unstorable_character(text: str) -> str | None:
     return None
 
 
+def invisible_character(text: str) -> str | None:
+    """The first invisible format character (bidi controls such as U+202E, zero-width characters,
+    the BOM: Unicode category Cf), as ``U+XXXX``; None when there is none.
+
+    Such characters make two different labels look identical to a person, or reorder how one
+    is displayed.
+    """
+    for char in text:
+        if unicodedata.category(char) == "Cf":
+            return f"U+{ord(char):04X}"
+    return None
+
+
 def _clean_text(value: str) -> str:
     bad = unstorable_character(value)
     if bad is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import uuid
@@ -10,12 +11,21 @@ from pathlib import Path
 
 from app.core.errors import ProblemError
 
+log = logging.getLogger(__name__)
+
 
 class ArtifactCorrupt(ProblemError):
-    """A stored file whose sha256 no longer matches the one recorded."""
+    """A stored file whose sha256 no longer matches the one recorded, or that cannot be read.
 
-    status = 500
+    409: the request cannot succeed until the artifact is made again (a task is adapted again);
+    the detail never names the file, which is logged instead.
+    """
+
+    status = 409
     code = "artifact_corrupt"
+
+
+_CORRUPT = "a stored file this request needs failed its integrity check"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -103,14 +113,16 @@ class ArtifactStore:
         """Read a key, checking its sha256 when one is given."""
         data = self.path(key).read_bytes()
         if sha256 is not None and sha256_bytes(data) != sha256:
-            raise ArtifactCorrupt(f"stored artifact {key} does not match its recorded sha256")
+            log.error("stored artifact %s does not match its recorded sha256", key)
+            raise ArtifactCorrupt(_CORRUPT)
         return data
 
     def verify(self, key: str, sha256: str) -> Path:
         """The path of a key after checking its sha256."""
         path = self.path(key)
         if sha256_file(path) != sha256:
-            raise ArtifactCorrupt(f"stored artifact {key} does not match its recorded sha256")
+            log.error("stored artifact %s does not match its recorded sha256", key)
+            raise ArtifactCorrupt(_CORRUPT)
         return path
 
     def exists(self, key: str) -> bool:

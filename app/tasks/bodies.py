@@ -20,7 +20,7 @@ from app.core.errors import InvalidRequest, PayloadTooLarge, ProblemError
 from app.core.images import CheckedImage, check_image
 from app.core.media import request_media_type
 from app.core.runtime import Runtime
-from app.core.schemas import unstorable_character
+from app.core.schemas import invisible_character, unstorable_character
 from app.predictions.schemas import QueriesJson
 from app.tasks.schemas import SupportSetJson
 
@@ -186,6 +186,13 @@ def _check_labels(labels: list[str], image_count: int, settings: Settings) -> No
                 f"label {position} contains the character {bad}; "
                 "labels cannot hold control characters",
                 code="validation_error",
+            )
+        invisible = invisible_character(label)
+        if invisible is not None:
+            raise InvalidRequest(
+                f"label {position} contains the invisible character {invisible}; labels cannot "
+                "hold bidirectional controls, zero-width characters or byte order marks",
+                code="invalid_label",
             )
         if len(label) > settings.max_label_length:
             raise InvalidRequest(
