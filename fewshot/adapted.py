@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from torch import Tensor
 from fewshot.backbone import Conv4, shared_module
 from fewshot.config import AdaptMode, ModelConfig
 from fewshot.errors import CheckpointError, EpisodeError
+from fewshot.head import head_logits
 from fewshot.initialization import Initialization
 from fewshot.inner import (
     HEAD_BIAS,
@@ -23,8 +24,37 @@ from fewshot.inner import (
     HEAD_WEIGHT,
     InnerRecipe,
     adapt_params,
+    embed,
     predict_logits_batched,
 )
+from fewshot.unknown import (
+    UNKNOWN_LABEL,
+    UnknownCalibration,
+    calibration_of,
+    class_prototypes,
+    raw_scores,
+)
+
+HEAD_PROTOTYPES = "head.prototypes"
+
+
+@dataclass
+class PredictionScores:
+    """What predict_scores returns for B images of a task with N classes.
+
+    probabilities [B, N] (columns in `labels` order, as predict_proba); score [B] the calibrated
+    familiarity (a conformal p-value in [0, 1]; nan when the model is not calibrated); raw [B]
+    the uncalibrated familiarity; known [B] score >= threshold; labels: the most probable label,
+    or "unknown" where not known; threshold: the one applied.
+    """
+
+    probabilities: Tensor
+    score: Tensor
+    raw: Tensor
+    known: Tensor
+    labels: list[str]
+    threshold: float
+
 
 ADAPTED_FORMAT = "maml-serve/adapted-model/v1"
 
@@ -40,6 +70,16 @@ class AdaptedModel:
     steps: int
     support_accuracy: float
     initialization_version: str = "unversioned"
+    # Class means [N, D] of the support embeddings under the adapted backbone, the number of
+    # support images per class, and the initialization's "unknown" calibration (may be None).
+    prototypes: Tensor | None = None
+    class_counts: list[int] | None = None
+    unknown: UnknownCalibration | None = field(default=None)
+
+    @property
+    def unknown_threshold(self) -> float | None:
+        """The default threshold on the calibrated score, or None when not calibrated."""
+        return None if self.unknown is None else self.unknown.threshold
 
     @property
     def nbytes(self) -> int:
@@ -58,6 +98,45 @@ class AdaptedModel:
         """The most probable label for each image."""
         return [self.labels[i] for i in self.predict_proba(x).argmax(dim=1).tolist()]
 
+    @torch.no_grad()
+    def predict_scores(self, x: Tensor, threshold: float | None = None) -> PredictionScores:
+        """Probabilities [B, N], a calibrated familiarity score [B] and "unknown" below `threshold`.
+
+        `threshold` (a p-value in [0, 1]) defaults to the initialization's calibrated default
+        (keeps ~95% of genuine queries); 0 never answers "unknown". Uncalibrated models score
+        nan and answer "unknown" only if a threshold > 0 is given. Each image is scored on its
+        own: results never depend on the other images of the batch.
+        """
+        _check_images(x, self.config, "query")
+        if threshold is not None and not (0.0 <= threshold <= 1.0):
+            raise EpisodeError(f"threshold must be within [0, 1], got {threshold}")
+        device = next(iter(self.params.values())).device
+        module = shared_module(self.config)
+        parts = [embed(module, self.params, part) for part in torch.split(x.to(device), 1024)]
+        features = torch.cat(parts)
+        out = head_logits(
+            features, self.params[HEAD_WEIGHT], self.params[HEAD_BIAS], self.params[HEAD_SCALE]
+        )
+        probabilities = torch.softmax(out.float(), dim=1).cpu()
+        prototypes = (
+            self.prototypes if self.prototypes is not None else self.params[HEAD_WEIGHT] / 2
+        )
+        raw, nearest = raw_scores(features, prototypes.to(features.dtype).to(device))
+        raw, nearest = raw.cpu(), nearest.cpu()
+        if self.unknown is not None:
+            counts = torch.tensor(self.class_counts or [1] * len(self.labels))
+            score = self.unknown.p_values(raw, counts[nearest], len(self.labels))
+        else:
+            score = torch.full_like(raw, float("nan"))
+        applied = (self.unknown_threshold or 0.0) if threshold is None else threshold
+        known = ~(score < applied) if applied > 0 else torch.ones_like(raw, dtype=torch.bool)
+        best = probabilities.argmax(dim=1).tolist()
+        labels = [
+            self.labels[i] if ok else UNKNOWN_LABEL
+            for i, ok in zip(best, known.tolist(), strict=True)
+        ]
+        return PredictionScores(probabilities, score, raw, known, labels, applied)
+
     def save(self, path: str | Path) -> Path:
         """Write one safetensors file; labels and settings go in its string metadata."""
         path = Path(path)
@@ -71,7 +150,13 @@ class AdaptedModel:
             "support_accuracy": repr(self.support_accuracy),
             "initialization_version": self.initialization_version,
         }
+        if self.class_counts is not None:
+            metadata["class_counts"] = json.dumps(self.class_counts)
+        if self.unknown is not None:
+            metadata["unknown"] = json.dumps(self.unknown.to_dict())
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.params.items()}
+        if self.prototypes is not None:
+            tensors[HEAD_PROTOTYPES] = self.prototypes.detach().cpu().contiguous()
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=metadata)
         tmp.replace(path)
@@ -104,6 +189,20 @@ class AdaptedModel:
         expected[HEAD_SCALE] = ()
         expected[HEAD_WEIGHT] = (len(labels), config.feature_dim)
         expected[HEAD_BIAS] = (len(labels),)
+        prototypes = tensors.pop(HEAD_PROTOTYPES, None)
+        if prototypes is not None and tuple(prototypes.shape) != expected[HEAD_WEIGHT]:
+            raise CheckpointError(f"{path}: prototypes do not match {len(labels)} labels")
+        try:
+            counts = json.loads(meta["class_counts"]) if "class_counts" in meta else None
+            unknown = (
+                UnknownCalibration.from_dict(json.loads(meta["unknown"]))
+                if "unknown" in meta
+                else None
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{path}: unreadable class counts or calibration ({exc})"
+            ) from exc
         if {name: tuple(t.shape) for name, t in tensors.items()} != expected:
             raise CheckpointError(
                 f"{path}: tensor names or shapes do not match its config and {len(labels)} labels"
@@ -116,6 +215,9 @@ class AdaptedModel:
             steps=int(meta.get("steps", "0")),
             support_accuracy=float(meta.get("support_accuracy", "nan")),
             initialization_version=str(meta.get("initialization_version", "unversioned")),
+            prototypes=prototypes,
+            class_counts=[int(c) for c in counts] if isinstance(counts, list) else None,
+            unknown=unknown,
         )
 
 
@@ -201,6 +303,7 @@ def adapt(
         accuracy = (
             (predict_logits_batched(module, fast, x).argmax(dim=1) == y).float().mean().item()
         )
+        prototypes = class_prototypes(embed(module, fast, x), y, len(classes))
     return AdaptedModel(
         config=init.config,
         params=fast,
@@ -209,4 +312,7 @@ def adapt(
         steps=steps,
         support_accuracy=accuracy,
         initialization_version=init.version,
+        prototypes=prototypes,
+        class_counts=torch.bincount(y, minlength=len(classes)).tolist(),
+        unknown=calibration_of(init),
     )

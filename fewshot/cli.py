@@ -133,6 +133,20 @@ def add_subcommands(sub: Any) -> None:
     ev.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     ev.set_defaults(handler=run_evaluate)
 
+    cal = sub.add_parser(
+        "calibrate", help='calibrate the "unknown" score of an initialization on held-out groups'
+    )
+    cal.add_argument("--data", required=True, help="dataset folder or zip")
+    cal.add_argument("--init", help="initialization folder (default: the shipped one)")
+    cal.add_argument(
+        "--groups", nargs="*", help="held-out groups (default: the init's validation_groups)"
+    )
+    cal.add_argument("--episodes", type=int, default=60, help="tasks per shot count and way count")
+    cal.add_argument("--report-episodes", type=int, default=50, help="tasks per reported shape")
+    cal.add_argument("--threshold", type=float, default=0.05, help="default p-value threshold")
+    cal.add_argument("--out", help="write the calibrated initialization here (default: in place)")
+    cal.set_defaults(handler=run_calibrate)
+
 
 def report(
     init: Initialization, val: ImageDataset, episodes: int, device: str, seed: int = 2024
@@ -277,6 +291,48 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 f" ± {100 * (result.adaptation_gain_ci95 or 0):.2f} points (paired)"
             )
         print(line)
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """Calibrate the unknown score on held-out groups; store it (and its report) in the metadata."""
+    from fewshot.data import load_dataset
+    from fewshot.errors import FewShotError
+    from fewshot.initialization import Initialization, shipped_initialization_path
+    from fewshot.promotion import overlapping_groups
+    from fewshot.unknown import METADATA_KEY, calibrate_unknown, unknown_report
+
+    folder = Path(args.init) if args.init else shipped_initialization_path()
+    try:
+        init = Initialization.load(folder)
+        data = load_dataset(args.data, init.config)
+        groups = args.groups or init.metadata.get("validation_groups")
+        if not groups:
+            raise FewShotError(
+                "no --groups given and the initialization records no validation_groups"
+            )
+        unknown = sorted(set(groups) - set(data.group_names))
+        if unknown:
+            raise FewShotError(
+                f"unknown group(s) {', '.join(unknown)}; the data has: {', '.join(data.group_names)}"
+            )
+        overlap = overlapping_groups(init.metadata, groups, data)
+        if overlap:
+            raise FewShotError(f"{init.version} was meta-trained on {', '.join(overlap)}")
+        held = data.subset_groups(groups)
+        calibration = calibrate_unknown(
+            init, held, episodes=args.episodes, threshold=args.threshold
+        )
+        calibration.details = {
+            "groups": sorted(groups),
+            "report": unknown_report(init, held, calibration, episodes=args.report_episodes),
+        }
+    except (FewShotError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    init.metadata[METADATA_KEY] = calibration.to_dict()
+    init.save(args.out or folder)
+    print(json.dumps(calibration.details, indent=2))
     return 0
 
 

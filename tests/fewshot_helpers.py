@@ -37,7 +37,7 @@ def tiny_init(
 
 
 def random_images(
-    count: int, config: ModelConfig = TINY, seed: int = 0, dtype=torch.float64
+    count: int, config: ModelConfig = TINY, seed: int = 0, dtype: torch.dtype = torch.float64
 ) -> Tensor:
     """Images [count, C, H, W] in [0, 1]."""
     generator = torch.Generator().manual_seed(seed)

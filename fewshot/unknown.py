@@ -1,0 +1,258 @@
+""" "None of these": a per-image familiarity score, calibrated so a threshold keeps a known share.
+
+Raw score (per image, never depending on the other images of a batch): the distance from the
+image's embedding [D] to its nearest class prototype c_k [N, D] (class means of the support
+embeddings under the adapted backbone), divided by the mean distance between two prototypes of
+the task, negated (higher = more familiar). Open-set recognition by distance to class means
+follows Bendale and Boult 2016 and Snell et al. 2017's metric; dividing by the task's own
+prototype spread makes one scale serve tasks of any number of ways.
+
+Calibrated score: a conformal p-value (Vovk et al. 2005; Angelopoulos and Bates 2021): the share
+of in-task validation queries (tasks of the nearest calibrated number of ways and shots) whose raw
+score is at most this image's.
+With threshold t, about (1 - t) of genuine queries are kept; the default t = 0.05 keeps ~95%.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from fewshot.data import ImageDataset
+    from fewshot.initialization import Initialization
+
+UNKNOWN_LABEL = "unknown"
+DEFAULT_THRESHOLD = 0.05
+CALIBRATION_SHOTS = (1, 2, 3, 5)
+METADATA_KEY = "unknown"
+
+
+def class_prototypes(features: Tensor, labels: Tensor, n_way: int) -> Tensor:
+    """Class means [N, D] of support embeddings features [S, D] with labels [S] in 0..N-1."""
+    onehot = torch.nn.functional.one_hot(labels, n_way).to(features.dtype)
+    counts = onehot.sum(dim=0).clamp_min(1.0)
+    return (onehot.transpose(0, 1) @ features) / counts.unsqueeze(1)
+
+
+def raw_scores(features: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
+    """Familiarity [B] (-nearest-prototype distance / mean inter-prototype distance) and nearest [B].
+
+    features: [B, D] query embeddings; prototypes: [N, D] with N >= 2. Per image: a query's
+    score depends only on itself and the task.
+    """
+    distances = torch.cdist(features.double(), prototypes.double())  # [B, N]
+    n = prototypes.shape[0]
+    between = torch.cdist(prototypes.double(), prototypes.double())
+    off_diagonal = between[~torch.eye(n, dtype=torch.bool, device=between.device)]
+    spread = off_diagonal.mean().clamp_min(1e-12)
+    nearest_distance, nearest = distances.min(dim=1)
+    return (-nearest_distance / spread).float(), nearest
+
+
+def _nearest_below(keys: list[int], value: int) -> int:
+    """The largest key <= value, else the smallest key."""
+    return keys[max(0, bisect.bisect_right(keys, value) - 1)]
+
+
+@dataclass
+class UnknownCalibration:
+    """Sorted in-task raw scores per calibrated (ways, shots), and the default p-value threshold."""
+
+    scores_by_shape: dict[tuple[int, int], list[float]]
+    threshold: float = DEFAULT_THRESHOLD
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def table(self, ways: int, shots: int) -> list[float]:
+        """The in-task scores of the calibrated way count and then shot count nearest below."""
+        way_keys = sorted({w for w, _ in self.scores_by_shape})
+        w = _nearest_below(way_keys, ways)
+        shot_keys = sorted(k for v, k in self.scores_by_shape if v == w)
+        return self.scores_by_shape[(w, _nearest_below(shot_keys, shots))]
+
+    def p_values(self, raw: Tensor, shots: Tensor, ways: int = 5) -> Tensor:
+        """Calibrated scores [B] in [0, 1] for raw scores [B] in a `ways`-way task whose nearest
+        classes have `shots` [B] support images."""
+        out = torch.empty(raw.shape[0], dtype=torch.float32)
+        for i, (value, count) in enumerate(zip(raw.tolist(), shots.tolist(), strict=True)):
+            table = self.table(ways, int(count))
+            # (rank + 1) / (n + 1): the conformal p-value, never exactly 0.
+            out[i] = (bisect.bisect_right(table, value) + 1) / (len(table) + 1)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict stored in an initialization's metadata under "unknown"."""
+        return {
+            "score": "conformal p-value of -min prototype distance / mean prototype spread",
+            "threshold": self.threshold,
+            "scores_by_shape": {
+                f"{w}x{k}": [round(v, 5) for v in vs] for (w, k), vs in self.scores_by_shape.items()
+            },
+            **({"details": self.details} if self.details else {}),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UnknownCalibration:
+        """Inverse of to_dict."""
+        table: dict[tuple[int, int], list[float]] = {}
+        for key, values in data["scores_by_shape"].items():
+            ways, shots = (int(part) for part in str(key).split("x"))
+            table[(ways, shots)] = sorted(float(v) for v in values)
+        if not table or any(not vs for vs in table.values()):
+            raise ValueError("an unknown-calibration table is empty")
+        return cls(
+            scores_by_shape=table,
+            threshold=float(data.get("threshold", DEFAULT_THRESHOLD)),
+            details=dict(data.get("details", {})),
+        )
+
+
+def calibration_of(init: Initialization) -> UnknownCalibration | None:
+    """The calibration stored in an initialization's metadata, or None (not calibrated)."""
+    data = init.metadata.get(METADATA_KEY)
+    if not isinstance(data, dict):
+        return None
+    try:
+        return UnknownCalibration.from_dict(data)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+@dataclass
+class OpenSetScores:
+    """Per-episode raw scores of in-task queries, out-of-task queries, blank and noise images."""
+
+    shots: int
+    in_task: list[float] = field(default_factory=list)
+    in_task_correct: list[bool] = field(default_factory=list)
+    out_of_task: list[float] = field(default_factory=list)
+    blank: list[float] = field(default_factory=list)
+    noise: list[float] = field(default_factory=list)
+
+
+def open_set_scores(
+    init: Initialization,
+    dataset: ImageDataset,
+    *,
+    ways: int,
+    shots: int,
+    episodes: int,
+    queries: int = 5,
+    seed: int = 0,
+    steps: int | None = None,
+    within_group: bool = False,
+) -> OpenSetScores:
+    """Adapt (served steps) to `episodes` tasks of `ways` classes and score queries of those
+    classes, of `ways` other classes of `dataset` (out of task), a blank and a noise image."""
+    from fewshot.adapted import adapt
+    from fewshot.episodes import EpisodeSampler
+
+    sampler = EpisodeSampler(dataset, within_group=within_group)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    out = OpenSetScores(shots=shots)
+    labels = [str(k) for k in range(ways)]
+    for _ in range(episodes):
+        batch = sampler.sample(rng, 1, 2 * ways, shots, queries)  # half the classes stay unseen
+        sx, sy, qx, qy = batch.support_x[0], batch.support_y[0], batch.query_x[0], batch.query_y[0]
+        keep = sy < ways
+        model = adapt(init, sx[keep], [labels[int(k)] for k in sy[keep]], steps=steps)
+        shape = qx.shape[1:]
+        blank = torch.zeros(1, *shape)
+        noise = torch.rand((1, *shape), generator=generator)
+        scores = model.predict_scores(torch.cat([qx, blank, noise]), threshold=0.0)
+        n = qx.shape[0]
+        inside = qy < ways
+        predicted = scores.probabilities[:n].argmax(dim=1)
+        out.in_task += scores.raw[:n][inside].tolist()
+        out.in_task_correct += (predicted[inside] == qy[inside]).tolist()
+        out.out_of_task += scores.raw[:n][~inside].tolist()
+        out.blank.append(float(scores.raw[n]))
+        out.noise.append(float(scores.raw[n + 1]))
+    return out
+
+
+def calibrate_unknown(
+    init: Initialization,
+    dataset: ImageDataset,
+    *,
+    shots: Sequence[int] = CALIBRATION_SHOTS,
+    ways: Sequence[int] = (5, 20),
+    episodes: int = 60,
+    queries: int = 5,
+    seed: int = 77,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> UnknownCalibration:
+    """Calibrate the "unknown" score of `init` on held-out `dataset` (e.g. validation groups).
+
+    `episodes` tasks per (ways, shots); shapes the data cannot supply are skipped.
+    Store the result with `init.metadata["unknown"] = calibration.to_dict()`.
+    """
+    from fewshot.errors import EpisodeError
+
+    table: dict[tuple[int, int], list[float]] = {}
+    for k in shots:
+        for n in ways:
+            try:
+                found = open_set_scores(
+                    init, dataset, ways=n, shots=k, episodes=episodes, queries=queries,
+                    seed=seed + 1000 * k + n,
+                )  # fmt: skip
+            except EpisodeError:
+                continue
+            if found.in_task:
+                table[(n, k)] = sorted(found.in_task)
+    if not table:
+        raise ValueError("the calibration data cannot supply any task shape")
+    return UnknownCalibration(scores_by_shape=table, threshold=threshold)
+
+
+def unknown_report(
+    init: Initialization,
+    dataset: ImageDataset,
+    calibration: UnknownCalibration,
+    *,
+    shapes: Sequence[tuple[int, int]] = ((5, 1), (5, 5), (20, 1), (20, 5)),
+    episodes: int = 50,
+    seed: int = 4242,
+    threshold: float | None = None,
+) -> dict[str, dict[str, float]]:
+    """Per shape at `threshold` (default: the calibration's): kept in-task share, in-task accuracy
+    (correct and kept), out-of-task share flagged unknown, blank and noise share flagged."""
+    t = calibration.threshold if threshold is None else threshold
+    report: dict[str, dict[str, float]] = {}
+    for ways, shots in shapes:
+        found = open_set_scores(
+            init, dataset, ways=ways, shots=shots, episodes=episodes, seed=seed + ways + shots
+        )
+
+        def flagged(values: list[float], shots: int = shots, ways: int = ways) -> np.ndarray:
+            raw = torch.tensor(values, dtype=torch.float32)
+            p = calibration.p_values(raw, torch.full((len(values),), shots), ways)
+            return np.asarray((p < t).numpy())
+
+        kept = ~flagged(found.in_task)
+        correct = np.array(found.in_task_correct)
+        report[f"{ways}-way {shots}-shot"] = {
+            "threshold": t,
+            "in_task_kept": float(kept.mean()),
+            "in_task_accuracy": float((kept & correct).mean()),
+            "in_task_accuracy_without_unknown": float(correct.mean()),
+            "out_of_task_flagged": float(flagged(found.out_of_task).mean()),
+            "blank_flagged": float(flagged(found.blank).mean()),
+            "noise_flagged": float(flagged(found.noise).mean()),
+            "episodes": float(episodes),
+        }
+    return report
+
+
+def is_finite_threshold(value: float) -> bool:
+    """True for a threshold in [0, 1]."""
+    return math.isfinite(value) and 0.0 <= value <= 1.0
