@@ -85,3 +85,45 @@ def test_train_writes_an_initialization_with_a_model_card(
     assert (tmp_path / "run" / "curve.json").is_file() and (
         tmp_path / "run" / "curve.png"
     ).is_file()
+    assert len(init.metadata["training_groups"]) == 1
+    assert set(init.metadata["training_groups"]).isdisjoint(init.metadata["validation_groups"])
+
+
+def _evaluate_args(tmp_path: Path) -> list[str]:
+    write_image_folder(tmp_path / "set", groups=2, classes=3, images=3)
+    args = ["evaluate", "--data", str(tmp_path / "set"), "--init", str(tmp_path / "init")]
+    return [*args, "--ways", "3", "--shots", "1", "--queries", "1", "--episodes", "3"]
+
+
+def test_evaluate_reports_zero_steps_and_warns_about_training_groups(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    init = tiny_init(dtype=torch.float32)
+    init.metadata["training_groups"] = ["group1"]
+    init.metadata["version"] = "tiny-v9"
+    init.save(tmp_path / "init")
+    args = _evaluate_args(tmp_path)
+    assert main([*args, "--groups", "group1", "--within-group", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "; 0 steps: " in captured.out and "adaptation gain" in captured.out
+    assert "warning: tiny-v9 was meta-trained on 1 of these groups (group1)" in captured.err
+    assert "evaluate: 100%" in captured.err  # the progress bar
+    assert main([*args, "--groups", "group0", "--within-group", "--no-progress", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err and "evaluate" not in captured.err
+    result = json.loads(captured.out)
+    assert {"accuracy_0_steps", "adaptation_gain", "adaptation_gain_ci95"} <= result.keys()
+
+
+def test_evaluate_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tiny_init(dtype=torch.float32).save(tmp_path / "init")
+    args = _evaluate_args(tmp_path)
+    assert main([*args, "--groups", "Latin", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown group(s) Latin; the data has: group0, group1"
+    assert main([*args[:-6], "--ways", "9", "--shots", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    missing = ["evaluate", "--data", str(tmp_path / "nowhere"), "--ways", "2", "--shots", "1"]
+    assert main(missing) == 2
+    assert capsys.readouterr().err.strip().startswith("error: dataset ")
