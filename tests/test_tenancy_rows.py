@@ -16,7 +16,6 @@ from sqlalchemy.exc import IntegrityError
 from app.adaptations import service as adaptations
 from app.jobs import state
 from app.models import Job, Task
-from app.predictions import service as predictions
 from app.tasks import service as tasks
 from tests.helpers import create_key, create_ready_task, query_files, runtime_of, support_files
 from tests.test_tenancy_routes import add_private_version
@@ -60,7 +59,7 @@ def test_concurrent_readaptations_accept_one(
     # check before the insert is passed by several at once without the unique index.
     dispatcher = client.app.state.dispatcher  # type: ignore[attr-defined]
     monkeypatch.setattr(dispatcher, "submit", lambda *args: None)
-    monkeypatch.setattr(adaptations, "select", _slow_select(adaptations.select))
+    monkeypatch.setattr("app.adaptations.service.select", _slow_select(select))
     start = threading.Barrier(8)
 
     def readapt(_: int) -> tuple[int, str]:
@@ -135,7 +134,7 @@ def test_a_prediction_racing_a_delete_is_a_404(
             tasks.delete_task(session=other, runtime=runtime, task=row)
         return original(session=session, task_id=task_id)
 
-    monkeypatch.setattr(predictions.adaptations, "current_adapted_model", deleted_meanwhile)
+    monkeypatch.setattr(adaptations, "current_adapted_model", deleted_meanwhile)
     response = client.post(
         f"/v1/tasks/{task['id']}/predictions", headers=auth, files=query_files(1)
     )
@@ -156,11 +155,11 @@ def test_predictions_racing_a_delete_never_say_not_adapted_yet(
             f"/v1/tasks/{task['id']}/predictions", headers=auth, files=query_files(1)
         )
         assert response.status_code in (200, 404), response.text
-        return response.status_code
+        return int(response.status_code)
 
     def delete() -> int:
         start.wait()
-        return client.delete(f"/v1/tasks/{task['id']}", headers=auth).status_code
+        return int(client.delete(f"/v1/tasks/{task['id']}", headers=auth).status_code)
 
     with ThreadPoolExecutor(13) as pool:
         deleted = pool.submit(delete)
