@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core import metrics
+from app.core.images import decode_stored
 from app.core.runtime import Runtime
 from app.core.storage import ArtifactCorrupt, adapted_weights_key, sha256_file, task_prefix
 from app.jobs import state
@@ -45,6 +46,8 @@ def _forget_if_task_deleted(runtime: Runtime, session: Session, task_id: uuid.UU
 
 def run_adapt(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
     """Adapt the task's pinned initialization to its support set and store the weights."""
+    import torch
+
     import fewshot
 
     with runtime.sessions() as session:
@@ -77,12 +80,19 @@ def run_adapt(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
         runtime.models.use_serving_threads()
         try:
             init = runtime.models.initialization(init_row)
-            images = [
-                fewshot.decode_image(runtime.store.read_bytes(e.image_key, sha256=e.sha256))
-                for e in examples
-            ]
+            # One stored image at a time, decoded, shrunk as query images are and turned into
+            # a tensor row: a support set of large images is never in memory at full size.
+            side = runtime.settings.max_decoded_side
+            support = torch.cat(
+                [
+                    fewshot.preprocess_images(
+                        [decode_stored(runtime.store.read_bytes(e.image_key, e.sha256), side)],
+                        init.config,
+                    )
+                    for e in examples
+                ]
+            )
             labels = [e.label for e in examples]
-            support = fewshot.preprocess_images(images, init.config)
             started = time.perf_counter()
             model = fewshot.adapt(
                 init,

@@ -60,9 +60,14 @@ class CheckedImage:
         """The decoded image, at most `keep_side` pixels on a side."""
         if self.decoded is not None:
             return self.decoded
-        with Image.open(io.BytesIO(self.data), formats=_OPEN_FORMATS) as image:
-            # A copy: closing the opened image drops its pixels, shrunk in place or not.
-            return _shrink(image, self.keep_side).copy()
+        return decode_stored(self.data, self.keep_side)
+
+
+def decode_stored(data: bytes, side: int) -> Image.Image:
+    """A stored (already checked) image, decoded and shrunk to at most `side` pixels a side."""
+    with Image.open(io.BytesIO(data), formats=_OPEN_FORMATS) as image:
+        # A copy: closing the opened image drops its pixels, shrunk in place or not.
+        return _shrink(image, side).copy()
 
 
 def _sniff(data: bytes) -> str | None:
