@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, select
 
 import fewshot
+import fewshot.batched
 from app.core import threads as torch_threads
 from app.core.storage import ArtifactStore
 from app.jobs import runner as runner
@@ -143,8 +144,16 @@ def _threads_seen(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[int]]:
         seen["predict"].add(torch.get_num_threads())
         return predict(self, x)
 
+    # Batched predictions (app.predictions.batcher) run predict_many on the batching thread.
+    predict_many = fewshot.batched.predict_many
+
+    def counting_predict_many(*args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        seen["predict"].add(torch.get_num_threads())
+        return predict_many(*args, **kwargs)
+
     monkeypatch.setattr(fewshot, "adapt", counting_adapt)
     monkeypatch.setattr(fewshot.AdaptedModel, "predict_proba", counting_predict)
+    monkeypatch.setattr(fewshot.batched, "predict_many", counting_predict_many)
     return seen
 
 

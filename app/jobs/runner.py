@@ -16,6 +16,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.core.runtime import Runtime
 from app.jobs import state
+from app.jobs.batch import batching_of, claim_more, run_batch
 from app.jobs.heartbeat import Heartbeat
 from app.jobs.kinds import handler_of, kind_of
 from app.jobs.state import Claim, Outcome
@@ -76,6 +77,17 @@ def run_job(runtime: Runtime, job_id: uuid.UUID) -> Outcome:
         return Outcome("retry", retry_in=5.0)
     if isinstance(claimed, Outcome):
         return claimed
+    batching = batching_of(claimed.kind, settings)
+    more = claim_more(runtime, claimed, batching) if batching is not None else []
+    if batching is not None and more:
+        # Other jobs of its kind were waiting: this delivery runs them all in one pass.
+        return run_batch(
+            runtime,
+            [claimed, *more],
+            batching,
+            end_run=end_run,
+            stopping=lambda: stopping(runtime),
+        )
     kind = kind_of(claimed.kind)
     heartbeat = Heartbeat(runtime, claimed, stop=lambda: stopping(runtime))
     heartbeat.start()
@@ -115,6 +127,44 @@ def run_job(runtime: Runtime, job_id: uuid.UUID) -> Outcome:
         return Outcome("retry", retry_in=float(2**claimed.attempt))
     finally:
         heartbeat.close()
+
+
+def end_run(
+    runtime: Runtime, claimed: Claim, heartbeat: Heartbeat, result: Outcome | BaseException | None
+) -> Outcome:
+    """End one claimed run of a batch from what its handler gave, as run_job ends a lone run."""
+    job_id = claimed.job_id
+    if isinstance(result, Outcome):
+        return result
+    if isinstance(result, HandBack):
+        with runtime.sessions() as session:
+            state.hand_back(session, claimed)
+        return Outcome("handed_back")
+    if isinstance(result, PermanentJobError):
+        log.warning("job %s failed: %s: %s", job_id, result.code, result.message)
+        _safely(state.fail, runtime, job_id, attempt=claimed.attempt, code=result.code,
+                message=result.message)  # fmt: skip
+        return Outcome("failed")
+    if result is None:
+        result = RuntimeError("the batch handler gave no result for this job")
+    log.error("job %s: attempt %d failed: %r", job_id, claimed.attempt, result)
+    if heartbeat.lost:
+        return Outcome("skipped")
+    try:
+        with runtime.sessions() as session:
+            if claimed.attempt >= _max_attempts(session, job_id, runtime.settings.job_max_attempts):
+                state.fail(
+                    session,
+                    job_id,
+                    attempt=claimed.attempt,
+                    code="internal_error",
+                    message=f"the job failed on every attempt; last error: {type(result).__name__}",
+                )
+                return Outcome("failed")
+            state.release(session, claimed)
+    except OperationalError:
+        log.exception("job %s: could not record its failure (database unavailable)", job_id)
+    return Outcome("retry", retry_in=float(2**claimed.attempt))
 
 
 def _max_attempts(session: Any, job_id: uuid.UUID, default: int) -> int:
