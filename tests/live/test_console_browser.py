@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.admin_data import class_images
+from maml_serve import Client
+from tests.admin_data import class_images, dataset_zip, tiny_run
 from tests.data_paths import OMNIGLOT_ZIP
 from tests.live.server import LiveServer
 
@@ -120,7 +121,9 @@ def test_create_a_task_predict_and_read_the_label(
     browser.find_element(By.ID, "create-task").click()
     wait.until(ec.text_to_be_present_in_element((By.ID, "create-status"), "ready"))
     task_id = browser.find_element(By.ID, "create-status").get_attribute("data-task-id")
-    row = browser.find_element(By.CSS_SELECTOR, f"#tasks-table tr[data-task-id='{task_id}']")
+    # The status says ready before the task list is drawn again: wait for the row.
+    row_selector = f"#tasks-table tr[data-task-id='{task_id}']"
+    row = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, row_selector)))
     assert "alpha (3), beta (3), gamma (4)" in row.text and "ready" in row.text
 
     wait.until(ec.visibility_of_element_located((By.ID, "query-panel")))
@@ -134,35 +137,79 @@ def test_create_a_task_predict_and_read_the_label(
         _save_screenshot(browser, Path(SCREENSHOT))
 
     # Delete takes two clicks; the row goes away.
-    delete = row.find_element(By.CSS_SELECTOR, "button.danger")
-    delete.click()
+    delete = browser.find_element(By.CSS_SELECTOR, f"{row_selector} button.danger")
     delete.click()
     wait.until(
-        lambda b: not b.find_elements(By.CSS_SELECTOR, f"#tasks-table tr[data-task-id='{task_id}']")
+        ec.text_to_be_present_in_element(
+            (By.CSS_SELECTOR, f"{row_selector} button.danger"), "Sure?"
+        )
     )
-
-
-def test_admin_key_sees_datasets_runs_and_versions(live_server: LiveServer, browser: Any) -> None:
-    wait = WebDriverWait(browser, 30)
-    browser.get(live_server.url + "/")
-    # The key is kept in localStorage: the page signs in by itself; then switch to the admin key.
+    browser.find_element(By.CSS_SELECTOR, f"{row_selector} button.danger").click()
+    wait.until(lambda b: not b.find_elements(By.CSS_SELECTOR, row_selector))
+    # The key stays in localStorage: a reload signs in by itself.
+    browser.refresh()
     wait.until(ec.text_to_be_present_in_element((By.ID, "key-status"), "user key"))
+
+
+def test_admin_sees_a_run_its_curve_and_promotes_then_rolls_back(
+    live_server: LiveServer, browser: Any
+) -> None:
+    with Client(live_server.url, live_server.admin_key) as admin:
+        dataset = admin.upload_dataset(dataset_zip(groups=4, classes=6, images=6), "generated")
+        body = tiny_run(dataset.id)
+        del body["dataset_id"]
+        run = admin.start_meta_training(dataset.id, **body)
+        shipped = next(i.version for i in admin.list_initializations() if i.is_active)
+
+    wait = WebDriverWait(browser, 120)
+    browser.get(live_server.url + "/")
     browser.find_element(By.ID, "forget-key").click()
     browser.find_element(By.ID, "api-key").send_keys(live_server.admin_key)
     browser.find_element(By.ID, "save-key").click()
     wait.until(ec.visibility_of_element_located((By.ID, "admin-panel")))
-    versions = browser.find_element(By.ID, "inits-table")
-    wait.until(lambda _: "active" in versions.text)
-    assert "omniglot-conv4" in versions.text
-    assert browser.find_element(By.ID, "runs-table").text.count("no runs yet") == 1
+    assert "admin key" in browser.find_element(By.ID, "key-status").text
+    wait.until(ec.text_to_be_present_in_element((By.ID, "datasets-table"), "generated"))
+
+    # The runs table polls while a run is queued or running, until it shows the result.
+    row = f"#runs-table tr[data-run-id='{run.id}']"
+    wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, row), "succeeded"))
+    done = browser.find_element(By.CSS_SELECTOR, row)
+    assert "8 / 8" in done.text
+    bar = done.find_element(By.CSS_SELECTOR, ".progress > div")
+    assert bar.get_attribute("style").replace(" ", "") == "width:100%;"
+    done.find_element(By.XPATH, ".//button[text()='Curve']").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "curve-legend"), "validation"))
+    assert "meta-train loss" in browser.find_element(By.ID, "curve-legend").text
+
+    with Client(live_server.url, live_server.admin_key) as admin:
+        version = str((admin.get_meta_training(run.id).result or {})["initialization_version"])
+    version_row = f"#inits-table tr[data-version='{version}']"
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, version_row)))
+    browser.find_element(By.CSS_SELECTOR, f"{version_row} button").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "message"), f"active: {version}"))
+    wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, version_row), "active"))
+    browser.find_element(By.ID, "rollback").click()
+    wait.until(
+        ec.text_to_be_present_in_element((By.ID, "message"), f"rolled back: active {shipped}")
+    )
+    shipped_row = f"#inits-table tr[data-version='{shipped}']"
+    wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, shipped_row), "active"))
+    if SCREENSHOT:
+        panel = browser.find_element(By.ID, "admin-panel")
+        _save_png(panel.screenshot_as_png, Path(SCREENSHOT).with_name("console-admin.png"))
 
 
 def _save_screenshot(browser: Any, path: Path) -> None:
+    browser.execute_script("window.scrollTo(0, 0)")
+    _save_png(browser.get_screenshot_as_png(), path, max_height=1250)
+
+
+def _save_png(png: bytes, path: Path, max_height: int | None = None) -> None:
     from PIL import Image
 
-    browser.execute_script("window.scrollTo(0, 0)")
-    image = Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB")
-    image = image.crop((0, 0, image.width, min(image.height, 1250)))
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    if max_height is not None:
+        image = image.crop((0, 0, image.width, min(image.height, max_height)))
     image.thumbnail((960, 960))
     path.parent.mkdir(parents=True, exist_ok=True)
     image.quantize(colors=64).save(path, optimize=True)
