@@ -6,6 +6,7 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Any, BinaryIO
 
@@ -29,6 +30,7 @@ from maml_serve._core import (
 )
 from maml_serve.errors import AdaptationFailed, TransportError, WaitTimeout
 from maml_serve.types import (
+    ApiKey,
     Dataset,
     Initialization,
     Job,
@@ -337,14 +339,16 @@ class AsyncClient:
 
     # --- admin: versions in service -----------------------------------------------------------
 
-    async def promote(self, version: str) -> Promotion:
-        """Make a version the one new tasks adapt from; admin."""
-        call = Call("POST", f"/v1/admin/initializations/{version}/promote")
+    async def promote(self, version: str, *, scope: str | None = None) -> Promotion:
+        """Make a version your tenant's default (scope="global": everyone's, operator keys); admin."""
+        params = {"scope": scope} if scope is not None else {}
+        call = Call("POST", f"/v1/admin/initializations/{version}/promote", params=params)
         return Promotion.from_json(await self.send(call))
 
-    async def rollback(self) -> Promotion:
-        """Return to the previously active version; admin."""
-        call = Call("POST", "/v1/admin/initializations/rollback")
+    async def rollback(self, *, scope: str | None = None) -> Promotion:
+        """Return to the previously active version (scope="global" as for promote); admin."""
+        params = {"scope": scope} if scope is not None else {}
+        call = Call("POST", "/v1/admin/initializations/rollback", params=params)
         return Promotion.from_json(await self.send(call))
 
     async def list_promotions(self, limit: int | None = None) -> list[dict[str, Any]]:
@@ -353,3 +357,36 @@ class AsyncClient:
         body = await self.send(Call("GET", "/v1/admin/promotions", params=params))
         items: list[dict[str, Any]] = body["items"]
         return items
+
+    # --- admin: API keys ----------------------------------------------------------------------
+
+    async def list_keys(self) -> list[ApiKey]:
+        """Your tenant's keys (revoked and expired ones too), newest first; admin."""
+        body = await self.send(Call("GET", "/v1/admin/keys"))
+        return [ApiKey.from_json(k) for k in body["items"]]
+
+    async def create_key(
+        self, *, name: str | None = None, admin: bool = False, expires_at: datetime | None = None
+    ) -> ApiKey:
+        """A new key for your tenant; its `key` is shown only in this answer; admin."""
+        body: dict[str, Any] = {"admin": admin}
+        if name is not None:
+            body["name"] = name
+        if expires_at is not None:
+            body["expires_at"] = expires_at.isoformat()
+        call = Call("POST", "/v1/admin/keys", json=body, retry_unavailable=False)
+        return ApiKey.from_json(await self.send(call))
+
+    async def revoke_key(self, key_id: str) -> ApiKey:
+        """Revoke a key of your tenant at once; admin."""
+        return ApiKey.from_json(await self.send(Call("POST", f"/v1/admin/keys/{key_id}/revoke")))
+
+    async def rotate_key(self, key_id: str, *, grace_seconds: int = 0) -> ApiKey:
+        """A new key in place of this one; the old one ends now or after `grace_seconds`; admin."""
+        call = Call(
+            "POST",
+            f"/v1/admin/keys/{key_id}/rotate",
+            json={"grace_seconds": grace_seconds},
+            retry_unavailable=False,
+        )
+        return ApiKey.from_json(await self.send(call))

@@ -270,3 +270,31 @@ class Promotion:
             active_version=str(body["active_version"]),
             previous_version=None if previous is None else str(previous),
         )
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key as its tenant's admins see it; `key` is set only when it was just created."""
+
+    id: str
+    prefix: str
+    name: str | None
+    scopes: list[str]
+    state: str
+    key: str | None
+    expires_at: datetime | None
+    raw: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> ApiKey:
+        """Parse a key object."""
+        return cls(
+            id=str(body["id"]),
+            prefix=str(body.get("prefix", "")),
+            name=body.get("name"),
+            scopes=[str(s) for s in body.get("scopes", [])],
+            state=str(body.get("state", "")),
+            key=body.get("key"),
+            expires_at=_time(body.get("expires_at")),
+            raw=body,
+        )

@@ -128,3 +128,17 @@ def test_admin_dataset_meta_training_promote_and_rollback(live_server: LiveServe
         admin.delete_dataset(dataset.id)
         with pytest.raises(NotFoundError):
             admin.get_dataset(dataset.id)
+
+
+def test_admin_keys_create_use_and_revoke(live_server: LiveServer) -> None:
+    with Client(live_server.url, live_server.admin_key) as admin:
+        created = admin.create_key(name="from-the-client")
+        assert created.key is not None and created.key.startswith("msk_")
+        assert created.scopes == ["user"] and created.state == "active"
+        listed = {k.id: k for k in admin.list_keys()}
+        assert listed[created.id].name == "from-the-client" and listed[created.id].key is None
+        with Client(live_server.url, created.key) as user:
+            assert user.list_tasks().items == []
+            assert admin.revoke_key(created.id).state == "revoked"
+            with pytest.raises(AuthenticationError):
+                user.list_tasks()
