@@ -15,6 +15,7 @@ from app.core.runtime import Runtime
 from app.initializations import registry
 from app.jobs import service as jobs
 from app.jobs import state
+from app.jobs.admission import admit_adaptation
 from app.jobs.service import Dispatcher
 from app.models import AdaptedModel, Job, Task
 
@@ -57,6 +58,7 @@ def readapt(
     )
     if pending is not None:
         raise _in_progress(pending)
+    admit_adaptation(session, runtime.settings, task.tenant_id)
     task_id = task.id
     job = state.new_job(
         kind="adapt",

@@ -23,6 +23,7 @@ from app.core.storage import (
 from app.initializations import registry
 from app.jobs import service as jobs
 from app.jobs import state
+from app.jobs.admission import admit_adaptation
 from app.jobs.dispatch import CeleryDispatcher, InProcessDispatcher
 from app.models import (
     AdaptedModel,
@@ -85,6 +86,8 @@ def create_task(
         )
         if earlier is not None:
             return _idempotent_replay(session, tenant_id, earlier, fingerprint), None
+    # Past the backlog bounds the request is refused before anything is stored.
+    admit_adaptation(session, runtime.settings, tenant_id)
     init_row = registry.default_for(session=session, tenant_id=tenant_id)
     if init_row is None:
         raise ServiceUnavailable(
