@@ -1,0 +1,73 @@
+"""Migration 0003 on a database with data: trained versions get their tenant, duplicate
+adaptations in progress are resolved before the unique index is built."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from sqlalchemy import Connection, create_engine, text
+
+from app.core.config import Settings
+from app.core.migrate import upgrade
+
+
+def _insert(connection: Connection, table: str, **values: object) -> None:
+    columns = ", ".join(values)
+    marks = ", ".join(f":{name}" for name in values)
+    connection.execute(text(f"INSERT INTO {table} ({columns}) VALUES ({marks})"), values)
+
+
+def test_upgrade_with_data(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", database_url=None, broker_url=None)
+    upgrade(settings, "0002")
+    now = "2026-11-01 10:00:00.000000"
+    later = "2026-11-01 10:00:05.000000"
+    tenant, dataset, task = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
+    versions = {name: uuid.uuid4().hex for name in ("shipped", "private", "served")}
+    engine = create_engine(settings.sqlalchemy_url)
+    with engine.begin() as db:
+        _insert(db, "tenants", id=tenant, name="t", created_at=now)
+        _insert(
+            db, "datasets", id=dataset, tenant_id=tenant, name="d", artifact_key="k",
+            sha256="0", size_bytes=1, class_count=5, image_count=5, details="{}", created_at=now,
+        )  # fmt: skip
+        for name, row_id in versions.items():
+            _insert(
+                db, "initializations", id=row_id, version=name, status="ready",
+                source="shipped" if name == "shipped" else "trained", config="{}",
+                metrics="{}", artifact_key="k", sha256="0", is_active=name == "shipped",
+                dataset_id=None if name == "shipped" else dataset, created_at=now,
+                promoted_at=now if name == "shipped" else None,
+            )  # fmt: skip
+        # "served" was active for a while: it served every tenant, so it stays global.
+        _insert(
+            db, "promotions", id=uuid.uuid4().hex, action="promote", version="served",
+            previous_version="shipped", actor="system", created_at=now,
+        )  # fmt: skip
+        _insert(
+            db, "tasks", id=task, tenant_id=tenant, status="adapting", labels="[]",
+            mode="full", initialization_id=versions["shipped"], support_set_sha256="0",
+            example_count=0, created_at=now, updated_at=now,
+        )  # fmt: skip
+        jobs = [uuid.uuid4().hex, uuid.uuid4().hex]
+        for job_id, created in zip(jobs, (now, later), strict=True):
+            _insert(
+                db, "jobs", id=job_id, tenant_id=tenant, kind="adapt", queue="adapt",
+                state="queued", task_id=task, params="{}", progress=0.0,
+                progress_detail="{}", attempts=0, max_attempts=3, created_at=created,
+                updated_at=created,
+            )  # fmt: skip
+    upgrade(settings)
+    with engine.connect() as db:
+        owners: dict[str, object] = {
+            row[0]: row[1]
+            for row in db.execute(text("SELECT version, tenant_id FROM initializations"))
+        }
+        states: dict[str, str] = {
+            row[0]: row[1] for row in db.execute(text("SELECT id, state FROM jobs"))
+        }
+    engine.dispose()
+    assert owners["shipped"] is None and owners["served"] is None
+    assert owners["private"] is not None and uuid.UUID(str(owners["private"])).hex == tenant
+    assert states[jobs[0]] == "queued" and states[jobs[1]] == "cancelled"
