@@ -23,7 +23,39 @@ def _share_metrics(processes: int) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="maml-serve-metrics-")
 
 
+def _console_link(args: argparse.Namespace) -> str:
+    """A console URL carrying a new admin key of tenant "local" that expires in a day."""
+    from datetime import timedelta
+
+    from app.core.config import get_settings
+    from app.keys import service as keys
+    from app.models import utcnow
+
+    if get_settings().environment == "production":
+        raise SystemExit("--console-key is for development; use `maml-serve keys create`")
+    runtime = _keys_runtime()
+    try:
+        with runtime.sessions() as session:
+            _, key = keys.create_api_key(
+                session=session,
+                tenant=keys.get_or_create_tenant(session=session, name="local"),
+                admin=True,
+                pepper=runtime.settings.api_key_pepper.get_secret_value(),
+                name="console link",
+                expires_at=utcnow() + timedelta(days=1),
+            )
+            session.commit()
+    finally:
+        runtime.close()
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    # The key rides in the fragment, which the browser never sends; the console keeps it.
+    return f"http://{host}:{args.port}/#key={key}"
+
+
 def _serve(args: argparse.Namespace) -> int:
+    if args.console_key:
+        sys.stderr.write(f"console (signed in as tenant 'local'): {_console_link(args)}\n")
+        sys.stderr.flush()
     _share_metrics(args.workers)
     import uvicorn
 
@@ -278,6 +310,11 @@ def build_parser(core: bool = True) -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1, help="HTTP worker processes")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--console-key",
+        action="store_true",
+        help="print a console link with a new admin key (tenant 'local', one day; not in production)",
+    )
     serve.set_defaults(handler=_serve)
 
     worker = sub.add_parser("worker", help="run a Celery worker (needs MAML_SERVE_BROKER_URL)")

@@ -69,3 +69,18 @@ def test_migrate_says_what_it_did(
     assert "maml-serve.db: upgraded from an empty database to " in first
     assert "applied 0001 (initial schema)" in first
     assert "nothing to apply" in second and "already at revision" in second
+
+
+def test_console_key_is_refused_in_production(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAML_SERVE_ENVIRONMENT", "production")
+    monkeypatch.setenv("MAML_SERVE_API_KEY_PEPPER", "a-real-secret")
+    monkeypatch.setenv("MAML_SERVE_DATABASE_URL", f"sqlite:///{tmp_path / 'prod.db'}")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit, match="--console-key is for development"):
+            main(["serve", "--console-key"])
+    finally:
+        get_settings.cache_clear()
+    assert not (tmp_path / "prod.db").exists()

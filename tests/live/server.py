@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -59,6 +60,8 @@ class LiveServer:
     admin_key: str
     process: subprocess.Popen[bytes]
     log: Path
+    # The link `serve --console-key` printed, when it was asked for.
+    console_url: str | None = None
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it lingers."""
@@ -70,8 +73,8 @@ class LiveServer:
             self.process.wait(timeout=5)
 
 
-def start_server(workdir: Path, **settings: str) -> LiveServer:
-    """Create two keys, start `maml-serve serve` and wait until /readyz says ready."""
+def start_server(workdir: Path, *serve_args: str, **settings: str) -> LiveServer:
+    """Create two keys, start `maml-serve serve SERVE_ARGS` and wait until /readyz says ready."""
     env = service_env(workdir / "data", **settings)
     user = json.loads(cli(env, "keys", "create", "--tenant", "live", "--json").stdout)["key"]
     admin = json.loads(cli(env, "keys", "create", "--tenant", "ops", "--admin", "--json").stdout)[
@@ -90,6 +93,7 @@ def start_server(workdir: Path, **settings: str) -> LiveServer:
                 str(port),
                 "--log-level",
                 "warning",
+                *serve_args,
             ],
             env=env,
             cwd=REPO,
@@ -103,6 +107,8 @@ def start_server(workdir: Path, **settings: str) -> LiveServer:
             raise RuntimeError(f"the server exited ({process.returncode}):\n{log.read_text()}")
         try:
             if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                link = re.search(r"console \(.*\): (\S+)", log.read_text())
+                server.console_url = link.group(1) if link else None
                 return server
         except httpx.TransportError:
             pass

@@ -16,7 +16,7 @@ import pytest
 from maml_serve import Client
 from tests.admin_data import class_images, dataset_zip, tiny_run
 from tests.data_paths import OMNIGLOT_ZIP
-from tests.live.server import LiveServer
+from tests.live.server import LiveServer, start_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -36,6 +36,14 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 # Set to a path to save a screenshot of the console after the prediction (the README's image).
 SCREENSHOT = os.environ.get("MAML_SERVE_CONSOLE_SCREENSHOT")
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The server, asked to print a console link (as `make run` does)."""
+    server = start_server(tmp_path_factory.mktemp("live"), "--console-key")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +205,21 @@ def test_admin_sees_a_run_its_curve_and_promotes_then_rolls_back(
     if SCREENSHOT:
         panel = browser.find_element(By.ID, "admin-panel")
         _save_png(panel.screenshot_as_png, Path(SCREENSHOT).with_name("console-admin.png"))
+
+
+def test_the_link_serve_prints_signs_in_without_pasting_a_key(
+    live_server: LiveServer, browser: Any
+) -> None:
+    assert live_server.console_url is not None, live_server.log.read_text()
+    assert live_server.console_url.startswith(live_server.url + "/#key=msk_")
+    browser.get(live_server.url + "/")
+    browser.find_element(By.ID, "forget-key").click()
+    browser.get(live_server.console_url)
+    wait = WebDriverWait(browser, 30)
+    wait.until(ec.text_to_be_present_in_element((By.ID, "key-status"), "admin key"))
+    assert "#key" not in browser.current_url, "the key is taken out of the address bar"
+    stored = browser.execute_script("return localStorage.getItem('maml-serve.api-key')")
+    assert live_server.console_url.endswith(stored)
 
 
 def _save_screenshot(browser: Any, path: Path) -> None:

@@ -586,6 +586,18 @@ function main() {
   $("#rollback").addEventListener("click", rollback);
   addLabelRow();
   addLabelRow();
+  // A link from `maml-serve serve --console-key` carries a key in its fragment: keep it, hide it.
+  const takeLinkedKey = () => {
+    const linked = new URLSearchParams(location.hash.slice(1)).get("key");
+    if (!linked) return false;
+    state.key = linked;
+    localStorage.setItem(KEY_STORAGE, linked);
+    history.replaceState(null, "", location.pathname + location.search);
+    $("#api-key").value = linked;
+    return true;
+  };
+  window.addEventListener("hashchange", () => { if (takeLinkedKey()) useKey(state.key).catch(report); });
+  takeLinkedKey();
   if (state.key) {
     $("#api-key").value = state.key;
     useKey(state.key).catch(report);
