@@ -28,8 +28,10 @@ from torch.func import functional_call, vmap
 
 import fewshot
 from fewshot.backbone import Conv4
+from fewshot.batched import adapt_many
 from fewshot.config import AdaptMode, MetaTrainConfig
 from fewshot.data import ImageDataset
+from fewshot.fast import adapt_fast
 from fewshot.head import prototype_head
 from fewshot.inner import HEAD_BIAS, HEAD_SCALE, HEAD_WEIGHT, adapt_params, adapted_names, logits
 from fewshot.tasks import query_logits
@@ -119,6 +121,13 @@ def bench_adaptation(
             for t in range(singles):
                 fewshot.adapt(init_on_device, support_x[t], labels, mode=mode)
 
+        def fast(mode: AdaptMode = mode) -> None:
+            for t in range(singles):
+                adapt_fast(init_on_device, support_x[t], labels, mode=mode)
+
+        def many(mode: AdaptMode = mode) -> None:
+            adapt_many(init_on_device, [(x, labels) for x in support_x], mode=mode)
+
         def single(one: Callable[..., dict[str, Tensor]] = one) -> None:
             with torch.no_grad():
                 for t in range(singles):
@@ -141,8 +150,10 @@ def bench_adaptation(
         base = median_seconds(baseline, repeats, device) / singles
         for path, fn, count in (
             ("single task, fewshot.adapt", public_api, singles),
+            ("single task, fewshot.fast.adapt_fast", fast, singles),
             ("single task, adapt_params", single, singles),
             (f"vmap over {tasks} tasks, adapt_params", batched, tasks),
+            (f"{tasks} tasks, fewshot.batched.adapt_many", many, tasks),
         ):
             ours = median_seconds(fn, repeats, device) / count
             rows.append({"mode": mode, "path": path, "ours": ours, "baseline": base})

@@ -20,8 +20,8 @@ from fewshot.adapted import AdaptedModel, _check_images, encode_labels
 from fewshot.backbone import shared_module
 from fewshot.config import AdaptMode
 from fewshot.errors import EpisodeError
-from fewshot.fast import head_grads, prepare, soft_targets, step_sizes_at
-from fewshot.head import head_logits, prototype_head
+from fewshot.fast import prepare, soft_targets, step_sizes_at
+from fewshot.head import head_logits
 from fewshot.initialization import Initialization
 from fewshot.inner import (
     HEAD_BIAS,
@@ -146,33 +146,46 @@ def _head_group(
     n_way: int,
     steps: int,
 ) -> tuple[list[Params], Tensor]:
-    """Head-only adaptation of T tasks: one trunk pass over all support images, batched heads."""
+    """Head-only adaptation of T tasks: one trunk pass over all support images, batched heads.
+
+    The head steps are batched matrix products (no vmap): per task, the closed-form gradient
+    of `fewshot.fast.head_grads`.
+    """
     recipe = InnerRecipe.from_config(init.config)
     module = shared_module(init.config)
     count, shots = x.shape[0], x.shape[1]
+    log_scale = meta[HEAD_SCALE]
     with torch.inference_mode():
-        flat = x.flatten(0, 1)
-        features = embed(module, meta, flat).reshape(count, shots, -1)
+        features = embed(module, meta, x.flatten(0, 1)).reshape(count, shots, -1)
         onehot = torch.nn.functional.one_hot(y, n_way).to(x.dtype)
-        weight, bias = vmap(prototype_head)(features, onehot)
-        loss_x, loss_y = vmap(support_views, in_dims=(0, 0, None))(x, y, recipe.shift_views)
+        counts = onehot.sum(dim=1).clamp_min(1.0)
+        prototypes = torch.bmm(onehot.transpose(1, 2), features) / counts.unsqueeze(2)
+        weight, bias = 2.0 * prototypes, -(prototypes * prototypes).sum(dim=2)
         if recipe.shift_views > 0:
-            loss_features = embed(module, meta, loss_x.flatten(0, 1)).reshape(
-                count, loss_x.shape[1], -1
+            # support_views over all tasks at once: [views, T, S] reordered to [T, views * S].
+            flat_x, _ = support_views(x.flatten(0, 1), y.flatten(), recipe.shift_views)
+            views = flat_x.shape[0] // (count * shots)
+            loss_x = flat_x.reshape(views, count, shots, *x.shape[2:]).transpose(0, 1)
+            loss_features = embed(module, meta, loss_x.flatten(0, 2)).reshape(
+                count, views * shots, -1
             )
+            loss_y = y.repeat(1, views)
         else:
-            loss_features = features
+            loss_features, loss_y = features, y
         targets = soft_targets(loss_y, n_way, recipe.label_smoothing, x.dtype)
-        grads = vmap(head_grads, in_dims=(0, 0, 0, None, 0, None))
+        factor = torch.exp(log_scale) * recipe.temperature / loss_features.shape[1]
         names = [HEAD_WEIGHT, HEAD_BIAS]
         for t in range(steps):
-            g_weight, g_bias = grads(
-                loss_features, weight, bias, meta[HEAD_SCALE], targets, recipe.temperature
+            out = torch.exp(log_scale) * torch.baddbmm(
+                bias.unsqueeze(1), loss_features, weight.transpose(1, 2)
             )
+            if recipe.temperature != 1.0:
+                out = out * recipe.temperature
+            dlogits = (torch.softmax(out, dim=2) - targets) * factor
             lr_weight, lr_bias = step_sizes_at(sizes, names, t, init.config.inner_step_size)
-            weight = weight - lr_weight * g_weight
-            bias = bias - lr_bias * g_bias
-        out = vmap(head_logits, in_dims=(0, 0, 0, None))(features, weight, bias, meta[HEAD_SCALE])
+            weight = weight - lr_weight * torch.bmm(dlogits.transpose(1, 2), loss_features)
+            bias = bias - lr_bias * dlogits.sum(dim=1)
+        out = torch.baddbmm(bias.unsqueeze(1), features, weight.transpose(1, 2))
         accuracy = (out.argmax(dim=2) == y).float().mean(dim=1).clone()
     params = [
         {**meta, HEAD_WEIGHT: weight[t].clone(), HEAD_BIAS: bias[t].clone()} for t in range(count)
@@ -240,7 +253,9 @@ def _shared_backbone(
     device = next(iter(first.params.values())).device
     x = torch.cat([images[i] for i in group]).to(device)
     embedded = embed(shared_module(first.config), first.params, x)
-    for i, part in zip(group, torch.split(embedded, [images[i].shape[0] for i in group]), strict=True):
+    for i, part in zip(
+        group, torch.split(embedded, [images[i].shape[0] for i in group]), strict=True
+    ):
         features[i] = part
 
 

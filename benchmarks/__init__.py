@@ -1,0 +1,1 @@
+"""Benchmark scripts: every figure against a baseline measured in the same run."""

@@ -1,0 +1,241 @@
+"""Batching across requests, over HTTP: each figure against its unbatched baseline in the same run.
+
+predict: one PostgreSQL + Redis stack with two API processes on the same database, one with
+prediction batching off (MAML_SERVE_PREDICT_BATCH_MAX_IMAGES=0) and one with it on; `--clients`
+threads each POST `--batch`-image predictions to their own task, for `--seconds`, alternating
+between the two APIs for `--rounds` rounds; images/s and p50 latency.
+
+adapt: the same stack with `--workers` Celery workers (solo pool) started with adapt batching off
+(MAML_SERVE_ADAPT_BATCH_MAX_JOBS=1) and then on (32); `--clients` threads each POST 5-way
+1-shot tasks with ?wait in a loop, in full and head mode; tasks/s and p50 latency.
+
+    .venv/bin/python -m benchmarks.bench_batching [--what predict,adapt] [--seconds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from benchmarks.episodes import Episodes, Files
+from benchmarks.stack import ROOT, Stack, free_port, running_stack
+
+
+@dataclass
+class Load:
+    """What a closed-loop load of N clients did in a time window."""
+
+    done: int
+    units: int
+    seconds: float
+    latencies: list[float]
+    errors: dict[str, int]
+
+    @property
+    def rate(self) -> float:
+        """Units (images or tasks) per second."""
+        return self.units / self.seconds
+
+    @property
+    def p50_ms(self) -> float:
+        """Median request latency in ms."""
+        return 1e3 * statistics.median(self.latencies) if self.latencies else float("nan")
+
+
+def closed_loop(
+    clients: int, seconds: float, request: Callable[[httpx.Client, int], int], url: str, key: str
+) -> Load:
+    """`clients` threads each sending `request` back to back for `seconds`; units it returned."""
+    stop = time.monotonic() + seconds
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    totals = [0, 0]
+    start = threading.Barrier(clients + 1)
+
+    def client_loop(index: int) -> None:
+        with httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120
+        ) as client:
+            start.wait()
+            while time.monotonic() < stop:
+                began = time.perf_counter()
+                try:
+                    units = request(client, index)
+                except httpx.HTTPStatusError as exc:
+                    with lock:
+                        name = str(exc.response.status_code)
+                        errors[name] = errors.get(name, 0) + 1
+                    continue
+                except httpx.HTTPError as exc:
+                    with lock:
+                        errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                    continue
+                elapsed = time.perf_counter() - began
+                with lock:
+                    totals[0] += 1
+                    totals[1] += units
+                    latencies.append(elapsed)
+
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    began = time.monotonic()
+    for thread in threads:
+        thread.join()
+    return Load(totals[0], totals[1], time.monotonic() - began, latencies, errors)
+
+
+def _ready_tasks(url: str, key: str, episodes: Episodes, count: int, mode: str) -> list[str]:
+    ids = []
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}) as client:
+        for _ in range(count):
+            files, data = episodes.support(mode)
+            response = client.post("/v1/tasks?wait=60", files=files, data=data, timeout=90)
+            response.raise_for_status()
+            ids.append(response.json()["id"])
+    return ids
+
+
+def _second_api(stack: Stack, settings: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {**stack.env, **settings}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit("the second API did not become ready")
+
+
+def bench_predict(args: argparse.Namespace, episodes: Episodes) -> list[dict[str, Any]]:
+    """Images/s with and without prediction batching, alternating between two APIs."""
+    rows: list[dict[str, Any]] = []
+    off = {"MAML_SERVE_PREDICT_BATCH_MAX_IMAGES": "0"}
+    with running_stack(off, celery=True, workers=1) as stack, ExitStack() as cleanup:
+        batched, batched_url = _second_api(stack, {})
+        cleanup.callback(batched.wait, 20)
+        cleanup.callback(batched.terminate)
+        tasks = _ready_tasks(stack.url, stack.key, episodes, args.clients, args.mode)
+        queries = [episodes.queries(args.batch) for _ in range(args.clients)]
+
+        def predict(client: httpx.Client, index: int) -> int:
+            files: Files = queries[index]
+            response = client.post(f"/v1/tasks/{tasks[index]}/predictions", files=files)
+            response.raise_for_status()
+            return int(args.batch)
+
+        for url in (stack.url, batched_url):  # warm-up: models cached, code paths hot
+            closed_loop(args.clients, 2, predict, url, stack.key)
+        results: dict[str, list[Load]] = {"unbatched": [], "batched": []}
+        for _ in range(args.rounds):
+            results["unbatched"].append(
+                closed_loop(args.clients, args.seconds, predict, stack.url, stack.key)
+            )
+            results["batched"].append(
+                closed_loop(args.clients, args.seconds, predict, batched_url, stack.key)
+            )
+        for name, loads in results.items():
+            rows.append(_summary(name, loads))
+    return rows
+
+
+def bench_adapt(args: argparse.Namespace, episodes: Episodes) -> list[dict[str, Any]]:
+    """Tasks/s with adapt batching off and on, full and head mode, through Celery workers."""
+    rows: list[dict[str, Any]] = []
+    for max_jobs in ("1", "32"):
+        settings = {"MAML_SERVE_ADAPT_BATCH_MAX_JOBS": max_jobs}
+        with running_stack(settings, celery=True, workers=args.workers) as stack:
+            for mode in ("full", "head"):
+                supports = [episodes.support(mode) for _ in range(64)]
+
+                def create(client: httpx.Client, index: int, supports: Any = supports) -> int:
+                    files, data = supports[(index * 7 + int(time.monotonic() * 1000)) % 64]
+                    response = client.post("/v1/tasks?wait=60", files=files, data=data)
+                    response.raise_for_status()
+                    if response.status_code != 201:
+                        raise httpx.HTTPStatusError(
+                            "not ready", request=response.request, response=response
+                        )
+                    return 1
+
+                closed_loop(args.clients, 2, create, stack.url, stack.key)
+                load = closed_loop(args.clients, args.seconds, create, stack.url, stack.key)
+                name = f"{mode}, adapt_batch_max_jobs={max_jobs}"
+                rows.append(_summary(name, [load]))
+    return rows
+
+
+def _summary(name: str, loads: list[Load]) -> dict[str, Any]:
+    units = sum(load.units for load in loads)
+    seconds = sum(load.seconds for load in loads)
+    latencies = [x for load in loads for x in load.latencies]
+    errors: dict[str, int] = {}
+    for load in loads:
+        for code, count in load.errors.items():
+            errors[code] = errors.get(code, 0) + count
+    return {
+        "name": name,
+        "rate": units / seconds,
+        "p50_ms": 1e3 * statistics.median(latencies) if latencies else float("nan"),
+        "errors": errors,
+    }
+
+
+def main() -> None:
+    """Run the chosen measurements and print Markdown tables with same-run ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--what", default="predict,adapt")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--rounds", type=int, default=2, help="alternations (predict)")
+    parser.add_argument("--batch", type=int, default=32, help="images per prediction request")
+    parser.add_argument("--mode", default="full", help="task mode for the prediction tasks")
+    parser.add_argument("--workers", type=int, default=1, help="Celery worker processes (adapt)")
+    args = parser.parse_args()
+    episodes = Episodes()
+    what = set(args.what.split(","))
+    if "predict" in what:
+        rows = bench_predict(args, episodes)
+        base = rows[0]["rate"]
+        print(f"\nPredictions, {args.clients} clients x {args.batch} images, {args.mode} models:\n")
+        print("| path | images/s | p50 ms | vs unbatched | errors |")
+        print("|---|---|---|---|---|")
+        for row in rows:
+            print(f"| {row['name']} | {row['rate']:.0f} | {row['p50_ms']:.0f} | "
+                  f"{row['rate'] / base:.2f}x | {row['errors'] or '-'} |")  # fmt: skip
+    if "adapt" in what:
+        rows = bench_adapt(args, episodes)
+        print(f"\nAdaptations, {args.clients} clients, 5-way 1-shot, {args.workers} worker(s):\n")
+        print("| mode, setting | tasks/s | p50 ms | vs one at a time | errors |")
+        print("|---|---|---|---|---|")
+        for row in rows:
+            mode = row["name"].split(",")[0]
+            base = next(r["rate"] for r in rows if r["name"] == f"{mode}, adapt_batch_max_jobs=1")
+            print(f"| {row['name']} | {row['rate']:.1f} | {row['p50_ms']:.0f} | "
+                  f"{row['rate'] / base:.2f}x | {row['errors'] or '-'} |")  # fmt: skip
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
