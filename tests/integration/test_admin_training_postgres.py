@@ -125,7 +125,8 @@ def test_meta_train_promote_adapt_rollback(
     production_client: TestClient, dataset: dict[str, Any]
 ) -> None:
     client, admin = production_client, dataset["headers"]
-    user = create_key(client, "user-tenant")
+    # A user of the admin's tenant: a trained version and its promotion serve that tenant only.
+    user = create_key(client, "admin-tenant")
     active_before = client.get("/v1/initializations", headers=user).json()["active_version"]
     body = tiny_run(
         dataset["id"],
