@@ -34,7 +34,7 @@ USER_AGENT = "maml-serve-client"
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Which answers are retried and how long to wait: 409 `not_adapted_yet` and 503 (bounded)."""
+    """Which answers are retried and how long to wait: 409 `not_adapted_yet`, 429, 503 (bounded)."""
 
     max_retries: int = 30
     # Used when the answer has no Retry-After; doubled per attempt up to max_delay.
@@ -61,7 +61,7 @@ class Call:
     files: Files | None = None
     data: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
-    # 503 is retried only where a second send cannot do the work twice.
+    # 429 and 503 are retried only where a second send cannot do the work twice.
     retry_unavailable: bool = True
     retry_not_adapted: bool = False
 
@@ -130,7 +130,7 @@ def api_error(response: httpx.Response) -> ApiError:
 
 def should_retry(call: Call, response: httpx.Response) -> bool:
     """True for the answers worth sending the same request again."""
-    if response.status_code == 503:
+    if response.status_code in (429, 503):
         return call.retry_unavailable
     if response.status_code == 409 and call.retry_not_adapted:
         try:

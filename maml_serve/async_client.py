@@ -78,7 +78,7 @@ class AsyncClient:
         await self._http.aclose()
 
     async def send(self, call: Call) -> Any:
-        """Send a request, retrying 503 and 409 `not_adapted_yet` as the policy allows."""
+        """Send a request, retrying 429, 503 and 409 `not_adapted_yet` as the policy allows."""
         slept = 0.0
         attempt = 0
         while True:

@@ -80,7 +80,7 @@ class Client:
         self._http.close()
 
     def send(self, call: Call) -> Any:
-        """Send a request, retrying 503 and 409 `not_adapted_yet` as the policy allows."""
+        """Send a request, retrying 429, 503 and 409 `not_adapted_yet` as the policy allows."""
         slept = 0.0
         attempt = 0
         while True:

@@ -68,7 +68,7 @@ class InvalidRequest(ApiError):
 
 
 class RateLimited(ApiError):
-    """429: too many requests for this key."""
+    """429: too many requests for this key or tenant (raised once retries are spent)."""
 
 
 class ServiceUnavailable(ApiError):

@@ -67,13 +67,14 @@ def test_not_adapted_yet_and_503_are_retried_after_their_retry_after(sleeps: lis
     answers = [
         _problem(409, "not_adapted_yet", "2"),
         _problem(503, "broker_unavailable", "1"),
+        _problem(429, "rate_limited", "4"),
         httpx.Response(200, json=PREDICTED),
     ]
     with _client(answers, seen) as client:
         result = client.predict(TASK, [b"\x89PNG\r\n\x1a\nrest"], top_k=1)
     assert result.labels == ["a"]
-    assert sleeps == [2.0, 1.0]
-    assert len(seen) == 3
+    assert sleeps == [2.0, 1.0, 4.0]
+    assert len(seen) == 4
     # The multipart body is sent whole every time.
     assert all(b"\x89PNG" in r.content and b"top_k" in r.content for r in seen)
 
