@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import Engine, create_engine, make_url, text
 
 from app.core.config import Settings
 from app.core.migrate import upgrade
 from app.main import create_app
 from tests.helpers import make_settings, shipped_init_dir
+from tests.integration.faults import Postgres, Redis, Worker
 
 POSTGRES_URL = os.environ.get(
     "MAML_SERVE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -28,7 +32,14 @@ REDIS_URL = os.environ.get("MAML_SERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _admin_engine():  # type: ignore[no-untyped-def]
+def unavailable(reason: str) -> NoReturn:
+    """Skip a test whose service is missing; under CI=true, fail it (CI must run every tier)."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and a service the integration tests need is missing: {reason}")
+    pytest.skip(reason)
+
+
+def _admin_engine() -> Engine:
     return create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
 
 
@@ -60,7 +71,7 @@ def postgres_url() -> Iterator[str]:
             connection.execute(text("SELECT 1"))
         engine.dispose()
     except Exception as exc:
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}: {exc}")
+        unavailable(f"PostgreSQL not reachable at {POSTGRES_URL}: {exc}")
     url = create_database()
     yield url
     drop_database(url)
@@ -75,7 +86,7 @@ def redis_url() -> Iterator[str]:
     try:
         client.ping()
     except Exception as exc:
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {exc}")
+        unavailable(f"Redis not reachable at {REDIS_URL}: {exc}")
     client.flushdb()
     yield REDIS_URL
     client.flushdb()
@@ -157,3 +168,90 @@ def production_client(production_settings: Settings, celery_worker: Path) -> Ite
     """The API on PostgreSQL, publishing jobs to Redis for the worker."""
     with TestClient(create_app(production_settings)) as client:
         yield client
+
+
+# --- the fault suite's private stack ----------------------------------------------------------
+
+# Short leases and timeouts so every fault resolves in seconds.
+FAULT_SETTINGS: dict[str, Any] = {
+    "job_lease_seconds": 3.0,
+    "train_lease_seconds": 3.0,
+    "job_max_attempts": 3,
+    "database_connect_timeout_seconds": 2,
+    "database_statement_timeout_seconds": 2.0,
+    "database_pool_timeout_seconds": 2.0,
+    "broker_timeout_seconds": 1.0,
+    "readiness_timeout_seconds": 1.0,
+    "worker_heartbeat_seconds": 1.0,
+    "torch_threads": 1,
+}
+
+
+@dataclass
+class FaultStack:
+    """A private PostgreSQL cluster and Redis, the API on them, and workers a test may kill."""
+
+    postgres: Postgres
+    redis: Redis
+    settings: Settings
+    client: TestClient
+    env: dict[str, str]
+    folder: Path
+    workers: list[Worker] = field(default_factory=list)
+
+    def worker(self, queues: str, name: str) -> Worker:
+        """A worker on `queues`, not started yet (stopped at the end of the session)."""
+        worker = Worker(self.env, queues, self.folder / f"{name}.log")
+        self.workers.append(worker)
+        return worker
+
+    def slow_adapt(self, seconds: float) -> None:
+        """Make every adapt job that starts from now on wait `seconds` first."""
+        (self.folder / "delay").write_text(str(seconds))
+
+    def stop_workers(self) -> None:
+        """SIGKILL every worker still running (the whole stack is thrown away next)."""
+        for worker in self.workers:
+            if worker.alive:
+                worker.kill()
+
+
+@pytest.fixture(scope="session")
+def fault_stack(tmp_path_factory: pytest.TempPathFactory, init_dir: Path) -> Iterator[FaultStack]:
+    """Its own PostgreSQL cluster and redis-server (so they may be stopped and frozen) and the API."""
+    for tool in ("pg_createcluster", "pg_ctlcluster", "redis-server"):
+        if shutil.which(tool) is None:
+            unavailable(f"{tool} not found; the fault suite starts its own services")
+    if os.geteuid() != 0:
+        unavailable("the fault suite creates a PostgreSQL cluster and needs root")
+    folder = tmp_path_factory.mktemp("faults")
+    postgres, redis_server = Postgres(), Redis()
+    postgres.create()
+    try:
+        redis_server.start()
+        admin = create_engine(postgres.url(), isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.execute(text('CREATE DATABASE "maml"'))
+        admin.dispose()
+        settings = make_settings(
+            folder / "data",
+            init_dir,
+            database_url=postgres.url("maml"),
+            broker_url=redis_server.url,
+            **FAULT_SETTINGS,
+        )
+        upgrade(settings)
+        env = {
+            **_environment(settings),
+            **{f"MAML_SERVE_{k.upper()}": str(v) for k, v in FAULT_SETTINGS.items()},
+            "FAULT_DELAY_FILE": str(folder / "delay"),
+        }
+        with TestClient(create_app(settings)) as client:
+            stack = FaultStack(postgres, redis_server, settings, client, env, folder)
+            try:
+                yield stack
+            finally:
+                stack.stop_workers()
+    finally:
+        redis_server.stop()
+        postgres.drop()

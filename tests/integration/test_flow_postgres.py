@@ -16,10 +16,10 @@ from sqlalchemy import func, select
 
 from app.core.config import Settings
 from app.core.migrate import alembic_config, upgrade
+from app.jobs.broker import make_celery
 from app.models import AdaptedModel, Job, Prediction, SupportExample, Task
 from tests.helpers import Omniglot, create_key, runtime_of, shipped_init_dir, support_files
 from tests.integration.conftest import create_database, drop_database
-from app.jobs.broker import make_celery
 
 pytestmark = pytest.mark.integration
 
@@ -96,7 +96,7 @@ def test_five_way_one_shot_through_http_and_the_worker(
 
 
 def test_a_redelivered_message_does_no_second_piece_of_work(
-    production_client: TestClient, production_settings: Settings
+    production_client: TestClient, production_settings: Settings, celery_worker: Path
 ) -> None:
     client = production_client
     headers = create_key(client, f"tenant-{uuid.uuid4().hex[:6]}")
@@ -105,11 +105,17 @@ def test_a_redelivered_message_does_no_second_piece_of_work(
         client, headers, client.post("/v1/tasks", headers=headers, files=files, data=data).json()
     )
     job_id = task["job"]["id"]
+    ignored = f"job {job_id} is already succeeded; delivery ignored"
+    before = celery_worker.read_text().count(ignored)
     celery = make_celery(production_settings)
     for _ in range(2):
         celery.send_task("maml_serve.adapt", args=[job_id], queue="adapt")
     celery.close()
-    time.sleep(2.0)  # the worker takes both messages and must find the job already done
+    # The worker consumed both messages: each found the job done and said so.
+    deadline = time.monotonic() + 30
+    while celery_worker.read_text().count(ignored) < before + 2:
+        assert time.monotonic() < deadline, celery_worker.read_text()[-3000:]
+        time.sleep(0.05)
     with runtime_of(client).sessions() as session:
         models = session.scalar(
             select(func.count()).where(AdaptedModel.job_id == uuid.UUID(job_id))

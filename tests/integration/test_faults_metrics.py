@@ -1,0 +1,69 @@
+"""`serve --workers 2`: /metrics adds up the requests every process answered."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.conftest import ROOT
+from tests.integration.faults import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def _healthz_count(text: str) -> float:
+    pattern = re.compile(
+        r'^maml_serve_http_requests_total\{[^}]*route="/healthz"[^}]*status="200"[^}]*\} (\S+)$',
+        re.MULTILINE,
+    )
+    return sum(float(value) for value in pattern.findall(text))
+
+
+def test_metrics_of_two_api_processes_add_up(tmp_path: Path, init_dir: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAML_SERVE_")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # serve sets one up itself
+    env.update(
+        {
+            "MAML_SERVE_DATA_DIR": str(tmp_path / "data"),
+            "MAML_SERVE_INITIALIZATION_PATH": str(init_dir),
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--workers", "2", "--port", str(port)],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while log.read_text().count("Application startup complete") < 2:
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        for _ in range(20):
+            # A new connection each time, so both processes take requests.
+            with httpx.Client(base_url=base, timeout=10) as client:
+                assert client.get("/healthz").status_code == 200
+        for _ in range(6):
+            with httpx.Client(base_url=base, timeout=10) as client:
+                response = client.get("/metrics")
+            assert response.status_code == 200
+            assert _healthz_count(response.text) == 20, response.text[:2000]
+            assert 'maml_serve_jobs{kind="adapt",state="queued"} 0.0' in response.text
+            assert "maml_serve_active_initialization{" in response.text
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
