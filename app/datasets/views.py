@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Response, UploadFile, status
+from fastapi import APIRouter, Body, File, Form, Response, UploadFile, status
 
 from app.core.schemas import CleanText, problem_responses
 from app.datasets import service as datasets
@@ -54,11 +54,18 @@ def upload_dataset(
     responses=_PROBLEMS,
 )
 def register_omniglot(
-    caller: AdminDep, session: SessionDep, runtime: RuntimeDep, response: Response, body: OmniglotIn
+    caller: AdminDep,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    response: Response,
+    body: Annotated[OmniglotIn | None, Body()] = None,
 ) -> DatasetPublic:
-    """Register the Omniglot background zip configured on the server (MAML_SERVE_OMNIGLOT_PATH)."""
+    """Register the server's Omniglot zip (MAML_SERVE_OMNIGLOT_PATH); the body is optional."""
     row = datasets.register_omniglot(
-        session=session, runtime=runtime, tenant_id=caller.tenant_id, name=body.name
+        session=session,
+        runtime=runtime,
+        tenant_id=caller.tenant_id,
+        name=(body or OmniglotIn()).name,
     )
     response.headers["Location"] = f"/v1/admin/datasets/{row.id}"
     return DatasetPublic.model_validate(row)
