@@ -15,12 +15,14 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
 from app.core.errors import Forbidden, ProblemError, Unauthorized
 from app.core.limits import Limits
 from app.core.media import request_media_type
 from app.core.runtime import Runtime
+from app.core.security import hash_key
 from app.jobs.dispatch import CeleryDispatcher, InProcessDispatcher
 from app.keys import service as keys
 from app.models import Task
@@ -124,15 +126,31 @@ def get_caller(
 
 
 async def admit_caller(
-    request: Request, caller: Annotated[Caller, Depends(get_caller)]
+    request: Request,
+    runtime: RuntimeDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> AsyncIterator[Caller]:
-    """Count the request against its key's rate and in-flight limits (429 when over one)."""
-    limits = _limits(request).keys
-    limits.admit(caller.key_id)
-    try:
-        yield caller
-    finally:
-        limits.release(caller.key_id)
+    """Count the request against its key's rate and in-flight limits (429 when over one), then
+    authenticate the key.
+
+    The limits are counted by the key's hash, before it is looked up: a request over a limit
+    costs no thread and no query, so a crowd of them cannot queue ahead of other tenants.
+    """
+    limits = _limits(request)
+    if credentials is not None and credentials.credentials:
+        address = request.client.host if request.client is not None else "unknown"
+        limits.failed_auth.check(address)
+        token = hash_key(
+            credentials.credentials, runtime.settings.api_key_pepper.get_secret_value()
+        )
+        limits.keys.admit(token)
+        try:
+            yield await run_in_threadpool(get_caller, request, runtime, credentials)
+        finally:
+            limits.keys.release(token)
+    else:
+        # Answers 401 missing_api_key.
+        yield get_caller(request, runtime, credentials)
 
 
 async def require_user(caller: Annotated[Caller, Depends(admit_caller)]) -> Caller:

@@ -77,7 +77,7 @@ def test_only_png_and_jpeg_decoders_see_the_bytes(monkeypatch: pytest.MonkeyPatc
     opened: list[Any] = []
     real_open = Image.open
 
-    def spy(fp: Any, mode: str = "r", formats: Any = None) -> Any:
+    def spy(fp: Any, mode: Any = "r", formats: Any = None) -> Any:
         opened.append(formats)
         return real_open(fp, mode, formats)
 

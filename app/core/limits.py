@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from app.core.config import Settings
@@ -40,19 +39,22 @@ class _Bucket:
 
 @dataclass
 class KeyLimits:
-    """A token bucket (rate and burst) and a count of requests in flight, per API key."""
+    """A token bucket (rate and burst) and a count of requests in flight, per API key (by the
+    key's hash, so a request can be counted before the key is looked up)."""
 
     rate: float
     burst: int
     max_in_flight: int
-    _buckets: dict[uuid.UUID, _Bucket] = field(default_factory=dict)
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def admit(self, key_id: uuid.UUID) -> None:
+    def admit(self, key: str) -> None:
         """Count one request of the key in flight, or raise 429 when it is over a limit."""
         now = time.monotonic()
         with self._lock:
-            bucket = self._buckets.setdefault(key_id, _Bucket(float(self.burst), now))
+            if key not in self._buckets and len(self._buckets) >= _SWEEP_AT:
+                self._sweep(now)
+            bucket = self._buckets.setdefault(key, _Bucket(float(self.burst), now))
             bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.stamp) * self.rate)
             bucket.stamp = now
             if bucket.in_flight >= self.max_in_flight:
@@ -72,10 +74,19 @@ class KeyLimits:
             bucket.tokens -= 1.0
             bucket.in_flight += 1
 
-    def release(self, key_id: uuid.UUID) -> None:
+    def _sweep(self, now: float) -> None:
+        # Idle buckets (nothing in flight, refilled) hold nothing worth remembering; unknown keys
+        # sprayed at the service would otherwise grow the table without bound.
+        self._buckets = {
+            key: b
+            for key, b in self._buckets.items()
+            if b.in_flight or b.tokens + (now - b.stamp) * self.rate < self.burst
+        }
+
+    def release(self, key: str) -> None:
         """The request admitted for this key has ended."""
         with self._lock:
-            bucket = self._buckets.get(key_id)
+            bucket = self._buckets.get(key)
             if bucket is not None and bucket.in_flight > 0:
                 bucket.in_flight -= 1
 
