@@ -32,9 +32,9 @@ from fewshot.inner import (
     adapt_params,
     backbone_names,
     embed,
-    logits,
     support_views,
 )
+from fewshot.unknown import calibration_of, class_prototypes
 
 
 @dataclass(frozen=True)
@@ -103,26 +103,32 @@ def _adapt_group(
     x = torch.stack([task.x for task in tasks])
     y = torch.stack([task.y for task in tasks])
     if mode == "head" or steps == 0:
-        params, accuracy = _head_group(init, prepared.meta, prepared.sizes, x, y, n_way, steps)
+        params, accuracy, prototypes = _head_group(
+            init, prepared.meta, prepared.sizes, x, y, n_way, steps
+        )
     else:
         names = [*backbone_names(prepared.meta), HEAD_WEIGHT, HEAD_BIAS]
         sizes = {name: value.to(device) for name, value in init.step_sizes.items()}
 
-        def one(sx: Tensor, sy: Tensor) -> tuple[Params, Tensor]:
+        def one(sx: Tensor, sy: Tensor) -> tuple[Params, Tensor, Tensor]:
             fast = adapt_params(
                 module, prepared.meta, sizes, sx, sy, n_way,
                 steps=steps, default_step_size=default, mode=mode, first_order=True,
                 recipe=recipe,
             )  # fmt: skip
-            correct = (logits(module, fast, sx).argmax(dim=1) == sy).float().mean()
-            return {name: fast[name] for name in names}, correct
+            features = embed(module, fast, sx)
+            out = head_logits(features, fast[HEAD_WEIGHT], fast[HEAD_BIAS], fast[HEAD_SCALE])
+            correct = (out.argmax(dim=1) == sy).float().mean()
+            adapted = {name: fast[name] for name in names}
+            return adapted, correct, class_prototypes(features, sy, n_way)
 
         with torch.no_grad():
-            adapted, accuracy = vmap(one)(x, y)
+            adapted, accuracy, prototypes = vmap(one)(x, y)
         params = [
             {**prepared.meta, **{name: value[t].clone() for name, value in adapted.items()}}
             for t in range(len(tasks))
         ]
+    calibration = calibration_of(init)
     return [
         AdaptedModel(
             config=init.config,
@@ -132,6 +138,9 @@ def _adapt_group(
             steps=steps,
             support_accuracy=float(accuracy[t]),
             initialization_version=init.version,
+            prototypes=prototypes[t].clone(),
+            class_counts=torch.bincount(task.y, minlength=n_way).tolist(),
+            unknown=calibration,
         )
         for t, task in enumerate(tasks)
     ]
@@ -145,7 +154,7 @@ def _head_group(
     y: Tensor,
     n_way: int,
     steps: int,
-) -> tuple[list[Params], Tensor]:
+) -> tuple[list[Params], Tensor, Tensor]:
     """Head-only adaptation of T tasks: one trunk pass over all support images, batched heads.
 
     The head steps are batched matrix products (no vmap): per task, the closed-form gradient
@@ -187,10 +196,11 @@ def _head_group(
             bias = bias - lr_bias * dlogits.sum(dim=1)
         out = torch.baddbmm(bias.unsqueeze(1), features, weight.transpose(1, 2))
         accuracy = (out.argmax(dim=2) == y).float().mean(dim=1).clone()
+        prototypes = prototypes.clone()
     params = [
         {**meta, HEAD_WEIGHT: weight[t].clone(), HEAD_BIAS: bias[t].clone()} for t in range(count)
     ]
-    return params, accuracy
+    return params, accuracy, prototypes
 
 
 def predict_many(

@@ -40,6 +40,7 @@ from fewshot.inner import (
     embed,
     support_views,
 )
+from fewshot.unknown import calibration_of, class_prototypes
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,30 @@ def adapt_fast(
         recipe=InnerRecipe.from_config(init.config),
         learned_step_sizes=step_size is None,
     )
-    accuracy = support_accuracy(module, params, x, y, features)
+    return finished_model(init, module, params, x, y, classes, mode, steps, features)
+
+
+def finished_model(
+    init: Initialization,
+    module: Conv4,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    classes: list[str],
+    mode: AdaptMode,
+    steps: int,
+    features: Tensor | None = None,
+) -> AdaptedModel:
+    """The AdaptedModel fewshot.adapt builds from adapted parameters (one support pass, shared).
+
+    `features` (non-empty) are the support embeddings under `params`' backbone, when known.
+    """
+    with torch.inference_mode():
+        if features is None or features.numel() == 0:
+            features = embed(module, params, x)
+        out = head_logits(features, params[HEAD_WEIGHT], params[HEAD_BIAS], params[HEAD_SCALE])
+        accuracy = float((out.argmax(dim=1) == y).float().mean().item())
+        prototypes = class_prototypes(features, y, len(classes)).clone()
     return AdaptedModel(
         config=init.config,
         params=params,
@@ -238,18 +262,7 @@ def adapt_fast(
         steps=steps,
         support_accuracy=accuracy,
         initialization_version=init.version,
+        prototypes=prototypes.clone(),
+        class_counts=torch.bincount(y, minlength=len(classes)).tolist(),
+        unknown=calibration_of(init),
     )
-
-
-def support_accuracy(
-    module: Conv4, params: Params, x: Tensor, y: Tensor, features: Tensor | None = None
-) -> float:
-    """Fraction of support images the adapted parameters classify correctly.
-
-    `features` (non-empty) are the support embeddings under `params`' backbone, when known.
-    """
-    with torch.inference_mode():
-        if features is None or features.numel() == 0:
-            features = embed(module, params, x)
-        out = head_logits(features, params[HEAD_WEIGHT], params[HEAD_BIAS], params[HEAD_SCALE])
-        return float((out.argmax(dim=1) == y).float().mean().item())

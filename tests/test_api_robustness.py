@@ -224,10 +224,10 @@ def test_tampered_cursor_is_invalid_cursor(
 def test_delete_while_adapting_leaves_no_files(
     client: TestClient, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fewshot
+    import fewshot.fast
 
     runtime = runtime_of(client)
-    real_adapt = fewshot.adapt
+    real_adapt = fewshot.fast.adapt_fast
     deleted: list[str] = []
 
     def adapt_then_delete(*args: Any, **kwargs: Any) -> Any:
@@ -239,7 +239,7 @@ def test_delete_while_adapting_leaves_no_files(
         assert client.delete(f"/v1/tasks/{deleted[0]}", headers=auth).status_code == 204
         return model
 
-    monkeypatch.setattr(fewshot, "adapt", adapt_then_delete)
+    monkeypatch.setattr(fewshot.fast, "adapt_fast", adapt_then_delete)
     files, data = support_files(["a", "b", "c"])
     response = client.post("/v1/tasks?wait=30", headers=auth, files=files, data=data)
     assert response.status_code == 404 or response.status_code in (201, 202), response.text

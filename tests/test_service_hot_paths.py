@@ -16,6 +16,7 @@ from sqlalchemy import event, select
 
 import fewshot
 import fewshot.batched
+import fewshot.fast
 from app.core import threads as torch_threads
 from app.core.storage import ArtifactStore
 from app.jobs import runner as runner
@@ -94,13 +95,13 @@ def test_predictions_are_written_with_one_insert_in_request_order(
 def test_wait_is_woken_by_the_runner_instead_of_polling(
     client: TestClient, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    adapt = fewshot.adapt
+    adapt = fewshot.fast.adapt_fast
 
     def slow_adapt(*args: Any, **kwargs: Any) -> fewshot.AdaptedModel:
         time.sleep(0.6)
         return adapt(*args, **kwargs)
 
-    monkeypatch.setattr(fewshot, "adapt", slow_adapt)
+    monkeypatch.setattr(fewshot.fast, "adapt_fast", slow_adapt)
     files, data = support_files(["a", "b"])
     with _statements(client) as seen:
         started = time.monotonic()
@@ -133,7 +134,7 @@ def test_a_waiter_is_woken_after_another_waiter_on_the_job_gave_up(
 
 def _threads_seen(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[int]]:
     seen: dict[str, set[int]] = {"adapt": set(), "predict": set()}
-    adapt = fewshot.adapt
+    adapt = fewshot.fast.adapt_fast
     predict = fewshot.AdaptedModel.predict_proba
 
     def counting_adapt(*args: Any, **kwargs: Any) -> fewshot.AdaptedModel:
@@ -151,7 +152,7 @@ def _threads_seen(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[int]]:
         seen["predict"].add(torch.get_num_threads())
         return predict_many(*args, **kwargs)
 
-    monkeypatch.setattr(fewshot, "adapt", counting_adapt)
+    monkeypatch.setattr(fewshot.fast, "adapt_fast", counting_adapt)
     monkeypatch.setattr(fewshot.AdaptedModel, "predict_proba", counting_predict)
     monkeypatch.setattr(fewshot.batched, "predict_many", counting_predict_many)
     return seen

@@ -147,12 +147,12 @@ def test_a_corrupt_image_fails_the_job_with_a_code(
 def test_transient_errors_are_retried_then_fail(
     client: TestClient, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fewshot
+    import fewshot.fast
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("out of memory, say")
 
-    monkeypatch.setattr(fewshot, "adapt", broken)
+    monkeypatch.setattr(fewshot.fast, "adapt_fast", broken)
     runtime = runtime_of(client)
     _, job_id = _queued_task(client, auth)
     outcomes = [runner.run_job(runtime, job_id) for _ in range(3)]

@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from app.adaptations.handler import _DONE, _forget_if_task_deleted, _result
 from app.core import metrics
+from app.core.images import decode_stored
 from app.core.runtime import Runtime
 from app.core.storage import ArtifactCorrupt, adapted_weights_key, sha256_file
 from app.jobs import state
@@ -124,6 +125,8 @@ def _adapt(
 
 def _load(runtime: Runtime, claim: Claim) -> _Loaded | Outcome:
     """Read one job's task, support set and initialization; decode and preprocess its images."""
+    import torch
+
     import fewshot
 
     with runtime.sessions() as session:
@@ -156,11 +159,17 @@ def _load(runtime: Runtime, claim: Claim) -> _Loaded | Outcome:
         task_id, support_sha256 = task.id, task.support_set_sha256
     try:
         init = runtime.models.initialization(init_row)
-        images = [
-            fewshot.decode_image(runtime.store.read_bytes(e.image_key, sha256=e.sha256))
-            for e in examples
-        ]
-        support = fewshot.preprocess_images(images, init.config)
+        # Read, decoded and shrunk one at a time, as the lone handler does.
+        side = runtime.settings.max_decoded_side
+        support = torch.cat(
+            [
+                fewshot.preprocess_images(
+                    [decode_stored(runtime.store.read_bytes(e.image_key, e.sha256), side)],
+                    init.config,
+                )
+                for e in examples
+            ]
+        )
     except fewshot.EpisodeError as exc:
         raise PermanentJobError("invalid_support_set", str(exc)) from exc
     except fewshot.CheckpointError as exc:
