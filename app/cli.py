@@ -62,6 +62,13 @@ def _serve(args: argparse.Namespace) -> int:
     from app.main import create_app
 
     if args.workers > 1:
+        from app.core.config import get_settings
+        from app.core.migrate import upgrade
+
+        settings = get_settings()
+        if settings.is_embedded_database:
+            # Once, here: processes that each migrate a fresh file race to create the same tables.
+            upgrade(settings)
         # Several processes need an import string, each building its own app.
         uvicorn.run(
             "app.main:create_app",

@@ -14,8 +14,9 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
+from app.jobs import state
 from app.models import AdaptedModel, Job, SupportExample, Task
 from tests.helpers import create_key, runtime_of, support_files
 from tests.integration.conftest import FaultStack
@@ -201,3 +202,34 @@ def test_redis_down_then_a_retry_with_the_same_idempotency_key(
     print(f"\nRedis down: 503 after {took:.2f} s; the retried job done {recovery:.2f} s after "
           "Redis is back")  # fmt: skip
     assert took < 2
+
+
+def test_readyz_is_false_while_a_queue_with_work_has_no_worker(
+    fault_stack: FaultStack, adapt_worker: Worker
+) -> None:
+    stack = fault_stack
+    started = time.monotonic()
+    ready = stack.client.get("/readyz")
+    assert time.monotonic() - started < stack.settings.readiness_timeout_seconds + 1
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"]["workers"] is True
+    # A meta-training job waits, and no worker consumes the train queue in this module.
+    with runtime_of(stack.client).sessions() as session:
+        job = state.new_job(kind="meta_train", settings=stack.settings)
+        session.add(job)
+        session.commit()
+        job_id = job.id
+    try:
+        started = time.monotonic()
+        unserved = stack.client.get("/readyz")
+        assert time.monotonic() - started < stack.settings.readiness_timeout_seconds + 1
+        _assert_503(unserved, ("not_ready",))
+        checks = unserved.json()["checks"]
+        assert checks["workers"] is False and checks["queues_without_workers"] == ["train"]
+        assert checks["database"] is True and checks["broker"] is True
+    finally:
+        with runtime_of(stack.client).sessions() as session:
+            session.execute(delete(Job).where(Job.id == job_id))
+            session.commit()
+        stack.redis.client().delete("train")
+    assert stack.client.get("/readyz").status_code == 200
