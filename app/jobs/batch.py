@@ -1,11 +1,12 @@
 """Running several waiting jobs of one kind in one pass, each claimed, renewed and ended on its own.
 
 A delivery of a batchable kind (adapt) claims its own job, then up to the configured number of
-other queued jobs of that kind, oldest first, each with its own conditional UPDATE (a job another
-worker claimed first is simply not in the batch). Every claimed job gets its own heartbeat and
-is finished, failed, released or handed back on its own through app.jobs.state, so one bad job
-never fails the others. The Celery messages of the jobs taken this way find them finished (or
-held) when they arrive and do nothing; a job released for a retry is re-sent by the reaper.
+other queued jobs of that kind, oldest first, with one conditional UPDATE that counts an attempt
+and takes a lease for each (a job another worker claimed first is simply not in the batch).
+Every claimed job gets its own heartbeat and is finished, failed, released or handed back on its
+own through app.jobs.state, so one bad job never fails the others. The Celery messages of the
+jobs taken this way find them finished (or held) when they arrive and do nothing; a job
+released for a retry is re-sent by the reaper.
 """
 
 from __future__ import annotations
@@ -95,15 +96,9 @@ def claim_more(runtime: Runtime, first: Claim, batching: Batching) -> list[Claim
             # A line exists: give it a moment to grow into a fuller batch.
             time.sleep(wait)
             ids = waiting_jobs(runtime, first.kind, limit)
-        claims = []
-        for job_id in ids:
-            if job_id == first.job_id:
-                continue
-            with runtime.sessions() as session:
-                claimed = state.claim(session, job_id, settings)
-            if isinstance(claimed, Claim):
-                claims.append(claimed)
-        return claims
+        others = [job_id for job_id in ids if job_id != first.job_id]
+        with runtime.sessions() as session:
+            return state.claim_queued(session, others, first.kind, settings)
     except OperationalError:
         log.exception("could not take more jobs into the batch (database unavailable)")
         return []

@@ -139,6 +139,48 @@ def claim(session: Session, job_id: uuid.UUID, settings: Settings) -> Claim | Ou
     return Outcome("failed")
 
 
+def claim_queued(
+    session: Session, job_ids: list[uuid.UUID], kind: str, settings: Settings
+) -> list[Claim]:
+    """Claim those of `job_ids` that are still queued, with one conditional UPDATE; commits.
+
+    The same transition as `claim` for a queued job (an attempt counted, a lease taken), for a
+    worker that takes several waiting jobs into one batch; jobs another worker claimed first,
+    or that ended, are left out.
+    """
+    if not job_ids:
+        return []
+    now = utcnow()
+    now_param = bindparam("now", now, type_=UTCDateTime())
+    worker = worker_name()
+    rows = session.execute(
+        update(Job)
+        .where(
+            Job.id.in_(job_ids),
+            Job.kind == kind,
+            Job.state == "queued",
+            Job.attempts < Job.max_attempts,
+        )
+        .values(
+            state="running",
+            attempts=Job.attempts + 1,
+            lease_expires_at=now + timedelta(seconds=lease_seconds(settings, kind)),
+            claimed_by=worker,
+            started_at=func.coalesce(Job.started_at, now_param),
+            updated_at=now,
+        )
+        .returning(Job.id, Job.attempts, Job.created_at)
+        .execution_options(synchronize_session=False)
+    ).all()
+    session.commit()
+    claims = []
+    for job_id, attempts, created_at in rows:
+        if attempts == 1:
+            metrics.JOB_QUEUE_TIME.labels(kind).observe((now - created_at).total_seconds())
+        claims.append(Claim(job_id=job_id, kind=kind, attempt=attempts, worker=worker))
+    return claims
+
+
 def renew(session: Session, claim: Claim, settings: Settings, **values: Any) -> bool:
     """Extend the lease (and write progress values); False once another attempt took over."""
     now = utcnow()
