@@ -1,0 +1,127 @@
+"""Per-key rate and in-flight limits and the failed-key throttle: 429 problems with Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from app.core.limits import KeyLimits, TooManyRequests
+from app.main import create_app
+from tests.helpers import create_key, make_settings, support_files
+
+
+@contextmanager
+def _client(tmp_path: Path, init_dir: Path, **limits: float) -> Iterator[TestClient]:
+    settings = make_settings(tmp_path / "data", init_dir, **limits)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture
+def strict(tmp_path: Path, tiny_init_dir: Path) -> Iterator[TestClient]:
+    """An app allowing bursts of 3 requests per key at 1 per second, 4 failed keys a minute."""
+    with _client(
+        tmp_path,
+        tiny_init_dir,
+        key_rate_per_second=1.0,
+        key_rate_burst=3,
+        max_failed_auth_per_minute=4,
+    ) as client:
+        yield client
+
+
+def _assert_429(response: httpx.Response, code: str) -> None:
+    assert response.status_code == 429, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert int(response.headers["Retry-After"]) >= 1
+    assert response.json()["code"] == code
+
+
+def test_a_key_over_its_rate_gets_429_and_other_keys_do_not(strict: TestClient) -> None:
+    fast, other = create_key(strict, "acme"), create_key(strict, "acme")
+    answers = [strict.get("/v1/tasks", headers=fast) for _ in range(5)]
+    assert [a.status_code for a in answers[:3]] == [200, 200, 200]
+    _assert_429(answers[3], "rate_limited")
+    assert strict.get("/v1/tasks", headers=other).status_code == 200
+
+
+def test_failed_key_attempts_from_one_address_are_throttled(strict: TestClient) -> None:
+    good = create_key(strict, "acme")
+    wrong = [{"Authorization": f"Bearer msk_guess-{i}"} for i in range(5)]
+    assert [strict.get("/v1/tasks", headers=w).status_code for w in wrong[:4]] == [401] * 4
+    _assert_429(strict.get("/v1/tasks", headers=wrong[4]), "too_many_failed_attempts")
+    # The address is throttled as a whole: guessing stops, even between valid calls.
+    _assert_429(strict.get("/v1/tasks", headers=good), "too_many_failed_attempts")
+
+
+def test_requests_in_flight_are_capped_per_key() -> None:
+    limits = KeyLimits(rate=1000.0, burst=1000, max_in_flight=2)
+    limits.admit("k")
+    limits.admit("k")
+    with pytest.raises(TooManyRequests) as raised:
+        limits.admit("k")
+    assert raised.value.code == "too_many_requests" and raised.value.headers["Retry-After"]
+    limits.admit("other")
+    limits.release("k")
+    limits.admit("k")
+
+
+def test_an_in_flight_slot_is_given_back_when_the_request_ends(
+    tmp_path: Path, tiny_init_dir: Path
+) -> None:
+    with _client(tmp_path, tiny_init_dir, key_max_in_flight=1) as client:
+        auth = create_key(client, "acme")
+        # Sequential requests never overlap: each gives its slot back, errors included.
+        for _ in range(3):
+            assert client.get("/v1/tasks", headers=auth).status_code == 200
+            assert client.get(f"/v1/tasks/{uuid.uuid4()}", headers=auth).status_code == 404
+        limits = client.app.state.limits.keys  # type: ignore[attr-defined]
+        assert all(b.in_flight == 0 for b in limits._buckets.values())
+
+
+def test_the_event_loop_is_not_needed_to_refuse() -> None:
+    # admit() is plain and synchronous: callable from the loop without a thread hand-off.
+    limits = KeyLimits(rate=0.001, burst=1, max_in_flight=5)
+
+    async def twice() -> None:
+        limits.admit("k")
+        limits.release("k")
+        with pytest.raises(TooManyRequests):
+            limits.admit("k")
+
+    asyncio.run(twice())
+
+
+def test_waiting_requests_hold_no_thread(tmp_path: Path, tiny_init_dir: Path) -> None:
+    with _client(tmp_path, tiny_init_dir, api_threads=2, key_max_in_flight=50) as client:
+        auth = create_key(client, "acme")
+        # Jobs are never run, so every ?wait lasts its full 3 s.
+        client.app.state.dispatcher.submit = lambda *_: None  # type: ignore[attr-defined]
+        statuses: list[int] = []
+
+        def wait(seed: int) -> None:
+            files, data = support_files(["a", "b"], seed=seed)
+            response = client.post("/v1/tasks?wait=3", headers=auth, files=files, data=data)
+            statuses.append(response.status_code)
+
+        waiters = [threading.Thread(target=wait, args=(i,)) for i in range(6)]
+        for thread in waiters:
+            thread.start()
+        time.sleep(1.0)
+        # /healthz is a plain `def` route: it needs one of the 2 threads the waiters would hold.
+        started = time.perf_counter()
+        assert client.get("/healthz").status_code == 200
+        elapsed = time.perf_counter() - started
+        for thread in waiters:
+            thread.join()
+        assert statuses == [202] * 6
+        assert elapsed < 1.0, elapsed
