@@ -1,0 +1,107 @@
+"""Mixed load for Locust: 70% reads of a job or task, 20% predictions (16 images), 10% new tasks.
+
+Users ramp linearly from 1 to MAML_SERVE_BENCH_USERS (default 64) over the first 60% of
+MAML_SERVE_BENCH_SECONDS (default 150), then hold. Each user first creates one task and waits
+for it (so it has something to read and predict on). Run through benchmarks/run_locust.py,
+which starts the PostgreSQL + Redis + Celery stack and passes MAML_SERVE_BENCH_KEY.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from typing import Any
+
+from locust import HttpUser, LoadTestShape, between, task
+
+from benchmarks.episodes import Episodes
+
+EPISODES = Episodes(seed=int(os.environ.get("MAML_SERVE_BENCH_SEED", "0")))
+SUPPORTS = [EPISODES.support("full") for _ in range(32)]
+QUERIES = [EPISODES.queries(16) for _ in range(8)]
+_lock = threading.Lock()
+READY: list[tuple[str, str]] = []  # (task id, job id) of tasks known to be ready
+
+
+class ServiceUser(HttpUser):
+    """One client of the API with its own key's tasks."""
+
+    wait_time = between(0.05, 0.2)
+
+    def on_start(self) -> None:
+        """Authenticate and make one ready task."""
+        self.client.headers["Authorization"] = f"Bearer {os.environ['MAML_SERVE_BENCH_KEY']}"
+        self.own: list[tuple[str, str]] = []
+        self._create(wait=True)
+
+    def _create(self, wait: bool) -> None:
+        files, data = random.choice(SUPPORTS)
+        url = "/v1/tasks?wait=30" if wait else "/v1/tasks"
+        with self.client.post(
+            url, files=files, data=data, name="POST /v1/tasks", catch_response=True
+        ) as response:
+            if response.status_code not in (201, 202):
+                response.failure(f"status {response.status_code}")
+                return
+            body: dict[str, Any] = response.json()
+            pair = (body["id"], body["job"]["id"] if body.get("job") else "")
+            self.own.append(pair)
+            if response.status_code == 201 or body.get("status") == "ready":
+                with _lock:
+                    READY.append(pair)
+
+    @task(35)
+    def get_task(self) -> None:
+        """GET /v1/tasks/{id}."""
+        task_id, _ = random.choice(self.own or READY)
+        self._get(f"/v1/tasks/{task_id}", "GET /v1/tasks/{id}")
+
+    @task(35)
+    def get_job(self) -> None:
+        """GET /v1/jobs/{id}."""
+        _, job_id = random.choice(self.own or READY)
+        if job_id:
+            self._get(f"/v1/jobs/{job_id}", "GET /v1/jobs/{id}")
+
+    @task(20)
+    def predict(self) -> None:
+        """POST 16 query images to a ready task."""
+        with _lock:
+            task_id, _ = random.choice(READY) if READY else (None, None)
+        if task_id is None:
+            return
+        with self.client.post(
+            f"/v1/tasks/{task_id}/predictions",
+            files=random.choice(QUERIES),
+            name="POST /v1/tasks/{id}/predictions",
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"status {response.status_code}")
+
+    @task(10)
+    def create(self) -> None:
+        """POST a new 5-way 1-shot task (no wait)."""
+        self._create(wait=False)
+
+    def _get(self, url: str, name: str) -> None:
+        with self.client.get(url, name=name, catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"status {response.status_code}")
+
+
+class Ramp(LoadTestShape):
+    """1 -> N users over the first 60% of the run, then N until the end."""
+
+    users = int(os.environ.get("MAML_SERVE_BENCH_USERS", "64"))
+    seconds = float(os.environ.get("MAML_SERVE_BENCH_SECONDS", "150"))
+
+    def tick(self) -> tuple[int, float] | None:
+        """The user count and spawn rate now, or None to stop."""
+        elapsed = float(self.get_run_time())  # type: ignore[no-untyped-call]
+        if elapsed > self.seconds:
+            return None
+        ramp = 0.6 * self.seconds
+        count = max(1, min(self.users, round(1 + (self.users - 1) * elapsed / ramp)))
+        return count, 10.0
