@@ -81,6 +81,12 @@ def add_subcommands(sub: Any) -> None:
         help="start the learned step sizes at --step-size instead of the start's",
     )
     train.add_argument(
+        "--step-size-lr-factor",
+        type=float,
+        default=1.0,
+        help="outer learning rate of the learned step sizes relative to --lr",
+    )
+    train.add_argument(
         "--head-step-size", type=float, help="with --reset-step-sizes: the head's starting size"
     )
     train.add_argument("--first-order", action="store_true", help="first-order MAML throughout")
@@ -185,6 +191,7 @@ def run_train(args: argparse.Namespace) -> int:
         step_size_transform="softplus" if args.softplus_steps else None,
         reset_step_sizes=args.reset_step_sizes,
         head_step_size=args.head_step_size,
+        step_size_lr_factor=args.step_size_lr_factor,
         first_order_fraction=args.first_order_fraction,
         second_order=not args.first_order,
         multi_step_loss=args.msl,
@@ -324,6 +331,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
             init, held, episodes=args.episodes, threshold=args.threshold
         )
         calibration.details = {
+            **calibration.details,
             "groups": sorted(groups),
             "report": unknown_report(init, held, calibration, episodes=args.report_episodes),
         }

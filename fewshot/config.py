@@ -80,6 +80,9 @@ class MetaTrainConfig:
     reset_step_sizes: bool = False
     # With reset_step_sizes: the head's starting step size (None: inner_step_size).
     head_step_size: float | None = None
+    # The learned step sizes' outer learning rate is outer_lr times this (their raw values under
+    # softplus move in log space, slowly at the parameters' rate).
+    step_size_lr_factor: float = 1.0
     # Fraction of iterations run first-order before switching to second order (1.0: first order only).
     first_order_fraction: float = 0.5
     second_order: bool = True

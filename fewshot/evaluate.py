@@ -70,7 +70,7 @@ def episode_scores(
     within_group: bool = False,
     device: str | torch.device = "cpu",
     sampler: EpisodeSampler | None = None,
-    on_progress: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], object] | None = None,
 ) -> dict[int, list[float]]:
     """Per-episode query accuracy for each inner-step count in `steps_list`, on the SAME episodes.
 
@@ -119,7 +119,7 @@ def evaluate(
     within_group: bool = False,
     device: str | torch.device = "cpu",
     sampler: EpisodeSampler | None = None,
-    on_progress: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], object] | None = None,
 ) -> EvalResult:
     """Adapt to `episodes` seeded tasks from `dataset` and score their queries (no rotations).
 

@@ -16,8 +16,11 @@ class Adam:
         params: dict[str, Tensor],
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        lr_scales: dict[str, float] | None = None,
     ):
         self.params = params
+        # Per-tensor multipliers of the learning rate (e.g. faster for learned step sizes).
+        self.lr_scales = dict(lr_scales or {})
         self.betas = betas
         self.eps = eps
         self.step_count = 0
@@ -50,7 +53,7 @@ class Adam:
             m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
             v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             denom = (v / correction2).sqrt_().add_(self.eps)
-            p.addcdiv_(m, denom, value=-lr / correction1)
+            p.addcdiv_(m, denom, value=-lr * self.lr_scales.get(name, 1.0) / correction1)
             p.grad = None
         return True
 

@@ -14,7 +14,7 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,7 +169,10 @@ class MetaTrainer:
         trainable = dict(self.params)
         if cfg.learn_step_sizes:
             trainable.update({f"step_size.{k}": v for k, v in self.step_sizes.items()})
-        self.optimizer = Adam(trainable)
+        self.optimizer = Adam(
+            trainable,
+            lr_scales={f"step_size.{k}": cfg.step_size_lr_factor for k in self.step_sizes},
+        )
         self.train_sampler = EpisodeSampler(
             train, rotations=cfg.rotations, shift=cfg.shift, device=self.device
         )
@@ -307,9 +310,11 @@ class MetaTrainer:
         should_stop: Callable[[], bool] | None = None,
         log_every: int = 25,
         show_progress: bool = True,
+        early_reports: Sequence[int] = (),
     ) -> TrainResult:
         """Train to the configured iterations or time budget; checkpoint, log, and save the result."""
         cfg = self.cfg
+        first = self.iteration
         last_checkpoint = time.monotonic()
         window: list[tuple[float, float]] = []
         bar = tqdm(
@@ -348,6 +353,10 @@ class MetaTrainer:
                 if should_stop is not None and should_stop():
                     cancelled = True
                     break
+            elif on_progress is not None and self.iteration - first in early_reports:
+                # The iterations of this call listed (1 = its first) report too, with no curve
+                # point: an ETA is known long before the first log_every point.
+                on_progress(self._progress_report({}))
             if time.monotonic() - last_checkpoint >= cfg.checkpoint_every_s:
                 self.checkpoint()
                 last_checkpoint = time.monotonic()
@@ -392,6 +401,14 @@ def plot_curve(curve: list[dict[str, Any]], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not curve:
+        # Before the first point (a run just started): say so rather than draw empty axes.
+        fig = plt.figure(figsize=(10, 4))
+        fig.text(0.5, 0.5, "no points yet", ha="center", va="center", fontsize=20, color="0.4")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     if curve:
         its = [p["iteration"] for p in curve]

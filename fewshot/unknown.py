@@ -87,6 +87,16 @@ class UnknownCalibration:
             out[i] = (bisect.bisect_right(table, value) + 1) / (len(table) + 1)
         return out
 
+    def compressed(self, points: int = 201) -> UnknownCalibration:
+        """The same calibration with each table cut to `points` evenly spaced quantiles."""
+        tables = {
+            shape: sorted(np.quantile(np.asarray(v), np.linspace(0, 1, points)).tolist())
+            if len(v) > points
+            else list(v)
+            for shape, v in self.scores_by_shape.items()
+        }
+        return UnknownCalibration(tables, self.threshold, dict(self.details))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict stored in an initialization's metadata under "unknown"."""
         return {
@@ -211,7 +221,11 @@ def calibrate_unknown(
                 table[(n, k)] = sorted(found.in_task)
     if not table:
         raise ValueError("the calibration data cannot supply any task shape")
-    return UnknownCalibration(scores_by_shape=table, threshold=threshold)
+    counts = {f"{w}x{k}": len(v) for (w, k), v in table.items()}
+    full = UnknownCalibration(scores_by_shape=table, threshold=threshold)
+    compressed = full.compressed()
+    compressed.details = {"calibration_queries": counts}
+    return compressed
 
 
 def unknown_report(

@@ -1,0 +1,116 @@
+"""'None of these': the calibrated familiarity score and the unknown decision."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+import fewshot
+from fewshot.unknown import UnknownCalibration, class_prototypes, raw_scores
+from tests.data_paths import OMNIGLOT_ZIP
+from tests.fewshot_helpers import TINY, random_images, synthetic_dataset, tiny_init
+
+
+def _float_init() -> fewshot.Initialization:
+    return tiny_init(dtype=torch.float32)
+
+
+def _calibrated(init: fewshot.Initialization) -> fewshot.Initialization:
+    data = synthetic_dataset(size=TINY.image_size)
+    calibration = fewshot.calibrate_unknown(init, data, shots=(1, 2), ways=(3,), episodes=4)
+    return dataclasses.replace(init, metadata={**init.metadata, "unknown": calibration.to_dict()})
+
+
+def test_raw_score_is_minus_nearest_distance_over_prototype_spread() -> None:
+    prototypes = torch.tensor([[0.0, 0.0], [3.0, 4.0]])  # spread (mean distance) 5
+    features = torch.tensor([[0.0, 1.0], [3.0, 4.0], [30.0, 40.0]])
+    raw, nearest = raw_scores(features, prototypes)
+    assert torch.allclose(raw, torch.tensor([-0.2, 0.0, -9.0]))
+    assert nearest.tolist() == [0, 1, 1]
+    labels = torch.tensor([0, 0, 1])
+    feats = torch.tensor([[1.0, 0.0], [3.0, 0.0], [5.0, 5.0]])
+    assert torch.equal(class_prototypes(feats, labels, 2), torch.tensor([[2.0, 0.0], [5.0, 5.0]]))
+
+
+def test_p_values_are_ranks_among_in_task_scores_per_shot_count() -> None:
+    calibration = UnknownCalibration(
+        {(5, 1): [-3.0, -2.0, -1.0], (5, 5): [-0.5, -0.4, -0.3], (20, 1): [-9.0, -8.0, -7.0]}
+    )
+    raw = torch.tensor([-10.0, -1.5, 0.0, -1.5, -0.45])
+    shots = torch.tensor([1, 1, 1, 7, 5])  # 7 shots use the 5-shot table
+    assert calibration.p_values(raw, shots).tolist() == pytest.approx([0.25, 0.75, 1.0, 0.25, 0.5])
+    # 3 ways use the smallest calibrated way count (5); 30 ways the 20-way tables.
+    assert calibration.p_values(raw[:1], shots[:1], 3).tolist() == pytest.approx([0.25])
+    assert calibration.p_values(torch.tensor([-8.5]), shots[:1], 30).tolist() == [0.5]
+    again = UnknownCalibration.from_dict(calibration.to_dict())
+    assert again.scores_by_shape == calibration.scores_by_shape and again.threshold == 0.05
+
+
+def test_predict_scores_flags_below_threshold_and_is_batch_independent() -> None:
+    init = _calibrated(_float_init())
+    support = random_images(3, TINY, dtype=torch.float32)
+    model = fewshot.adapt(init, support, ["a", "b", "c"])
+    assert model.unknown is not None and model.unknown_threshold == 0.05
+    assert model.class_counts == [1, 1, 1] and model.prototypes is not None
+    queries = torch.cat([support[:3], torch.zeros(1, 1, 12, 12), random_images(4, TINY, 9)])
+    queries = queries.float()
+    batch = model.predict_scores(queries)
+    assert batch.probabilities.shape == (8, 3)
+    assert torch.allclose(batch.probabilities, model.predict_proba(queries))
+    for i in range(queries.shape[0]):
+        alone = model.predict_scores(queries[i : i + 1])
+        assert torch.allclose(alone.score, batch.score[i : i + 1])
+        assert alone.labels == batch.labels[i : i + 1]
+    # A 1-shot support image is its prototype: the most familiar thing there is (p-value 1).
+    assert batch.score[:3].tolist() == [1.0, 1.0, 1.0] and bool(batch.known[:3].all())
+    assert batch.raw[:3].abs().max() < 1e-5 and bool((batch.raw[3:] < 0).all())
+    assert model.predict_scores(queries, threshold=0.0).labels.count("unknown") == 0
+    assert model.predict_scores(queries, threshold=1.0).labels[3:] == ["unknown"] * 5
+    high = model.predict_scores(queries, threshold=0.99)
+    assert high.known.tolist() == (high.score >= 0.99).tolist()
+    with pytest.raises(fewshot.EpisodeError):
+        model.predict_scores(queries, threshold=1.5)
+
+
+def test_uncalibrated_models_never_answer_unknown_by_default() -> None:
+    model = fewshot.adapt(_float_init(), random_images(4, TINY, dtype=torch.float32), list("abab"))
+    scores = model.predict_scores(random_images(3, TINY, 5, dtype=torch.float32))
+    assert model.unknown is None and "unknown" not in scores.labels
+    assert bool(torch.isnan(scores.score).all()) and bool(torch.isfinite(scores.raw).all())
+
+
+def test_save_and_load_keep_prototypes_counts_and_calibration(tmp_path: Path) -> None:
+    init = _calibrated(_float_init())
+    model = fewshot.adapt(init, random_images(5, TINY, dtype=torch.float32), list("abcab"))
+    loaded = fewshot.AdaptedModel.load(model.save(tmp_path / "m.safetensors"))
+    assert loaded.class_counts == [2, 2, 1] and loaded.unknown is not None
+    assert loaded.prototypes is not None and model.prototypes is not None
+    assert torch.equal(loaded.prototypes, model.prototypes)
+    queries = random_images(4, TINY, 3, dtype=torch.float32)
+    assert torch.equal(loaded.predict_scores(queries).score, model.predict_scores(queries).score)
+    # Files written before prototypes existed still load (prototypes fall back to the head).
+    old = dataclasses.replace(model, prototypes=None, class_counts=None, unknown=None)
+    assert fewshot.AdaptedModel.load(old.save(tmp_path / "old.safetensors")).prototypes is None
+
+
+@pytest.mark.skipif(not OMNIGLOT_ZIP.is_file(), reason=f"Omniglot zip not found at {OMNIGLOT_ZIP}")
+def test_shipped_initialization_flags_blank_and_noise_images() -> None:
+    """The shipped calibration: a blank and a noise image are 'unknown', support images are not."""
+    from fewshot.data import load_dataset
+
+    init = fewshot.Initialization.load(fewshot.shipped_initialization_path())
+    assert fewshot.calibration_of(init) is not None, "the shipped initialization is not calibrated"
+    data = load_dataset(OMNIGLOT_ZIP, init.config).subset_groups(["Latin"])
+    images = data.images[data.targets < 5].float() / 255
+    labels = [str(int(t)) for t in data.targets[data.targets < 5]]
+    support = torch.cat([images[i * 20 : i * 20 + 1] for i in range(5)])
+    queries = torch.cat([images[i * 20 + 1 : i * 20 + 3] for i in range(5)])
+    model = fewshot.adapt(init, support, [labels[i * 20] for i in range(5)])
+    generator = torch.Generator().manual_seed(0)
+    odd = torch.cat([torch.zeros(1, 1, 28, 28), torch.rand((2, 1, 28, 28), generator=generator)])
+    scores = model.predict_scores(torch.cat([queries, odd]))
+    assert scores.labels[-3:] == ["unknown"] * 3, scores.score[-3:]
+    assert sum(label != "unknown" for label in scores.labels[:-3]) >= 8, scores.score
