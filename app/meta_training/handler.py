@@ -314,6 +314,8 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
             should_stop=reporter.should_stop,
             log_every=max(1, int(params.get("log_every", 25))),
             show_progress=False,
+            # Reports with no curve point: an ETA within seconds of the start.
+            early_reports=(1, 2, 5, 10),
         )
     except fewshot.EpisodeError as exc:
         # E.g. classes with fewer images than shots + queries: another attempt would repeat it.
