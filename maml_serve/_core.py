@@ -29,6 +29,9 @@ SupportSet = (
 Files = list[tuple[str, tuple[str, bytes, str]]]
 
 DEFAULT_TIMEOUT = 60.0
+# The longest one GET /v1/jobs/{id}?wait asks the server to hold (it bounds it too): well under
+# the read timeout, so a held request is never cut off by the client.
+LONG_POLL_SECONDS = 20.0
 USER_AGENT = "maml-serve-client"
 
 

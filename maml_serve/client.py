@@ -16,6 +16,7 @@ import httpx
 
 from maml_serve._core import (
     DEFAULT_TIMEOUT,
+    LONG_POLL_SECONDS,
     Call,
     ImageInput,
     RetryPolicy,
@@ -57,6 +58,8 @@ class Client:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.retry = retry or RetryPolicy()
+        # Job waits are held by the server, each for less than the read timeout.
+        self._long_poll = min(LONG_POLL_SECONDS, max(0.0, timeout - 5.0))
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
             headers=default_headers(api_key or os.environ.get("MAML_SERVE_API_KEY")),
@@ -140,11 +143,12 @@ class Client:
         return self._until_ready(task, remaining)
 
     def wait_for_task(self, task_id: str, timeout: float = 60.0, interval: float = 0.25) -> Task:
-        """Poll a task until it is ready; AdaptationFailed if it failed, WaitTimeout if too slow."""
+        """Wait until a task is ready; AdaptationFailed if it failed, WaitTimeout if too slow."""
         return self._until_ready(self.get_task(task_id), timeout, interval)
 
     def _until_ready(self, task: Task, timeout: float, interval: float = 0.25) -> Task:
         deadline = time.monotonic() + timeout
+        ended: set[str] = set()
         while True:
             if task.status == "ready":
                 return task
@@ -157,7 +161,13 @@ class Client:
                 )
             if time.monotonic() >= deadline:
                 raise WaitTimeout(f"task {task.id} still {task.status} after {timeout:g} s")
-            time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+            job_id = task.job_id
+            if job_id is None or job_id in ended:
+                time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+            elif (self._await_job(job_id, deadline, interval)).finished:
+                # Its task is read once more; should it still be adapting, it is not waited on
+                # again (that answer would come at once).
+                ended.add(job_id)
             task = self.get_task(task.id)
 
     def get_task(self, task_id: str) -> Task:
@@ -214,20 +224,31 @@ class Client:
 
     # --- jobs ---------------------------------------------------------------------------------
 
-    def get_job(self, job_id: str) -> Job:
-        """A job's state, progress, attempts and error."""
-        return Job.from_json(self.send(Call("GET", f"/v1/jobs/{job_id}")))
+    def get_job(self, job_id: str, *, wait: float | None = None) -> Job:
+        """A job's state, progress, attempts and error; with `wait` (s), once it ends or then."""
+        held = round(wait or 0.0, 3)
+        params = {"wait": held} if held > 0 else {}
+        return Job.from_json(self.send(Call("GET", f"/v1/jobs/{job_id}", params=params)))
 
     def wait_for_job(self, job_id: str, timeout: float = 60.0, interval: float = 0.25) -> Job:
-        """Poll a job until it finishes (any terminal state); WaitTimeout if it takes too long."""
-        deadline = time.monotonic() + timeout
+        """Wait until a job finishes (any terminal state); WaitTimeout if it takes too long."""
+        job = self._await_job(job_id, time.monotonic() + timeout, interval)
+        if not job.finished:
+            raise WaitTimeout(f"job {job_id} still {job.state} after {timeout:g} s")
+        return job
+
+    def _await_job(self, job_id: str, deadline: float, interval: float) -> Job:
+        # The server holds each GET until the job ends or the asked wait passes; the job as last
+        # seen comes back at the deadline.
         while True:
-            job = self.get_job(job_id)
-            if job.finished:
+            asked = min(max(0.0, deadline - time.monotonic()), self._long_poll)
+            sent = time.monotonic()
+            job = self.get_job(job_id, wait=asked)
+            if job.finished or time.monotonic() >= deadline:
                 return job
-            if time.monotonic() >= deadline:
-                raise WaitTimeout(f"job {job_id} still {job.state} after {timeout:g} s")
-            time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+            if time.monotonic() - sent < max(asked / 2, interval):
+                # The server held it for less than asked (its own bound is lower): no busy loop.
+                time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
 
     # --- initializations ----------------------------------------------------------------------
 
@@ -326,15 +347,13 @@ class Client:
     def wait_for_meta_training(
         self, run_id: str, timeout: float = 3600.0, interval: float = 2.0
     ) -> MetaTraining:
-        """Poll a run until it finishes; WaitTimeout if it takes too long; admin."""
-        deadline = time.monotonic() + timeout
-        while True:
-            run = self.get_meta_training(run_id)
-            if run.finished:
-                return run
-            if time.monotonic() >= deadline:
-                raise WaitTimeout(f"meta-training {run_id} still {run.state} after {timeout:g} s")
-            time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+        """Wait until a run finishes; WaitTimeout if it takes too long; admin."""
+        # A run is a job: the server holds the wait on /v1/jobs, then the run is read once.
+        job = self._await_job(run_id, time.monotonic() + timeout, interval)
+        run = self.get_meta_training(run_id)
+        if not (job.finished and run.finished):
+            raise WaitTimeout(f"meta-training {run_id} still {run.state} after {timeout:g} s")
+        return run
 
     # --- admin: versions in service -----------------------------------------------------------
 
