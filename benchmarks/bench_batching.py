@@ -9,7 +9,9 @@ adapt: the same stack with `--workers` Celery workers (solo pool) started with a
 (MAML_SERVE_ADAPT_BATCH_MAX_JOBS=1) and then on (32); `--clients` threads each POST 5-way
 1-shot tasks with ?wait in a loop, in full and head mode; tasks/s and p50 latency.
 
-    .venv/bin/python -m benchmarks.bench_batching [--what predict,adapt] [--seconds 15]
+    .venv/bin/python -m benchmarks.bench_batching [--what predict,adapt,scale] [--seconds 15]
+
+scale: predict plus a third API started with two processes (batching on), same database.
 """
 
 from __future__ import annotations
@@ -108,14 +110,17 @@ def _ready_tasks(url: str, key: str, episodes: Episodes, count: int, mode: str) 
     return ids
 
 
-def _second_api(stack: Stack, settings: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+def _second_api(
+    stack: Stack, settings: dict[str, str], processes: int = 1
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {**stack.env, **settings}
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--log-level", "warning"],
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--log-level", "warning",
+         "--workers", str(processes)],
         env=env,
         cwd=ROOT,
-    )
+    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -128,35 +133,45 @@ def _second_api(stack: Stack, settings: dict[str, str]) -> tuple[subprocess.Pope
     raise SystemExit("the second API did not become ready")
 
 
-def bench_predict(args: argparse.Namespace, episodes: Episodes) -> list[dict[str, Any]]:
-    """Images/s with and without prediction batching, alternating between two APIs."""
-    rows: list[dict[str, Any]] = []
+def bench_predict(
+    args: argparse.Namespace, episodes: Episodes, scale: bool = False
+) -> list[dict[str, Any]]:
+    """Images/s with and without prediction batching, alternating between APIs on one database.
+
+    With `scale`, a third API of two processes (batching on) is measured too.
+    """
     off = {"MAML_SERVE_PREDICT_BATCH_MAX_IMAGES": "0"}
     with running_stack(off, celery=True, workers=1) as stack, ExitStack() as cleanup:
-        batched, batched_url = _second_api(stack, {})
-        cleanup.callback(batched.wait, 20)
-        cleanup.callback(batched.terminate)
+        urls = {"unbatched": stack.url}
+        others = [("batched", 1)] + ([("batched, 2 API processes", 2)] if scale else [])
+        for name, processes in others:
+            process, urls[name] = _second_api(stack, {}, processes)
+            cleanup.callback(process.wait, 20)
+            cleanup.callback(process.terminate)
         tasks = _ready_tasks(stack.url, stack.key, episodes, args.clients, args.mode)
-        queries = [episodes.queries(args.batch) for _ in range(args.clients)]
+        rows: list[dict[str, Any]] = []
+        for batch in args.batch:
+            queries = [episodes.queries(batch) for _ in range(args.clients)]
 
-        def predict(client: httpx.Client, index: int) -> int:
-            files: Files = queries[index]
-            response = client.post(f"/v1/tasks/{tasks[index]}/predictions", files=files)
-            response.raise_for_status()
-            return int(args.batch)
+            def predict(
+                client: httpx.Client, index: int, queries: list[Files] = queries, batch: int = batch
+            ) -> int:
+                response = client.post(
+                    f"/v1/tasks/{tasks[index]}/predictions", files=queries[index]
+                )
+                response.raise_for_status()
+                return batch
 
-        for url in (stack.url, batched_url):  # warm-up: models cached, code paths hot
-            closed_loop(args.clients, 2, predict, url, stack.key)
-        results: dict[str, list[Load]] = {"unbatched": [], "batched": []}
-        for _ in range(args.rounds):
-            results["unbatched"].append(
-                closed_loop(args.clients, args.seconds, predict, stack.url, stack.key)
-            )
-            results["batched"].append(
-                closed_loop(args.clients, args.seconds, predict, batched_url, stack.key)
-            )
-        for name, loads in results.items():
-            rows.append(_summary(name, loads))
+            for url in urls.values():  # warm-up: models cached, code paths hot
+                closed_loop(args.clients, 2, predict, url, stack.key)
+            results: dict[str, list[Load]] = {name: [] for name in urls}
+            for _ in range(args.rounds):
+                for name, url in urls.items():
+                    results[name].append(
+                        closed_loop(args.clients, args.seconds, predict, url, stack.key)
+                    )
+            for name, loads in results.items():
+                rows.append({**_summary(name, loads), "batch": batch})
     return rows
 
 
@@ -209,20 +224,22 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--rounds", type=int, default=2, help="alternations (predict)")
-    parser.add_argument("--batch", type=int, default=32, help="images per prediction request")
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=[32], help="images per prediction request"
+    )
     parser.add_argument("--mode", default="full", help="task mode for the prediction tasks")
     parser.add_argument("--workers", type=int, default=1, help="Celery worker processes (adapt)")
     args = parser.parse_args()
     episodes = Episodes()
     what = set(args.what.split(","))
-    if "predict" in what:
-        rows = bench_predict(args, episodes)
-        base = rows[0]["rate"]
-        print(f"\nPredictions, {args.clients} clients x {args.batch} images, {args.mode} models:\n")
-        print("| path | images/s | p50 ms | vs unbatched | errors |")
-        print("|---|---|---|---|---|")
+    if "predict" in what or "scale" in what:
+        rows = bench_predict(args, episodes, scale="scale" in what)
+        print(f"\nPredictions, {args.clients} clients, {args.mode} models, one task each:\n")
+        print("| images per request | path | images/s | p50 ms | vs unbatched | errors |")
+        print("|---|---|---|---|---|---|")
         for row in rows:
-            print(f"| {row['name']} | {row['rate']:.0f} | {row['p50_ms']:.0f} | "
+            base = next(r["rate"] for r in rows if r["batch"] == row["batch"])
+            print(f"| {row['batch']} | {row['name']} | {row['rate']:.0f} | {row['p50_ms']:.0f} | "
                   f"{row['rate'] / base:.2f}x | {row['errors'] or '-'} |")  # fmt: skip
     if "adapt" in what:
         rows = bench_adapt(args, episodes)
