@@ -13,6 +13,7 @@ def render_model_card(metadata: dict[str, Any]) -> str:
         ("command", "Command"),
         ("data", "Data"),
         ("validation_groups", "Validation groups (held out)"),
+        ("training_groups", "Training groups"),
         ("wall_time_s", "Meta-training wall time (s)"),
         ("iterations", "Meta-iterations"),
         ("hardware", "Hardware"),
@@ -31,12 +32,50 @@ def render_model_card(metadata: dict[str, Any]) -> str:
             "",
             "## Validation accuracy (held-out groups, 95% CI)",
             "",
-            "| task | accuracy | episodes |",
-            "|---|---|---|",
+            "Served: the initialization's inner steps; 0 steps: the same episodes with no inner step "
+            "(the prototype head on the meta-learned backbone); gain: their paired difference.",
+            "",
+            "| task | served | 0 steps | gain (points) | episodes |",
+            "|---|---|---|---|---|",
         ]
         for name, m in metrics.items():
+            zero, gain = "n/a", "n/a"
+            if m.get("accuracy_0_steps") is not None:
+                zero = f"{100 * m['accuracy_0_steps']:.2f}% ± {100 * m['ci95_0_steps']:.2f}"
+                gain = f"{100 * m['adaptation_gain']:+.2f} ± {100 * m['adaptation_gain_ci95']:.2f}"
             lines.append(
-                f"| {name} | {100 * m['accuracy']:.2f}% ± {100 * m['ci95']:.2f} | {m['episodes']} |"
+                f"| {name} | {100 * m['accuracy']:.2f}% ± {100 * m['ci95']:.2f} | {zero} | {gain} "
+                f"| {m['episodes']} |"
+            )
+    targets = metadata.get("targets") or {}
+    if targets:
+        lines += ["", "## Targets", "", "| task | target | measured | met |", "|---|---|---|---|"]
+        for name, target in targets.items():
+            measured = (metrics.get(name) or {}).get("accuracy")
+            shown = f"{100 * measured:.2f}%" if measured is not None else "not measured"
+            met = "met" if measured is not None and measured >= target else "not met"
+            lines.append(f"| {name} | >= {100 * target:.1f}% | {shown} | {met} |")
+    report = ((metadata.get("unknown") or {}).get("details") or {}).get("report") or {}
+    if report:
+        threshold = (metadata.get("unknown") or {}).get("threshold")
+        lines += [
+            "",
+            f'## "None of these" at the default threshold (p-value {threshold})',
+            "",
+            "Per task: share of in-task queries kept, in-task accuracy counting 'unknown' as an "
+            "error (and without the unknown decision), share of queries from classes outside the "
+            "task flagged 'unknown', and of blank and uniform-noise images.",
+            "",
+            "| task | in-task kept | in-task accuracy | without unknown | out-of-task flagged "
+            "| blank flagged | noise flagged | episodes |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in report.items():
+            lines.append(
+                f"| {name} | {100 * r['in_task_kept']:.1f}% | {100 * r['in_task_accuracy']:.1f}% "
+                f"| {100 * r['in_task_accuracy_without_unknown']:.1f}% "
+                f"| {100 * r['out_of_task_flagged']:.1f}% | {100 * r['blank_flagged']:.0f}% "
+                f"| {100 * r['noise_flagged']:.0f}% | {int(r['episodes'])} |"
             )
     lines += ["", "Weights: `weights.safetensors`; architecture and metadata: `config.json`.", ""]
     return "\n".join(lines)

@@ -114,6 +114,12 @@ def add_subcommands(sub: Any) -> None:
     train.add_argument(
         "--report-episodes", type=int, default=400, help="episodes per shape in the final report"
     )
+    train.add_argument(
+        "--calibration-episodes",
+        type=int,
+        default=40,
+        help='tasks per shape to calibrate the "unknown" score on the validation groups (0: off)',
+    )
     train.add_argument("--checkpoint-minutes", type=float, default=2.0)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -169,8 +175,10 @@ def run_train(args: argparse.Namespace) -> int:
     from fewshot.card import write_model_card
     from fewshot.config import MetaTrainConfig, ModelConfig
     from fewshot.data import load_dataset, split_groups
+    from fewshot.errors import FewShotError
     from fewshot.initialization import Initialization
     from fewshot.training import MetaTrainer
+    from fewshot.unknown import calibration_of, unknown_report
 
     device = _device(args.device)
     model = ModelConfig(pooling=args.pooling)
@@ -205,6 +213,7 @@ def run_train(args: argparse.Namespace) -> int:
         val_every=args.val_every,
         val_episodes=args.val_episodes,
         checkpoint_every_s=args.checkpoint_minutes * 60,
+        unknown_calibration_episodes=args.calibration_episodes,
         max_seconds=args.max_minutes * 60 if args.max_minutes else None,
         model=model,
     )
@@ -224,6 +233,15 @@ def run_train(args: argparse.Namespace) -> int:
             "metrics": report(init, val, args.report_episodes, device),
         }
     )
+    calibration = calibration_of(init)
+    if calibration is not None:
+        try:
+            calibration.details["report"] = unknown_report(
+                init, val, calibration, episodes=max(10, args.report_episodes // 10)
+            )
+        except (FewShotError, ValueError) as exc:  # a shape the validation data cannot supply
+            calibration.details["report_skipped"] = str(exc)
+        init.metadata["unknown"] = calibration.to_dict()
     init.metadata.pop("curve", None)
     init.save(result.path)
     write_model_card(result.path, init.metadata)

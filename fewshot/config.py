@@ -100,6 +100,9 @@ class MetaTrainConfig:
     seed: int = 0
     val_every: int = 500
     val_episodes: int = 200
+    # Tasks per (ways, shots) to calibrate the "unknown" score on the validation groups at the
+    # end of the run (fewshot.unknown; 0: not calibrated).
+    unknown_calibration_episodes: int = 40
     checkpoint_every_s: float = 120.0
     max_seconds: float | None = None
     model: ModelConfig = field(default_factory=ModelConfig)

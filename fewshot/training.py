@@ -35,6 +35,8 @@ from fewshot.initialization import Initialization
 from fewshot.inner import InnerRecipe, effective_step_sizes, raw_step_sizes
 from fewshot.optim import Adam, cosine_lr
 from fewshot.tasks import query_logits
+from fewshot.unknown import METADATA_KEY as UNKNOWN_KEY
+from fewshot.unknown import UnknownCalibration, calibrate_unknown
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 STATE_FILE = "state.json"
@@ -378,8 +380,21 @@ class MetaTrainer:
                 "curve": self.curve,
             }
         )
+        calibration = self.calibrate_unknown(result)
+        if calibration is not None:
+            result.metadata[UNKNOWN_KEY] = calibration.to_dict()
         path = result.save(self.out_dir / RESULT_DIR)
         return TrainResult(result, path, False, self.iteration, self.elapsed, self.curve)
+
+    def calibrate_unknown(self, init: Initialization) -> UnknownCalibration | None:
+        """The "unknown" calibration of `init` on the validation groups (None if not possible)."""
+        if self.val is None or self.cfg.unknown_calibration_episodes <= 0:
+            return None
+        try:
+            return calibrate_unknown(init, self.val, episodes=self.cfg.unknown_calibration_episodes)
+        except (EpisodeError, ValueError) as exc:
+            logger.warning("unknown calibration skipped: %s", exc)
+            return None
 
     def _progress_report(self, point: dict[str, Any]) -> Progress:
         cfg = self.cfg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -157,3 +158,27 @@ def test_trainer_converts_the_starts_step_sizes_to_softplus() -> None:
     reset = _fit_step_sizes(start, 3, 0.01, "softplus", reset=True, head_value=0.5)
     assert torch.allclose(F.softplus(reset["blocks.0.weight"]), torch.full((3,), 0.01), rtol=1e-4)
     assert torch.allclose(F.softplus(reset["head.weight"]), torch.full((3,), 0.5), rtol=1e-4)
+
+
+def test_meta_training_with_the_recipe_records_it_and_calibrates_unknown(tmp_path: Path) -> None:
+    from fewshot.config import MetaTrainConfig, ModelConfig
+    from fewshot.training import MetaTrainer
+
+    train = synthetic_dataset(classes=30, per_class=8, groups=3, seed=0)
+    val = synthetic_dataset(classes=12, per_class=8, groups=2, seed=1)
+    cfg = MetaTrainConfig(
+        iterations=4, meta_batch=2, ways=(3, 4), shots=(1, 2), queries=2, inner_steps=2,
+        inner_step_size=0.05, inner_temperature=0.5, inner_label_smoothing=0.1,
+        inner_shift_views=1, step_size_transform="softplus", step_size_lr_factor=10.0,
+        rotations=False, val_every=0, val_episodes=2, unknown_calibration_episodes=2,
+        model=ModelConfig(width=8, image_size=12),
+    )  # fmt: skip
+    result = MetaTrainer(cfg, train, val, tmp_path / "run").run(show_progress=False)
+    assert result.path is not None
+    saved = fewshot.Initialization.load(result.path)
+    assert saved.config.inner_temperature == 0.5 and saved.config.inner_shift_views == 1
+    assert saved.config.step_size_transform == "softplus"
+    sizes = effective_step_sizes(saved.step_sizes, "softplus")
+    assert all(bool((v > 0).all()) for v in sizes.values())
+    calibration = fewshot.calibration_of(saved)
+    assert calibration is not None and (5, 1) in calibration.scores_by_shape

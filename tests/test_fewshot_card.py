@@ -1,0 +1,33 @@
+"""Model cards show the 0-step column, the targets (met / not met) and the unknown figures."""
+
+from __future__ import annotations
+
+from fewshot.card import render_model_card
+
+
+def test_card_has_zero_steps_targets_and_unknown_sections() -> None:
+    metric = {
+        "accuracy": 0.95, "ci95": 0.01, "episodes": 1000, "accuracy_0_steps": 0.93,
+        "ci95_0_steps": 0.01, "adaptation_gain": 0.02, "adaptation_gain_ci95": 0.005,
+    }  # fmt: skip
+    report = {
+        "in_task_kept": 0.95, "in_task_accuracy": 0.9, "in_task_accuracy_without_unknown": 0.94,
+        "out_of_task_flagged": 0.8, "blank_flagged": 1.0, "noise_flagged": 1.0, "episodes": 100,
+    }  # fmt: skip
+    card = render_model_card(
+        {
+            "version": "v9",
+            "training_groups": ["A", "B"],
+            "metrics": {"20-way 1-shot": metric, "5-way 1-shot": {"accuracy": 0.99, "ci95": 0.0,
+                                                                   "episodes": 10}},
+            "targets": {"20-way 1-shot": 0.965, "5-way 1-shot": 0.99, "5-way 5-shot": 0.997},
+            "unknown": {"threshold": 0.05, "details": {"report": {"20-way 1-shot": report}}},
+        }
+    )  # fmt: skip
+    assert "| 20-way 1-shot | 95.00% ± 1.00 | 93.00% ± 1.00 | +2.00 ± 0.50 | 1000 |" in card
+    assert "| 5-way 1-shot | 99.00% ± 0.00 | n/a | n/a | 10 |" in card
+    assert "| 20-way 1-shot | >= 96.5% | 95.00% | not met |" in card
+    assert "| 5-way 1-shot | >= 99.0% | 99.00% | met |" in card
+    assert "| 5-way 5-shot | >= 99.7% | not measured | not met |" in card
+    assert "| 20-way 1-shot | 95.0% | 90.0% | 94.0% | 80.0% | 100% | 100% | 100 |" in card
+    assert "- **Training groups**: A, B" in card
