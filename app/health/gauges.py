@@ -41,7 +41,9 @@ class StateCollector(Collector):
             "Workers whose heartbeat says they consume each queue.",
             labels=["queue"],
         )
-        for queue in QUEUES:
+        # One bounded PING first: a frozen broker would otherwise cost a timeout per queue.
+        reachable = self.dispatcher.ping()
+        for queue in QUEUES if reachable else ():
             waiting = self.dispatcher.backlog(queue)
             if waiting is not None:
                 depth.add_metric([queue], waiting)

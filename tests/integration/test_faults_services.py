@@ -141,11 +141,14 @@ def test_postgresql_frozen(fault_stack: FaultStack, adapt_worker: Worker) -> Non
         _assert_503(response, ("database_unavailable",))
         ready, ready_took = _timed(lambda: stack.client.get("/readyz"))
         _assert_503(ready, ("not_ready",))
+        scraped, scrape_took = _timed(lambda: stack.client.get("/metrics"))
+        assert scraped.status_code == 200 and "maml_serve_http_requests_total" in scraped.text
     recovery = _recover(stack, headers)
     print(f"\nPostgreSQL frozen: 503 after {took:.2f} s (bound {bound:g} s), /readyz after "
           f"{ready_took:.2f} s; answers {recovery:.2f} s after SIGCONT")  # fmt: skip
     assert took < bound + 1
     assert ready_took < settings.readiness_timeout_seconds + 1
+    assert scrape_took < bound + 1, scrape_took
     created = _post(stack, headers, seed=4)
     assert created.status_code == 202, created.text
     _succeeded_once(stack, created.json()["job"]["id"])
@@ -164,6 +167,10 @@ def test_redis_frozen(fault_stack: FaultStack, adapt_worker: Worker) -> None:
         ready, ready_took = _timed(lambda: stack.client.get("/readyz"))
         _assert_503(ready, ("not_ready",))
         assert ready.json()["checks"]["broker"] is False
+        scraped, scrape_took = _timed(lambda: stack.client.get("/metrics"))
+        # Process metrics and job gauges still come; the broker's gauges are left out.
+        assert scraped.status_code == 200 and "maml_serve_jobs{" in scraped.text
+        assert "maml_serve_queue_depth{" not in scraped.text
     thawed = time.monotonic()
     assert _rows(stack) == rows
     created = _post(stack, headers, seed=6)
@@ -174,6 +181,7 @@ def test_redis_frozen(fault_stack: FaultStack, adapt_worker: Worker) -> None:
           f"{ready_took:.2f} s; a job accepted and done {recovery:.2f} s after SIGCONT")  # fmt: skip
     assert took < bound + 1
     assert ready_took < settings.readiness_timeout_seconds + 1
+    assert scrape_took < bound + 1, scrape_took
 
 
 def test_redis_down_then_a_retry_with_the_same_idempotency_key(
