@@ -245,6 +245,23 @@ def encode_labels(labels: Sequence[str]) -> tuple[list[str], Tensor]:
     return list(classes), torch.tensor([classes[label] for label in labels], dtype=torch.long)
 
 
+def open_set_fields(
+    init: Initialization, params: dict[str, Tensor], support_x: Tensor, y: Tensor, n_way: int
+) -> dict[str, Any]:
+    """The AdaptedModel fields predict_scores needs: prototypes [N, D], class_counts, unknown.
+
+    params: adapted parameters; support_x: [S, C, H, W]; y: [S] in 0..N-1. For other adaptation
+    paths (e.g. batched serving): `AdaptedModel(..., **open_set_fields(init, params, x, y, n))`.
+    """
+    with torch.no_grad():
+        features = embed(shared_module(init.config), params, support_x)
+        return {
+            "prototypes": class_prototypes(features, y, n_way),
+            "class_counts": torch.bincount(y, minlength=n_way).tolist(),
+            "unknown": calibration_of(init),
+        }
+
+
 def adapt(
     init: Initialization,
     support_x: Tensor,
@@ -303,7 +320,7 @@ def adapt(
         accuracy = (
             (predict_logits_batched(module, fast, x).argmax(dim=1) == y).float().mean().item()
         )
-        prototypes = class_prototypes(embed(module, fast, x), y, len(classes))
+        extra = open_set_fields(init, fast, x, y, len(classes))
     return AdaptedModel(
         config=init.config,
         params=fast,
@@ -312,7 +329,5 @@ def adapt(
         steps=steps,
         support_accuracy=accuracy,
         initialization_version=init.version,
-        prototypes=prototypes,
-        class_counts=torch.bincount(y, minlength=len(classes)).tolist(),
-        unknown=calibration_of(init),
+        **extra,
     )
