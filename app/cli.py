@@ -18,9 +18,13 @@ def _share_metrics(processes: int) -> None:
     import os
 
     if processes > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        import atexit
+        import shutil
         import tempfile
 
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="maml-serve-metrics-")
+        folder = tempfile.mkdtemp(prefix="maml-serve-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
 
 
 def _console_link(args: argparse.Namespace) -> str:
