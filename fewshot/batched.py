@@ -204,15 +204,18 @@ def _head_group(
 
 
 def predict_many(
-    models: Sequence[AdaptedModel], images: Sequence[Tensor], *, chunk: int = 32
+    models: Sequence[AdaptedModel], images: Sequence[Tensor], *, chunk: int = 64
 ) -> list[Tensor]:
     """Class probabilities of each model on its own images [B_i, C, H, W], in few forward passes.
 
     Head-only models of one initialization share their backbone: all their images go through
-    it in one pass. Other models of one config run as one pass vmapped over their stacked
-    backbones, each request cut into rows of at most `chunk` images (the last row padded with
-    copies of its first image, whose outputs are dropped). Every image is processed on its own
-    (GroupNorm, no batch statistics), so its probabilities do not depend on the others.
+    it together, in passes of `chunk` images (on a CPU, passes of ~32-128 small images cost the
+    least per image: fewer and the per-call overhead dominates, more and the activations leave
+    the cache). Other models run on their own images in passes of `chunk`, except on a GPU,
+    where models of one config run as one pass vmapped over their stacked backbones (each
+    request cut into rows of at most `chunk` images, the last row padded with copies of its
+    first image, whose outputs are dropped). Every image is processed on its own (GroupNorm, no
+    batch statistics), so its probabilities do not depend on the others.
     """
     if len(models) != len(images):
         raise ValueError("one batch of images per model")
@@ -221,6 +224,7 @@ def predict_many(
     features: list[Tensor | None] = [None] * len(models)
     shared: dict[tuple[object, ...], list[int]] = {}
     stacked: dict[object, list[int]] = {}
+    alone: list[int] = []
     for index, model in enumerate(models):
         if model.mode == "head":
             key = (model.config, model.initialization_version)
@@ -228,12 +232,17 @@ def predict_many(
             if not group or _same_backbone(models[group[0]], model):
                 group.append(index)
                 continue
-        stacked.setdefault(model.config, []).append(index)
+        if _device(model).type == "cuda":
+            stacked.setdefault(model.config, []).append(index)
+        else:
+            alone.append(index)
     with torch.inference_mode():
         for group in shared.values():
-            _shared_backbone(models, images, group, features)
+            _shared_backbone(models, images, group, features, chunk)
         for group in stacked.values():
             _stacked_backbones(models, images, group, features, chunk)
+        for index in alone:
+            _shared_backbone(models, images, [index], features, chunk)
         out = []
         for model, feature in zip(models, features, strict=True):
             assert feature is not None
@@ -241,6 +250,10 @@ def predict_many(
             row = head_logits(feature, p[HEAD_WEIGHT], p[HEAD_BIAS], p[HEAD_SCALE])
             out.append(torch.softmax(row.float(), dim=1).cpu())
     return [value.clone() for value in out]
+
+
+def _device(model: AdaptedModel) -> torch.device:
+    return next(iter(model.params.values())).device
 
 
 def _same_backbone(a: AdaptedModel, b: AdaptedModel) -> bool:
@@ -257,12 +270,13 @@ def _shared_backbone(
     images: Sequence[Tensor],
     group: list[int],
     features: list[Tensor | None],
+    chunk: int,
 ) -> None:
-    """Embed the images of models with one backbone in a single pass."""
+    """Embed the images of models with one backbone together, in passes of `chunk` images."""
     first = models[group[0]]
-    device = next(iter(first.params.values())).device
-    x = torch.cat([images[i] for i in group]).to(device)
-    embedded = embed(shared_module(first.config), first.params, x)
+    module = shared_module(first.config)
+    x = torch.cat([images[i] for i in group]).to(_device(first))
+    embedded = torch.cat([embed(module, first.params, part) for part in torch.split(x, chunk)])
     for i, part in zip(
         group, torch.split(embedded, [images[i].shape[0] for i in group]), strict=True
     ):
@@ -279,7 +293,7 @@ def _stacked_backbones(
     """Embed each model's images under its own backbone, one pass vmapped over the models."""
     first = models[group[0]]
     module = shared_module(first.config)
-    device = next(iter(first.params.values())).device
+    device = _device(first)
     names = backbone_names(first.params)
     width = min(chunk, max(images[i].shape[0] for i in group))
     rows: list[tuple[int, Tensor]] = []

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import fewshot
+from fewshot.backbone import Conv4
 from fewshot.batched import adapt_many, predict_many
 from fewshot.config import AdaptMode
 from fewshot.fast import adapt_fast
+from fewshot.inner import embed
 from tests.fewshot_helpers import TINY, random_images, tiny_init
 
 LABELS = ["a", "b", "c", "a", "c", "c"]  # unbalanced: 2, 1 and 3 shots
@@ -122,3 +124,20 @@ def test_batched_predictions_do_not_depend_on_the_other_requests() -> None:
         torch.testing.assert_close(batched, model.predict_proba(x), atol=1e-5, rtol=0)
     # A model's probabilities move when its weights differ: the test can tell models apart.
     assert not torch.allclose(together[0][:1, :3], predict_many([models[1]], [images[0][:1]])[0])
+
+
+def test_stacked_backbones_pass_equals_each_model_alone() -> None:
+    """The GPU path (models vmapped over stacked backbones, rows padded) run here on the CPU."""
+    from fewshot.batched import _stacked_backbones
+
+    init = tiny_init(dtype=torch.float32)
+    models = [
+        fewshot.adapt(init, random_images(3, seed=40 + i, dtype=torch.float32), ["a", "b", "c"])
+        for i in range(3)
+    ]
+    images = [random_images(n, seed=50 + n, dtype=torch.float32) for n in (5, 1, 3)]
+    features: list[torch.Tensor | None] = [None] * 3
+    _stacked_backbones(models, images, [0, 1, 2], features, chunk=2)
+    for model, x, feature in zip(models, images, features, strict=True):
+        assert feature is not None
+        torch.testing.assert_close(feature, embed(Conv4(TINY), model.params, x), atol=1e-5, rtol=0)

@@ -55,9 +55,11 @@ def test_concurrent_requests_share_passes_and_get_their_own_probabilities(
     calls: list[int] = []
     real = fewshot.batched.predict_many
 
-    def counting(ms: list[fewshot.AdaptedModel], xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def counting(
+        ms: list[fewshot.AdaptedModel], xs: list[torch.Tensor], chunk: int = 32
+    ) -> list[torch.Tensor]:
         calls.append(len(ms))
-        return real(ms, xs)
+        return real(ms, xs, chunk=chunk)
 
     monkeypatch.setattr(fewshot.batched, "predict_many", counting)
     batcher = PredictionBatcher(wait_seconds=0.2, max_images=10_000, threads=1)

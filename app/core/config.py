@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     # requests for at most this long or until it holds this many images. 0 images: no batching.
     predict_batch_wait_ms: float = Field(default=2.0, ge=0)
     predict_batch_max_images: int = Field(default=1024, ge=0)
+    # Images per forward pass inside a batch (on a CPU ~32 small images cost the least each),
+    # and threads running batches (None: one per CPU core).
+    predict_batch_chunk: int = Field(default=32, gt=0)
+    predict_batch_threads: int | None = Field(default=None, gt=0)
     # A worker adapts up to this many waiting adapt jobs in one vmapped pass (1: one at a time);
     # when it finds a line it waits at most adapt_batch_wait_ms for the batch to fill.
     adapt_batch_max_jobs: int = Field(default=32, gt=0)

@@ -1,12 +1,13 @@
 """Dynamic batching of predictions: concurrent requests, for any adapted models, share passes.
 
-Request threads hand (model, images) to one batching thread and wait. The thread starts a
-batch as soon as the previous one ends, so an idle service adds no delay; once started, a batch
-collects requests for at most `wait_seconds` or until it holds `max_images` images, then runs
-`fewshot.batched.predict_many` (one backbone pass per group of models). Every image is
-processed on its own, so a request's probabilities do not depend on the others in its batch.
-A batch that fails is retried one request at a time, so each request gets its own answer.
-The thread exits after a while without requests and starts again on the next one.
+Request threads hand (model, images) to the batching threads (`workers`, one per core by
+default) and wait. A free batching thread starts a batch at once, so an idle service adds no
+delay; once started, a batch collects requests for at most `wait_seconds` or until it holds
+`max_images` images, then runs `fewshot.batched.predict_many` (head-only models of one
+initialization share backbone passes of `chunk` images). Every image is processed on its own,
+so a request's probabilities do not depend on the others in its batch. A batch that fails is
+retried one request at a time, so each request gets its own answer. Threads exit after a while
+without requests and start again on the next one.
 """
 
 from __future__ import annotations
@@ -55,14 +56,31 @@ class _Request:
 class PredictionBatcher:
     """One batching thread per process (per model cache); `predict_proba` blocks until done."""
 
-    def __init__(self, *, wait_seconds: float, max_images: int, threads: int) -> None:
+    def __init__(
+        self,
+        *,
+        wait_seconds: float,
+        max_images: int,
+        threads: int,
+        workers: int = 1,
+        chunk: int = 32,
+    ) -> None:
         self.wait_seconds = wait_seconds
         self.max_images = max_images
         self.threads = threads
+        self.workers = workers
+        self.chunk = chunk
         self._line: deque[_Request] = deque()
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._running: set[threading.Thread] = set()
+        self._idle = 0
         self._closed = False
+
+    @property
+    def _thread(self) -> threading.Thread | None:
+        """A running batching thread, or None (for tests)."""
+        with self._cond:
+            return next(iter(self._running), None)
 
     def predict_proba(self, model: fewshot.AdaptedModel, images: Tensor) -> Tensor:
         """Class probabilities [B, N] of `model` on `images`, computed in a shared batch."""
@@ -71,11 +89,12 @@ class PredictionBatcher:
             if self._closed:
                 return model.predict_proba(images)
             self._line.append(request)
-            if self._thread is None:
-                self._thread = threading.Thread(
+            if self._idle == 0 and len(self._running) < self.workers:
+                thread = threading.Thread(
                     target=self._loop, name="maml-serve-predict-batcher", daemon=True
                 )
-                self._thread.start()
+                self._running.add(thread)
+                thread.start()
             self._cond.notify()
         return request.done.result()
 
@@ -89,9 +108,11 @@ class PredictionBatcher:
         """The next batch, or None when the thread should exit."""
         with self._cond:
             if not self._line and not self._closed:
+                self._idle += 1
                 self._cond.wait(IDLE_EXIT_SECONDS)
+                self._idle -= 1
             if not self._line:
-                self._thread = None
+                self._running.discard(threading.current_thread())
                 return None
             batch = [self._line.popleft()]
             size = batch[0].images.shape[0]
@@ -124,7 +145,9 @@ class PredictionBatcher:
         BATCH_REQUESTS.observe(len(batch))
         BATCH_IMAGES.observe(sum(r.images.shape[0] for r in batch))
         try:
-            results = predict_many([r.model for r in batch], [r.images for r in batch])
+            results = predict_many(
+                [r.model for r in batch], [r.images for r in batch], chunk=self.chunk
+            )
         except Exception as exc:
             if len(batch) == 1:
                 batch[0].done.set_exception(exc)

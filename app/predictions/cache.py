@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 import weakref
@@ -145,11 +146,19 @@ class ModelCache:
             metrics.CACHE_BYTES.set(self._bytes)
 
     def predict_proba(
-        self, model: fewshot.AdaptedModel, x: Tensor, *, wait_seconds: float, max_images: int
+        self,
+        model: fewshot.AdaptedModel,
+        x: Tensor,
+        *,
+        wait_seconds: float,
+        max_images: int,
+        chunk: int = 32,
+        workers: int | None = None,
     ) -> Tensor:
         """Class probabilities of `model` on images `x`, batched with concurrent requests.
 
-        `max_images` 0 predicts on the calling thread, alone.
+        `max_images` 0 predicts on the calling thread, alone; `workers` batching threads (None:
+        one per CPU core) run batches in passes of `chunk` images.
         """
         if max_images <= 0:
             self.use_serving_threads()
@@ -160,11 +169,16 @@ class ModelCache:
             batcher = self._batcher
             if batcher is None:
                 batcher = self._batcher = PredictionBatcher(
-                    wait_seconds=wait_seconds, max_images=max_images, threads=self.threads
+                    wait_seconds=wait_seconds,
+                    max_images=max_images,
+                    threads=self.threads,
+                    workers=workers or os.cpu_count() or 1,
+                    chunk=chunk,
                 )
                 # The batching thread holds the batcher, not the cache: stop it with the cache.
                 weakref.finalize(self, batcher.close)
             batcher.wait_seconds, batcher.max_images = wait_seconds, max_images
+            batcher.chunk = chunk
         return batcher.predict_proba(model, x)
 
     def forget(self, model_ids: list[uuid.UUID]) -> None:

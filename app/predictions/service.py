@@ -100,6 +100,8 @@ def predict(
         x,
         wait_seconds=settings.predict_batch_wait_ms / 1000,
         max_images=settings.predict_batch_max_images,
+        chunk=settings.predict_batch_chunk,
+        workers=settings.predict_batch_threads,
     )
     metrics.PREDICT_COMPUTE.observe(time.perf_counter() - started)
     metrics.PREDICTED_IMAGES.inc(len(queries.images))
