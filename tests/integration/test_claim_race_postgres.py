@@ -12,7 +12,8 @@ from app.jobs import state
 from app.jobs.state import Claim, Outcome
 from app.models import Job
 
-pytestmark = pytest.mark.integration
+# A hang (a missing timeout) fails the test instead of blocking the run.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
 def test_twenty_threads_claim_one_job_once(production_settings: Settings) -> None:

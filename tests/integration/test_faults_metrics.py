@@ -15,7 +15,8 @@ import pytest
 from tests.integration.conftest import ROOT
 from tests.integration.faults import free_port
 
-pytestmark = pytest.mark.integration
+# A hang (a missing timeout) fails the test instead of blocking the run.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
 def _healthz_count(text: str) -> float:

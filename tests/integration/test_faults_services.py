@@ -22,7 +22,8 @@ from tests.helpers import create_key, runtime_of, support_files
 from tests.integration.conftest import FaultStack
 from tests.integration.faults import Worker, wait_for
 
-pytestmark = pytest.mark.integration
+# A hang (a missing timeout) fails the test instead of blocking the run.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module")

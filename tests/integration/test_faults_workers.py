@@ -25,7 +25,8 @@ from tests.helpers import create_key, runtime_of, support_files
 from tests.integration.conftest import ROOT, FaultStack
 from tests.integration.faults import Worker, computations, wait_for
 
-pytestmark = pytest.mark.integration
+# A hang (a missing timeout) fails the test instead of blocking the run.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 # Enough meta-training iterations to outlive three SIGTERMs, few enough to finish soon after.
