@@ -11,20 +11,23 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-import fewshot
+from app.jobs import runner
 from app.main import create_app
 from tests.admin_data import dataset_zip
 from tests.helpers import create_key, make_settings, support_files
 
 
-def _slow_adapt(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
-    adapt = fewshot.adapt
+def _gate_jobs(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Jobs start only once the returned event is set (or after 20 s)."""
+    gate = threading.Event()
+    run_job = runner.run_job
 
-    def slow(*args: Any, **kwargs: Any) -> fewshot.AdaptedModel:
-        time.sleep(seconds)
-        return adapt(*args, **kwargs)
+    def gated(*args: Any, **kwargs: Any) -> Any:
+        gate.wait(20)
+        return run_job(*args, **kwargs)
 
-    monkeypatch.setattr(fewshot, "adapt", slow)
+    monkeypatch.setattr(runner, "run_job", gated)
+    return gate
 
 
 def _start_task(client: TestClient, headers: dict[str, str], seed: int = 0) -> str:
@@ -38,7 +41,7 @@ def _start_task(client: TestClient, headers: dict[str, str], seed: int = 0) -> s
 def test_job_wait_answers_once_the_job_ends_and_holds_no_thread(
     tmp_path: Path, tiny_init_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _slow_adapt(monkeypatch, 1.5)
+    gate = _gate_jobs(monkeypatch)
     # Two threads for sync routes and dependencies: three waiters holding one each would starve
     # the listing below until their jobs end.
     settings = make_settings(tmp_path / "data", tiny_init_dir, api_threads=2)
@@ -63,6 +66,7 @@ def test_job_wait_answers_once_the_job_ends_and_holds_no_thread(
         started = time.monotonic()
         listed = client.get("/v1/tasks", headers=auth)
         listing_took = time.monotonic() - started
+        gate.set()
         for waiter in waiters:
             waiter.join(30)
         assert listed.status_code == 200
@@ -76,7 +80,7 @@ def test_job_wait_answers_once_the_job_ends_and_holds_no_thread(
 def test_job_wait_is_bounded_by_max_wait_seconds_and_404s_like_a_plain_read(
     tmp_path: Path, tiny_init_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _slow_adapt(monkeypatch, 3.0)
+    gate = _gate_jobs(monkeypatch)
     settings = make_settings(tmp_path / "data", tiny_init_dir, max_wait_seconds=0.5)
     with TestClient(create_app(settings)) as client:
         auth = create_key(client, "acme")
@@ -91,6 +95,7 @@ def test_job_wait_is_bounded_by_max_wait_seconds_and_404s_like_a_plain_read(
         assert hidden.status_code == 404 and hidden.json()["code"] == "not_found"
         negative = client.get(f"/v1/jobs/{job_id}?wait=-1", headers=auth)
         assert negative.status_code == 422
+        gate.set()
 
 
 def test_omniglot_registers_without_a_body(tmp_path: Path, tiny_init_dir: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-import fewshot
+from app.jobs import runner
 from app.main import create_app
 from maml_serve import Client, WaitTimeout
 from maml_serve._core import LONG_POLL_SECONDS
@@ -92,13 +93,14 @@ def test_wait_for_job_sleeps_when_the_server_holds_less_and_times_out(
 def test_wait_for_task_is_answered_by_the_job_wait_on_a_real_app(
     tmp_path: Path, tiny_init_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    adapt = fewshot.adapt
+    gate = threading.Event()
+    run_job = runner.run_job
 
-    def slow_adapt(*args: Any, **kwargs: Any) -> fewshot.AdaptedModel:
-        time.sleep(1.5)
-        return adapt(*args, **kwargs)
+    def gated(*args: Any, **kwargs: Any) -> Any:
+        gate.wait(20)
+        return run_job(*args, **kwargs)
 
-    monkeypatch.setattr(fewshot, "adapt", slow_adapt)
+    monkeypatch.setattr(runner, "run_job", gated)
     settings = make_settings(tmp_path / "data", tiny_init_dir)
     with TestClient(create_app(settings)) as app:
         key = create_key(app, "acme")["Authorization"].removeprefix("Bearer ")
@@ -107,6 +109,8 @@ def test_wait_for_task_is_answered_by_the_job_wait_on_a_real_app(
             task = client.create_task({"a": [png(1)], "b": [png(2)]})
             assert task.status == "adapting"
             transport.seen.clear()
+            # The job runs 1.5 s into the wait.
+            threading.Timer(1.5, gate.set).start()
             ready = client.wait_for_task(task.id, timeout=30, interval=0.1)
     assert ready.ready
     paths = [path for path, _ in transport.seen]
