@@ -66,6 +66,7 @@ def test_sigterm_three_times_during_meta_training_spends_no_attempt(
     run = client.post("/v1/admin/meta-trainings", headers=admin, json=body).json()
     reached = 0
     handovers: list[float] = []
+    exits: list[float] = []
     for sigterms in (1, 2, 3):
         running: dict[str, Any] = wait_run(
             client,
@@ -81,6 +82,8 @@ def test_sigterm_three_times_during_meta_training_spends_no_attempt(
         holder = next(w for w in train_workers if job.claimed_by and f":{w.pid}:" in job.claimed_by)
         stopped = time.monotonic()
         holder.terminate()
+        exits.append(time.monotonic() - stopped)
+        gone = time.monotonic()
         assert (
             sum(w.text().count(f"job {run['id']} handed back at shutdown") for w in train_workers)
             == sigterms
@@ -95,11 +98,16 @@ def test_sigterm_three_times_during_meta_training_spends_no_attempt(
             ),
             timeout=60,
         )
-        handovers.append(time.monotonic() - stopped)
+        handovers.append(time.monotonic() - gone)
         assert taken.state in ("running", "succeeded") and taken.attempts == 1, taken.state
     final = wait_run(client, admin, run["id"], timeout=180)
-    print(f"\nSIGTERM x3 during meta-training: running again {max(handovers):.1f} s at most after "
-          "each SIGTERM (warm shutdown included)")  # fmt: skip
+    print("\nSIGTERM x3 during meta-training: warm shutdowns "
+          + ", ".join(f"{e:.1f}" for e in exits) + " s; running again "
+          + ", ".join(f"{h:.1f}" for h in handovers) + " s after each worker exited")  # fmt: skip
+    # The first SIGTERM finds the other worker up (later ones may wait for a restart to boot):
+    # the run is re-sent and resumed within a lease and a reaper period of the hand-back.
+    lease = stack.settings.train_lease_seconds
+    assert handovers[0] < lease + reaper_interval(runtime_of(client)) + 2, handovers
     assert final["state"] == "succeeded", final
     assert final["attempts"] == 1 and final["progress"]["iteration"] == ITERATIONS
     assert len(final["progress"]["resumes"]) == 3
