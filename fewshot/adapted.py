@@ -190,8 +190,6 @@ class AdaptedModel:
         expected[HEAD_WEIGHT] = (len(labels), config.feature_dim)
         expected[HEAD_BIAS] = (len(labels),)
         prototypes = tensors.pop(HEAD_PROTOTYPES, None)
-        if prototypes is not None and tuple(prototypes.shape) != expected[HEAD_WEIGHT]:
-            raise CheckpointError(f"{path}: prototypes do not match {len(labels)} labels")
         try:
             counts = json.loads(meta["class_counts"]) if "class_counts" in meta else None
             unknown = (
@@ -207,6 +205,8 @@ class AdaptedModel:
             raise CheckpointError(
                 f"{path}: tensor names or shapes do not match its config and {len(labels)} labels"
             )
+        if prototypes is not None and tuple(prototypes.shape) != expected[HEAD_WEIGHT]:
+            raise CheckpointError(f"{path}: prototypes do not match {len(labels)} labels")
         return cls(
             config=config,
             params=tensors,
