@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -125,3 +127,41 @@ def test_waiting_requests_hold_no_thread(tmp_path: Path, tiny_init_dir: Path) ->
             thread.join()
         assert statuses == [202] * 6
         assert elapsed < 1.0, elapsed
+
+
+def test_a_stalled_body_is_answered_408_and_the_app_stops_reading() -> None:
+    from app.middleware import BodyLimitMiddleware
+
+    reads: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            reads.append(len(message.get("body", b"")))
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"read it all"})
+
+    chunks = [{"type": "http.request", "body": b"x" * 10, "more_body": True}]
+
+    async def receive() -> dict[str, Any]:
+        if chunks:
+            return chunks.pop()
+        await asyncio.sleep(3600)  # the client sends nothing more
+        raise AssertionError("unreachable")
+
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    middleware = BodyLimitMiddleware(app, max_bytes=1000, read_timeout=0.2)
+    scope = {"type": "http", "method": "POST", "path": "/v1/tasks", "headers": []}
+    started = time.perf_counter()
+    asyncio.run(middleware(scope, receive, send))
+    assert time.perf_counter() - started < 2
+    assert reads == [10]
+    assert sent[0]["status"] == 408
+    assert (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["code"] == "body_timeout"
