@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from anyio import to_thread
 from fastapi import FastAPI
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from app.adaptations import views as adaptations_views
@@ -110,10 +113,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _document_raw_bodies(app: FastAPI) -> None:
-    """Add the JSON bodies that routes read themselves (no parameter names them) to the schema
-    components, where the routes' request bodies refer to them."""
+    """Add the JSON bodies that routes read themselves (no parameter names them) and the Problem
+    schema to the components, and drop FastAPI's own 422 entries (errors are problem+json)."""
     from pydantic.json_schema import models_json_schema
 
+    from app.core.schemas import Problem
     from app.predictions.schemas import QueriesJson
     from app.tasks.schemas import SupportSetJson
 
@@ -123,13 +127,53 @@ def _document_raw_bodies(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = generate()
             _, defs = models_json_schema(
-                [(SupportSetJson, "validation"), (QueriesJson, "validation")],
+                [
+                    (SupportSetJson, "validation"),
+                    (QueriesJson, "validation"),
+                    (Problem, "validation"),
+                ],
                 ref_template="#/components/schemas/{model}",
             )
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(
-                defs.get("$defs", {})
-            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(defs.get("$defs", {}))
+            _drop_framework_422(schema)
+            _restore_example_nulls(components)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _drop_framework_422(schema: dict[str, Any]) -> None:
+    """Remove the 422 FastAPI documents by itself (HTTPValidationError as application/json): a
+    route's 422, when it has one, is declared with the others as problem+json."""
+    framework = "#/components/schemas/HTTPValidationError"
+    for item in schema.get("paths", {}).values():
+        for operation in item.values():
+            responses = operation.get("responses", {}) if isinstance(operation, dict) else {}
+            media = responses.get("422", {}).get("content", {}).get("application/json", {})
+            if media.get("schema", {}).get("$ref") == framework:
+                del responses["422"]
+    components = schema.get("components", {}).get("schemas", {})
+    if framework not in json.dumps(schema.get("paths", {})):
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+
+
+def _app_models(base: type[BaseModel] = BaseModel) -> Iterator[type[BaseModel]]:
+    for model in base.__subclasses__():
+        if model.__module__.startswith("app."):
+            yield model
+        yield from _app_models(model)
+
+
+def _restore_example_nulls(components: dict[str, Any]) -> None:
+    """Put the models' examples back as written: FastAPI drops every null from the document, so
+    an example with `"error": null` would no longer match its own schema."""
+    for model in _app_models():
+        extra = model.model_config.get("json_schema_extra")
+        if not isinstance(extra, dict) or "examples" not in extra:
+            continue
+        for name in (model.__name__, f"{model.__name__}-Input", f"{model.__name__}-Output"):
+            if name in components:
+                components[name]["examples"] = copy.deepcopy(extra["examples"])

@@ -23,6 +23,7 @@ from schemathesis.checks import (  # noqa: E402
     content_type_conformance,
     not_a_server_error,
     response_schema_conformance,
+    status_code_conformance,
 )
 
 from app.keys import service as keys  # noqa: E402
@@ -32,7 +33,14 @@ from tests.helpers import create_ready_task, make_settings, runtime_of  # noqa: 
 from tests.test_tenancy_routes import MATRIX  # noqa: E402
 
 EXAMPLES = int(os.environ.get("MAML_SERVE_SCHEMATHESIS_EXAMPLES", "4"))
-CHECKS = [not_a_server_error, content_type_conformance, response_schema_conformance]
+# Every status answered is one the operation documents (and no other is documented needlessly:
+# tests/test_openapi_docs.py).
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
 
 
 @pytest.fixture(scope="module")

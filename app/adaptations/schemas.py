@@ -4,23 +4,43 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from app.core.schemas import CleanText
+from app.core.schemas import (
+    ADAPTED_MODEL_ID,
+    DOCUMENTED_MAX_STEPS,
+    JOB_ID,
+    WHEN,
+    CleanText,
+)
 
 
 class AdaptationCreate(BaseModel):
     """Re-adapt a task (keeps its earlier adapted models)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"initialization_version": "omniglot-conv4-v2", "mode": "full", "steps": 10}
+            ]
+        },
+    )
 
     initialization_version: CleanText | None = Field(
         default=None, description="Defaults to the active version."
     )
     mode: Literal["full", "head"] | None = None
-    steps: int | None = Field(default=None, ge=0)
+    steps: (
+        Annotated[
+            int,
+            Field(ge=0),
+            WithJsonSchema({"type": "integer", "minimum": 0, "maximum": DOCUMENTED_MAX_STEPS}),
+        ]
+        | None
+    ) = None
 
 
 class AdaptedModelRecord(BaseModel):
@@ -39,5 +59,25 @@ class AdaptedModelRecord(BaseModel):
 
 class AdaptedModelList(BaseModel):
     """A task's adapted models, newest (the current one) first."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {
+                            "id": ADAPTED_MODEL_ID,
+                            "job_id": JOB_ID,
+                            "initialization_version": "omniglot-conv4-v2",
+                            "mode": "full",
+                            "steps": 10,
+                            "support_accuracy": 1.0,
+                            "created_at": WHEN,
+                        }
+                    ]
+                }
+            ]
+        }
+    )
 
     items: list[AdaptedModelRecord]

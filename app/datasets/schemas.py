@@ -8,13 +8,24 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.core.schemas import CleanText
+from app.core.schemas import DATASET_ID, WHEN, CleanText
+
+_DATASET: dict[str, Any] = {
+    "id": DATASET_ID,
+    "name": "omniglot-background",
+    "class_count": 964,
+    "image_count": 19280,
+    "size_bytes": 9464212,
+    "sha256": "e4a7b2c9d1f3e5a7b9c1d3e5f7a9b1c3d5e7f9a1b3c5d7e9f1a3b5c7d9e1f3a5",
+    "details": {"layout": "grouped", "groups": 30, "images_per_class": 20, "source": "omniglot"},
+    "created_at": WHEN,
+}
 
 
 class DatasetPublic(BaseModel):
     """A registered meta-training dataset."""
 
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [_DATASET]})
 
     id: uuid.UUID
     name: str
@@ -29,12 +40,16 @@ class DatasetPublic(BaseModel):
 class DatasetList(BaseModel):
     """The tenant's datasets, newest first."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [_DATASET]}]})
+
     items: list[DatasetPublic]
 
 
 class OmniglotIn(BaseModel):
     """Register the server's configured Omniglot background zip under a name."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"name": "omniglot-background"}]}
+    )
 
     name: CleanText = Field(default="omniglot-background", min_length=1, max_length=200)

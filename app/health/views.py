@@ -8,7 +8,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import func, select, text
 
@@ -27,7 +27,10 @@ router = APIRouter(tags=["health"])
 log = logging.getLogger(__name__)
 
 
-@router.get("/healthz")
+@router.get(
+    "/healthz",
+    responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
+)
 def healthz() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
@@ -65,7 +68,26 @@ def _unserved(dispatcher: Dispatcher, queued: dict[str, int]) -> list[str]:
     return unserved
 
 
-@router.get("/readyz", response_model=None, responses=problem_responses(503))
+_READY = {
+    "status": "ready",
+    "checks": {
+        "database": True,
+        "broker": True,
+        "initialization": "omniglot-conv4-v2",
+        "workers": True,
+        "queues_without_workers": [],
+    },
+}
+
+
+@router.get(
+    "/readyz",
+    response_model=None,
+    responses={
+        200: {"description": "Ready.", "content": {"application/json": {"example": _READY}}},
+        **problem_responses(503, codes={503: ("not_ready", "not ready: broker unavailable")}),
+    },
+)
 def readyz(runtime: RuntimeDep, dispatcher: DispatcherDep) -> JSONResponse:
     """DB and broker reachable, an initialization loaded, every queue with work consumed; else 503.
 
@@ -103,8 +125,21 @@ def readyz(runtime: RuntimeDep, dispatcher: DispatcherDep) -> JSONResponse:
 
 @router.get(
     "/metrics",
-    response_class=PlainTextResponse,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text."}},
+    # The text is made here: no other media type is documented than the one it is sent as.
+    response_class=Response,
+    responses={
+        200: {
+            "content": {
+                CONTENT_TYPE_LATEST: {
+                    "schema": {"type": "string"},
+                    "example": "# HELP maml_serve_http_requests_total HTTP requests by route and status.\n"
+                    "# TYPE maml_serve_http_requests_total counter\n"
+                    'maml_serve_http_requests_total{method="GET",route="/v1/tasks",status="200"} 42.0\n',
+                }
+            },
+            "description": "Prometheus text.",
+        }
+    },
 )
 def metrics(runtime: RuntimeDep, dispatcher: DispatcherDep) -> Response:
     """Prometheus exposition of request, job, compute and cache metrics, summed over processes."""

@@ -7,9 +7,35 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.core.schemas import KEY_ID, WHEN
+
+_VERSION: dict[str, Any] = {
+    "version": "omniglot-conv4-v2",
+    "status": "ready",
+    "source": "shipped",
+    "scope": "global",
+    "is_active": True,
+    "is_global_default": True,
+    "is_tenant_default": False,
+    "config": {"in_channels": 1, "image_size": 28, "width": 64, "inner_steps": 10},
+    "metrics": {"val_5w1s": 0.962, "val_20w1s": 0.874},
+    "sha256": "b5d7f9a1c3e5a7b9d1f3a5c7e9b1d3f5a7c9e1b3d5f7a9c1e3b5d7f9a1c3e5a7",
+    "parent_version": "omniglot-conv4-v1",
+    "promoted_at": WHEN,
+    "created_at": "2026-11-28T09:30:00Z",
+}
+
 
 class PromotionResult(BaseModel):
     """Which version is active now, and which one was before."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"active_version": "omniglot-conv4-v2", "previous_version": "omniglot-conv4-v1"}
+            ]
+        }
+    )
 
     active_version: str
     previous_version: str | None
@@ -40,13 +66,33 @@ class PromotionRecord(BaseModel):
 class PromotionList(BaseModel):
     """Changes of the active version, newest first."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {
+                            "action": "promote",
+                            "version": "omniglot-conv4-v2",
+                            "previous_version": "omniglot-conv4-v1",
+                            "actor": f"key:{KEY_ID}",
+                            "scope": "tenant",
+                            "tenant": None,
+                            "created_at": WHEN,
+                        }
+                    ]
+                }
+            ]
+        }
+    )
+
     items: list[PromotionRecord]
 
 
 class InitializationPublic(BaseModel):
     """A meta-learned initialization version."""
 
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [_VERSION]})
 
     version: str
     status: str
@@ -69,6 +115,18 @@ class InitializationPublic(BaseModel):
 
 class InitializationList(BaseModel):
     """Every initialization version and which one is active."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [_VERSION],
+                    "active_version": "omniglot-conv4-v2",
+                    "global_version": "omniglot-conv4-v2",
+                }
+            ]
+        }
+    )
 
     items: list[InitializationPublic]
     active_version: str | None = Field(description="The version your new tasks adapt from.")

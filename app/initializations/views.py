@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 
 from app.core.errors import Forbidden
-from app.core.schemas import problem_responses
+from app.core.schemas import ADMIN, KEYED, problem_responses
 from app.deps import AdminDep, Caller, SessionDep, TenantDep
 from app.initializations import audit, promotion, public
 from app.initializations.schemas import (
@@ -27,7 +27,38 @@ router = APIRouter(prefix="/v1/initializations", tags=["initializations"])
 
 
 admin_router = APIRouter(prefix="/v1/admin", tags=["admin"])
-_PROBLEMS = problem_responses(401, 403, 404, 409, 413, 422, 503)
+_CHANGE_CODES = {
+    409: (
+        "initialization_not_ready",
+        "initialization 'omniglot-conv4-v3' is failed, not ready",
+    )
+}
+_PROMOTE_PROBLEMS = problem_responses(*ADMIN, 404, 409, 422, codes=_CHANGE_CODES)
+_ROLLBACK_PROBLEMS = problem_responses(
+    *ADMIN,
+    409,
+    422,
+    codes={
+        409: (
+            "no_previous_version",
+            "omniglot-conv4-v1 is the first version ever promoted; there is nothing to roll "
+            "back to",
+        )
+    },
+)
+_ROLLBACK_VERSION_PROBLEMS = problem_responses(
+    *ADMIN,
+    404,
+    409,
+    422,
+    codes={
+        409: (
+            "not_active",
+            "omniglot-conv4-v1 is not the active version (omniglot-conv4-v2 is); only the active "
+            "version can be rolled back",
+        )
+    },
+)
 
 Scope = Annotated[
     Literal["tenant", "global"],
@@ -48,7 +79,7 @@ def _check_scope(caller: Caller, scope: str) -> None:
         )
 
 
-@router.get("", response_model=InitializationList, responses=problem_responses(401))
+@router.get("", response_model=InitializationList, responses=problem_responses(*KEYED))
 def list_initializations(caller: TenantDep, session: SessionDep) -> InitializationList:
     """The global versions and your tenant's own, newest first, with the one in force for you."""
     return public.initialization_list(session=session, tenant_id=caller.tenant_id)
@@ -57,7 +88,7 @@ def list_initializations(caller: TenantDep, session: SessionDep) -> Initializati
 @router.get(
     "/{version}",
     response_model=InitializationPublic,
-    responses=problem_responses(401, 404),
+    responses=problem_responses(*KEYED, 404),
 )
 def get_initialization(
     caller: TenantDep, session: SessionDep, version: str
@@ -67,7 +98,9 @@ def get_initialization(
 
 
 @admin_router.post(
-    "/initializations/{version}/promote", response_model=PromotionResult, responses=_PROBLEMS
+    "/initializations/{version}/promote",
+    response_model=PromotionResult,
+    responses=_PROMOTE_PROBLEMS,
 )
 def promote(
     caller: AdminDep, session: SessionDep, version: str, scope: Scope = "tenant"
@@ -85,7 +118,9 @@ def promote(
     return PromotionResult(active_version=row.version, previous_version=previous)
 
 
-@admin_router.post("/initializations/rollback", response_model=PromotionResult, responses=_PROBLEMS)
+@admin_router.post(
+    "/initializations/rollback", response_model=PromotionResult, responses=_ROLLBACK_PROBLEMS
+)
 def rollback(caller: AdminDep, session: SessionDep, scope: Scope = "tenant") -> PromotionResult:
     """Return to the version that was in force before the current one."""
     _check_scope(caller, scope)
@@ -101,7 +136,9 @@ def rollback(caller: AdminDep, session: SessionDep, scope: Scope = "tenant") -> 
 
 
 @admin_router.post(
-    "/initializations/{version}/rollback", response_model=PromotionResult, responses=_PROBLEMS
+    "/initializations/{version}/rollback",
+    response_model=PromotionResult,
+    responses=_ROLLBACK_VERSION_PROBLEMS,
 )
 def rollback_version(
     caller: AdminDep, session: SessionDep, version: str, scope: Scope = "tenant"
@@ -119,7 +156,9 @@ def rollback_version(
     return PromotionResult(active_version=row.version, previous_version=previous)
 
 
-@admin_router.get("/promotions", response_model=PromotionList, responses=_PROBLEMS)
+@admin_router.get(
+    "/promotions", response_model=PromotionList, responses=problem_responses(*ADMIN, 422)
+)
 def list_promotions(
     caller: AdminDep,
     session: SessionDep,

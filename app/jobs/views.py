@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.core.schemas import problem_responses
+from app.core.schemas import KEYED, problem_responses
 from app.deps import Caller, DispatcherDep, RuntimeDep, SessionDep, TenantDep
 from app.jobs import service as jobs
 from app.jobs.schemas import JobPublic
@@ -28,7 +28,7 @@ def _read(session: Session, caller: Caller, job_id: uuid.UUID) -> JobPublic:
 @router.get(
     "/{job_id}",
     response_model=JobPublic,
-    responses=problem_responses(401, 404),
+    responses=problem_responses(*KEYED, 404, 422),
 )
 async def get_job(
     caller: TenantDep,

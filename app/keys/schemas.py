@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from app.core.schemas import CleanText
+from app.core.schemas import KEY_ID, WHEN, CleanText
 from app.models import ApiKey, utcnow
+
+_KEY: dict[str, Any] = {
+    "id": KEY_ID,
+    "prefix": "msk_4kq2Xw",
+    "name": "labelling-app",
+    "scopes": ["user"],
+    "state": "active",
+    "created_at": WHEN,
+    "last_used_at": None,
+    "expires_at": "2027-05-31T00:00:00Z",
+    "revoked_at": None,
+}
 
 
 class KeyPublic(BaseModel):
     """An API key as its tenant's admins see it: the shown prefix, never the key or its hash."""
 
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [_KEY]})
 
     id: uuid.UUID
     prefix: str = Field(description="The key's first characters, to tell keys apart.")
@@ -31,11 +43,19 @@ class KeyPublic(BaseModel):
 class KeyCreated(KeyPublic):
     """A new key; `key` is shown only in this response."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{**_KEY, "key": "msk_4kq2Xw9vB7cT1nLp0sRzY3eHfJ6uGdKa8mQo5iVbN2cE0d"}]
+        }
+    )
+
     key: str = Field(description="The API key itself; store it now, it is not shown again.")
 
 
 class KeyList(BaseModel):
     """Your tenant's keys, newest first."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [_KEY]}]})
 
     items: list[KeyPublic]
 
@@ -43,7 +63,14 @@ class KeyList(BaseModel):
 class KeyCreate(BaseModel):
     """A new key for your tenant."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"name": "labelling-app", "admin": False, "expires_at": "2027-05-31T00:00:00Z"}
+            ]
+        },
+    )
 
     name: CleanText | None = Field(default=None, min_length=1, max_length=100)
     admin: bool = Field(default=False, description="Add the admin scope.")
@@ -55,7 +82,9 @@ class KeyCreate(BaseModel):
 class KeyRotate(BaseModel):
     """How long the replaced key keeps working."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"grace_seconds": 3600}]}
+    )
 
     grace_seconds: int = Field(
         default=0,

@@ -9,14 +9,23 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Response, status
 
 from app.core.errors import Forbidden
-from app.core.schemas import problem_responses
+from app.core.schemas import ADMIN, BODY, problem_responses
 from app.deps import AdminDep, Caller, SessionDep, SettingsDep
 from app.keys import service as keys
 from app.keys.schemas import KeyCreate, KeyCreated, KeyList, KeyPublic, KeyRotate, key_public
 from app.models import ApiKey, Tenant
 
 router = APIRouter(prefix="/v1/admin/keys", tags=["admin"])
-_PROBLEMS = problem_responses(401, 403, 404, 409, 422)
+_LIST_PROBLEMS = problem_responses(*ADMIN)
+_CREATE_PROBLEMS = problem_responses(*ADMIN, *BODY)
+_ONE_PROBLEMS = problem_responses(*ADMIN, 404)
+_ROTATE_PROBLEMS = problem_responses(
+    *ADMIN,
+    *BODY,
+    404,
+    409,
+    codes={409: ("key_not_live", "the key is revoked or expired; create a new key instead")},
+)
 
 
 def _created(row: ApiKey, key: str) -> KeyCreated:
@@ -35,7 +44,7 @@ def _own_key(caller: Caller, session: SessionDep, key_id: uuid.UUID) -> ApiKey:
     return row
 
 
-@router.get("", response_model=KeyList, responses=_PROBLEMS)
+@router.get("", response_model=KeyList, responses=_LIST_PROBLEMS)
 def list_keys(caller: AdminDep, session: SessionDep) -> KeyList:
     """Your tenant's keys (revoked and expired ones too), newest first."""
     rows = keys.list_keys(session=session, tenant_id=caller.tenant_id)
@@ -43,7 +52,7 @@ def list_keys(caller: AdminDep, session: SessionDep) -> KeyList:
 
 
 @router.post(
-    "", status_code=status.HTTP_201_CREATED, response_model=KeyCreated, responses=_PROBLEMS
+    "", status_code=status.HTTP_201_CREATED, response_model=KeyCreated, responses=_CREATE_PROBLEMS
 )
 def create_key(
     caller: AdminDep,
@@ -68,14 +77,14 @@ def create_key(
     return _created(row, key)
 
 
-@router.post("/{key_id}/revoke", response_model=KeyPublic, responses=_PROBLEMS)
+@router.post("/{key_id}/revoke", response_model=KeyPublic, responses=_ONE_PROBLEMS)
 def revoke_key(caller: AdminDep, session: SessionDep, key_id: uuid.UUID) -> KeyPublic:
     """Revoke a key of your tenant at once (your own too); revoking twice changes nothing."""
     row = _own_key(caller, session, key_id)
     return key_public(keys.revoke_key(session=session, row=row))
 
 
-@router.delete("/{key_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_PROBLEMS)
+@router.delete("/{key_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ONE_PROBLEMS)
 def delete_key(caller: AdminDep, session: SessionDep, key_id: uuid.UUID) -> None:
     """Revoke a key of your tenant at once (kept in the list as revoked)."""
     keys.revoke_key(session=session, row=_own_key(caller, session, key_id))
@@ -85,7 +94,7 @@ def delete_key(caller: AdminDep, session: SessionDep, key_id: uuid.UUID) -> None
     "/{key_id}/rotate",
     status_code=status.HTTP_201_CREATED,
     response_model=KeyCreated,
-    responses=_PROBLEMS,
+    responses=_ROTATE_PROBLEMS,
 )
 def rotate_key(
     caller: AdminDep,
@@ -93,7 +102,18 @@ def rotate_key(
     settings: SettingsDep,
     response: Response,
     key_id: uuid.UUID,
-    body: Annotated[KeyRotate | None, Body()] = None,
+    body: Annotated[
+        KeyRotate | None,
+        Body(
+            openapi_examples={
+                "now": {"summary": "Revoke the old key at once", "value": {"grace_seconds": 0}},
+                "grace": {
+                    "summary": "Keep the old key working for an hour",
+                    "value": {"grace_seconds": 3600},
+                },
+            }
+        ),
+    ] = None,
 ) -> KeyCreated:
     """A new key in place of this one (same scopes and name); the old one ends now or later."""
     row = _own_key(caller, session, key_id)

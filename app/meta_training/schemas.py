@@ -8,7 +8,49 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.core.schemas import CleanText, ErrorInfo
+from app.core.schemas import DATASET_ID, JOB_ID, CleanText, ErrorInfo
+
+_RUN: dict[str, Any] = {
+    "id": JOB_ID,
+    "state": "running",
+    "dataset_id": DATASET_ID,
+    "dataset_name": "omniglot-background",
+    "start": "scratch",
+    "settings": {"algorithm": {"iterations": 10000, "meta_batch": 16}, "log_every": 25},
+    "progress": {
+        "stage": "training",
+        "fraction": 0.25,
+        "iteration": 2500,
+        "total": 10000,
+        "elapsed_seconds": 912.4,
+        "eta_seconds": 2737.2,
+        "checkpoint_iteration": 2400,
+        "resumes": [],
+    },
+    "curve": [
+        {"iteration": 25, "loss": 1.52, "train_accuracy": 0.41, "elapsed_s": 9.1},
+        {
+            "iteration": 2500,
+            "loss": 0.38,
+            "train_accuracy": 0.88,
+            "elapsed_s": 912.4,
+            "val_5w1s": 0.93,
+            "val_20w1s": 0.81,
+        },
+    ],
+    "attempts": 1,
+    "error": None,
+    "result": None,
+    "cancel_requested_at": None,
+    "created_at": "2026-11-29T20:53:50Z",
+    "started_at": "2026-11-29T20:53:51Z",
+    "finished_at": None,
+    "links": {
+        "self": f"/v1/admin/meta-trainings/{JOB_ID}",
+        "curve": f"/v1/admin/meta-trainings/{JOB_ID}/curve.png",
+        "cancel": f"/v1/admin/meta-trainings/{JOB_ID}/cancel",
+    },
+}
 
 
 class AlgorithmIn(BaseModel):
@@ -64,7 +106,20 @@ class ModelIn(BaseModel):
 class MetaTrainingCreate(BaseModel):
     """Start a meta-training run on a dataset."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "dataset_id": DATASET_ID,
+                    "start": "scratch",
+                    "algorithm": {"iterations": 10000, "meta_batch": 16, "ways": [5, 20]},
+                    "validate_every": 500,
+                    "auto_promote": False,
+                }
+            ]
+        },
+    )
 
     dataset_id: uuid.UUID
     start: CleanText = Field(
@@ -104,6 +159,8 @@ class TrainingProgress(BaseModel):
 class MetaTrainingPublic(BaseModel):
     """A meta-training run: its state, progress, curve so far and result."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [_RUN]})
+
     id: uuid.UUID
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     dataset_id: uuid.UUID | None = Field(description="Null once the dataset is deleted.")
@@ -126,5 +183,7 @@ class MetaTrainingPublic(BaseModel):
 
 class MetaTrainingList(BaseModel):
     """Meta-training runs, newest first."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [_RUN]}]})
 
     items: list[MetaTrainingPublic]

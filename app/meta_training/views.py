@@ -6,14 +6,31 @@ import uuid
 
 from fastapi import APIRouter, Response, status
 
-from app.core.schemas import problem_responses
+from app.core.schemas import ADMIN, BODY, problem_responses
 from app.deps import AdminDep, DispatcherDep, RuntimeDep, SessionDep
 from app.meta_training import service as meta_training
 from app.meta_training.schemas import MetaTrainingCreate, MetaTrainingList, MetaTrainingPublic
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
-_PROBLEMS = problem_responses(401, 403, 404, 409, 413, 422, 503)
+_START_PROBLEMS = problem_responses(
+    *ADMIN,
+    *BODY,
+    404,
+    409,
+    codes={
+        409: (
+            "initialization_not_ready",
+            "initialization 'omniglot-conv4-v3' is failed, not ready",
+        ),
+        503: ("broker_unavailable", "the job queue is not reachable right now; try again shortly"),
+    },
+)
+_LIST_PROBLEMS = problem_responses(*ADMIN)
+_ONE_PROBLEMS = problem_responses(*ADMIN, 404)
+_CANCEL_PROBLEMS = problem_responses(
+    *ADMIN, 404, 409, codes={409: ("job_finished", "the run is already succeeded")}
+)
 
 
 # --- datasets ---------------------------------------------------------------------------------
@@ -26,7 +43,7 @@ _PROBLEMS = problem_responses(401, 403, 404, 409, 413, 422, 503)
     "/meta-trainings",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=MetaTrainingPublic,
-    responses=_PROBLEMS,
+    responses=_START_PROBLEMS,
 )
 def start_meta_training(
     caller: AdminDep,
@@ -48,14 +65,14 @@ def start_meta_training(
     return meta_training.meta_training_public(job)
 
 
-@router.get("/meta-trainings", response_model=MetaTrainingList, responses=_PROBLEMS)
+@router.get("/meta-trainings", response_model=MetaTrainingList, responses=_LIST_PROBLEMS)
 def list_meta_trainings(caller: AdminDep, session: SessionDep) -> MetaTrainingList:
     """The latest 100 runs, newest first."""
     jobs = meta_training.list_meta_trainings(session=session, tenant_id=caller.tenant_id)
     return MetaTrainingList(items=[meta_training.meta_training_public(j) for j in jobs])
 
 
-@router.get("/meta-trainings/{job_id}", response_model=MetaTrainingPublic, responses=_PROBLEMS)
+@router.get("/meta-trainings/{job_id}", response_model=MetaTrainingPublic, responses=_ONE_PROBLEMS)
 def get_meta_training(
     caller: AdminDep, session: SessionDep, job_id: uuid.UUID
 ) -> MetaTrainingPublic:
@@ -69,7 +86,13 @@ def get_meta_training(
 @router.get(
     "/meta-trainings/{job_id}/curve.png",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}}, **_PROBLEMS},
+    responses={
+        200: {
+            "description": "A PNG; before the first point it says 'no points yet'.",
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **_ONE_PROBLEMS,
+    },
 )
 def get_curve(caller: AdminDep, session: SessionDep, job_id: uuid.UUID) -> Response:
     """The curve so far: meta-train loss and validation accuracy against iteration."""
@@ -83,7 +106,7 @@ def get_curve(caller: AdminDep, session: SessionDep, job_id: uuid.UUID) -> Respo
     "/meta-trainings/{job_id}/cancel",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=MetaTrainingPublic,
-    responses=_PROBLEMS,
+    responses=_CANCEL_PROBLEMS,
 )
 def cancel_meta_training(
     caller: AdminDep, session: SessionDep, job_id: uuid.UUID

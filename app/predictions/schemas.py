@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema
+
+from app.core.schemas import ADAPTED_MODEL_ID, PNG_BASE64, TASK_ID, WHEN
+
+REQUEST_ID = "e4a6c8e0-2b4d-4f6a-8c0e-4b6d8f0a2c4e"
+_PREDICTION: dict[str, Any] = {
+    "id": "f1b3d5f7-9a1c-4e3a-8c5e-7a9c1e3b5d7f",
+    "label": "beta",
+    "probabilities": {"alpha": 0.07, "beta": 0.91, "gamma": 0.02},
+    "top_k": [{"label": "beta", "probability": 0.91}, {"label": "alpha", "probability": 0.07}],
+    "image_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+}
 
 
 class LabelProbability(BaseModel):
@@ -29,6 +41,19 @@ class PredictionPublic(BaseModel):
 
 class PredictionResult(BaseModel):
     """Predictions for the images of one request, in the order they were sent."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "task_id": TASK_ID,
+                    "adapted_model_id": ADAPTED_MODEL_ID,
+                    "request_id": REQUEST_ID,
+                    "predictions": [_PREDICTION],
+                }
+            ]
+        }
+    )
 
     task_id: uuid.UUID
     adapted_model_id: uuid.UUID
@@ -54,6 +79,28 @@ class PredictionRecord(BaseModel):
 class PredictionPage(BaseModel):
     """One page of recorded predictions, newest first."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {
+                            "id": _PREDICTION["id"],
+                            "request_id": REQUEST_ID,
+                            "position": 0,
+                            "adapted_model_id": ADAPTED_MODEL_ID,
+                            "image_sha256": _PREDICTION["image_sha256"],
+                            "label": "beta",
+                            "probabilities": _PREDICTION["probabilities"],
+                            "created_at": WHEN,
+                        }
+                    ],
+                    "next_cursor": None,
+                }
+            ]
+        }
+    )
+
     items: list[PredictionRecord]
     next_cursor: str | None
 
@@ -61,7 +108,12 @@ class PredictionPage(BaseModel):
 class QueriesJson(BaseModel):
     """Query images sent as JSON instead of multipart."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"images": [PNG_BASE64], "top_k": 2}]},
+    )
 
     images: list[str] = Field(description="Base64-encoded PNG or JPEG bytes, one per query image.")
-    top_k: StrictInt | None = None
+    top_k: Annotated[StrictInt, WithJsonSchema({"type": "integer", "minimum": 1})] | None = Field(
+        default=None, description="Also list the k most probable labels of each image."
+    )

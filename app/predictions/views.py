@@ -7,7 +7,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from app.core.schemas import FILES, multipart_body, problem_responses
+from app.core.schemas import (
+    BODY,
+    DOCUMENTED_MAX_PAGE,
+    FILES,
+    KEYED,
+    PNG_BASE64,
+    multipart_body,
+    problem_responses,
+)
 from app.deps import OwnedTaskDep, RuntimeDep, SessionDep, TenantDep
 from app.predictions import service as predicting
 from app.predictions.schemas import (
@@ -21,10 +29,37 @@ from app.tasks import service as tasks
 from app.tasks.bodies import QueriesIn, read_queries
 
 router = APIRouter(prefix="/v1/tasks", tags=["predictions"])
-_PROBLEMS = problem_responses(401, 404, 409, 413, 415, 422)
-_QUERY_BODY = multipart_body(
-    {"images": FILES, "top_k": {"type": "integer", "minimum": 1}}, ["images"]
+_PREDICT_PROBLEMS = problem_responses(
+    *KEYED,
+    *BODY,
+    404,
+    409,
+    415,
+    codes={
+        409: ("not_adapted_yet", "the task is still adapting; retry after Retry-After seconds"),
+        503: (
+            "artifact_corrupt",
+            "the initialization this task was adapted from failed its integrity check; "
+            "try again later",
+        ),
+    },
 )
+_LIST_PROBLEMS = problem_responses(*KEYED, 404, 422)
+_TOP_K = {
+    "type": "integer",
+    "minimum": 1,
+    "description": "Also list the k most probable labels of each image.",
+}
+_QUERY_BODY = {
+    **multipart_body(
+        {"images": FILES, "top_k": _TOP_K},
+        ["images"],
+        example={"images": ["query-1.png", "query-2.png"], "top_k": 2},
+        json_example={"images": [PNG_BASE64], "top_k": 2},
+    ),
+    # Read by the route itself, like the body (it wins over a top_k in the body).
+    "parameters": [{"name": "top_k", "in": "query", "required": False, "schema": _TOP_K}],
+}
 
 
 async def _queries_of_task(request: Request, _task: OwnedTaskDep) -> QueriesIn:
@@ -35,7 +70,7 @@ async def _queries_of_task(request: Request, _task: OwnedTaskDep) -> QueriesIn:
 @router.post(
     "/{task_id}/predictions",
     response_model=PredictionResult,
-    responses=_PROBLEMS,
+    responses=_PREDICT_PROBLEMS,
     openapi_extra=_QUERY_BODY,
 )
 def create_predictions(
@@ -65,13 +100,20 @@ def create_predictions(
     )
 
 
-@router.get("/{task_id}/predictions", response_model=PredictionPage, responses=_PROBLEMS)
+@router.get("/{task_id}/predictions", response_model=PredictionPage, responses=_LIST_PROBLEMS)
 def list_predictions(
     caller: TenantDep,
     session: SessionDep,
     runtime: RuntimeDep,
     task_id: uuid.UUID,
-    limit: Annotated[int | None, Query(ge=1)] = None,
+    limit: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            json_schema_extra={"maximum": DOCUMENTED_MAX_PAGE},
+            description="Page size (default 50; larger than the server's maximum: cut to it).",
+        ),
+    ] = None,
     cursor: str | None = None,
 ) -> PredictionPage:
     """The task's recorded predictions, newest first."""

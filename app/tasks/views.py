@@ -9,7 +9,16 @@ from fastapi import APIRouter, Header, Query, Response, status
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.core.schemas import FILES, multipart_body, problem_responses
+from app.core.schemas import (
+    BODY,
+    DOCUMENTED_MAX_PAGE,
+    DOCUMENTED_MAX_STEPS,
+    FILES,
+    KEYED,
+    PNG_BASE64,
+    multipart_body,
+    problem_responses,
+)
 from app.deps import Caller, DispatcherDep, RuntimeDep, SessionDep, TenantDep
 from app.jobs import service as jobs
 from app.tasks import service as tasks
@@ -19,7 +28,25 @@ from app.tasks.service import task_public
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
-_PROBLEMS = problem_responses(401, 404, 409, 413, 415, 422)
+_CREATE_PROBLEMS = problem_responses(
+    *KEYED,
+    *BODY,
+    404,
+    409,
+    415,
+    codes={
+        409: (
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with a different request; use a new key",
+        ),
+        503: (
+            "adaptation_backlog_full",
+            "the service has as many adaptations waiting as it takes; try again after Retry-After",
+        ),
+    },
+)
+_LIST_PROBLEMS = problem_responses(*KEYED, 422)
+_ONE_PROBLEMS = problem_responses(*KEYED, 404)
 
 
 _SUPPORT_BODY = multipart_body(
@@ -30,11 +57,31 @@ _SUPPORT_BODY = multipart_body(
             "items": {"type": "string"},
             "description": "One per image, same order.",
         },
-        "name": {"type": "string"},
-        "mode": {"type": "string", "enum": ["full", "head"]},
-        "steps": {"type": "integer", "minimum": 0},
+        "name": {"type": "string", "maxLength": 200},
+        "mode": {"type": "string", "enum": ["full", "head"], "default": "full"},
+        "steps": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": DOCUMENTED_MAX_STEPS,
+            "description": "Inner-loop steps; default: the initialization's own.",
+        },
     },
     ["images", "labels"],
+    example={
+        "images": ["alpha-1.png", "alpha-2.png", "beta-1.png", "gamma-1.png"],
+        "labels": ["alpha", "alpha", "beta", "gamma"],
+        "name": "letters",
+        "mode": "full",
+    },
+    json_example={
+        "examples": [
+            {"label": "alpha", "image": PNG_BASE64},
+            {"label": "beta", "image": PNG_BASE64},
+        ],
+        "name": "letters",
+        "mode": "head",
+        "steps": 10,
+    },
 )
 
 
@@ -42,7 +89,10 @@ _SUPPORT_BODY = multipart_body(
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=TaskPublic,
-    responses={201: {"model": TaskPublic, "description": "Adapted within ?wait."}, **_PROBLEMS},
+    responses={
+        201: {"model": TaskPublic, "description": "Adapted within ?wait."},
+        **_CREATE_PROBLEMS,
+    },
     openapi_extra=_SUPPORT_BODY,
 )
 async def create_task(
@@ -108,12 +158,19 @@ def _created(
     return task_public(session, task)
 
 
-@router.get("", response_model=TaskPage, responses=_PROBLEMS)
+@router.get("", response_model=TaskPage, responses=_LIST_PROBLEMS)
 def list_tasks(
     caller: TenantDep,
     session: SessionDep,
     runtime: RuntimeDep,
-    limit: Annotated[int | None, Query(ge=1)] = None,
+    limit: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            json_schema_extra={"maximum": DOCUMENTED_MAX_PAGE},
+            description="Page size (default 50; larger than the server's maximum: cut to it).",
+        ),
+    ] = None,
     cursor: str | None = None,
 ) -> TaskPage:
     """The caller's tasks, newest first; pass `next_cursor` back as `cursor` for the next page."""
@@ -124,7 +181,7 @@ def list_tasks(
     )
 
 
-@router.get("/{task_id}", response_model=TaskPublic, responses=_PROBLEMS)
+@router.get("/{task_id}", response_model=TaskPublic, responses=_ONE_PROBLEMS)
 def get_task(caller: TenantDep, session: SessionDep, task_id: uuid.UUID) -> TaskPublic:
     """One task: status, labels, counts per label, initialization version and adapted model."""
     return task_public(
@@ -132,7 +189,7 @@ def get_task(caller: TenantDep, session: SessionDep, task_id: uuid.UUID) -> Task
     )
 
 
-@router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_PROBLEMS)
+@router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ONE_PROBLEMS)
 def delete_task(
     caller: TenantDep, session: SessionDep, runtime: RuntimeDep, task_id: uuid.UUID
 ) -> Response:
