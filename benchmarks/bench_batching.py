@@ -12,6 +12,8 @@ adapt: the same stack with `--workers` Celery workers (solo pool) started with a
     .venv/bin/python -m benchmarks.bench_batching [--what predict,adapt,scale] [--seconds 15]
 
 scale: predict plus a third API started with two processes (batching on), same database.
+drain: workers (batching off, then on) drain `--line` queued adapt jobs; jobs/s from the jobs
+table (first start to last end), full and head mode.
 """
 
 from __future__ import annotations
@@ -201,6 +203,59 @@ def bench_adapt(args: argparse.Namespace, episodes: Episodes) -> list[dict[str, 
     return rows
 
 
+def bench_drain(args: argparse.Namespace, episodes: Episodes) -> list[dict[str, Any]]:
+    """Jobs/s of workers draining a line of `--line` queued adapt jobs, batching off and on.
+
+    The workers are stopped, the tasks posted (no wait), new workers started; the rate is the
+    line over the span from the first job's start to the last job's end (from the jobs table),
+    so worker start-up is not counted.
+    """
+    from sqlalchemy import create_engine, text
+
+    from benchmarks.stack import start_worker
+
+    rows: list[dict[str, Any]] = []
+    for max_jobs in ("1", "32"):
+        settings = {"MAML_SERVE_ADAPT_BATCH_MAX_JOBS": max_jobs}
+        with running_stack(settings, celery=True, workers=args.workers) as stack:
+            engine = create_engine(stack.env["MAML_SERVE_DATABASE_URL"])
+            headers = {"Authorization": f"Bearer {stack.key}"}
+            for mode in ("full", "head"):
+                for worker in stack.workers:
+                    worker.terminate()
+                    worker.wait(30)
+                with httpx.Client(base_url=stack.url, headers=headers, timeout=60) as client:
+                    ids = []
+                    for _ in range(args.line):
+                        files, data = episodes.support(mode)
+                        response = client.post("/v1/tasks", files=files, data=data)
+                        response.raise_for_status()
+                        ids.append(response.json()["job"]["id"])
+                stack.workers[:] = [start_worker(stack.env, i) for i in range(args.workers)]
+                query = text(
+                    "SELECT count(*) FILTER (WHERE state IN ('succeeded', 'failed')), "
+                    "count(*) FILTER (WHERE state = 'failed'), "
+                    "extract(epoch FROM max(finished_at) - min(started_at)) "
+                    "FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))"
+                )
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline:
+                    with engine.connect() as connection:
+                        ended, failed, span = connection.execute(query, {"ids": ids}).one()
+                    if ended == len(ids):
+                        break
+                    time.sleep(0.5)
+                rows.append(
+                    {
+                        "name": f"{mode}, adapt_batch_max_jobs={max_jobs}",
+                        "rate": len(ids) / float(span),
+                        "failed": failed,
+                    }
+                )
+            engine.dispose()
+    return rows
+
+
 def _summary(name: str, loads: list[Load]) -> dict[str, Any]:
     units = sum(load.units for load in loads)
     seconds = sum(load.seconds for load in loads)
@@ -229,6 +284,7 @@ def main() -> None:
     )
     parser.add_argument("--mode", default="full", help="task mode for the prediction tasks")
     parser.add_argument("--workers", type=int, default=1, help="Celery worker processes (adapt)")
+    parser.add_argument("--line", type=int, default=256, help="queued jobs to drain (drain)")
     args = parser.parse_args()
     episodes = Episodes()
     what = set(args.what.split(","))
@@ -251,6 +307,17 @@ def main() -> None:
             base = next(r["rate"] for r in rows if r["name"] == f"{mode}, adapt_batch_max_jobs=1")
             print(f"| {row['name']} | {row['rate']:.1f} | {row['p50_ms']:.0f} | "
                   f"{row['rate'] / base:.2f}x | {row['errors'] or '-'} |")  # fmt: skip
+    if "drain" in what:
+        rows = bench_drain(args, episodes)
+        print(f"\nWorkers draining {args.line} queued 5-way 1-shot adapt jobs, "
+              f"{args.workers} worker(s):\n")  # fmt: skip
+        print("| mode, setting | jobs/s | vs one at a time | failed |")
+        print("|---|---|---|---|")
+        for row in rows:
+            mode = row["name"].split(",")[0]
+            base = next(r["rate"] for r in rows if r["name"] == f"{mode}, adapt_batch_max_jobs=1")
+            print(f"| {row['name']} | {row['rate']:.1f} | {row['rate'] / base:.2f}x | "
+                  f"{row['failed']} |")  # fmt: skip
     sys.stdout.flush()
 
 

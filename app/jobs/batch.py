@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +31,28 @@ from app.jobs.state import Claim, Outcome
 from app.models import Job
 
 log = logging.getLogger(__name__)
+
+# Jobs this process ended in a batch (succeeded, failed or cancelled there): their own messages
+# arrive afterwards and are skipped without a database round trip. Bounded; a job that is not
+# remembered just takes the usual claim, which finds it ended.
+_ENDED_LIMIT = 65536
+_ended: OrderedDict[uuid.UUID, None] = OrderedDict()
+_ended_lock = threading.Lock()
+
+
+def ended_in_batch(job_id: uuid.UUID) -> bool:
+    """True when a batch of this process ended the job (its message needs no claim)."""
+    with _ended_lock:
+        return job_id in _ended
+
+
+def _remember_ended(job_ids: list[uuid.UUID]) -> None:
+    with _ended_lock:
+        for job_id in job_ids:
+            _ended[job_id] = None
+        while len(_ended) > _ENDED_LIMIT:
+            _ended.popitem(last=False)
+
 
 Held = tuple[Claim, Heartbeat]
 BatchResult = dict[uuid.UUID, Outcome | BaseException]
@@ -139,4 +163,8 @@ def run_batch(
     finally:
         for _, heartbeat in held:
             heartbeat.close()
+    # The first job is this delivery's own; the others' messages are still on their way.
+    _remember_ended(
+        [job_id for job_id, outcome in outcomes.items() if outcome.status in ("done", "failed")]
+    )
     return outcomes[first.job_id]

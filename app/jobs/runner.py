@@ -16,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.core.runtime import Runtime
 from app.jobs import state
-from app.jobs.batch import batching_of, claim_more, run_batch
+from app.jobs.batch import batching_of, claim_more, ended_in_batch, run_batch
 from app.jobs.heartbeat import Heartbeat
 from app.jobs.kinds import handler_of, kind_of
 from app.jobs.state import Claim, Outcome
@@ -69,6 +69,9 @@ Handler = Callable[[Runtime, Claim, Heartbeat], Outcome]
 def run_job(runtime: Runtime, job_id: uuid.UUID) -> Outcome:
     """Deliver one job: claim it, run its handler under a heartbeat, record how it ended."""
     settings = runtime.settings
+    if ended_in_batch(job_id):
+        # A batch of this process already ended this job: nothing to claim.
+        return Outcome("skipped")
     try:
         with runtime.sessions() as session:
             claimed = state.claim(session, job_id, settings)

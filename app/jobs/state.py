@@ -103,6 +103,12 @@ def claim(session: Session, job_id: uuid.UUID, settings: Settings) -> Claim | Ou
     if job is None:
         log.info("job %s no longer exists; nothing to do", job_id)
         return Outcome("skipped")
+    if job.state in TERMINAL_STATES:
+        # No transition leaves an ended job: skip the UPDATE (e.g. the message of a job that a
+        # batch already finished).
+        session.rollback()
+        log.info("job %s is already %s; delivery ignored", job_id, job.state)
+        return Outcome("skipped")
     lease = lease_seconds(settings, job.kind)
     worker = worker_name()
     result = session.execute(
