@@ -25,6 +25,7 @@ import httpx
 import torch
 
 import fewshot
+from fewshot.fast import adapt_fast
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ZIP = os.environ.get(
@@ -79,6 +80,14 @@ def start_server(data_dir: Path, init: Path | None) -> tuple[subprocess.Popen[by
         if not k.startswith("MAML_SERVE_") or k == "MAML_SERVE_TORCH_THREADS"
     }
     env["MAML_SERVE_DATA_DIR"] = str(data_dir)
+    # Per-key rate limits high enough that the client measures the service, not its limiter.
+    env.update(
+        {
+            "MAML_SERVE_KEY_RATE_PER_SECOND": "100000",
+            "MAML_SERVE_KEY_RATE_BURST": "100000",
+            "MAML_SERVE_KEY_MAX_IN_FLIGHT": "1000",
+        }
+    )
     if init is not None:
         env["MAML_SERVE_INITIALIZATION_PATH"] = str(init)
     cli = [sys.executable, "-m", "app.cli"]
@@ -129,8 +138,8 @@ def main() -> None:
         init.save(random_dir)
         init_dir = random_dir
         print(f"no shipped initialization; using a random Conv4 (same cost) at {init_dir}")
-    if os.environ.get("MAML_SERVE_TORCH_THREADS"):
-        torch.set_num_threads(int(os.environ["MAML_SERVE_TORCH_THREADS"]))
+    # The server's serving threads use one intra-op thread unless MAML_SERVE_TORCH_THREADS says.
+    torch.set_num_threads(int(os.environ.get("MAML_SERVE_TORCH_THREADS") or 1))
     init = fewshot.Initialization.load(init_dir)
     archive, characters = load_characters(args.zip)
     rng = random.Random(0)
@@ -184,19 +193,30 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=30)
 
-    # In-process: decode + preprocess + adapt on the same support sets, then the raw forward pass.
+    # In-process: decode + preprocess + adapt (the loop the service runs, fewshot.fast) on the
+    # same support sets, then decode + forward and the raw forward pass on the same queries.
     inproc: list[float] = []
     model = None
     for i, (support, _) in enumerate(episodes):
         started = time.perf_counter()
         x = fewshot.preprocess_images([fewshot.decode_image(d) for d, _ in support], init.config)
-        model = fewshot.adapt(init, x, [label for _, label in support])
+        model = adapt_fast(init, x, [label for _, label in support])
         if i >= 3:
             inproc.append(time.perf_counter() - started)
     assert model is not None
-    xq = fewshot.preprocess_images([fewshot.decode_image(d) for d in episodes[0][1]], init.config)
+
+    def decoded() -> torch.Tensor:
+        return fewshot.preprocess_images(
+            [fewshot.decode_image(d) for d in episodes[0][1]], init.config
+        )
+
+    xq = decoded()
     for _ in range(3):
-        model.predict_proba(xq)
+        model.predict_proba(decoded())
+    started = time.perf_counter()
+    for _ in range(args.repeats):
+        model.predict_proba(decoded())
+    decode_rate = args.batch * args.repeats / (time.perf_counter() - started)
     started = time.perf_counter()
     for _ in range(args.repeats):
         model.predict_proba(xq)
@@ -214,7 +234,9 @@ def main() -> None:
     print(f"  ratio HTTP / in-process       {http50 / in50:7.2f}  {http95 / in95:7.2f}")
     print(f"prediction throughput, batch {args.batch} (images/s)")
     print(f"  HTTP                          {http_rate:9.0f}")
+    print(f"  decode + forward, in-process  {decode_rate:9.0f}")
     print(f"  raw forward pass              {raw_rate:9.0f}")
+    print(f"  ratio HTTP / decode + forward {http_rate / decode_rate:9.2f}")
     print(f"  ratio HTTP / raw              {http_rate / raw_rate:9.2f}")
     print(f"  (mean of in-process adapt: {statistics.mean(inproc) * 1e3:.1f} ms)")
 
