@@ -14,6 +14,8 @@ adapt: the same stack with `--workers` Celery workers (solo pool) started with a
 scale: predict plus a third API started with two processes (batching on), same database.
 drain: workers (batching off, then on) drain `--line` queued adapt jobs; jobs/s from the jobs
 table (first start to last end), full and head mode.
+overload: with no worker, a tenant fills its backlog bound (8) and sends `--refusals` more;
+their status codes and latency.
 """
 
 from __future__ import annotations
@@ -256,6 +258,35 @@ def bench_drain(args: argparse.Namespace, episodes: Episodes) -> list[dict[str, 
     return rows
 
 
+def bench_overload(args: argparse.Namespace, episodes: Episodes) -> dict[str, Any]:
+    """Status codes and latency of POST /v1/tasks past the backlog bound (no worker consumes)."""
+    bound = 8
+    settings = {
+        "MAML_SERVE_MAX_QUEUED_ADAPTATIONS_PER_TENANT": str(bound),
+        "MAML_SERVE_MAX_QUEUED_ADAPTATIONS": str(4 * bound),
+    }
+    codes: dict[int, int] = {}
+    refused: list[float] = []
+    with running_stack(settings, celery=True, workers=0) as stack:
+        headers = {"Authorization": f"Bearer {stack.key}"}
+        with httpx.Client(base_url=stack.url, headers=headers, timeout=60) as client:
+            for index in range(bound + args.refusals):
+                files, data = episodes.support("full")
+                began = time.perf_counter()
+                response = client.post("/v1/tasks", files=files, data=data)
+                elapsed = time.perf_counter() - began
+                codes[response.status_code] = codes.get(response.status_code, 0) + 1
+                if index >= bound:
+                    assert response.headers.get("retry-after"), response.text
+                    refused.append(elapsed)
+    refused.sort()
+    return {
+        "codes": codes,
+        "p50_ms": 1e3 * refused[len(refused) // 2],
+        "p99_ms": 1e3 * refused[min(len(refused) - 1, int(0.99 * len(refused)))],
+    }
+
+
 def _summary(name: str, loads: list[Load]) -> dict[str, Any]:
     units = sum(load.units for load in loads)
     seconds = sum(load.seconds for load in loads)
@@ -285,6 +316,7 @@ def main() -> None:
     parser.add_argument("--mode", default="full", help="task mode for the prediction tasks")
     parser.add_argument("--workers", type=int, default=1, help="Celery worker processes (adapt)")
     parser.add_argument("--line", type=int, default=256, help="queued jobs to drain (drain)")
+    parser.add_argument("--refusals", type=int, default=100, help="requests past the bound")
     args = parser.parse_args()
     episodes = Episodes()
     what = set(args.what.split(","))
@@ -318,6 +350,11 @@ def main() -> None:
             base = next(r["rate"] for r in rows if r["name"] == f"{mode}, adapt_batch_max_jobs=1")
             print(f"| {row['name']} | {row['rate']:.1f} | {row['rate'] / base:.2f}x | "
                   f"{row['failed']} |")  # fmt: skip
+    if "overload" in what:
+        result = bench_overload(args, episodes)
+        print(f"\nPOST /v1/tasks past a tenant backlog of 8 queued jobs ({args.refusals} refused):")
+        print(f"  status codes {result['codes']}; refusal latency p50 {result['p50_ms']:.1f} ms, "
+              f"p99 {result['p99_ms']:.1f} ms")  # fmt: skip
     sys.stdout.flush()
 
 
