@@ -44,6 +44,13 @@ COMPARISON_SHAPES = ((5, 1), (20, 1))
 EVAL_SEED = 20_240_601
 
 
+def _without_paths(message: str, dataset_path: Path) -> str:
+    """A job error for the API: the dataset's storage path (and folder) never shown."""
+    for internal in (str(dataset_path), str(dataset_path.parent)):
+        message = message.replace(internal, "the dataset")
+    return message
+
+
 def run_folder(job_id: uuid.UUID) -> str:
     """Artifact key of a meta-training job's folder (checkpoint, curve, result)."""
     return f"jobs/{job_id}/run"
@@ -297,7 +304,7 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
                 f"{cfg.ways[1]} need at least that many"
             )
     except fewshot.DatasetError as exc:
-        raise PermanentJobError("invalid_dataset", str(exc)) from exc
+        raise PermanentJobError("invalid_dataset", _without_paths(str(exc), dataset_path)) from exc
     trainer = MetaTrainer(cfg, train, val, folder, start=start, device=device)
     extra: dict[str, Any] = {"iteration": trainer.iteration, "total": cfg.iterations}
     if trainer.iteration > 0:
@@ -319,7 +326,7 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
         )
     except fewshot.EpisodeError as exc:
         # E.g. classes with fewer images than shots + queries: another attempt would repeat it.
-        raise PermanentJobError("invalid_settings", str(exc)) from exc
+        raise PermanentJobError("invalid_settings", _without_paths(str(exc), dataset_path)) from exc
     if result.cancelled or result.initialization is None:
         with runtime.sessions() as session:
             if heartbeat.cancelled:
