@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from app.adaptations.handler import _DONE, _forget_if_task_deleted, _result
 from app.core import metrics
@@ -56,9 +57,9 @@ def run_adapt_batch(runtime: Runtime, held: list[Held]) -> BatchResult:
     results: BatchResult = {}
     loaded: list[_Loaded] = []
     runtime.models.use_serving_threads()
-    for claim, _ in held:
+    for claim, rows in _read_rows(runtime, [claim for claim, _ in held]):
         try:
-            item = _load(runtime, claim)
+            item = _load(runtime, claim, rows)
         except Exception as exc:
             results[claim.job_id] = exc
             continue
@@ -85,15 +86,19 @@ def run_adapt_batch(runtime: Runtime, held: list[Held]) -> BatchResult:
         except Exception as exc:
             results.update({item.claim.job_id: exc for item in items})
             continue
-        for item, model in zip(items, models, strict=True):
-            if isinstance(model, fewshot.EpisodeError):
-                results[item.claim.job_id] = PermanentJobError("invalid_support_set", str(model))
-                continue
-            metrics.ADAPT_COMPUTE.labels(model.mode).observe(compute)
-            try:
-                results[item.claim.job_id] = _record(runtime, item, model, compute)
-            except Exception as exc:
-                results[item.claim.job_id] = exc
+        # One session (one connection) records the group, each job in its own transaction.
+        with runtime.sessions() as session:
+            for item, model in zip(items, models, strict=True):
+                if isinstance(model, fewshot.EpisodeError):
+                    error = PermanentJobError("invalid_support_set", str(model))
+                    results[item.claim.job_id] = error
+                    continue
+                metrics.ADAPT_COMPUTE.labels(model.mode).observe(compute)
+                try:
+                    results[item.claim.job_id] = _record(runtime, session, item, model, compute)
+                except Exception as exc:
+                    session.rollback()
+                    results[item.claim.job_id] = exc
     return results
 
 
@@ -123,40 +128,82 @@ def _adapt(
     )  # fmt: skip
 
 
-def _load(runtime: Runtime, claim: Claim) -> _Loaded | Outcome:
-    """Read one job's task, support set and initialization; decode and preprocess its images."""
+@dataclass
+class _Rows:
+    """One job's rows, read with the others of its batch (None: gone)."""
+
+    job: Job | None
+    task: Task | None
+    existing: AdaptedModel | None
+    examples: list[SupportExample]
+    init_row: Initialization | None
+
+
+def _read_rows(runtime: Runtime, claims: list[Claim]) -> list[tuple[Claim, _Rows]]:
+    """The rows of every claimed job in five queries (not five per job), detached."""
+    ids = [claim.job_id for claim in claims]
+    with runtime.sessions() as session:
+        jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids)))}
+        task_ids = [job.task_id for job in jobs.values() if job.task_id is not None]
+        tasks = {
+            task.id: task for task in session.scalars(select(Task).where(Task.id.in_(task_ids)))
+        }
+        existing = {
+            row.job_id: row
+            for row in session.scalars(select(AdaptedModel).where(AdaptedModel.job_id.in_(ids)))
+        }
+        examples: dict[uuid.UUID, list[SupportExample]] = {}
+        for example in session.scalars(
+            select(SupportExample)
+            .where(SupportExample.task_id.in_(task_ids))
+            .order_by(SupportExample.task_id, SupportExample.position)
+        ):
+            examples.setdefault(example.task_id, []).append(example)
+        init_ids = {job.initialization_id for job in jobs.values()}
+        init_ids |= {task.initialization_id for task in tasks.values()}
+        inits = {
+            row.id: row
+            for row in session.scalars(
+                select(Initialization).where(Initialization.id.in_(init_ids - {None}))
+            )
+        }
+        session.expunge_all()
+    out = []
+    for claim in claims:
+        job = jobs.get(claim.job_id)
+        task = tasks.get(job.task_id) if job is not None and job.task_id is not None else None
+        init_id = None
+        if job is not None and task is not None:
+            init_id = job.initialization_id or task.initialization_id
+        rows = _Rows(
+            job=job,
+            task=task,
+            existing=existing.get(claim.job_id),
+            examples=examples.get(task.id, []) if task is not None else [],
+            init_row=inits.get(init_id) if init_id is not None else None,
+        )
+        out.append((claim, rows))
+    return out
+
+
+def _load(runtime: Runtime, claim: Claim, rows: _Rows) -> _Loaded | Outcome:
+    """Check one job's rows; decode and preprocess its support images."""
     import torch
 
     import fewshot
 
-    with runtime.sessions() as session:
-        job = session.get(Job, claim.job_id)
-        task = (
-            session.get(Task, job.task_id) if job is not None and job.task_id is not None else None
-        )
-        if job is None or task is None:
-            return Outcome("skipped")
-        existing = session.scalar(select(AdaptedModel).where(AdaptedModel.job_id == job.id))
-        if existing is not None:
-            # An earlier delivery did the work and died before marking the job; just finish it.
-            state.finish(session, claim, result=_result(existing), progress_detail=_DONE)
-            return Outcome("skipped")
-        examples = list(
-            session.scalars(
-                select(SupportExample)
-                .where(SupportExample.task_id == task.id)
-                .order_by(SupportExample.position)
-            )
-        )
-        init_row = (
-            session.get(Initialization, job.initialization_id)
-            if job.initialization_id is not None
-            else None
-        ) or task.initialization
-        steps_param = job.params.get("steps", task.steps)
-        mode = str(job.params.get("mode", task.mode))
-        session.expunge(init_row)
-        task_id, support_sha256 = task.id, task.support_set_sha256
+    job, task, init_row = rows.job, rows.task, rows.init_row
+    if job is None or task is None or init_row is None:
+        return Outcome("skipped")
+    if rows.existing is not None:
+        # An earlier delivery did the work and died before marking the job; just finish it.
+        with runtime.sessions() as session:
+            state.finish(session, claim, result=_result(rows.existing), progress_detail=_DONE)
+        return Outcome("skipped")
+    examples = rows.examples
+    steps_param = job.params.get("steps", task.steps)
+    mode = str(job.params.get("mode", task.mode))
+    task_id, support_sha256 = task.id, task.support_set_sha256
     try:
         init = runtime.models.initialization(init_row)
         # Read, decoded and shrunk one at a time, as the lone handler does.
@@ -196,7 +243,11 @@ def _load(runtime: Runtime, claim: Claim) -> _Loaded | Outcome:
 
 
 def _record(
-    runtime: Runtime, item: _Loaded, model: fewshot.AdaptedModel, compute: float
+    runtime: Runtime,
+    session: Session,
+    item: _Loaded,
+    model: fewshot.AdaptedModel,
+    compute: float,
 ) -> Outcome:
     """Store one job's weights and row, and finish the job in the same transaction."""
     claim = item.claim
@@ -220,20 +271,20 @@ def _record(
         compute_seconds=compute,
         device=str(runtime.models.device),
     )
-    with runtime.sessions() as session:
-        try:
-            session.add(row)
-            session.flush()
-            finished = state.finish(session, claim, result=_result(row), progress_detail=_DONE)
-        except IntegrityError:
-            # Another delivery recorded this job's model first, or the task was deleted.
-            session.rollback()
-            if not _forget_if_task_deleted(runtime, session, item.task_id):
-                log.info("job %s: adapted model already recorded by another delivery", claim.job_id)
-            return Outcome("skipped")
-        if not finished:
-            _forget_if_task_deleted(runtime, session, item.task_id)
-            return Outcome("skipped")
-        model_id = row.id
-    runtime.models.put_adapted(model_id, model)
+    try:
+        session.add(row)
+        session.flush()
+        finished = state.finish(session, claim, result=_result(row), progress_detail=_DONE)
+    except IntegrityError:
+        # Another delivery recorded this job's model first, or the task was deleted.
+        session.rollback()
+        if not _forget_if_task_deleted(runtime, session, item.task_id):
+            log.info("job %s: adapted model already recorded by another delivery", claim.job_id)
+        session.rollback()
+        return Outcome("skipped")
+    if not finished:
+        _forget_if_task_deleted(runtime, session, item.task_id)
+        session.rollback()
+        return Outcome("skipped")
+    runtime.models.put_adapted(row.id, model)
     return Outcome("done")
