@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 import fewshot
 import fewshot.batched
 from app.predictions import batcher as batching
 from app.predictions.batcher import PredictionBatcher
 from tests.fewshot_helpers import TINY, random_images, tiny_init
+from tests.helpers import query_files, support_files
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +109,53 @@ def test_the_batching_thread_exits_when_idle_and_restarts(
     assert batcher._thread is None
     torch.testing.assert_close(batcher.predict_proba(models[0], x), first)
     batcher.close()
+
+
+def test_concurrent_http_predictions_of_head_models_share_passes(
+    client: TestClient, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tasks = []
+    for seed in range(4):
+        files, data = support_files(["a", "b", "c"], seed=seed)
+        body = client.post(
+            "/v1/tasks?wait=30", headers=auth, files=files, data={**data, "mode": "head"}
+        ).json()
+        assert body["status"] == "ready", body
+        tasks.append(body["id"])
+    calls: list[int] = []
+    real = fewshot.batched.predict_many
+
+    def counting(
+        ms: list[fewshot.AdaptedModel], xs: list[torch.Tensor], chunk: int = 32
+    ) -> list[torch.Tensor]:
+        calls.append(len(ms))
+        time.sleep(0.05)  # hold the batch so the other requests line up behind it
+        return real(ms, xs, chunk=chunk)
+
+    monkeypatch.setattr(fewshot.batched, "predict_many", counting)
+    start = threading.Barrier(len(tasks))
+    answers: dict[str, Any] = {}
+
+    def predict(task_id: str) -> None:
+        start.wait()
+        response = client.post(
+            f"/v1/tasks/{task_id}/predictions", headers=auth, files=query_files(3, seed=7)
+        )
+        assert response.status_code == 200, response.text
+        answers[task_id] = response.json()
+
+    threads = [threading.Thread(target=predict, args=(task_id,)) for task_id in tasks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sum(calls) == len(tasks) and len(calls) < len(tasks)
+    # Each request's answer equals the same images predicted alone, afterwards.
+    for task_id in tasks:
+        alone = client.post(
+            f"/v1/tasks/{task_id}/predictions", headers=auth, files=query_files(3, seed=7)
+        ).json()
+        for a, b in zip(answers[task_id]["predictions"], alone["predictions"], strict=True):
+            assert a["label"] == b["label"]
+            for label, p in a["probabilities"].items():
+                assert abs(p - b["probabilities"][label]) < 1e-5

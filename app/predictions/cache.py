@@ -33,6 +33,11 @@ def default_device(requested: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _batching_pays(model: fewshot.AdaptedModel) -> bool:
+    """True when a model's queries can share passes with other requests' (see predict_many)."""
+    return model.mode == "head" or next(iter(model.params.values())).device.type != "cpu"
+
+
 class ModelCache:
     """Thread-safe caches by initialization version and adapted-model id; sha256 checked on load.
 
@@ -158,9 +163,11 @@ class ModelCache:
         """Class probabilities of `model` on images `x`, batched with concurrent requests.
 
         `max_images` 0 predicts on the calling thread, alone; `workers` batching threads (None:
-        one per CPU core) run batches in passes of `chunk` images.
+        one per CPU core) run batches in passes of `chunk` images. On a CPU, full-mode models
+        are predicted on the calling thread too: their passes cannot be shared there (see
+        fewshot.batched.predict_many), so a hand-off would only add a wait.
         """
-        if max_images <= 0:
+        if max_images <= 0 or not _batching_pays(model):
             self.use_serving_threads()
             return model.predict_proba(x)
         from app.predictions.batcher import PredictionBatcher
