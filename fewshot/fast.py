@@ -5,8 +5,8 @@ float rounding, for Conv4 initializations:
 
 - the first step's forward pass also yields the prototype head's embeddings (same parameters,
   same images), so the trunk runs once less;
-- step sizes are read once as Python floats and every step updates all parameters with two
-  foreach kernels on leaves owned by this call, instead of three dispatches per tensor;
+- step sizes are read once as Python floats and every step updates, in place, leaves owned by
+  this call (two kernels per tensor, no new tensors);
 - head-only (ANIL) steps use the closed-form gradient of the cross-entropy of a linear head on
   fixed embeddings (no autograd graph), and the support accuracy reuses those embeddings;
 - the final accuracy pass runs under inference mode.
@@ -182,10 +182,10 @@ def adapt_params_fast(
             params = [leaves[name] for name in names]
             grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
-            scaled = torch._foreach_mul(
-                list(grads), step_sizes_at(sizes, names, t, default_step_size)
-            )
-            torch._foreach_sub_(params, scaled)
+            # In place on this call's leaves and fresh gradients: two kernels per tensor.
+            lrs = step_sizes_at(sizes, names, t, default_step_size)
+            for param, g, lr in zip(params, grads, lrs, strict=True):
+                param.sub_(g.mul_(lr))
     return {name: value.detach() for name, value in fast.items()}, torch.empty(0)
 
 
