@@ -113,7 +113,17 @@ class AdaptedModel:
         device = next(iter(self.params.values())).device
         module = shared_module(self.config)
         parts = [embed(module, self.params, part) for part in torch.split(x.to(device), 1024)]
-        features = torch.cat(parts)
+        return self.scores_of_features(torch.cat(parts), threshold)
+
+    @torch.no_grad()
+    def scores_of_features(
+        self, features: Tensor, threshold: float | None = None
+    ) -> PredictionScores:
+        """predict_scores from query embeddings [B, D] under this model's backbone."""
+        if threshold is not None and not (0.0 <= threshold <= 1.0):
+            raise EpisodeError(f"threshold must be within [0, 1], got {threshold}")
+        device = next(iter(self.params.values())).device
+        features = features.to(device)
         out = head_logits(
             features, self.params[HEAD_WEIGHT], self.params[HEAD_BIAS], self.params[HEAD_SCALE]
         )

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from fewshot.adapted import AdaptedModel, _check_images, encode_labels
+from fewshot.adapted import AdaptedModel, PredictionScores, _check_images, encode_labels
 from fewshot.backbone import shared_module
 from fewshot.config import AdaptMode
 from fewshot.errors import EpisodeError
@@ -217,6 +217,38 @@ def predict_many(
     first image, whose outputs are dropped). Every image is processed on its own (GroupNorm, no
     batch statistics), so its probabilities do not depend on the others.
     """
+    with torch.inference_mode():
+        features = embed_many(models, images, chunk=chunk)
+        out = []
+        for model, feature in zip(models, features, strict=True):
+            p = model.params
+            row = head_logits(feature, p[HEAD_WEIGHT], p[HEAD_BIAS], p[HEAD_SCALE])
+            out.append(torch.softmax(row.float(), dim=1).cpu())
+    return [value.clone() for value in out]
+
+
+def predict_many_scores(
+    models: Sequence[AdaptedModel],
+    images: Sequence[Tensor],
+    thresholds: Sequence[float | None],
+    *,
+    chunk: int = 64,
+) -> list[PredictionScores]:
+    """AdaptedModel.predict_scores of each model on its own images, sharing passes as predict_many."""
+    if len(thresholds) != len(models):
+        raise ValueError("one threshold per model")
+    with torch.inference_mode():
+        features = embed_many(models, images, chunk=chunk)
+    return [
+        model.scores_of_features(feature.clone(), threshold)
+        for model, feature, threshold in zip(models, features, thresholds, strict=True)
+    ]
+
+
+def embed_many(
+    models: Sequence[AdaptedModel], images: Sequence[Tensor], *, chunk: int = 64
+) -> list[Tensor]:
+    """Query embeddings [B_i, D] of each model's images under its backbone (see predict_many)."""
     if len(models) != len(images):
         raise ValueError("one batch of images per model")
     for model, x in zip(models, images, strict=True):
@@ -243,13 +275,9 @@ def predict_many(
             _stacked_backbones(models, images, group, features, chunk)
         for index in alone:
             _shared_backbone(models, images, [index], features, chunk)
-        out = []
-        for model, feature in zip(models, features, strict=True):
-            assert feature is not None
-            p = model.params
-            row = head_logits(feature, p[HEAD_WEIGHT], p[HEAD_BIAS], p[HEAD_SCALE])
-            out.append(torch.softmax(row.float(), dim=1).cpu())
-    return [value.clone() for value in out]
+    done = [feature for feature in features if feature is not None]
+    assert len(done) == len(models)
+    return done
 
 
 def _device(model: AdaptedModel) -> torch.device:

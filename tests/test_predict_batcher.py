@@ -14,6 +14,7 @@ import fewshot
 import fewshot.batched
 from app.predictions import batcher as batching
 from app.predictions.batcher import PredictionBatcher
+from fewshot.adapted import PredictionScores
 from tests.fewshot_helpers import TINY, random_images, tiny_init
 from tests.helpers import query_files, support_files
 
@@ -56,15 +57,18 @@ def test_concurrent_requests_share_passes_and_get_their_own_probabilities(
     models: list[fewshot.AdaptedModel], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
-    real = fewshot.batched.predict_many
+    real = fewshot.batched.predict_many_scores
 
     def counting(
-        ms: list[fewshot.AdaptedModel], xs: list[torch.Tensor], chunk: int = 32
-    ) -> list[torch.Tensor]:
+        ms: list[fewshot.AdaptedModel],
+        xs: list[torch.Tensor],
+        ts: list[float | None],
+        chunk: int = 32,
+    ) -> list[PredictionScores]:
         calls.append(len(ms))
-        return real(ms, xs, chunk=chunk)
+        return real(ms, xs, ts, chunk=chunk)
 
-    monkeypatch.setattr(fewshot.batched, "predict_many", counting)
+    monkeypatch.setattr(fewshot.batched, "predict_many_scores", counting)
     batcher = PredictionBatcher(wait_seconds=0.2, max_images=10_000, threads=1)
     jobs = [
         (models[i % len(models)], random_images(1 + i % 5, seed=200 + i, dtype=torch.float32))
@@ -123,16 +127,19 @@ def test_concurrent_http_predictions_of_head_models_share_passes(
         assert body["status"] == "ready", body
         tasks.append(body["id"])
     calls: list[int] = []
-    real = fewshot.batched.predict_many
+    real = fewshot.batched.predict_many_scores
 
     def counting(
-        ms: list[fewshot.AdaptedModel], xs: list[torch.Tensor], chunk: int = 32
-    ) -> list[torch.Tensor]:
+        ms: list[fewshot.AdaptedModel],
+        xs: list[torch.Tensor],
+        ts: list[float | None],
+        chunk: int = 32,
+    ) -> list[PredictionScores]:
         calls.append(len(ms))
         time.sleep(0.05)  # hold the batch so the other requests line up behind it
-        return real(ms, xs, chunk=chunk)
+        return real(ms, xs, ts, chunk=chunk)
 
-    monkeypatch.setattr(fewshot.batched, "predict_many", counting)
+    monkeypatch.setattr(fewshot.batched, "predict_many_scores", counting)
     start = threading.Barrier(len(tasks))
     answers: dict[str, Any] = {}
 

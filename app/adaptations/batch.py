@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.adaptations.handler import _DONE, _forget_if_task_deleted, _result
+from app.adaptations.handler import _DONE, _forget_if_task_deleted, _result, support_diagnostics
 from app.core import metrics
 from app.core.images import decode_stored
 from app.core.runtime import Runtime
@@ -253,6 +253,9 @@ def _record(
     claim = item.claim
     key = adapted_weights_key(item.task_id, claim.job_id)
     path = model.save(runtime.store.path(key))
+    diagnostics = support_diagnostics(
+        runtime.models.initialization(item.init_row), item.support, item.labels
+    )
     row = AdaptedModel(
         task_id=item.task_id,
         job_id=claim.job_id,
@@ -274,7 +277,9 @@ def _record(
     try:
         session.add(row)
         session.flush()
-        finished = state.finish(session, claim, result=_result(row), progress_detail=_DONE)
+        finished = state.finish(
+            session, claim, result=_result(row, diagnostics), progress_detail=_DONE
+        )
     except IntegrityError:
         # Another delivery recorded this job's model first, or the task was deleted.
         session.rollback()

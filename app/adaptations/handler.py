@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -21,17 +21,39 @@ from app.jobs.runner import PermanentJobError
 from app.jobs.state import Claim, Outcome
 from app.models import AdaptedModel, Initialization, Job, SupportExample, Task
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    import fewshot
+
 log = logging.getLogger(__name__)
 
 _DONE = {"stage": "done"}
 
 
-def _result(row: AdaptedModel) -> dict[str, Any]:
-    return {
+def _result(row: AdaptedModel, diagnostics: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "adapted_model_id": str(row.id),
         "task_id": str(row.task_id),
         "support_accuracy": row.support_accuracy,
     }
+    if diagnostics is not None:
+        out["diagnostics"] = diagnostics
+    return out
+
+
+def support_diagnostics(
+    init: fewshot.Initialization, support: Tensor, labels: list[str]
+) -> dict[str, Any] | None:
+    """Leave-one-out accuracy and confusable pairs of a support set (None if they fail)."""
+    from fewshot.diagnostics import diagnose_support
+
+    try:
+        return diagnose_support(init, support, labels).to_dict()
+    except Exception:
+        # Diagnostics inform; a failure in them must never fail the adaptation itself.
+        log.exception("support-set diagnostics failed")
+        return None
 
 
 def _forget_if_task_deleted(runtime: Runtime, session: Session, task_id: uuid.UUID) -> bool:
@@ -105,6 +127,7 @@ def run_adapt(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
                 device=runtime.models.device,
             )
             compute = time.perf_counter() - started
+            diagnostics = support_diagnostics(init, support, labels)
         except fewshot.EpisodeError as exc:
             raise PermanentJobError("invalid_support_set", str(exc)) from exc
         except fewshot.CheckpointError as exc:
@@ -145,7 +168,9 @@ def run_adapt(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
         try:
             session.add(row)
             session.flush()
-            finished = state.finish(session, claim, result=_result(row), progress_detail=_DONE)
+            finished = state.finish(
+                session, claim, result=_result(row, diagnostics), progress_detail=_DONE
+            )
         except IntegrityError:
             # A concurrent delivery recorded this job's model first (job_id is unique), or the
             # task was deleted meanwhile (its foreign key fails).

@@ -3,7 +3,7 @@
 Request threads hand (model, images) to the batching threads (`workers`, one per core by
 default) and wait. A free batching thread starts a batch at once, so an idle service adds no
 delay; once started, a batch collects requests for at most `wait_seconds` or until it holds
-`max_images` images, then runs `fewshot.batched.predict_many` (head-only models of one
+`max_images` images, then runs `fewshot.batched.predict_many_scores` (head-only models of one
 initialization share backbone passes of `chunk` images). Every image is processed on its own,
 so a request's probabilities do not depend on the others in its batch. A batch that fails is
 retried one request at a time, so each request gets its own answer. Threads exit after a while
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     import fewshot
+    from fewshot.adapted import PredictionScores
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ IDLE_EXIT_SECONDS = 30.0
 class _Request:
     model: fewshot.AdaptedModel
     images: Tensor
-    done: Future[Tensor] = field(default_factory=Future)
+    threshold: float | None = None
+    done: Future[PredictionScores] = field(default_factory=Future)
 
 
 class PredictionBatcher:
@@ -84,10 +86,16 @@ class PredictionBatcher:
 
     def predict_proba(self, model: fewshot.AdaptedModel, images: Tensor) -> Tensor:
         """Class probabilities [B, N] of `model` on `images`, computed in a shared batch."""
-        request = _Request(model, images)
+        return self.predict_scores(model, images).probabilities
+
+    def predict_scores(
+        self, model: fewshot.AdaptedModel, images: Tensor, threshold: float | None = None
+    ) -> PredictionScores:
+        """`model.predict_scores(images, threshold)`, computed in a shared batch."""
+        request = _Request(model, images, threshold)
         with self._cond:
             if self._closed:
-                return model.predict_proba(images)
+                return model.predict_scores(images, threshold)
             self._line.append(request)
             if self._idle == 0 and len(self._running) < self.workers:
                 thread = threading.Thread(
@@ -140,13 +148,16 @@ class PredictionBatcher:
             self._run(batch)
 
     def _run(self, batch: list[_Request]) -> None:
-        from fewshot.batched import predict_many
+        from fewshot.batched import predict_many_scores
 
         BATCH_REQUESTS.observe(len(batch))
         BATCH_IMAGES.observe(sum(r.images.shape[0] for r in batch))
         try:
-            results = predict_many(
-                [r.model for r in batch], [r.images for r in batch], chunk=self.chunk
+            results = predict_many_scores(
+                [r.model for r in batch],
+                [r.images for r in batch],
+                [r.threshold for r in batch],
+                chunk=self.chunk,
             )
         except Exception as exc:
             if len(batch) == 1:

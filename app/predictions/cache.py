@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import fewshot
     from app import models
     from app.predictions.batcher import PredictionBatcher
+    from fewshot.adapted import PredictionScores
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,23 @@ class ModelCache:
         chunk: int = 32,
         workers: int | None = None,
     ) -> Tensor:
-        """Class probabilities of `model` on images `x`, batched with concurrent requests.
+        """Class probabilities of `model` on images `x` (predict_scores' probabilities)."""
+        return self.predict_scores(
+            model, x, wait_seconds=wait_seconds, max_images=max_images, chunk=chunk, workers=workers
+        ).probabilities
+
+    def predict_scores(
+        self,
+        model: fewshot.AdaptedModel,
+        x: Tensor,
+        threshold: float | None = None,
+        *,
+        wait_seconds: float,
+        max_images: int,
+        chunk: int = 32,
+        workers: int | None = None,
+    ) -> PredictionScores:
+        """`model.predict_scores(x, threshold)`, batched with concurrent requests.
 
         `max_images` 0 predicts on the calling thread, alone; `workers` batching threads (None:
         one per CPU core) run batches in passes of `chunk` images. On a CPU, full-mode models
@@ -169,7 +186,7 @@ class ModelCache:
         """
         if max_images <= 0 or not _batching_pays(model):
             self.use_serving_threads()
-            return model.predict_proba(x)
+            return model.predict_scores(x, threshold)
         from app.predictions.batcher import PredictionBatcher
 
         with self._lock:
@@ -186,7 +203,7 @@ class ModelCache:
                 weakref.finalize(self, batcher.close)
             batcher.wait_seconds, batcher.max_images = wait_seconds, max_images
             batcher.chunk = chunk
-        return batcher.predict_proba(model, x)
+        return batcher.predict_scores(model, x, threshold)
 
     def forget(self, model_ids: list[uuid.UUID]) -> None:
         """Drop models (their task was deleted)."""

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema
 
 from app.core.schemas import ADAPTED_MODEL_ID, PNG_BASE64, TASK_ID, WHEN
 
+UNKNOWN_THRESHOLD_HELP = (
+    "Answer 'unknown' for images whose calibrated score is below this (0..1; 0 never answers "
+    "'unknown'). Default: the task's own, else the initialization's calibrated default."
+)
 REQUEST_ID = "e4a6c8e0-2b4d-4f6a-8c0e-4b6d8f0a2c4e"
 _PREDICTION: dict[str, Any] = {
     "id": "f1b3d5f7-9a1c-4e3a-8c5e-7a9c1e3b5d7f",
     "label": "beta",
     "probabilities": {"alpha": 0.07, "beta": 0.91, "gamma": 0.02},
     "top_k": [{"label": "beta", "probability": 0.91}, {"label": "alpha", "probability": 0.07}],
+    "score": 0.62,
     "image_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
 }
 
@@ -36,6 +41,11 @@ class PredictionPublic(BaseModel):
         description="Label -> probability, in the task's label order."
     )
     top_k: list[LabelProbability]
+    score: float | None = Field(
+        description="Calibrated familiarity in [0, 1] (a conformal p-value: the share of "
+        "genuine in-task queries that look less familiar); the label is 'unknown' when it is "
+        "below the threshold applied. null: the initialization is not calibrated."
+    )
     image_sha256: str
 
 
@@ -50,6 +60,8 @@ class PredictionResult(BaseModel):
                     "adapted_model_id": ADAPTED_MODEL_ID,
                     "request_id": REQUEST_ID,
                     "predictions": [_PREDICTION],
+                    "unknown_threshold": 0.05,
+                    "unknown_threshold_source": "initialization",
                 }
             ]
         }
@@ -59,6 +71,13 @@ class PredictionResult(BaseModel):
     adapted_model_id: uuid.UUID
     request_id: uuid.UUID
     predictions: list[PredictionPublic]
+    unknown_threshold: float = Field(
+        description="The threshold applied to every prediction's score (0: none)."
+    )
+    unknown_threshold_source: Literal["request", "task", "initialization", "none"] = Field(
+        description="Where the threshold came from: the request, the task (set at creation), "
+        "the initialization's calibrated default, or none (not calibrated: 0)."
+    )
 
 
 class PredictionRecord(BaseModel):
@@ -116,4 +135,9 @@ class QueriesJson(BaseModel):
     images: list[str] = Field(description="Base64-encoded PNG or JPEG bytes, one per query image.")
     top_k: Annotated[StrictInt, WithJsonSchema({"type": "integer", "minimum": 1})] | None = Field(
         default=None, description="Also list the k most probable labels of each image."
+    )
+    unknown_threshold: float | None = Field(
+        default=None,
+        description=UNKNOWN_THRESHOLD_HELP,
+        json_schema_extra={"minimum": 0, "maximum": 1},
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from app.models import (
     Task,
     utcnow,
 )
+from app.tasks import service as tasks
 from app.tasks.bodies import QueriesIn
 
 
@@ -46,14 +48,39 @@ class PredictionOut:
     label: str
     probabilities: dict[str, float]
     top_k: list[tuple[str, float]]
+    score: float | None
     image_sha256: str
 
 
-def predict(
-    *, session: Session, runtime: Runtime, task: Task, queries: QueriesIn
-) -> tuple[AdaptedModel, uuid.UUID, list[PredictionOut]]:
+@dataclass(frozen=True)
+class Predicted:
+    """One request's predictions, the model that made them and the "unknown" threshold applied."""
+
+    model_row: AdaptedModel
+    request_id: uuid.UUID
+    predictions: list[PredictionOut]
+    threshold: float
+    threshold_source: str
+
+
+def resolve_threshold(
+    requested: float | None, task_default: float | None, calibrated: float | None
+) -> tuple[float | None, str]:
+    """The threshold to pass to predict_scores (None: the model's own) and where it came from."""
+    if requested is not None:
+        return requested, "request"
+    if task_default is not None:
+        return task_default, "task"
+    if calibrated is not None:
+        return None, "initialization"
+    return None, "none"
+
+
+def predict(*, session: Session, runtime: Runtime, task: Task, queries: QueriesIn) -> Predicted:
     """Predict every query with the task's current adapted model and record one row per image.
 
+    Each image also gets a calibrated score and the label "unknown" when the score is below the
+    threshold: the request's, else the task's, else the initialization's calibrated default.
     The rows are written by one INSERT statement executed for all of them (executemany), in the
     request's transaction.
     """
@@ -95,9 +122,15 @@ def predict(
     x = fewshot.preprocess_images([image.decode() for image in queries.images], model.config)
     started = time.perf_counter()
     settings = runtime.settings
-    probabilities = runtime.models.predict_proba(
+    threshold, source = resolve_threshold(
+        queries.unknown_threshold,
+        tasks.unknown_threshold(session, task_id),
+        model.unknown_threshold,
+    )
+    scores = runtime.models.predict_scores(
         model,
         x,
+        threshold,
         wait_seconds=settings.predict_batch_wait_ms / 1000,
         max_images=settings.predict_batch_max_images,
         chunk=settings.predict_batch_chunk,
@@ -112,16 +145,24 @@ def predict(
     by_probability = itemgetter(1)
     out: list[PredictionOut] = []
     values: list[dict[str, Any]] = []
-    for position, (image, row) in enumerate(
-        zip(queries.images, probabilities.tolist(), strict=True)
+    for position, (image, row, label, score) in enumerate(
+        zip(
+            queries.images,
+            scores.probabilities.tolist(),
+            scores.labels,
+            scores.score.tolist(),
+            strict=True,
+        )
     ):
         probs = dict(zip(labels, row, strict=True))
         order = sorted(probs.items(), key=by_probability, reverse=True)
         prediction = PredictionOut(
             id=uuid.uuid4(),
-            label=order[0][0],
+            # The most probable label, or "unknown" below the threshold.
+            label=label,
             probabilities=probs,
             top_k=order[:top_k],
+            score=None if math.isnan(score) else score,
             image_sha256=image.sha256,
         )
         out.append(prediction)
@@ -150,7 +191,7 @@ def predict(
         session.rollback()
         _raise_if_task_gone(session, values[0]["task_id"])
         raise
-    return model_row, request_id, out
+    return Predicted(model_row, request_id, out, scores.threshold, source)
 
 
 def _raise_if_task_gone(session: Session, task_id: uuid.UUID) -> None:

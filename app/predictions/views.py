@@ -19,6 +19,7 @@ from app.core.schemas import (
 from app.deps import OwnedTaskDep, RuntimeDep, SessionDep, TenantDep
 from app.predictions import service as predicting
 from app.predictions.schemas import (
+    UNKNOWN_THRESHOLD_HELP,
     LabelProbability,
     PredictionPage,
     PredictionPublic,
@@ -50,15 +51,24 @@ _TOP_K = {
     "minimum": 1,
     "description": "Also list the k most probable labels of each image.",
 }
+_THRESHOLD = {
+    "type": "number",
+    "minimum": 0,
+    "maximum": 1,
+    "description": UNKNOWN_THRESHOLD_HELP,
+}
 _QUERY_BODY = {
     **multipart_body(
-        {"images": FILES, "top_k": _TOP_K},
+        {"images": FILES, "top_k": _TOP_K, "unknown_threshold": _THRESHOLD},
         ["images"],
         example={"images": ["query-1.png", "query-2.png"], "top_k": 2},
         json_example={"images": [PNG_BASE64], "top_k": 2},
     ),
-    # Read by the route itself, like the body (it wins over a top_k in the body).
-    "parameters": [{"name": "top_k", "in": "query", "required": False, "schema": _TOP_K}],
+    # Read by the route itself, like the body (they win over the same fields in the body).
+    "parameters": [
+        {"name": "top_k", "in": "query", "required": False, "schema": _TOP_K},
+        {"name": "unknown_threshold", "in": "query", "required": False, "schema": _THRESHOLD},
+    ],
 }
 
 
@@ -80,22 +90,23 @@ def create_predictions(
     runtime: RuntimeDep,
 ) -> PredictionResult:
     """Predict labels for query images with the task's adapted model (409 while it is adapting)."""
-    model_row, request_id, predictions = predicting.predict(
-        session=session, runtime=runtime, task=task, queries=queries
-    )
+    done = predicting.predict(session=session, runtime=runtime, task=task, queries=queries)
     return PredictionResult(
         task_id=task.id,
-        adapted_model_id=model_row.id,
-        request_id=request_id,
+        adapted_model_id=done.model_row.id,
+        request_id=done.request_id,
+        unknown_threshold=done.threshold,
+        unknown_threshold_source=done.threshold_source,  # type: ignore[arg-type]
         predictions=[
             PredictionPublic(
                 id=p.id,
                 label=p.label,
                 probabilities=p.probabilities,
                 top_k=[LabelProbability(label=label, probability=pr) for label, pr in p.top_k],
+                score=p.score,
                 image_sha256=p.image_sha256,
             )
-            for p in predictions
+            for p in done.predictions
         ],
     )
 

@@ -37,14 +37,16 @@ class SupportSetIn:
     name: str | None
     mode: str
     steps: int | None
+    unknown_threshold: float | None = None
 
 
 @dataclass(frozen=True)
 class QueriesIn:
-    """Validated query images and the requested top-k."""
+    """Validated query images, the requested top-k and "unknown" threshold."""
 
     images: list[CheckedImage]
     top_k: int | None
+    unknown_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -237,6 +239,30 @@ def _int_field(value: str | None, name: str) -> int | None:
     return int(value)
 
 
+_NUMBER = re.compile(r"[0-9]{1,3}(\.[0-9]{1,12})?|\.[0-9]{1,12}")
+
+
+def _threshold_field(value: str | None) -> float | None:
+    """An unknown_threshold text field: a plain decimal within [0, 1], or None when absent."""
+    if value is None or value == "":
+        return None
+    if not _NUMBER.fullmatch(value):
+        raise InvalidRequest(
+            f"unknown_threshold must be a number within [0, 1], got {value!r}",
+            code="invalid_unknown_threshold",
+        )
+    return _check_threshold(float(value))
+
+
+def _check_threshold(value: float | None) -> float | None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise InvalidRequest(
+            f"unknown_threshold must be within [0, 1], got {value}",
+            code="invalid_unknown_threshold",
+        )
+    return value
+
+
 def _first(values: list[str]) -> str | None:
     return values[0] if values else None
 
@@ -288,6 +314,7 @@ async def read_support_set(request: Request) -> SupportSetIn:
             name = names[0] if names else None
             mode = modes[0] if modes else "full"
             steps = _int_field(_first(_text_fields(form, "steps")), "steps")
+            threshold = _threshold_field(_first(_text_fields(form, "unknown_threshold")))
         finally:
             await form.close()
     else:
@@ -300,11 +327,19 @@ async def read_support_set(request: Request) -> SupportSetIn:
         ]
         labels = [e.label for e in body.examples]
         name, mode, steps = body.name, body.mode, body.steps
+        threshold = _check_threshold(body.unknown_threshold)
     _check_count(len(raw), settings.max_support_images, "support")
     _check_labels(labels, len(raw), settings)
     _check_options(name, mode, steps, settings)
     images = await run_in_threadpool(_check_all, raw, settings, keep=False)
-    return SupportSetIn(images=images, labels=labels, name=name, mode=mode, steps=steps)
+    return SupportSetIn(
+        images=images,
+        labels=labels,
+        name=name,
+        mode=mode,
+        steps=steps,
+        unknown_threshold=threshold,
+    )
 
 
 async def read_queries(request: Request) -> QueriesIn:
@@ -316,6 +351,7 @@ async def read_queries(request: Request) -> QueriesIn:
         try:
             raw = await _image_parts(form, "query", settings.max_image_bytes)
             top_k = _int_field(_first(_text_fields(form, "top_k")), "top_k")
+            threshold = _threshold_field(_first(_text_fields(form, "unknown_threshold")))
         finally:
             await form.close()
     else:
@@ -327,6 +363,10 @@ async def read_queries(request: Request) -> QueriesIn:
             for i, text in enumerate(body.images)
         ]
         top_k = body.top_k
+        threshold = _check_threshold(body.unknown_threshold)
+    query_threshold = request.query_params.get("unknown_threshold")
+    if query_threshold is not None:
+        threshold = _threshold_field(query_threshold)
     query_top_k = request.query_params.get("top_k")
     if query_top_k is not None:
         top_k = _int_field(query_top_k, "top_k")
@@ -334,7 +374,7 @@ async def read_queries(request: Request) -> QueriesIn:
         raise InvalidRequest(f"top_k must be at least 1, got {top_k}", code="validation_error")
     _check_count(len(raw), settings.max_query_images, "query")
     images = await run_in_threadpool(_check_all, raw, settings, keep=True)
-    return QueriesIn(images=images, top_k=top_k)
+    return QueriesIn(images=images, top_k=top_k, unknown_threshold=threshold)
 
 
 SupportSetDep = Annotated[SupportSetIn, Depends(read_support_set)]

@@ -37,6 +37,16 @@ TASK_EXAMPLE: dict[str, Any] = {
         "support_accuracy": 1.0,
         "created_at": "2026-11-29T21:09:03.412Z",
     },
+    "unknown_threshold": None,
+    "diagnostics": {
+        "leave_one_out_accuracy": 1.0,
+        "evaluated_images": 2,
+        "per_class": {"alpha": 1.0, "beta": None, "gamma": None},
+        "confusable_pairs": [
+            {"first": "alpha", "second": "gamma", "similarity": 0.83},
+            {"first": "alpha", "second": "beta", "similarity": 0.41},
+        ],
+    },
     "job": {"id": JOB_ID, "state": "succeeded"},
     "error": None,
     "created_at": "2026-11-29T21:09:03.120Z",
@@ -63,8 +73,34 @@ class AdaptedModelPublic(BaseModel):
     initialization_version: str
     mode: str
     steps: int
-    support_accuracy: float
+    support_accuracy: float = Field(
+        description="Accuracy of the adapted model on its own support set (kept for "
+        "compatibility: nearly always 1.0, it says nothing about the support set; see the "
+        "task's diagnostics)."
+    )
     created_at: datetime
+
+
+class ConfusablePairPublic(BaseModel):
+    """Two classes whose support images look alike to the initialization."""
+
+    first: str
+    second: str
+    similarity: float = Field(description="Cosine similarity of the two class means (1: same).")
+
+
+class SupportDiagnosticsPublic(BaseModel):
+    """How well the support set separates its classes, computed when the task adapts."""
+
+    leave_one_out_accuracy: float | None = Field(
+        description="Each support image of a class with >= 2 images classified by the nearest "
+        "class mean of the others; null when no class has 2 images."
+    )
+    evaluated_images: int
+    per_class: dict[str, float | None]
+    confusable_pairs: list[ConfusablePairPublic] = Field(
+        description="The most similar class pairs, most similar first."
+    )
 
 
 class TaskPublic(BaseModel):
@@ -82,6 +118,14 @@ class TaskPublic(BaseModel):
     example_count: int
     initialization_version: str
     adapted_model: AdaptedModelPublic | None
+    unknown_threshold: float | None = Field(
+        default=None,
+        description="The task's default 'unknown' threshold set at creation; null: the "
+        "initialization's calibrated default applies.",
+    )
+    diagnostics: SupportDiagnosticsPublic | None = Field(
+        default=None, description="Support-set diagnostics of the current adapted model."
+    )
     job: JobRef | None
     error: ErrorInfo | None
     created_at: datetime
@@ -139,4 +183,10 @@ class SupportSetJson(BaseModel):
     mode: AdaptMode = "full"
     steps: AdaptSteps | None = Field(
         default=None, description="Inner-loop steps; default: the initialization's own."
+    )
+    unknown_threshold: float | None = Field(
+        default=None,
+        description="This task's default 'unknown' threshold on prediction scores (0..1; "
+        "0 never answers 'unknown'); default: the initialization's calibrated one.",
+        json_schema_extra={"minimum": 0, "maximum": 1},
     )

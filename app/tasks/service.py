@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import uuid
+from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
@@ -33,7 +34,7 @@ from app.models import (
 )
 from app.tasks import service as tasks
 from app.tasks.bodies import SupportSetIn
-from app.tasks.schemas import AdaptedModelPublic, JobRef, TaskPublic
+from app.tasks.schemas import AdaptedModelPublic, JobRef, SupportDiagnosticsPublic, TaskPublic
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,15 @@ def support_set_hash(labels: list[str], image_hashes: list[str]) -> str:
 def _fingerprint(support_hash: str, body: SupportSetIn) -> str:
     # What the client sent, nothing the server chose: a retry after a promotion is the same
     # request (and is replayed), although a new request would now adapt from another version.
-    document = {
+    document: dict[str, Any] = {
         "support": support_hash,
         "name": body.name,
         "mode": body.mode,
         "steps": body.steps,
     }
+    if body.unknown_threshold is not None:
+        # Only when given: fingerprints of requests without it stay as they were.
+        document["unknown_threshold"] = body.unknown_threshold
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
@@ -136,7 +140,12 @@ def create_task(
             tenant_id=tenant_id,
             task_id=task_id,
             initialization_id=init_row.id,
-            params={"mode": body.mode, "steps": body.steps, "fingerprint": fingerprint},
+            params={
+                "mode": body.mode,
+                "steps": body.steps,
+                "fingerprint": fingerprint,
+                "unknown_threshold": body.unknown_threshold,
+            },
             idempotency_key=idempotency_key,
         )
         session.add(task)
@@ -212,6 +221,27 @@ def label_counts(task: Task) -> dict[str, int]:
     return counts
 
 
+def unknown_threshold(session: Session, task_id: uuid.UUID) -> float | None:
+    """The task's own "unknown" threshold, set at creation (kept in its first adapt job)."""
+    params = session.scalar(
+        select(Job.params)
+        .where(Job.task_id == task_id, Job.kind == "adapt")
+        .order_by(Job.created_at, Job.id)
+        .limit(1)
+    )
+    value = None if params is None else params.get("unknown_threshold")
+    return float(value) if isinstance(value, int | float) else None
+
+
+def diagnostics_of(session: Session, model: AdaptedModel | None) -> dict[str, Any] | None:
+    """The support-set diagnostics the adapt job of `model` recorded, if any."""
+    if model is None:
+        return None
+    result = session.scalar(select(Job.result).where(Job.id == model.job_id))
+    value = None if result is None else result.get("diagnostics")
+    return value if isinstance(value, dict) else None
+
+
 def task_public(session: Session, task: Task) -> TaskPublic:
     """A task with its current adapted model, latest job and links."""
     model = adaptations.current_adapted_model(session=session, task_id=task.id)
@@ -242,6 +272,10 @@ def task_public(session: Session, task: Task) -> TaskPublic:
             support_accuracy=model.support_accuracy,
             created_at=model.created_at,
         ),
+        unknown_threshold=unknown_threshold(session, task.id),
+        diagnostics=None
+        if (found := diagnostics_of(session, model)) is None
+        else SupportDiagnosticsPublic.model_validate(found),
         job=None if job is None else JobRef(id=job.id, state=job.state),
         error=error,
         created_at=task.created_at,
