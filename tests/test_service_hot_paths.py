@@ -135,26 +135,27 @@ def test_a_waiter_is_woken_after_another_waiter_on_the_job_gave_up(
 def _threads_seen(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[int]]:
     seen: dict[str, set[int]] = {"adapt": set(), "predict": set()}
     adapt = fewshot.fast.adapt_fast
-    predict = fewshot.AdaptedModel.predict_proba
+    predict = fewshot.AdaptedModel.predict_scores
+
+    def counting_predict(self: fewshot.AdaptedModel, *args: Any, **kwargs: Any) -> Any:
+        seen["predict"].add(torch.get_num_threads())
+        return predict(self, *args, **kwargs)
 
     def counting_adapt(*args: Any, **kwargs: Any) -> fewshot.AdaptedModel:
         seen["adapt"].add(torch.get_num_threads())
         return adapt(*args, **kwargs)
 
-    def counting_predict(self: fewshot.AdaptedModel, x: torch.Tensor) -> torch.Tensor:
-        seen["predict"].add(torch.get_num_threads())
-        return predict(self, x)
+    # Batched predictions (app.predictions.batcher) run predict_many_scores on the batching
+    # thread; predictions on the request thread run AdaptedModel.predict_scores.
+    predict_many = fewshot.batched.predict_many_scores
 
-    # Batched predictions (app.predictions.batcher) run predict_many on the batching thread.
-    predict_many = fewshot.batched.predict_many
-
-    def counting_predict_many(*args: Any, **kwargs: Any) -> list[torch.Tensor]:
+    def counting_predict_many(*args: Any, **kwargs: Any) -> Any:
         seen["predict"].add(torch.get_num_threads())
         return predict_many(*args, **kwargs)
 
     monkeypatch.setattr(fewshot.fast, "adapt_fast", counting_adapt)
-    monkeypatch.setattr(fewshot.AdaptedModel, "predict_proba", counting_predict)
-    monkeypatch.setattr(fewshot.batched, "predict_many", counting_predict_many)
+    monkeypatch.setattr(fewshot.AdaptedModel, "predict_scores", counting_predict)
+    monkeypatch.setattr(fewshot.batched, "predict_many_scores", counting_predict_many)
     return seen
 
 

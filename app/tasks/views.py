@@ -65,6 +65,13 @@ _SUPPORT_BODY = multipart_body(
             "maximum": DOCUMENTED_MAX_STEPS,
             "description": "Inner-loop steps; default: the initialization's own.",
         },
+        "unknown_threshold": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "description": "This task's default 'unknown' threshold on prediction scores "
+            "(0 never answers 'unknown'); default: the initialization's calibrated one.",
+        },
     },
     ["images", "labels"],
     example={
