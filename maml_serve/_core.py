@@ -226,6 +226,7 @@ def create_task_call(
     steps: int | None,
     wait: float | None,
     idempotency_key: str | None,
+    unknown_threshold: float | None = None,
 ) -> Call:
     """POST /v1/tasks as multipart, with an idempotency key so a retried send makes one task."""
     images, image_labels = support_pairs(support, labels)
@@ -236,6 +237,8 @@ def create_task_call(
         data["mode"] = mode
     if steps is not None:
         data["steps"] = str(steps)
+    if unknown_threshold is not None:
+        data["unknown_threshold"] = repr(float(unknown_threshold))
     params: dict[str, Any] = {}
     if wait:
         params["wait"] = wait
@@ -249,14 +252,23 @@ def create_task_call(
     )
 
 
-def predict_call(task_id: str, images: Sequence[ImageInput], top_k: int | None) -> Call:
+def predict_call(
+    task_id: str,
+    images: Sequence[ImageInput],
+    top_k: int | None,
+    unknown_threshold: float | None = None,
+) -> Call:
     """POST /v1/tasks/{id}/predictions as multipart; retried while the task adapts."""
-    data = {"top_k": str(top_k)} if top_k is not None else None
+    data: dict[str, Any] = {}
+    if top_k is not None:
+        data["top_k"] = str(top_k)
+    if unknown_threshold is not None:
+        data["unknown_threshold"] = repr(float(unknown_threshold))
     return Call(
         "POST",
         f"/v1/tasks/{task_id}/predictions",
         files=image_files(images),
-        data=data,
+        data=data or None,
         retry_not_adapted=True,
     )
 

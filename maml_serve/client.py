@@ -120,11 +120,13 @@ class Client:
         steps: int | None = None,
         wait: float | None = None,
         idempotency_key: str | None = None,
+        unknown_threshold: float | None = None,
     ) -> Task:
         """Create a task from {label: images}, [(image, label)] or images plus labels.
 
         Images are paths, bytes, binary files or PIL images. With `wait` (seconds) it returns once
-        the task is ready, raising AdaptationFailed or WaitTimeout otherwise.
+        the task is ready, raising AdaptationFailed or WaitTimeout otherwise. `unknown_threshold`
+        (0..1) sets the task's default threshold below which predictions say "unknown".
         """
         started = time.monotonic()
         call = create_task_call(
@@ -135,6 +137,7 @@ class Client:
             steps=steps,
             wait=wait,
             idempotency_key=idempotency_key,
+            unknown_threshold=unknown_threshold,
         )
         task = Task.from_json(self.send(call))
         if wait is None:
@@ -196,10 +199,20 @@ class Client:
         self.send(Call("DELETE", f"/v1/tasks/{task_id}"))
 
     def predict(
-        self, task_id: str, images: Sequence[ImageInput], *, top_k: int | None = None
+        self,
+        task_id: str,
+        images: Sequence[ImageInput],
+        *,
+        top_k: int | None = None,
+        unknown_threshold: float | None = None,
     ) -> PredictionResult:
-        """Predict labels for query images (retried while the task is still adapting)."""
-        return PredictionResult.from_json(self.send(predict_call(task_id, images, top_k)))
+        """Predict labels for query images (retried while the task is still adapting).
+
+        An image whose calibrated score is below `unknown_threshold` (0..1; 0: never) is labelled
+        "unknown"; default: the task's threshold, else the initialization's calibrated one.
+        """
+        call = predict_call(task_id, images, top_k, unknown_threshold)
+        return PredictionResult.from_json(self.send(call))
 
     def readapt(
         self,

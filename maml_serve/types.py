@@ -57,6 +57,11 @@ class Task:
     error_message: str | None
     created_at: datetime | None
     raw: dict[str, Any] = field(repr=False)
+    # The task's own "unknown" threshold (None: the initialization's default applies), and the
+    # support-set diagnostics of its adapted model (leave_one_out_accuracy, per_class,
+    # confusable_pairs), as the API returns them.
+    unknown_threshold: float | None = None
+    diagnostics: dict[str, Any] | None = None
 
     @property
     def ready(self) -> bool:
@@ -82,7 +87,13 @@ class Task:
             error_message=message,
             created_at=_time(body.get("created_at")),
             raw=body,
+            unknown_threshold=_float_or_none(body.get("unknown_threshold")),
+            diagnostics=body["diagnostics"] if isinstance(body.get("diagnostics"), dict) else None,
         )
+
+
+def _float_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
 
 
 @dataclass(frozen=True)
@@ -131,12 +142,19 @@ class Job:
 
 @dataclass(frozen=True)
 class Prediction:
-    """The prediction for one query image: its label, every probability, the top k."""
+    """The prediction for one query image: its label ("unknown" when its score is below the
+    threshold), every task label's probability, the top k and the calibrated score."""
 
     label: str
     probabilities: dict[str, float]
     top_k: list[tuple[str, float]]
     raw: dict[str, Any] = field(repr=False)
+    score: float | None = None
+
+    @property
+    def unknown(self) -> bool:
+        """True when the image looks like none of the task's classes."""
+        return self.label == "unknown"
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Prediction:
@@ -146,6 +164,7 @@ class Prediction:
             probabilities={str(k): float(v) for k, v in body.get("probabilities", {}).items()},
             top_k=[(str(e["label"]), float(e["probability"])) for e in body.get("top_k", [])],
             raw=body,
+            score=_float_or_none(body.get("score")),
         )
 
 
@@ -157,6 +176,8 @@ class PredictionResult:
     adapted_model_id: str
     predictions: list[Prediction]
     raw: dict[str, Any] = field(repr=False)
+    unknown_threshold: float | None = None
+    unknown_threshold_source: str | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -171,6 +192,8 @@ class PredictionResult:
             adapted_model_id=str(body["adapted_model_id"]),
             predictions=[Prediction.from_json(p) for p in body.get("predictions", [])],
             raw=body,
+            unknown_threshold=_float_or_none(body.get("unknown_threshold")),
+            unknown_threshold_source=body.get("unknown_threshold_source"),
         )
 
 

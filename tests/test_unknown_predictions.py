@@ -240,3 +240,25 @@ def test_in_task_omniglot_queries_are_mostly_known(
         total += len(labels)
     # The default threshold keeps ~95% of genuine queries.
     assert kept >= 0.8 * total, f"only {kept} of {total} in-task queries were kept"
+
+
+def test_the_python_client_sends_thresholds_and_reads_scores(tmp_path: Path, shipped: Path) -> None:
+    from maml_serve import Client
+
+    with TestClient(create_app(make_settings(tmp_path / "data", shipped))) as app:
+        key = create_key(app, "acme")["Authorization"].removeprefix("Bearer ")
+        with Client("http://testserver", key, transport=app._transport) as client:
+            support = {kind: [shape_png(kind, 0), shape_png(kind, 1)] for kind in SHAPES}
+            task = client.create_task(support, wait=60, unknown_threshold=0.2)
+            assert task.unknown_threshold == 0.2
+            assert task.diagnostics is not None
+            assert task.diagnostics["leave_one_out_accuracy"] is not None
+            default = client.predict(task.id, [blank_png()])
+            assert default.unknown_threshold == 0.2
+            assert default.unknown_threshold_source == "task"
+            assert default.predictions[0].unknown
+            score = default.predictions[0].score
+            assert score is not None and score < 0.2
+            off = client.predict(task.id, [blank_png()], unknown_threshold=0.0)
+            assert off.unknown_threshold_source == "request"
+            assert off.labels[0] in SHAPES and not off.predictions[0].unknown
