@@ -255,7 +255,7 @@ async function createTask() {
       task = await api("GET", `/v1/tasks/${task.id}`);
     }
     if (task.status === "ready") {
-      status.textContent = `ready: support accuracy ${percent(task.adapted_model.support_accuracy)} (${task.initialization_version})`;
+      status.textContent = `ready: ${supportSummary(task)} (${task.initialization_version})`;
       status.dataset.taskId = task.id;
       $("#label-rows").replaceChildren();
       addLabelRow();
@@ -275,6 +275,21 @@ async function createTask() {
   }
 }
 
+// Support-set diagnostics: leave-one-out accuracy (classes with >= 2 images) and the closest pair.
+function leaveOneOut(task) {
+  const d = task.diagnostics;
+  if (!d) return "";
+  return d.leave_one_out_accuracy === null ? "n/a (1 image per class)" : percent(d.leave_one_out_accuracy);
+}
+
+function supportSummary(task) {
+  const d = task.diagnostics;
+  if (!d) return "adapted";
+  const pair = d.confusable_pairs[0];
+  const closest = pair ? `; most alike: ${pair.first} / ${pair.second} (similarity ${pair.similarity.toFixed(2)})` : "";
+  return `leave-one-out accuracy ${leaveOneOut(task)}${closest}`;
+}
+
 // --- tasks ----------------------------------------------------------------------------------
 
 async function refreshTasks() {
@@ -287,7 +302,7 @@ async function refreshTasks() {
       el("td", {}, task.name || task.id.slice(0, 8)),
       el("td", {}, labels),
       el("td", { class: `status-${task.status}` }, task.status),
-      el("td", {}, task.adapted_model ? percent(task.adapted_model.support_accuracy) : ""),
+      el("td", {}, leaveOneOut(task)),
       el("td", {}, when(task.created_at)),
       el("td", {},
         el("button", { class: "small use-task", onclick: () => selectTask(task) }, "Predict"), " ",
@@ -358,7 +373,9 @@ function renderPredictions(predictions, blobs) {
       blobs[i] ? thumb(blobs[i]) : el("span"),
       el("div", {}, el("div", { class: unknown ? "predicted-label unknown" : "predicted-label" },
         unknown ? "unknown" : prediction.label),
-      el("div", { class: "muted" }, unknown ? "no label is a confident match" : "")),
+      el("div", { class: "muted" }, unknown ? "looks like none of the task's labels" : ""),
+      el("div", { class: "muted" }, prediction.score === null || prediction.score === undefined
+        ? "" : `familiarity ${percent(prediction.score)}`)),
       el("div", { class: "bars" }, ...bars)));
   });
 }
