@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from app.core.schemas import DATASET_ID, WHEN, CleanText
 
@@ -17,7 +17,20 @@ _DATASET: dict[str, Any] = {
     "image_count": 19280,
     "size_bytes": 9464212,
     "sha256": "e4a7b2c9d1f3e5a7b9c1d3e5f7a9b1c3d5e7f9a1b3c5d7e9f1a3b5c7d9e1f3a5",
-    "details": {"layout": "grouped", "groups": 30, "images_per_class": 20, "source": "omniglot"},
+    "details": {
+        "layout": "grouped",
+        "groups": 30,
+        "images_per_class": 20,
+        "source": "omniglot",
+        "validation_by": "group",
+        "validation_groups": [
+            "Anglo-Saxon_Futhorc",
+            "Early_Aramaic",
+            "Greek",
+            "Japanese_(katakana)",
+        ],
+        "validation_classes": 122,
+    },
     "created_at": WHEN,
 }
 
@@ -35,6 +48,15 @@ class DatasetPublic(BaseModel):
     sha256: str
     details: dict[str, Any] = Field(description="Layout, group count, images per class, source.")
     created_at: datetime
+
+    @computed_field(  # type: ignore[prop-decorator]
+        description="Groups (or, in a flat dataset, classes) held out for validation, fixed at "
+        "registration: every run validates on exactly these and never trains on them."
+    )
+    @property
+    def validation_groups(self) -> list[str]:
+        """The held-out groups recorded in the details."""
+        return [str(g) for g in self.details.get("validation_groups") or []]
 
 
 class DatasetList(BaseModel):

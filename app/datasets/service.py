@@ -7,7 +7,7 @@ import stat
 import uuid
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
@@ -43,6 +43,36 @@ class DatasetSummary:
     image_count: int
     group_count: int
     min_images_per_class: int
+    validation: dict[str, Any] = field(default_factory=dict)
+
+
+def validation_split(path: Path) -> dict[str, Any]:
+    """The held-out part of a dataset, fixed at registration from its group (or class) names.
+
+    Grouped data holds out whole groups (alphabets); flat data holds out whole classes. The
+    choice depends only on the names (fewshot.promotion.choose_validation_groups), so it can
+    be recomputed and audited, and every run on the dataset validates on exactly these.
+    """
+    import fewshot
+    from fewshot.data import _entries, _list_members
+    from fewshot.promotion import choose_validation_groups
+
+    entries = _entries(_list_members(path))
+    groups = sorted({e.group for e in entries})
+    by = "group" if len(groups) >= 2 else "class"
+
+    def unit(group: str, class_key: str) -> str:
+        if by == "group":
+            return group
+        # The class name fewshot.data.load_dataset gives a flat dataset's class.
+        return f"{group}/{class_key.split('/')[-1]}" if group else class_key
+
+    try:
+        held = choose_validation_groups(sorted({unit(e.group, e.class_key) for e in entries}))
+    except fewshot.DatasetError:
+        return {}
+    classes = {e.class_key for e in entries if unit(e.group, e.class_key) in held}
+    return {"validation_by": by, "validation_groups": held, "validation_classes": len(classes)}
 
 
 def _ignored(name: str) -> bool:
@@ -144,6 +174,7 @@ def _check_layout(
         image_count=int(counts["images"]),  # type: ignore[call-overload]
         group_count=int(counts["groups"]),  # type: ignore[call-overload]
         min_images_per_class=int(counts["min_images_per_class"]),  # type: ignore[call-overload]
+        validation=validation_split(Path(archive.filename or "")),
     )
 
 
@@ -238,6 +269,7 @@ def create_dataset(
                 "groups": summary.group_count,
                 "min_images_per_class": summary.min_images_per_class,
                 "min_classes": min_classes,
+                **summary.validation,
                 **(details or {}),
             },
         )

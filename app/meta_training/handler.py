@@ -5,6 +5,12 @@ shutdown stops the run at its next report, after a checkpoint. A run picked up a
 worker died and the lease ran out) resumes from that checkpoint. At the end the new
 initialization and the active one are scored on the same validation episodes, and the new
 version is registered (and promoted, if the run asked for it and the rule allows).
+
+The validation groups are the dataset's, fixed when it was registered: the run trains on the rest
+and validates on exactly those. Promotion compares the new version and the baseline paired, on
+the same seeded episodes of those groups (fewshot.promotion), and refuses when a required shape
+is worse beyond the margin, cannot be drawn, has too few episodes, or when a validation group was
+part of either version's training.
 """
 
 from __future__ import annotations
@@ -36,12 +42,18 @@ from app.models import Dataset, Initialization, Job, utcnow
 if TYPE_CHECKING:
     from fewshot.data import ImageDataset
     from fewshot.initialization import Initialization as FewshotInitialization
+    from fewshot.promotion import PromotionVerdict
     from fewshot.training import Progress
 
 log = logging.getLogger(__name__)
 
-COMPARISON_SHAPES = ((5, 1), (20, 1))
 EVAL_SEED = 20_240_601
+EVAL_QUERIES = 5
+# Paired episodes per shape a promotion needs (fewshot.promotion.MIN_EPISODES).
+MIN_PROMOTION_EPISODES = 400
+# Always required; the 5-shot shapes too when every validation class has 5 + queries images.
+ONE_SHOT_SHAPES = ((5, 1, False), (20, 1, False))
+FIVE_SHOT_SHAPES = ((5, 5, False), (20, 5, False))
 
 
 def _without_paths(message: str, dataset_path: Path) -> str:
@@ -84,28 +96,66 @@ def train_config(params: dict[str, Any], start: FewshotInitialization | None) ->
 # --- data -------------------------------------------------------------------------------------
 
 
-def _split(data: ImageDataset, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
-    from fewshot.data import ImageDataset, split_groups
+def _units(data: ImageDataset, by: str) -> ImageDataset:
+    from fewshot.data import ImageDataset
 
-    if len(data.group_names) < 2:
-        # A flat dataset: hold out whole classes instead of groups.
-        data = ImageDataset(data.images, data.targets, data.classes, list(data.classes))
-    groups = len(data.group_names)
-    holdout = min(groups - 1, max(1, round(groups * fraction)))
-    return split_groups(data, holdout, seed=seed)
+    if by == "class" or len(data.group_names) < 2:
+        # A flat dataset: whole classes are held out instead of groups.
+        return ImageDataset(data.images, data.targets, data.classes, list(data.classes))
+    return data
+
+
+def validation_groups_of(details: dict[str, Any], data: ImageDataset) -> tuple[list[str], str]:
+    """The dataset's held-out groups (or classes) and which they are, fixed at registration.
+
+    Datasets registered before the split was recorded get the same deterministic choice now.
+    """
+    from fewshot.promotion import choose_validation_groups
+
+    held = details.get("validation_groups")
+    by = str(details.get("validation_by") or ("group" if len(data.group_names) >= 2 else "class"))
+    if isinstance(held, list) and held:
+        return sorted(str(g) for g in held), by
+    return choose_validation_groups(_units(data, by).group_names), by
+
+
+def split_fixed(units: ImageDataset, held: list[str]) -> tuple[ImageDataset, ImageDataset]:
+    """Train on everything but the held-out groups; validate on exactly them."""
+    from fewshot.errors import DatasetError
+
+    names = units.group_names
+    missing = sorted(set(held) - set(names))
+    if missing:
+        raise DatasetError(f"the dataset's validation groups are not in its data: {missing}")
+    train = [g for g in names if g not in set(held)]
+    if not train:
+        raise DatasetError("every group of the dataset is held out for validation")
+    return units.subset_groups(train), units.subset_groups(held)
 
 
 @dataclass
 class _Data:
     path: Path
-    fraction: float
-    seed: int
+    details: dict[str, Any]
 
-    def split(self, config: Any) -> tuple[ImageDataset, ImageDataset]:
+    def load(self, config: Any) -> _Split:
         """Train and validation parts at a model config's size and mode (the same split always)."""
         from fewshot.data import load_dataset
 
-        return _split(load_dataset(self.path, config), self.fraction, self.seed)
+        data = load_dataset(self.path, config)
+        held, by = validation_groups_of(self.details, data)
+        units = _units(data, by)
+        train, val = split_fixed(units, held)
+        return _Split(units, train, val, held, by)
+
+
+@dataclass
+class _Split:
+    whole: ImageDataset
+    train: ImageDataset
+    val: ImageDataset
+    held: list[str]
+    by: str
 
 
 # --- the job row ------------------------------------------------------------------------------
@@ -149,49 +199,147 @@ class _Reporter:
 
 
 def _result(row: Initialization, promoted: bool) -> dict[str, Any]:
+    metrics = row.metrics or {}
     return {
         "initialization_version": row.version,
-        "metrics": row.metrics,
+        "metrics": metrics,
         "promoted": promoted,
+        # Why it was (or was not) promoted, and the paired comparison behind it.
+        "promotion": metrics.get("promotion"),
     }
 
 
 # --- evaluation and registration --------------------------------------------------------------
 
 
+def required_shapes(val: ImageDataset) -> list[tuple[int, int, bool]]:
+    """5w1s and 20w1s always; 5w5s and 20w5s when every validation class has enough images."""
+    import torch
+
+    smallest = int(torch.bincount(val.targets, minlength=len(val.classes)).min())
+    five_shot = list(FIVE_SHOT_SHAPES) if smallest >= 5 + EVAL_QUERIES else []
+    return [*ONE_SHOT_SHAPES, *five_shot]
+
+
 def _score(
-    init: FewshotInitialization, val: ImageDataset, episodes: int, device: str
+    init: FewshotInitialization,
+    val: ImageDataset,
+    shapes: list[tuple[int, int, bool]],
+    episodes: int,
+    device: str,
 ) -> dict[str, Any]:
     from fewshot.evaluate import evaluate_shapes
 
     results = evaluate_shapes(
-        init, val, COMPARISON_SHAPES, episodes=episodes, seed=EVAL_SEED, device=device
-    )
+        init, val, [(w, k) for w, k, _ in shapes], episodes=episodes, seed=EVAL_SEED,
+        queries=EVAL_QUERIES, device=device,
+    )  # fmt: skip
     return {
         f"{w}w{k}s": {
-            "accuracy": round(r.accuracy, 5),
-            "ci95": round(r.ci95 if math.isfinite(r.ci95) else 0.0, 5),
-            "episodes": r.episodes,
+            key: (v if not isinstance(v, float) else round(v, 5) if math.isfinite(v) else None)
+            for key, v in r.to_dict().items()
         }
         for (w, k), r in results.items()
     }
 
 
-def compare(new: dict[str, Any], active: dict[str, Any]) -> dict[str, Any]:
-    """Per shape: the difference and whether the new one is not worse beyond the 95% intervals."""
-    out: dict[str, Any] = {}
-    for shape, score in new.items():
-        if shape not in active:
+def _data_key(config: Any) -> tuple[Any, ...]:
+    return (config.in_channels, config.image_size, config.invert)
+
+
+def _paired(
+    candidate: FewshotInitialization,
+    active: FewshotInitialization,
+    val: ImageDataset,
+    active_val: ImageDataset,
+    shapes: list[tuple[int, int, bool]],
+    episodes: int,
+    device: str,
+) -> PromotionVerdict:
+    """Both versions on the same seeded episodes per shape, paired (fewshot.promotion)."""
+    from fewshot import promotion as fp
+    from fewshot.errors import EpisodeError
+    from fewshot.evaluate import episode_scores
+
+    if active_val is val:
+        return fp.compare_initializations(
+            candidate, active, val, shapes, episodes=episodes, queries=EVAL_QUERIES,
+            seed=EVAL_SEED, device=device,
+        )  # fmt: skip
+    # The baseline reads images at another size or mode: the same episodes (they are drawn
+    # by index from one seed) scored on each version's own decoding of the data.
+    results: list[fp.ShapeComparison] = []
+    for ways, shots, within in shapes:
+        scores: list[list[float]] = []
+        try:
+            for init, data in ((candidate, val), (active, active_val)):
+                steps = init.config.inner_steps
+                scores.append(
+                    episode_scores(
+                        init.to(device), data, ways=ways, shots=shots, queries=EVAL_QUERIES,
+                        episodes=episodes, steps_list=[steps], seed=EVAL_SEED,
+                        within_group=within, device=device,
+                    )[steps]
+                )  # fmt: skip
+        except EpisodeError:
             continue
-        other = active[shape]
-        margin = math.hypot(score["ci95"], other["ci95"])
-        difference = score["accuracy"] - other["accuracy"]
-        out[shape] = {
-            "difference": round(difference, 5),
-            "ci95": round(margin, 5),
-            "not_worse": difference >= -margin,
-        }
-    return out
+        difference, ci = fp.paired_difference(scores[0], scores[1])
+        results.append(
+            fp.ShapeComparison(
+                ways=ways, shots=shots, within_group=within, episodes=len(scores[0]),
+                candidate=sum(scores[0]) / len(scores[0]), active=sum(scores[1]) / len(scores[1]),
+                difference=difference, ci95=ci, margin=fp.DEFAULT_MARGIN,
+            )
+        )  # fmt: skip
+    return fp.verdict(results, shapes, validation_groups=val.group_names)
+
+
+def decide(
+    compared: PromotionVerdict,
+    shapes: list[tuple[int, int, bool]],
+    held: list[str],
+    overlap: list[str],
+) -> PromotionVerdict:
+    """The final verdict: the comparison's, with every known training overlap counted."""
+    from fewshot import promotion as fp
+
+    return fp.verdict(
+        compared.comparisons, shapes, margin=compared.margin, min_episodes=fp.MIN_EPISODES,
+        overlap=overlap, validation_groups=held,
+    )  # fmt: skip
+
+
+def _shape_key(c: Any) -> str:
+    return f"{c.ways}w{c.shots}s" + ("-within" if c.within_group else "")
+
+
+def comparison_card(metadata: dict[str, Any], promotion_doc: dict[str, Any] | None) -> str:
+    """The model card: fewshot's card plus the promotion comparison, shape by shape."""
+    from fewshot.card import render_model_card
+
+    text = render_model_card(metadata)
+    if not promotion_doc:
+        return text
+    lines = [
+        "",
+        f"## Promotion comparison against {promotion_doc.get('baseline_version')}",
+        "",
+        "Both versions on the same seeded episodes of the validation groups; difference = new - "
+        f"baseline per episode (paired), 95% interval; margin {100 * promotion_doc['margin']:.2f} "
+        "points.",
+        "",
+        "| task | new | baseline | difference (points) | episodes | not worse |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in promotion_doc.get("comparisons", []):
+        lines.append(
+            f"| {c['name']} | {100 * c['candidate']:.2f}% | {100 * c['active']:.2f}% "
+            f"| {100 * c['difference']:+.2f} ± {100 * c['ci95']:.2f} | {c['episodes']} "
+            f"| {'yes' if c['not_worse'] else 'no'} |"
+        )
+    verdict = "promote" if promotion_doc["promote"] else "do not promote"
+    lines += ["", f"Verdict: {verdict}. " + "; ".join(promotion_doc["reasons"]), ""]
+    return text + "\n".join(lines)
 
 
 def _register(
@@ -210,6 +358,8 @@ def _register(
     init.metadata.update({"version": version, "metrics": metrics})
     init.metadata.pop("curve", None)
     staged = init.save(folder / "register")
+    card = {**init.metadata, "metrics": metrics.get("validation_detail") or {}}
+    (staged / "README.md").write_text(comparison_card(card, metrics.get("promotion")))
     key = initialization_key(version)
     runtime.store.copy_tree_in(staged, key)
     sha = sha256_file(runtime.store.path(f"{key}/weights.safetensors"))
@@ -287,6 +437,7 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
         )
         params = dict(job.params)
         detail = dict(job.progress_detail or {})
+        dataset_details = dict(dataset.details or {})
         dataset_path = runtime.store.verify(dataset.artifact_key, dataset.sha256)
 
     reporter = _Reporter(heartbeat, detail)
@@ -295,9 +446,10 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
     device = runtime.models.device
     start = runtime.models.initialization(start_row) if start_row is not None else None
     cfg = train_config(params, start)
-    data = _Data(dataset_path, float(params.get("validation_split", 0.2)), cfg.seed)
+    data = _Data(dataset_path, dataset_details)
     try:
-        train, val = data.split(cfg.model if start is None else start.config)
+        split = data.load(cfg.model if start is None else start.config)
+        train, val, held, by = split.train, split.val, split.held, split.by
         if len(train.classes) < cfg.ways[1]:
             raise fewshot.DatasetError(
                 f"the training part has {len(train.classes)} classes; ways up to "
@@ -343,8 +495,15 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
         return Outcome("skipped")
 
     reporter.stage("evaluating")
-    episodes = int(params.get("validation_episodes", 200))
-    new_scores = _score(result.initialization, val, episodes, device)
+    new = result.initialization
+    # Recorded with the version, so any later comparison can check for overlap.
+    new.metadata.update(
+        validation_groups=held, validation_by=by, training_groups=sorted(train.group_names)
+    )
+    auto = bool(params.get("auto_promote"))
+    requested = int(params.get("validation_episodes", 200))
+    episodes = max(requested, MIN_PROMOTION_EPISODES) if auto else requested
+    shapes = required_shapes(val)
     with runtime.sessions() as session:
         # The baseline is what the tenant's new tasks adapt from now.
         run_tenant = session.scalar(select(Job.tenant_id).where(Job.id == claim.job_id))
@@ -354,24 +513,53 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
             else registry.default_for(session=session, tenant_id=run_tenant)
         )
     metrics: dict[str, Any] = {
-        "validation": new_scores,
+        # The new version alone on the same episodes, with its accuracy at 0 inner steps.
+        "validation_detail": _score(new, val, shapes, episodes, device),
         "dataset": {"id": str(params.get("dataset_id")), "name": params.get("dataset_name")},
         "iterations": result.iteration,
         "wall_time_s": round(result.wall_time_s, 1),
         "validation_classes": len(val.classes),
+        "validation_groups": held,
+        "training_groups": sorted(train.group_names),
+        "required_shapes": [f"{w}w{k}s" for w, k, _ in shapes],
     }
+    metrics["validation"] = {
+        shape: {k: r[k] for k in ("accuracy", "ci95", "episodes")}
+        for shape, r in metrics["validation_detail"].items()
+    }
+    promote = auto
     if active_row is not None:
+        from fewshot.promotion import overlapping_groups
+
         active = runtime.models.initialization(active_row)
-        _, active_val = data.split(active.config)
-        active_scores = _score(active, active_val, episodes, device)
-        comparison = compare(new_scores, active_scores)
-        metrics["baseline"] = {"version": active_row.version, "validation": active_scores}
-        metrics["comparison"] = comparison
-        promote = bool(params.get("auto_promote")) and all(
-            c["not_worse"] for c in comparison.values()
+        same = _data_key(active.config) == _data_key(new.config)
+        active_val = val if same else data.load(active.config).val
+        compared = _paired(new, active, val, active_val, shapes, episodes, device)
+        # The whole dataset infers the training groups of older versions that recorded only
+        # their validation groups.
+        overlap = sorted(
+            set(overlapping_groups(new.metadata, held, split.whole))
+            | set(overlapping_groups(active.metadata, held, split.whole))
         )
+        final = decide(compared, shapes, held, overlap)
+        document = {**final.to_dict(), "baseline_version": active_row.version, "episodes": episodes}
+        metrics["promotion"] = document
+        metrics["baseline"] = {"version": active_row.version}
+        metrics["comparison"] = {_shape_key(c): c.to_dict() for c in final.comparisons}
+        metrics["baseline"]["validation"] = {
+            _shape_key(c): {"accuracy": c.active, "episodes": c.episodes} for c in final.comparisons
+        }
+        promote = auto and final.promote
     else:
-        promote = bool(params.get("auto_promote"))
+        metrics["promotion"] = {
+            "promote": auto,
+            "reasons": ["no baseline version to compare with"],
+            "baseline_version": None,
+            "validation_groups": held,
+            "comparisons": [],
+            "episodes": episodes,
+        }
+    metrics["promotion"]["auto_promote"] = auto
     reporter.stage("registering")
     with runtime.sessions() as session:
         job = session.get(Job, claim.job_id)

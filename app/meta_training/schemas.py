@@ -128,9 +128,18 @@ class MetaTrainingCreate(BaseModel):
     algorithm: AlgorithmIn = Field(default_factory=AlgorithmIn)
     model: ModelIn | None = None
     validation_split: float = Field(
-        default=0.2, gt=0, lt=1, description="Share of groups (or classes) held out."
+        default=0.2,
+        gt=0,
+        lt=1,
+        description="Ignored (kept for old clients): a run validates on the dataset's validation "
+        "groups, fixed when the dataset was registered.",
     )
-    validation_episodes: int = Field(default=200, ge=2, le=10_000)
+    validation_episodes: int = Field(
+        default=200,
+        ge=2,
+        le=10_000,
+        description="Episodes per task shape in the final scoring; at least 400 with auto_promote.",
+    )
     validate_every: int = Field(default=500, ge=0, description="Iterations; 0: only at the end.")
     log_every: int = Field(
         default=25, ge=1, description="Iterations between progress reports and cancel checks."
@@ -139,7 +148,10 @@ class MetaTrainingCreate(BaseModel):
     max_seconds: float | None = Field(default=None, gt=0)
     auto_promote: bool = Field(
         default=False,
-        description="Promote at the end unless worse than the active version beyond the 95% CI.",
+        description="Promote at the end only if, on the same seeded episodes (at least 400 per "
+        "shape) of the validation groups, no required shape (5w1s, 20w1s; 5w5s, 20w5s when the "
+        "classes have 10 images) is worse than the current default beyond the margin, every "
+        "required shape could be drawn, and neither version trained on a validation group.",
     )
 
 

@@ -66,14 +66,18 @@ def start_meta_training(
             "backbone",
             code="model_with_start_version",
         )
-    # Validation holds out a share of the classes; the rest must cover the largest way count.
+    # Validation holds out the groups fixed at registration; the rest must cover the ways.
     needed = body.algorithm.ways[1]
-    usable = int(dataset.class_count * (1 - body.validation_split))
+    held = (dataset.details or {}).get("validation_classes")
+    if isinstance(held, int):
+        usable = dataset.class_count - held
+    else:  # registered before the split was recorded: about 15% held out
+        usable = int(dataset.class_count * 0.85)
     if usable < needed:
         raise InvalidRequest(
             f"dataset {dataset.name!r} has {dataset.class_count} classes, about {usable} left for "
-            f"training after the validation split; ways up to {needed} need more (lower "
-            "algorithm.ways or validation_split, or use a larger dataset)",
+            f"training besides its validation groups; ways up to {needed} need more (lower "
+            "algorithm.ways, or use a larger dataset)",
             code="dataset_too_small",
         )
     # Training draws shots + queries images per class; validation draws 1 shot + 5 queries.
