@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -92,3 +93,26 @@ def test_single_shot_tasks_have_no_leave_one_out_accuracy(
     assert len(diagnostics["confusable_pairs"]) == 3
     for pair in diagnostics["confusable_pairs"]:
         assert -1 <= pair["similarity"] <= 1
+
+
+def test_jobs_adapted_in_one_batch_record_their_own_diagnostics(
+    client: TestClient, auth: dict[str, str]
+) -> None:
+    from app.jobs import runner
+    from tests.helpers import runtime_of
+
+    runtime = runtime_of(client)
+    client.app.state.dispatcher.submit = lambda *args: None  # type: ignore[attr-defined]
+    created = []
+    for seed, labels in enumerate([["a", "a", "b"], ["x", "y", "y", "z"]]):
+        files, data = support_files(labels, seed=seed)
+        response = client.post("/v1/tasks", headers=auth, files=files, data=data)
+        created.append(response.json())
+    # One delivery adapts both queued jobs (app.adaptations.batch).
+    assert runner.run_job(runtime, uuid.UUID(created[0]["job"]["id"])).status == "done"
+    first, second = (client.get(f"/v1/tasks/{task['id']}", headers=auth).json() for task in created)
+    assert first["diagnostics"]["per_class"].keys() == {"a", "b"}
+    assert first["diagnostics"]["evaluated_images"] == 2
+    assert second["diagnostics"]["per_class"].keys() == {"x", "y", "z"}
+    assert second["diagnostics"]["evaluated_images"] == 2
+    assert first["diagnostics"]["per_class"]["b"] is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import random
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -262,3 +263,22 @@ def test_the_python_client_sends_thresholds_and_reads_scores(tmp_path: Path, shi
             off = client.predict(task.id, [blank_png()], unknown_threshold=0.0)
             assert off.unknown_threshold_source == "request"
             assert off.labels[0] in SHAPES and not off.predictions[0].unknown
+
+
+def test_scores_survive_reloading_the_adapted_model_from_its_file(
+    api: tuple[TestClient, dict[str, str]],
+) -> None:
+    from tests.helpers import runtime_of
+
+    client, headers = api
+    task = shapes_task(client, headers)
+    images = [shape_png("triangle", 40), blank_png()]
+    cached = predict(client, headers, task["id"], images)["predictions"]
+    # Forgotten by the cache: the next request reads the weights file (prototypes, class counts
+    # and calibration included) again.
+    runtime_of(client).models.forget([uuid.UUID(task["adapted_model"]["id"])])
+    reloaded = predict(client, headers, task["id"], images)["predictions"]
+    for a, b in zip(cached, reloaded, strict=True):
+        assert a["label"] == b["label"]
+        assert a["score"] == pytest.approx(b["score"], abs=1e-6)
+    assert reloaded[1]["label"] == "unknown"
