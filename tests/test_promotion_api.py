@@ -5,17 +5,19 @@ from __future__ import annotations
 import io
 import zipfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from app.main import create_app
 from app.meta_training import handler
 from app.models import Initialization
 from fewshot import promotion as fp
 from tests.admin_data import class_images, tiny_run, upload, wait_run
-from tests.helpers import create_key, runtime_of
+from tests.helpers import create_key, make_settings, runtime_of
 
 
 @pytest.fixture
@@ -221,3 +223,27 @@ def test_validation_groups_in_a_versions_training_refuse_promotion(
     reasons = run["result"]["promotion"]["reasons"]
     assert any("overlap" in r and second["validation_groups"][0] in r for r in reasons), reasons
     assert _default_version(client, admin) == baseline
+
+
+def test_omniglot_registration_fixes_the_held_out_alphabets(
+    tmp_path: Path, tiny_init_dir: Path
+) -> None:
+    # Laid out like images_background.zip: one wrapper folder, then alphabet/character/image.
+    alphabets = ["Greek", "Latin", "Korean", "Bengali", "Tifinagh", "Gujarati"]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for a, alphabet in enumerate(alphabets):
+            for c in range(4):
+                for i, data in enumerate(class_images(a * 10 + c, 2)):
+                    archive.writestr(f"images_background/{alphabet}/char{c}/{i}.png", data)
+    source = tmp_path / "background.zip"
+    source.write_bytes(buffer.getvalue())
+    settings = make_settings(tmp_path / "state", tiny_init_dir, omniglot_path=source)
+    with TestClient(create_app(settings)) as client:
+        admin = create_key(client, "acme", admin=True)
+        response = client.post("/v1/admin/datasets/omniglot", headers=admin, json={})
+        assert response.status_code == 201, response.text
+        shown = response.json()
+    held = fp.choose_validation_groups(alphabets)
+    assert shown["validation_groups"] == held and set(held) <= set(alphabets)
+    assert shown["details"]["validation_classes"] == 4 * len(held)
