@@ -31,6 +31,7 @@ _DATASET: dict[str, Any] = {
         ],
         "validation_classes": 122,
     },
+    "validation_groups": ["Anglo-Saxon_Futhorc", "Early_Aramaic", "Greek", "Japanese_(katakana)"],
     "created_at": WHEN,
 }
 
