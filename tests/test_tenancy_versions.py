@@ -132,9 +132,7 @@ def test_a_trained_version_belongs_to_its_tenant(
     assert run["state"] == "succeeded", run
     version = run["result"]["initialization_version"]
     # Tenant a's admin makes its own version its tenant's default.
-    promoted = client.post(
-        f"/v1/admin/initializations/{version}/promote", headers=keys["a-admin"]
-    )
+    promoted = client.post(f"/v1/admin/initializations/{version}/promote", headers=keys["a-admin"])
     assert promoted.status_code == 200, promoted.text
     mine = client.get(f"/v1/initializations/{version}", headers=keys["a-user"]).json()
     assert mine["scope"] == "tenant" and mine["metrics"]["dataset"]["name"] == "a-data"
