@@ -93,10 +93,20 @@ def _shape(
             _png(Image.fromarray(noise.astype(np.uint8))),
         ]
         truth += ["<blank>", "<noise>"]
-        response = client.post(
-            "/v1/tasks?wait=120", headers=headers, files=_files(support), data={"labels": labels}
-        )
+        for _ in range(30):
+            response = client.post(
+                "/v1/tasks?wait=120",
+                headers=headers,
+                files=_files(support),
+                data={"labels": labels},
+            )
+            if response.status_code != 429:
+                break
+            # The tenant's adapt backlog is full: wait as told.
+            print(f"429: {response.json()['detail']}", file=sys.stderr)
+            time.sleep(float(response.headers.get("Retry-After", "1")))
         response.raise_for_status()
+        assert response.json()["status"] == "ready", response.json()
         task_id = response.json()["id"]
         predictions: list[dict[str, Any]] = []
         for start in range(0, len(query), 200):
@@ -109,7 +119,7 @@ def _shape(
             body = answer.json()
             threshold = body["unknown_threshold"]
             predictions += body["predictions"]
-        client.delete(f"/v1/tasks/{task_id}", headers=headers)
+        client.delete(f"/v1/tasks/{task_id}", headers=headers).raise_for_status()
         for want, p in zip(truth, predictions, strict=True):
             unknown = p["label"] == "unknown"
             kind = {None: "out", "<blank>": "blank", "<noise>": "noise"}.get(want, "in")
