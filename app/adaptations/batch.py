@@ -17,11 +17,17 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.adaptations.handler import _DONE, _forget_if_task_deleted, _result, support_diagnostics
+from app.adaptations.handler import (
+    _DONE,
+    _forget_if_task_deleted,
+    _result,
+    load_support,
+    permanent_failures,
+    support_diagnostics,
+)
 from app.core import metrics
-from app.core.images import decode_stored
 from app.core.runtime import Runtime
-from app.core.storage import ArtifactCorrupt, adapted_weights_key, sha256_file
+from app.core.storage import adapted_weights_key, sha256_file
 from app.jobs import state
 from app.jobs.batch import BatchResult, Held
 from app.jobs.runner import PermanentJobError
@@ -188,9 +194,6 @@ def _read_rows(runtime: Runtime, claims: list[Claim]) -> list[tuple[Claim, _Rows
 
 def _load(runtime: Runtime, claim: Claim, rows: _Rows) -> _Loaded | Outcome:
     """Check one job's rows; decode and preprocess its support images."""
-    import torch
-
-    import fewshot
 
     job, task, init_row = rows.job, rows.task, rows.init_row
     if job is None or task is None or init_row is None:
@@ -204,32 +207,9 @@ def _load(runtime: Runtime, claim: Claim, rows: _Rows) -> _Loaded | Outcome:
     steps_param = job.params.get("steps", task.steps)
     mode = str(job.params.get("mode", task.mode))
     task_id, support_sha256 = task.id, task.support_set_sha256
-    try:
+    with permanent_failures(claim.job_id):
         init = runtime.models.initialization(init_row)
-        # Read, decoded and shrunk one at a time, as the lone handler does.
-        side = runtime.settings.max_decoded_side
-        support = torch.cat(
-            [
-                fewshot.preprocess_images(
-                    [decode_stored(runtime.store.read_bytes(e.image_key, e.sha256), side)],
-                    init.config,
-                )
-                for e in examples
-            ]
-        )
-    except fewshot.EpisodeError as exc:
-        raise PermanentJobError("invalid_support_set", str(exc)) from exc
-    except fewshot.CheckpointError as exc:
-        log.error("job %s: initialization unreadable: %s", claim.job_id, exc)
-        raise PermanentJobError(
-            "initialization_unreadable", "the initialization's files could not be read"
-        ) from exc
-    except ArtifactCorrupt as exc:
-        raise PermanentJobError("artifact_corrupt", exc.detail) from exc
-    except FileNotFoundError as exc:
-        raise PermanentJobError(
-            "artifact_missing", "a stored file this task needs is missing"
-        ) from exc
+        support = load_support(runtime, init, examples)
     return _Loaded(
         claim=claim,
         task_id=task_id,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     import fewshot
+    from fewshot.initialization import Initialization as FewshotInitialization
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,52 @@ def support_diagnostics(
         return None
 
 
+@contextmanager
+def permanent_failures(job_id: uuid.UUID) -> Iterator[None]:
+    """Turn the errors another attempt would repeat into PermanentJobError with their code."""
+    import fewshot
+
+    try:
+        yield
+    except fewshot.EpisodeError as exc:
+        raise PermanentJobError("invalid_support_set", str(exc)) from exc
+    except fewshot.CheckpointError as exc:
+        # The reader's message names the file: it goes to the log, not to the job.
+        log.error("job %s: initialization unreadable: %s", job_id, exc)
+        raise PermanentJobError(
+            "initialization_unreadable", "the initialization's files could not be read"
+        ) from exc
+    except ArtifactCorrupt as exc:
+        raise PermanentJobError("artifact_corrupt", exc.detail) from exc
+    except FileNotFoundError as exc:
+        raise PermanentJobError(
+            "artifact_missing", "a stored file this task needs is missing"
+        ) from exc
+
+
+def load_support(
+    runtime: Runtime, init: FewshotInitialization, examples: Sequence[SupportExample]
+) -> Tensor:
+    """Support images [S, C, H, W], read, decoded and shrunk one at a time.
+
+    A support set of large images is never in memory at full size.
+    """
+    import torch
+
+    import fewshot
+
+    side = runtime.settings.max_decoded_side
+    return torch.cat(
+        [
+            fewshot.preprocess_images(
+                [decode_stored(runtime.store.read_bytes(e.image_key, e.sha256), side)],
+                init.config,
+            )
+            for e in examples
+        ]
+    )
+
+
 def _forget_if_task_deleted(runtime: Runtime, session: Session, task_id: uuid.UUID) -> bool:
     """Remove the files of a task deleted while it adapted (the weights just written would
     otherwise outlive it); True when it was deleted."""
@@ -68,9 +117,7 @@ def _forget_if_task_deleted(runtime: Runtime, session: Session, task_id: uuid.UU
 
 def run_adapt(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
     """Adapt the task's pinned initialization to its support set and store the weights."""
-    import torch
 
-    import fewshot
     from fewshot import fast
 
     with runtime.sessions() as session:
@@ -101,20 +148,9 @@ def run_adapt(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
         mode = str(job.params.get("mode", task.mode))
         steps_param = job.params.get("steps", task.steps)
         runtime.models.use_serving_threads()
-        try:
+        with permanent_failures(claim.job_id):
             init = runtime.models.initialization(init_row)
-            # One stored image at a time, decoded, shrunk as query images are and turned into
-            # a tensor row: a support set of large images is never in memory at full size.
-            side = runtime.settings.max_decoded_side
-            support = torch.cat(
-                [
-                    fewshot.preprocess_images(
-                        [decode_stored(runtime.store.read_bytes(e.image_key, e.sha256), side)],
-                        init.config,
-                    )
-                    for e in examples
-                ]
-            )
+            support = load_support(runtime, init, examples)
             labels = [e.label for e in examples]
             started = time.perf_counter()
             # The fast single-task loop: fewshot.adapt's result, with less work per step.
@@ -128,20 +164,6 @@ def run_adapt(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
             )
             compute = time.perf_counter() - started
             diagnostics = support_diagnostics(init, support, labels)
-        except fewshot.EpisodeError as exc:
-            raise PermanentJobError("invalid_support_set", str(exc)) from exc
-        except fewshot.CheckpointError as exc:
-            # The reader's message names the file: it goes to the log, not to the job.
-            log.error("job %s: initialization unreadable: %s", claim.job_id, exc)
-            raise PermanentJobError(
-                "initialization_unreadable", "the initialization's files could not be read"
-            ) from exc
-        except ArtifactCorrupt as exc:
-            raise PermanentJobError("artifact_corrupt", exc.detail) from exc
-        except FileNotFoundError as exc:
-            raise PermanentJobError(
-                "artifact_missing", "a stored file this task needs is missing"
-            ) from exc
         metrics.ADAPT_COMPUTE.labels(model.mode).observe(compute)
         key = adapted_weights_key(task.id, job.id)
         path = model.save(runtime.store.path(key))
