@@ -14,20 +14,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.adaptations.handler import (
     _DONE,
-    _forget_if_task_deleted,
     _result,
     load_support,
     permanent_failures,
+    store_and_finish,
     support_diagnostics,
 )
 from app.core import metrics
 from app.core.runtime import Runtime
-from app.core.storage import adapted_weights_key, sha256_file
 from app.jobs import state
 from app.jobs.batch import BatchResult, Held
 from app.jobs.runner import PermanentJobError
@@ -230,46 +228,17 @@ def _record(
     compute: float,
 ) -> Outcome:
     """Store one job's weights and row, and finish the job in the same transaction."""
-    claim = item.claim
-    key = adapted_weights_key(item.task_id, claim.job_id)
-    path = model.save(runtime.store.path(key))
     diagnostics = support_diagnostics(
         runtime.models.initialization(item.init_row), item.support, item.labels
     )
-    row = AdaptedModel(
+    return store_and_finish(
+        runtime,
+        session,
+        item.claim,
         task_id=item.task_id,
-        job_id=claim.job_id,
-        initialization_id=item.init_row.id,
-        initialization_version=item.init_row.version,
-        mode=model.mode,
-        steps=model.steps,
-        step_size=None,
-        seed=0,
-        support_set_sha256=item.support_sha256,
-        support_accuracy=float(model.support_accuracy),
-        labels=list(model.labels),
-        weights_key=key,
-        sha256=sha256_file(path),
-        size_bytes=path.stat().st_size,
-        compute_seconds=compute,
-        device=str(runtime.models.device),
+        init_row=item.init_row,
+        support_sha256=item.support_sha256,
+        model=model,
+        compute=compute,
+        diagnostics=diagnostics,
     )
-    try:
-        session.add(row)
-        session.flush()
-        finished = state.finish(
-            session, claim, result=_result(row, diagnostics), progress_detail=_DONE
-        )
-    except IntegrityError:
-        # Another delivery recorded this job's model first, or the task was deleted.
-        session.rollback()
-        if not _forget_if_task_deleted(runtime, session, item.task_id):
-            log.info("job %s: adapted model already recorded by another delivery", claim.job_id)
-        session.rollback()
-        return Outcome("skipped")
-    if not finished:
-        _forget_if_task_deleted(runtime, session, item.task_id)
-        session.rollback()
-        return Outcome("skipped")
-    runtime.models.put_adapted(row.id, model)
-    return Outcome("done")

@@ -105,6 +105,61 @@ def load_support(
     )
 
 
+def store_and_finish(
+    runtime: Runtime,
+    session: Session,
+    claim: Claim,
+    *,
+    task_id: uuid.UUID,
+    init_row: Initialization,
+    support_sha256: str,
+    model: fewshot.AdaptedModel,
+    compute: float,
+    diagnostics: dict[str, Any] | None,
+) -> Outcome:
+    """Write one job's weights and adapted-model row, and finish the job in that transaction."""
+    key = adapted_weights_key(task_id, claim.job_id)
+    path = model.save(runtime.store.path(key))
+    row = AdaptedModel(
+        task_id=task_id,
+        job_id=claim.job_id,
+        initialization_id=init_row.id,
+        initialization_version=init_row.version,
+        mode=model.mode,
+        steps=model.steps,
+        step_size=None,
+        seed=0,
+        support_set_sha256=support_sha256,
+        support_accuracy=float(model.support_accuracy),
+        labels=list(model.labels),
+        weights_key=key,
+        sha256=sha256_file(path),
+        size_bytes=path.stat().st_size,
+        compute_seconds=compute,
+        device=str(runtime.models.device),
+    )
+    try:
+        session.add(row)
+        session.flush()
+        finished = state.finish(
+            session, claim, result=_result(row, diagnostics), progress_detail=_DONE
+        )
+    except IntegrityError:
+        # A concurrent delivery recorded this job's model first (job_id is unique), or the
+        # task was deleted meanwhile (its foreign key fails).
+        session.rollback()
+        if not _forget_if_task_deleted(runtime, session, task_id):
+            log.info("job %s: adapted model already recorded by another delivery", claim.job_id)
+        session.rollback()
+        return Outcome("skipped")
+    if not finished:
+        _forget_if_task_deleted(runtime, session, task_id)
+        session.rollback()
+        return Outcome("skipped")
+    runtime.models.put_adapted(row.id, model)
+    return Outcome("done")
+
+
 def _forget_if_task_deleted(runtime: Runtime, session: Session, task_id: uuid.UUID) -> bool:
     """Remove the files of a task deleted while it adapted (the weights just written would
     otherwise outlive it); True when it was deleted."""
@@ -165,43 +220,14 @@ def run_adapt(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
             compute = time.perf_counter() - started
             diagnostics = support_diagnostics(init, support, labels)
         metrics.ADAPT_COMPUTE.labels(model.mode).observe(compute)
-        key = adapted_weights_key(task.id, job.id)
-        path = model.save(runtime.store.path(key))
-        support_hash = task.support_set_sha256
-        row = AdaptedModel(
+        return store_and_finish(
+            runtime,
+            session,
+            claim,
             task_id=task.id,
-            job_id=job.id,
-            initialization_id=init_row.id,
-            initialization_version=init_row.version,
-            mode=model.mode,
-            steps=model.steps,
-            step_size=None,
-            seed=0,
-            support_set_sha256=support_hash,
-            support_accuracy=float(model.support_accuracy),
-            labels=list(model.labels),
-            weights_key=key,
-            sha256=sha256_file(path),
-            size_bytes=path.stat().st_size,
-            compute_seconds=compute,
-            device=str(runtime.models.device),
+            init_row=init_row,
+            support_sha256=task.support_set_sha256,
+            model=model,
+            compute=compute,
+            diagnostics=diagnostics,
         )
-        job_id, task_id = job.id, task.id
-        try:
-            session.add(row)
-            session.flush()
-            finished = state.finish(
-                session, claim, result=_result(row, diagnostics), progress_detail=_DONE
-            )
-        except IntegrityError:
-            # A concurrent delivery recorded this job's model first (job_id is unique), or the
-            # task was deleted meanwhile (its foreign key fails).
-            session.rollback()
-            if not _forget_if_task_deleted(runtime, session, task_id):
-                log.info("job %s: adapted model already recorded by another delivery", job_id)
-            return Outcome("skipped")
-        if not finished:
-            _forget_if_task_deleted(runtime, session, task_id)
-            return Outcome("skipped")
-        runtime.models.put_adapted(row.id, model)
-        return Outcome("done")
