@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,12 +232,14 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory, init_dir: Path) -> Ite
         redis_server.start()
         admin = create_engine(postgres.url(), isolation_level="AUTOCOMMIT")
         with admin.connect() as connection:
-            connection.execute(text('CREATE DATABASE "maml"'))
+            # A name of its own, for the same reason as the Redis password.
+            database = f"maml_{uuid.uuid4().hex[:12]}"
+            connection.execute(text(f'CREATE DATABASE "{database}"'))
         admin.dispose()
         settings = make_settings(
             folder / "data",
             init_dir,
-            database_url=postgres.url("maml"),
+            database_url=postgres.url(database),
             broker_url=redis_server.url,
             **FAULT_SETTINGS,
         )

@@ -98,12 +98,15 @@ class Redis:
 
     def __init__(self) -> None:
         self.port = free_port()
+        # A password of its own: a worker left over from another run that retries this port
+        # (freed and handed out again) can never consume this suite's messages.
+        self.password = uuid.uuid4().hex
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         """The broker URL."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         """Start the server and wait until it answers."""
@@ -111,10 +114,10 @@ class Redis:
 
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
+             "--appendonly", "no", "--requirepass", self.password],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_timeout=1)
+        client = redis.Redis(port=self.port, password=self.password, socket_timeout=1)
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -145,7 +148,7 @@ class Redis:
         """A redis-py client for assertions on the queues."""
         import redis
 
-        return redis.Redis(port=self.port, socket_timeout=5)
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=5)
 
 
 class Worker:

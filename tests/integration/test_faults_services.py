@@ -32,6 +32,10 @@ def adapt_worker(fault_stack: FaultStack) -> Iterator[Worker]:
     worker = fault_stack.worker("adapt,predict", "services")
     worker.start()
     yield worker
+    # The stack outlives this module: a worker left on the adapt queue would take the next
+    # module's jobs.
+    if worker.alive:
+        worker.kill()
 
 
 def _post(stack: FaultStack, headers: dict[str, str], seed: int, **extra: str) -> httpx.Response:
