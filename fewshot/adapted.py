@@ -272,6 +272,32 @@ def open_set_fields(
         }
 
 
+def check_adapt_args(
+    init: Initialization,
+    support_x: Tensor,
+    labels: Sequence[str],
+    mode: str,
+    steps: int | None,
+    device: str | torch.device | None,
+) -> tuple[int, list[str], Tensor, torch.device]:
+    """Validate adapt()'s arguments; returns (steps, classes, targets [S], device)."""
+    if mode not in ("full", "head"):
+        raise EpisodeError(f"mode must be 'full' or 'head', got {mode!r}")
+    _check_images(support_x, init.config, "support")
+    if len(labels) != support_x.shape[0]:
+        raise EpisodeError(
+            f"{support_x.shape[0]} support images but {len(labels)} labels; give one label per image"
+        )
+    steps = init.config.inner_steps if steps is None else steps
+    if steps < 0:
+        raise EpisodeError(f"steps must be >= 0, got {steps}")
+    classes, y = encode_labels(labels)
+    target = (
+        torch.device(device) if device is not None else init.params[next(iter(init.params))].device
+    )
+    return steps, classes, y, target
+
+
 def adapt(
     init: Initialization,
     support_x: Tensor,
@@ -294,20 +320,7 @@ def adapt(
         >>> model = adapt(init, preprocess_images(images, init.config), ["a", "b", "c"])
         >>> model.predict_proba(preprocess_images(queries, init.config))
     """
-    if mode not in ("full", "head"):
-        raise EpisodeError(f"mode must be 'full' or 'head', got {mode!r}")
-    _check_images(support_x, init.config, "support")
-    if len(labels) != support_x.shape[0]:
-        raise EpisodeError(
-            f"{support_x.shape[0]} support images but {len(labels)} labels; give one label per image"
-        )
-    steps = init.config.inner_steps if steps is None else steps
-    if steps < 0:
-        raise EpisodeError(f"steps must be >= 0, got {steps}")
-    classes, y = encode_labels(labels)
-    target = (
-        torch.device(device) if device is not None else init.params[next(iter(init.params))].device
-    )
+    steps, classes, y, target = check_adapt_args(init, support_x, labels, mode, steps, device)
     meta = {k: v.to(target) for k, v in init.params.items()}
     sizes = {} if step_size is not None else {k: v.to(target) for k, v in init.step_sizes.items()}
     default = init.config.inner_step_size if step_size is None else step_size

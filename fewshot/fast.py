@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fewshot.adapted import AdaptedModel, _check_images, encode_labels
+from fewshot.adapted import AdaptedModel, check_adapt_args
 from fewshot.backbone import Conv4, shared_module
 from fewshot.config import AdaptMode
-from fewshot.errors import EpisodeError
 from fewshot.head import head_logits, prototype_head
 from fewshot.initialization import Initialization
 from fewshot.inner import (
@@ -200,20 +199,7 @@ def adapt_fast(
     device: str | torch.device | None = None,
 ) -> AdaptedModel:
     """fewshot.adapt with the fast single-task loop: same arguments, same result up to rounding."""
-    if mode not in ("full", "head"):
-        raise EpisodeError(f"mode must be 'full' or 'head', got {mode!r}")
-    _check_images(support_x, init.config, "support")
-    if len(labels) != support_x.shape[0]:
-        raise EpisodeError(
-            f"{support_x.shape[0]} support images but {len(labels)} labels; give one label per image"
-        )
-    steps = init.config.inner_steps if steps is None else steps
-    if steps < 0:
-        raise EpisodeError(f"steps must be >= 0, got {steps}")
-    classes, y = encode_labels(labels)
-    target = (
-        torch.device(device) if device is not None else init.params[next(iter(init.params))].device
-    )
+    steps, classes, y, target = check_adapt_args(init, support_x, labels, mode, steps, device)
     prepared = prepare(init, target)
     default = init.config.inner_step_size if step_size is None else step_size
     x, y = support_x.to(target), y.to(target)
