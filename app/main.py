@@ -69,6 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             resumed = await run_in_threadpool(dispatcher.resume_unfinished)
             if resumed:
                 log.info("resumed %d unfinished jobs", resumed)
+        else:
+            dispatcher.start_notices()
         app.state.runtime = runtime
         app.state.dispatcher = dispatcher
         try:

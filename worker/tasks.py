@@ -18,6 +18,7 @@ from app.core.runtime import Runtime
 from app.jobs.dispatch import CeleryDispatcher
 from app.jobs.kinds import KINDS
 from app.jobs.liveness import mark_loop
+from app.jobs.notices import publish_ends_from_this_process
 from app.jobs.reaper import reaper_loop
 from app.jobs.runner import request_stop, run_job
 from worker.celery_app import celery_app
@@ -40,6 +41,8 @@ def runtime() -> Runtime:
         if _runtime is None:
             _runtime = Runtime.build(get_settings())
             _runtime_pid = os.getpid()
+            # Requests waiting on a job (?wait) hear of its end at once instead of polling.
+            publish_ends_from_this_process(_runtime.settings)
         return _runtime
 
 

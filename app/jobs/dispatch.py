@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,35 +15,11 @@ from sqlalchemy import or_, select
 from app.core.runtime import Runtime
 from app.jobs.kinds import KINDS
 from app.jobs.liveness import consumer_key
+from app.jobs.notices import EndPublisher, EndSubscriber
+from app.jobs.watch import JobWatch
 from app.models import Job, utcnow
 
 log = logging.getLogger(__name__)
-
-
-class JobWatch:
-    """Lets a request wait for a job: woken as soon as a run ends when the job runs in-process."""
-
-    def __init__(self, event: threading.Event | None = None) -> None:
-        self._event = event
-
-    @property
-    def pushed(self) -> bool:
-        """True when the runner wakes this watch itself, so polling is only a safety net."""
-        return self._event is not None
-
-    def take_signal(self) -> bool:
-        """True once for each signal of the job's runner since the last call; never blocks."""
-        if self._event is None or not self._event.is_set():
-            return False
-        self._event.clear()
-        return True
-
-    def wait(self, seconds: float) -> None:
-        """Sleep up to `seconds`, returning early if the job's runner signals."""
-        if self._event is None:
-            time.sleep(seconds)
-        elif self._event.wait(seconds):
-            self._event.clear()
 
 
 class Dispatcher(Protocol):
@@ -81,8 +56,8 @@ class InProcessDispatcher:
         # Meta-training runs for hours; its own thread keeps adaptations flowing meanwhile.
         self._train_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maml-serve-train")
         self._timers: set[threading.Timer] = set()
-        # One event per waiting request, set whenever a run of its job ends.
-        self._events: dict[uuid.UUID, set[threading.Event]] = {}
+        # One watch per waiting request, notified whenever a run of its job ends.
+        self._watches: dict[uuid.UUID, set[JobWatch]] = {}
         self._closed = False
         self._lock = threading.Lock()
 
@@ -104,9 +79,9 @@ class InProcessDispatcher:
             return
         finally:
             with self._lock:
-                events = list(self._events.get(job_id, ()))
-            for event in events:
-                event.set()
+                watches = list(self._watches.get(job_id, ()))
+            for watch in watches:
+                watch.notify()
         if outcome.retry_in is not None:
             self._later(outcome.retry_in, job_id, kind, queue)
 
@@ -154,18 +129,18 @@ class InProcessDispatcher:
     @contextmanager
     def watch(self, job_id: uuid.UUID) -> Iterator[JobWatch]:
         """Wake the waiter as soon as a run of this job ends."""
-        event = threading.Event()
+        watch = JobWatch(pushed=True)
         with self._lock:
-            self._events.setdefault(job_id, set()).add(event)
+            self._watches.setdefault(job_id, set()).add(watch)
         try:
-            yield JobWatch(event)
+            yield watch
         finally:
             with self._lock:
-                waiting = self._events.get(job_id)
+                waiting = self._watches.get(job_id)
                 if waiting is not None:
-                    waiting.discard(event)
+                    waiting.discard(watch)
                     if not waiting:
-                        del self._events[job_id]
+                        del self._watches[job_id]
 
     def close(self) -> None:
         """Cancel pending retries and wait for running jobs."""
@@ -190,6 +165,16 @@ class CeleryDispatcher:
         from app.jobs.broker import make_celery
 
         self.celery = make_celery(runtime.settings)
+        self._settings = runtime.settings
+        self._subscriber = EndSubscriber(runtime.settings)
+        self._publisher: EndPublisher | None = None
+
+    def start_notices(self) -> None:
+        """For an API process: hear of job ends (waiters wake at once) and publish its own ends."""
+        self._subscriber.start()
+        if self._publisher is None:
+            # Jobs an API ends itself (cancelled while queued) wake waiters in other processes.
+            self._publisher = EndPublisher(self._settings)
 
     def submit(self, job_id: uuid.UUID, kind: str, queue: str) -> None:
         """Publish the job id (JSON) to the kind's queue."""
@@ -230,13 +215,15 @@ class CeleryDispatcher:
                 pipeline.set(consumer_key(queue, worker), "1", ex=ttl)
             pipeline.execute()
 
-    @contextmanager
-    def watch(self, job_id: uuid.UUID) -> Iterator[JobWatch]:
-        """Plain polling: the job runs in another process."""
-        yield JobWatch()
+    def watch(self, job_id: uuid.UUID) -> AbstractContextManager[JobWatch]:
+        """Woken by the job's end notice from the worker; polling while notices are unavailable."""
+        return self._subscriber.watch(job_id)
 
     def close(self) -> None:
-        """Close the broker connection pool."""
+        """Stop the notice threads and close the broker connection pool."""
+        self._subscriber.close()
+        if self._publisher is not None:
+            self._publisher.close()
         self.celery.close()
 
 

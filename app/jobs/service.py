@@ -76,10 +76,6 @@ def wait_for_job(
             delay = min(delay * 1.5, 0.1)
 
 
-# How often an async waiter looks at its watch's in-memory signal: cheap, and no thread is held.
-SIGNAL_POLL_SECONDS = 0.02
-
-
 def _job_state(runtime: Runtime, job_id: uuid.UUID) -> str:
     with runtime.sessions() as session:
         return session.scalar(select(Job.state).where(Job.id == job_id)) or "missing"
@@ -109,9 +105,7 @@ async def wait_for_job_async(
                 await asyncio.sleep(min(delay, remaining))
                 delay = min(delay * 1.5, 0.1)
                 continue
-            recheck = time.monotonic() + min(PUSHED_RECHECK_SECONDS, remaining)
-            while not watch.take_signal() and time.monotonic() < recheck:
-                await asyncio.sleep(SIGNAL_POLL_SECONDS)
+            await watch.wait_async(min(PUSHED_RECHECK_SECONDS, remaining))
 
 
 def job_public(job: Job) -> JobPublic:

@@ -19,6 +19,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, cast
@@ -237,6 +238,30 @@ def release(session: Session, claim: Claim) -> bool:
     return _rowcount(result) == 1
 
 
+EndListener = Callable[[uuid.UUID, str], None]
+# Told after the commit that ends a job (e.g. app.jobs.notices publishes it to waiting requests).
+_end_listeners: list[EndListener] = []
+
+
+def add_end_listener(listener: EndListener) -> None:
+    """Call `listener(job_id, state)` after each commit that ends a job in this process."""
+    _end_listeners.append(listener)
+
+
+def remove_end_listener(listener: EndListener) -> None:
+    """Stop calling a listener added with add_end_listener."""
+    if listener in _end_listeners:
+        _end_listeners.remove(listener)
+
+
+def _announce_end(job_id: uuid.UUID, state: str) -> None:
+    for listener in list(_end_listeners):
+        try:
+            listener(job_id, state)
+        except Exception:
+            log.exception("job-end listener failed for job %s", job_id)
+
+
 def _end(session: Session, job_id: uuid.UUID, where: list[Any], state: str, **values: Any) -> bool:
     """Move a job matching `where` to a terminal state, and commit; False when none matched.
 
@@ -255,6 +280,7 @@ def _end(session: Session, job_id: uuid.UUID, where: list[Any], state: str, **va
         return False
     _after_end(session, job_id, state)
     session.commit()
+    _announce_end(job_id, state)
     return True
 
 
@@ -324,6 +350,8 @@ def cancel(session: Session, job: Job) -> bool:
     if _rowcount(stopped) == 1:
         _after_end(session, job.id, "cancelled")
     session.commit()
+    if _rowcount(stopped) == 1:
+        _announce_end(job.id, "cancelled")
     session.refresh(job)
     return job.state in ACTIVE_STATES or _rowcount(stopped) == 1
 

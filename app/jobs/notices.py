@@ -1,0 +1,186 @@
+"""Job-end notices over Redis pub/sub: whoever ends a job publishes; API processes wake waiters.
+
+Without them a request holding `?wait` on a Celery job polls the job row (each poll a database
+read on the API's thread pool): 32 waiting clients kept an API process busy reading rows. A
+notice is only a hint to re-read the row, which stays the truth: a lost notice costs a waiter
+one safety re-read (`PUSHED_RECHECK_SECONDS`), and when Redis is down waiters poll as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+from app.core.config import Settings
+from app.jobs import state
+from app.jobs.watch import JobWatch
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "maml_serve:job_ended"
+# Ended jobs waiting to be published; past this a burst drops notices (waiters re-read anyway).
+MAX_PENDING = 10_000
+# A frozen Redis is noticed by a PING this often on the subscriber's idle connection.
+HEALTH_CHECK_SECONDS = 5
+RECONNECT_SECONDS = 1.0
+
+
+def _client(settings: Settings) -> Any:
+    import redis
+
+    assert settings.broker_url is not None
+    timeout = settings.broker_timeout_seconds
+    return redis.Redis.from_url(
+        settings.broker_url.get_secret_value(),
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        health_check_interval=HEALTH_CHECK_SECONDS,
+    )
+
+
+class EndPublisher:
+    """Publishes the ids of ended jobs from its own thread: a slow Redis never holds a job."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._pending: queue.Queue[uuid.UUID | None] = queue.Queue(MAX_PENDING)
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="job-end-notices")
+        self._thread.start()
+        state.add_end_listener(self.ended)
+
+    def ended(self, job_id: uuid.UUID, _state: str) -> None:
+        """Queue a notice for `job_id` (called by app.jobs.state after the ending commit)."""
+        with suppress(queue.Full):
+            self._pending.put_nowait(job_id)
+
+    def _loop(self) -> None:
+        client = None
+        while True:
+            job_id = self._pending.get()
+            if job_id is None:
+                return
+            try:
+                if client is None:
+                    client = _client(self._settings)
+                client.publish(CHANNEL, job_id.hex)
+            except Exception as exc:
+                log.debug("could not publish the end of job %s: %s", job_id, exc)
+                client = None
+
+    def close(self) -> None:
+        """Stop listening for ends and let the thread finish what is queued."""
+        state.remove_end_listener(self.ended)
+        try:
+            self._pending.put_nowait(None)
+        except queue.Full:
+            return
+        self._thread.join(timeout=2)
+
+
+class EndSubscriber:
+    """One thread per API process, subscribed to the notices, waking the watches of ended jobs."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._watches: dict[uuid.UUID, set[JobWatch]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._listening = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def listening(self) -> bool:
+        """True while subscribed: new watches can rely on notices."""
+        return self._listening.is_set()
+
+    @contextmanager
+    def watch(self, job_id: uuid.UUID) -> Iterator[JobWatch]:
+        """A watch woken by the job's end notice (pushed), or a polling one while unsubscribed."""
+        self.start()
+        watch = JobWatch(pushed=self.listening)
+        with self._lock:
+            self._watches.setdefault(job_id, set()).add(watch)
+        try:
+            yield watch
+        finally:
+            with self._lock:
+                waiting = self._watches.get(job_id)
+                if waiting is not None:
+                    waiting.discard(watch)
+                    if not waiting:
+                        del self._watches[job_id]
+
+    def start(self) -> None:
+        """Subscribe from a background thread (once); watches are pushed once it listens."""
+        with self._lock:
+            if self._thread is not None or self._stop.is_set():
+                return
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="job-end-watch")
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                pubsub = _client(self._settings).pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(CHANNEL)
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    # Subscribed once the first read returned (a confirmation or a notice).
+                    self._listening.set()
+                    if message is not None and message.get("type") == "message":
+                        self._notify(message["data"])
+            except Exception as exc:
+                self._listening.clear()
+                log.debug("job-end notices unavailable (%s); waiters poll", exc)
+                self._stop.wait(RECONNECT_SECONDS)
+            finally:
+                self._listening.clear()
+                if pubsub is not None:
+                    with suppress(Exception):
+                        pubsub.close()
+
+    def wait_listening(self, timeout: float) -> bool:
+        """Block until subscribed or `timeout` seconds pass; True when listening."""
+        return self._listening.wait(timeout)
+
+    def _notify(self, data: bytes | str) -> None:
+        try:
+            job_id = uuid.UUID(data.decode() if isinstance(data, bytes) else data)
+        except ValueError:
+            return
+        with self._lock:
+            watches = list(self._watches.get(job_id, ()))
+        for watch in watches:
+            watch.notify()
+
+    def close(self) -> None:
+        """Stop the subscriber thread."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout=3)
+
+
+_process_publisher: EndPublisher | None = None
+_process_publisher_pid = 0
+_process_lock = threading.Lock()
+
+
+def publish_ends_from_this_process(settings: Settings) -> None:
+    """One publisher per worker process (a forked child builds its own: threads do not fork)."""
+    global _process_publisher, _process_publisher_pid
+    with _process_lock:
+        if _process_publisher is not None and _process_publisher_pid == os.getpid():
+            return
+        if _process_publisher is not None:
+            # The parent's, inherited through fork: its thread did not come along.
+            state.remove_end_listener(_process_publisher.ended)
+        _process_publisher = EndPublisher(settings)
+        _process_publisher_pid = os.getpid()

@@ -1,0 +1,62 @@
+"""What a request holds while it waits for a job: woken by the job's end, or left to poll."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from contextlib import suppress
+
+
+class JobWatch:
+    """Lets a request wait for a job: woken when a run ends (in this process, or by a Redis notice)."""
+
+    def __init__(self, pushed: bool = False) -> None:
+        self._pushed = pushed
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._async_event: asyncio.Event | None = None
+
+    @property
+    def pushed(self) -> bool:
+        """True when the runner wakes this watch itself, so polling is only a safety net."""
+        return self._pushed
+
+    def notify(self) -> None:
+        """Called by the runner's thread when a run of the job ends: wakes sync and async waiters."""
+        self._event.set()
+        with self._lock:
+            loop, event = self._loop, self._async_event
+        if loop is not None and event is not None:
+            # RuntimeError: the loop closed meanwhile, so nobody waits on it.
+            with suppress(RuntimeError):
+                loop.call_soon_threadsafe(event.set)
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to `seconds`, returning early if the job's runner signals."""
+        if not self._pushed:
+            time.sleep(seconds)
+        elif self._event.wait(seconds):
+            self._event.clear()
+
+    async def wait_async(self, seconds: float) -> None:
+        """wait() on the event loop: no thread is held, and a signal wakes it at once."""
+        if not self._pushed:
+            await asyncio.sleep(seconds)
+            return
+        with self._lock:
+            if self._async_event is None:
+                self._loop = asyncio.get_running_loop()
+                self._async_event = asyncio.Event()
+            event = self._async_event
+        if self._event.is_set():
+            self._event.clear()
+            event.clear()
+            return
+        try:
+            await asyncio.wait_for(event.wait(), timeout=seconds)
+        except TimeoutError:
+            return
+        event.clear()
+        self._event.clear()
