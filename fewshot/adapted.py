@@ -147,8 +147,12 @@ class AdaptedModel:
         ]
         return PredictionScores(probabilities, score, raw, known, labels, applied)
 
-    def save(self, path: str | Path) -> Path:
-        """Write one safetensors file; labels and settings go in its string metadata."""
+    def save(self, path: str | Path, *, with_calibration: bool = True) -> Path:
+        """Write one safetensors file; labels and settings go in its string metadata.
+
+        `with_calibration=False` leaves out the "unknown" calibration table (the same for every
+        model of an initialization): `load` then takes it from the initialization it is given.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {
@@ -162,7 +166,7 @@ class AdaptedModel:
         }
         if self.class_counts is not None:
             metadata["class_counts"] = json.dumps(self.class_counts)
-        if self.unknown is not None:
+        if self.unknown is not None and with_calibration:
             metadata["unknown"] = json.dumps(self.unknown.to_dict())
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.params.items()}
         if self.prototypes is not None:
@@ -176,7 +180,8 @@ class AdaptedModel:
     def load(
         cls, path: str | Path, init: Initialization | None = None, device: str = "cpu"
     ) -> AdaptedModel:
-        """Read a file written by `save` (safetensors only; never unpickles)."""
+        """Read a file written by `save` (safetensors only; never unpickles); `init` supplies the
+        calibration a file saved without one lacks."""
         from safetensors import safe_open
 
         try:
@@ -202,11 +207,10 @@ class AdaptedModel:
         prototypes = tensors.pop(HEAD_PROTOTYPES, None)
         try:
             counts = json.loads(meta["class_counts"]) if "class_counts" in meta else None
-            unknown = (
-                UnknownCalibration.from_dict(json.loads(meta["unknown"]))
-                if "unknown" in meta
-                else None
-            )
+            if "unknown" in meta:
+                unknown = UnknownCalibration.from_dict(json.loads(meta["unknown"]))
+            else:
+                unknown = calibration_of(init) if init is not None else None
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(
                 f"{path}: unreadable class counts or calibration ({exc})"

@@ -96,6 +96,19 @@ def test_save_and_load_keep_prototypes_counts_and_calibration(tmp_path: Path) ->
     assert fewshot.AdaptedModel.load(old.save(tmp_path / "old.safetensors")).prototypes is None
 
 
+def test_a_model_saved_without_its_calibration_takes_the_initializations(tmp_path: Path) -> None:
+    init = _calibrated(_float_init())
+    model = fewshot.adapt(init, random_images(4, TINY, dtype=torch.float32), list("abab"))
+    path = model.save(tmp_path / "m.safetensors", with_calibration=False)
+    with_full = model.save(tmp_path / "full.safetensors")
+    assert path.stat().st_size < with_full.stat().st_size
+    assert fewshot.AdaptedModel.load(path).unknown is None
+    loaded = fewshot.AdaptedModel.load(path, init)
+    assert loaded.unknown == model.unknown
+    queries = random_images(3, TINY, 5, dtype=torch.float32)
+    assert torch.equal(loaded.predict_scores(queries).score, model.predict_scores(queries).score)
+
+
 @pytest.mark.skipif(not OMNIGLOT_ZIP.is_file(), reason=f"Omniglot zip not found at {OMNIGLOT_ZIP}")
 def test_shipped_initialization_flags_blank_and_noise_images() -> None:
     """The shipped calibration: a blank and a noise image are 'unknown', support images are not."""

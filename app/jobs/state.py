@@ -24,7 +24,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, cast
 
-from sqlalchemy import CursorResult, Result, and_, bindparam, func, or_, select, update
+from sqlalchemy import (
+    CursorResult,
+    Result,
+    and_,
+    bindparam,
+    case,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from app.core import metrics
@@ -96,23 +107,12 @@ def claim(session: Session, job_id: uuid.UUID, settings: Settings) -> Claim | Ou
     """Take a queued job, or a running one whose lease ran out; counts an attempt, commits.
 
     A job held by a live worker is left alone (the reaper re-sends it if that worker dies); a
-    job whose attempts are spent is failed.
+    job whose attempts are spent is failed. The common case is one UPDATE ... RETURNING.
     """
     now = utcnow()
     now_param = bindparam("now", now, type_=UTCDateTime())
-    job = session.get(Job, job_id)
-    if job is None:
-        log.info("job %s no longer exists; nothing to do", job_id)
-        return Outcome("skipped")
-    if job.state in TERMINAL_STATES:
-        # No transition leaves an ended job: skip the UPDATE (e.g. the message of a job that a
-        # batch already finished).
-        session.rollback()
-        log.info("job %s is already %s; delivery ignored", job_id, job.state)
-        return Outcome("skipped")
-    lease = lease_seconds(settings, job.kind)
     worker = worker_name()
-    result = session.execute(
+    row = session.execute(
         update(Job)
         .where(
             Job.id == job_id,
@@ -122,20 +122,24 @@ def claim(session: Session, job_id: uuid.UUID, settings: Settings) -> Claim | Ou
         .values(
             state="running",
             attempts=Job.attempts + 1,
-            lease_expires_at=now + timedelta(seconds=lease),
+            lease_expires_at=_lease_end(settings, now),
             claimed_by=worker,
             started_at=func.coalesce(Job.started_at, now_param),
             updated_at=now,
         )
+        .returning(Job.kind, Job.attempts, Job.created_at)
         .execution_options(synchronize_session=False)
-    )
+    ).one_or_none()
     session.commit()
-    session.refresh(job)
-    if _rowcount(result) == 1:
-        metrics.JOB_ATTEMPTS.labels(job.kind).inc()
-        if job.attempts == 1:
-            metrics.JOB_QUEUE_TIME.labels(job.kind).observe((now - job.created_at).total_seconds())
-        return Claim(job_id=job_id, kind=job.kind, attempt=job.attempts, worker=worker)
+    if row is not None:
+        metrics.JOB_ATTEMPTS.labels(row.kind).inc()
+        if row.attempts == 1:
+            metrics.JOB_QUEUE_TIME.labels(row.kind).observe((now - row.created_at).total_seconds())
+        return Claim(job_id=job_id, kind=row.kind, attempt=row.attempts, worker=worker)
+    job = session.get(Job, job_id)
+    if job is None:
+        log.info("job %s no longer exists; nothing to do", job_id)
+        return Outcome("skipped")
     if job.state in TERMINAL_STATES:
         log.info("job %s is already %s; delivery ignored", job_id, job.state)
         return Outcome("skipped")
@@ -144,6 +148,19 @@ def claim(session: Session, job_id: uuid.UUID, settings: Settings) -> Claim | Ou
         return Outcome("skipped")
     fail_exhausted(session, job_id)
     return Outcome("failed")
+
+
+def _lease_end(settings: Settings, now: datetime) -> Any:
+    """When a lease taken `now` runs out, by the job's kind (one SQL CASE over the kinds)."""
+    ends = [
+        (
+            Job.kind == kind.name,
+            literal(now + timedelta(seconds=kind.lease_seconds(settings)), UTCDateTime()),
+        )
+        for kind in KINDS.values()
+    ]
+    default = literal(now + timedelta(seconds=settings.job_lease_seconds), UTCDateTime())
+    return case(*ends, else_=default)
 
 
 def claim_queued(
@@ -474,23 +491,14 @@ def sync_task_status(session: Session, task_id: uuid.UUID) -> None:
         .limit(1)
         .scalar_subquery()
     )
-    now = utcnow()
     session.execute(
         update(Task)
-        .where(Task.id == task_id, has_model)
-        .values(status="ready", initialization_id=newest, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    session.execute(
-        update(Task)
-        .where(Task.id == task_id, ~has_model, has_live_job)
-        .values(status="adapting", updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    session.execute(
-        update(Task)
-        .where(Task.id == task_id, ~has_model, ~has_live_job)
-        .values(status="failed", updated_at=now)
+        .where(Task.id == task_id)
+        .values(
+            status=case((has_model, "ready"), (has_live_job, "adapting"), else_="failed"),
+            initialization_id=case((has_model, newest), else_=Task.initialization_id),
+            updated_at=utcnow(),
+        )
         .execution_options(synchronize_session=False)
     )
 
