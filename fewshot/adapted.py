@@ -207,6 +207,7 @@ class AdaptedModel:
         prototypes = tensors.pop(HEAD_PROTOTYPES, None)
         try:
             counts = json.loads(meta["class_counts"]) if "class_counts" in meta else None
+            unknown: UnknownCalibration | None
             if "unknown" in meta:
                 unknown = UnknownCalibration.from_dict(json.loads(meta["unknown"]))
             else:
