@@ -83,6 +83,6 @@ def test_wait_through_the_worker_is_pushed_not_polled(
     response = production_client.post("/v1/tasks?wait=30", headers=headers, files=files, data=data)
     elapsed = time.monotonic() - started
     assert response.status_code == 201, response.text
-    # Pushed: a read on entry, one per 0.25 s safety check, one after the notice. Polling with
-    # a growing delay reads ~8 times in its first 0.2 s alone.
+    # Pushed: a read on entry, one per safety check (0.25 s, then doubling), one after the
+    # notice. Polling with a growing delay reads ~8 times in its first 0.2 s alone.
     assert len(reads) <= 2 + int(elapsed / 0.25), (len(reads), elapsed)
