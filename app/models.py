@@ -247,6 +247,8 @@ class Task(Base):
     )
     support_set_sha256: Mapped[str] = mapped_column(String(64))
     example_count: Mapped[int] = mapped_column(Integer)
+    # The task's own "unknown" threshold (None: the initialization's calibrated default).
+    unknown_threshold: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

@@ -1,5 +1,5 @@
-"""Migration 0003 on a database with data: trained versions get their tenant, duplicate
-adaptations in progress are resolved before the unique index is built."""
+"""Migrations on a database with data: 0003 gives trained versions their tenant and resolves
+duplicate adaptations in progress before its unique index; 0004 moves task thresholds over."""
 
 from __future__ import annotations
 
@@ -71,3 +71,47 @@ def test_upgrade_with_data(tmp_path: Path) -> None:
     assert owners["shipped"] is None and owners["served"] is None
     assert owners["private"] is not None and uuid.UUID(str(owners["private"])).hex == tenant
     assert states[jobs[0]] == "queued" and states[jobs[1]] == "cancelled"
+
+
+def test_upgrade_to_0004_copies_each_tasks_threshold_from_its_first_adapt_job(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(data_dir=tmp_path / "data", database_url=None, broker_url=None)
+    upgrade(settings, "0003")
+    times = [f"2026-11-01 10:00:0{i}.000000" for i in range(4)]
+    tenant, init = uuid.uuid4().hex, uuid.uuid4().hex
+    with_value, without = uuid.uuid4().hex, uuid.uuid4().hex
+    engine = create_engine(settings.sqlalchemy_url)
+    with engine.begin() as db:
+        _insert(db, "tenants", id=tenant, name="t", created_at=times[0])
+        _insert(
+            db, "initializations", id=init, version="v", status="ready", source="shipped",
+            config="{}", metrics="{}", artifact_key="k", sha256="0", is_active=True,
+            created_at=times[0],
+        )  # fmt: skip
+        for task in (with_value, without):
+            _insert(
+                db, "tasks", id=task, tenant_id=tenant, status="ready", labels="[]",
+                mode="full", initialization_id=init, support_set_sha256="0", example_count=0,
+                created_at=times[0], updated_at=times[0],
+            )  # fmt: skip
+        # The first job holds the task's threshold; a later re-adaptation's params do not count.
+        for task, created, params in (
+            (with_value, times[1], '{"unknown_threshold": 0.2}'),
+            (with_value, times[2], '{"unknown_threshold": 0.9}'),
+            (without, times[1], '{"mode": "full"}'),
+        ):
+            _insert(
+                db, "jobs", id=uuid.uuid4().hex, tenant_id=tenant, kind="adapt", queue="adapt",
+                state="succeeded", task_id=task, params=params, progress=1.0,
+                progress_detail="{}", attempts=1, max_attempts=3, created_at=created,
+                updated_at=created,
+            )  # fmt: skip
+    upgrade(settings)
+    with engine.connect() as db:
+        values = {
+            uuid.UUID(str(row[0])).hex: row[1]
+            for row in db.execute(text("SELECT id, unknown_threshold FROM tasks"))
+        }
+    engine.dispose()
+    assert values == {with_value: 0.2, without: None}

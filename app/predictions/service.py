@@ -26,7 +26,6 @@ from app.models import (
     Task,
     utcnow,
 )
-from app.tasks import service as tasks
 from app.tasks.bodies import QueriesIn
 
 
@@ -124,7 +123,7 @@ def predict(*, session: Session, runtime: Runtime, task: Task, queries: QueriesI
     settings = runtime.settings
     threshold, source = resolve_threshold(
         queries.unknown_threshold,
-        tasks.unknown_threshold(session, task_id),
+        task.unknown_threshold,
         model.unknown_threshold,
     )
     scores = runtime.models.predict_scores(

@@ -132,6 +132,7 @@ def create_task(
             initialization_id=init_row.id,
             support_set_sha256=support_hash,
             example_count=len(examples),
+            unknown_threshold=body.unknown_threshold,
             examples=examples,
         )
         job = state.new_job(
@@ -221,23 +222,19 @@ def label_counts(task: Task) -> dict[str, int]:
     return counts
 
 
-def unknown_threshold(session: Session, task_id: uuid.UUID) -> float | None:
-    """The task's own "unknown" threshold, set at creation (kept in its first adapt job)."""
-    params = session.scalar(
-        select(Job.params)
-        .where(Job.task_id == task_id, Job.kind == "adapt")
-        .order_by(Job.created_at, Job.id)
-        .limit(1)
-    )
-    value = None if params is None else params.get("unknown_threshold")
-    return float(value) if isinstance(value, int | float) else None
+def diagnostics_of(
+    session: Session, model: AdaptedModel | None, latest: Job | None = None
+) -> dict[str, Any] | None:
+    """The support-set diagnostics the adapt job of `model` recorded, if any.
 
-
-def diagnostics_of(session: Session, model: AdaptedModel | None) -> dict[str, Any] | None:
-    """The support-set diagnostics the adapt job of `model` recorded, if any."""
+    `latest`, the task's latest job when the caller has it, saves a query when it made the model.
+    """
     if model is None:
         return None
-    result = session.scalar(select(Job.result).where(Job.id == model.job_id))
+    if latest is not None and latest.id == model.job_id:
+        result = latest.result
+    else:
+        result = session.scalar(select(Job.result).where(Job.id == model.job_id))
     value = None if result is None else result.get("diagnostics")
     return value if isinstance(value, dict) else None
 
@@ -272,9 +269,9 @@ def task_public(session: Session, task: Task) -> TaskPublic:
             support_accuracy=model.support_accuracy,
             created_at=model.created_at,
         ),
-        unknown_threshold=unknown_threshold(session, task.id),
+        unknown_threshold=task.unknown_threshold,
         diagnostics=None
-        if (found := diagnostics_of(session, model)) is None
+        if (found := diagnostics_of(session, model, job)) is None
         else SupportDiagnosticsPublic.model_validate(found),
         job=None if job is None else JobRef(id=job.id, state=job.state),
         error=error,
