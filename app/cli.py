@@ -289,6 +289,7 @@ def _migrate(args: argparse.Namespace) -> int:
 CORE_COMMANDS = {
     "train": "meta-train an initialization (MAML) from an image dataset",
     "evaluate": "mean accuracy of an initialization over sampled episodes",
+    "calibrate": 'calibrate the "unknown" score of an initialization on held-out groups',
 }
 
 

@@ -54,6 +54,18 @@ def test_help_lists_the_core_commands_and_they_still_run(
     assert "--episodes" in capsys.readouterr().out
 
 
+def test_every_command_of_the_ml_core_is_a_maml_serve_command() -> None:
+    import argparse
+
+    from app.cli import CORE_COMMANDS
+    from fewshot.cli import add_subcommands
+
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers())
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(actions[0].choices) == set(CORE_COMMANDS)
+
+
 def test_migrate_says_what_it_did(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
