@@ -1,9 +1,12 @@
 """Mixed load for Locust: 70% reads of a job or task, 20% predictions (16 images), 10% new tasks.
 
-Users ramp linearly from 1 to MAML_SERVE_BENCH_USERS (default 64) over the first 60% of
-MAML_SERVE_BENCH_SECONDS (default 150), then hold. Each user first creates one task and waits
-for it (so it has something to read and predict on). Run through benchmarks/run_locust.py,
-which starts the PostgreSQL + Redis + Celery stack and passes MAML_SERVE_BENCH_KEY.
+Users ramp linearly from 1 to MAML_SERVE_BENCH_USERS (default 64) over MAML_SERVE_BENCH_RAMP
+seconds (default: 60% of MAML_SERVE_BENCH_SECONDS, default 150), then hold. With
+MAML_SERVE_BENCH_WARMUP > 0, the statistics are reset that many seconds in and the file named by
+MAML_SERVE_BENCH_MARK is created, so the run's tables cover the soak only and the caller can read
+memory at that moment. Each user first creates one task and waits for it (so it has something to
+read and predict on). Run through benchmarks/run_locust.py, which starts the PostgreSQL + Redis +
+Celery stack and passes MAML_SERVE_BENCH_KEY.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+from pathlib import Path
 from typing import Any
 
 from locust import HttpUser, LoadTestShape, between, task
@@ -92,16 +96,27 @@ class ServiceUser(HttpUser):
 
 
 class Ramp(LoadTestShape):
-    """1 -> N users over the first 60% of the run, then N until the end."""
+    """1 -> N users over the ramp, then N until the end; statistics reset after the warm-up."""
 
     users = int(os.environ.get("MAML_SERVE_BENCH_USERS", "64"))
     seconds = float(os.environ.get("MAML_SERVE_BENCH_SECONDS", "150"))
+    ramp = float(os.environ.get("MAML_SERVE_BENCH_RAMP", str(0.6 * seconds)))
+    warmup = float(os.environ.get("MAML_SERVE_BENCH_WARMUP", "0"))
+    mark = os.environ.get("MAML_SERVE_BENCH_MARK", "")
+    warmed = False
 
     def tick(self) -> tuple[int, float] | None:
         """The user count and spawn rate now, or None to stop."""
         elapsed = float(self.get_run_time())  # type: ignore[no-untyped-call]
         if elapsed > self.seconds:
             return None
-        ramp = 0.6 * self.seconds
-        count = max(1, min(self.users, round(1 + (self.users - 1) * elapsed / ramp)))
+        if self.warmup > 0 and not self.warmed and elapsed >= self.warmup:
+            self.warmed = True
+            if self.runner is not None:
+                self.runner.stats.reset_all()
+            if self.mark:
+                Path(self.mark).touch()
+        count = max(
+            1, min(self.users, round(1 + (self.users - 1) * elapsed / max(self.ramp, 1e-9)))
+        )
         return count, 10.0
