@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,29 @@ from app.core.config import Settings
 from app.main import create_app
 from tests.data_paths import OMNIGLOT_ZIP
 from tests.helpers import Omniglot, create_key, make_settings
+
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remember the run's status for pytest_unconfigure."""
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave with the run's status once everything is reported, skipping interpreter teardown.
+
+    Hundreds of apps leave daemon threads (request pools, prediction batchers) behind; now and
+    then one is inside a torch call when the interpreter finalizes, and the C++ runtime aborts
+    the process ("terminate called without an active exception", status 134) after every test
+    passed. Nothing is left to report or clean up here, so exit before that teardown.
+    """
+    if not _EXIT_STATUS:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_EXIT_STATUS[-1])
 
 
 @pytest.fixture(autouse=True)
