@@ -28,10 +28,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Leave with the run's status once everything is reported, skipping interpreter teardown.
 
-    Hundreds of apps leave daemon threads (request pools, prediction batchers) behind; now and
-    then one is inside a torch call when the interpreter finalizes, and the C++ runtime aborts
-    the process ("terminate called without an active exception", status 134) after every test
-    passed. Nothing is left to report or clean up here, so exit before that teardown.
+    Now and then (about one full run in four here) the C++ runtime aborted the process during
+    interpreter teardown ("terminate called without an active exception", status 134) after
+    every test had passed; hundreds of apps leave daemon threads behind (request pools,
+    prediction batchers), and the likeliest culprit is one inside a torch call at finalization.
+    Nothing is left to report or clean up here, so exit before that teardown.
     """
     if not _EXIT_STATUS:
         return
