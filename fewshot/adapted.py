@@ -57,6 +57,8 @@ class PredictionScores:
 
 
 ADAPTED_FORMAT = "maml-serve/adapted-model/v1"
+# Metadata "backbone" of a file that holds a head alone (its backbone is the initialization's).
+BACKBONE_FROM_INITIALIZATION = "initialization"
 
 
 @dataclass
@@ -75,6 +77,9 @@ class AdaptedModel:
     prototypes: Tensor | None = None
     class_counts: list[int] | None = None
     unknown: UnknownCalibration | None = field(default=None)
+    # True when the backbone tensors are the initialization's own (head mode): they are neither
+    # saved with the model nor counted in its bytes.
+    backbone_shared: bool = False
 
     @property
     def unknown_threshold(self) -> float | None:
@@ -83,8 +88,14 @@ class AdaptedModel:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the parameter tensors (for caches bounded in bytes)."""
-        return sum(t.numel() * t.element_size() for t in self.params.values())
+        """Bytes this model holds beyond its initialization (for caches bounded in bytes)."""
+        own = [t for name, t in self.params.items() if self._own(name)]
+        if self.prototypes is not None:
+            own.append(self.prototypes)
+        return sum(t.numel() * t.element_size() for t in own)
+
+    def _own(self, name: str) -> bool:
+        return name.startswith("head.") or not self.backbone_shared
 
     @torch.no_grad()
     def predict_proba(self, x: Tensor) -> Tensor:
@@ -147,12 +158,17 @@ class AdaptedModel:
         ]
         return PredictionScores(probabilities, score, raw, known, labels, applied)
 
-    def save(self, path: str | Path, *, with_calibration: bool = True) -> Path:
+    def save(
+        self, path: str | Path, *, with_calibration: bool = True, with_backbone: bool = True
+    ) -> Path:
         """Write one safetensors file; labels and settings go in its string metadata.
 
-        `with_calibration=False` leaves out the "unknown" calibration table (the same for every
-        model of an initialization): `load` then takes it from the initialization it is given.
+        What is the initialization's can stay out, for `load` to take from the initialization
+        it is given: `with_calibration=False` leaves out the "unknown" calibration table;
+        `with_backbone=False` the backbone when it is the initialization's unchanged (head mode:
+        ~2 KB instead of ~450 KB for Conv4).
         """
+        head_only = self.backbone_shared and not with_backbone
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {
@@ -168,7 +184,13 @@ class AdaptedModel:
             metadata["class_counts"] = json.dumps(self.class_counts)
         if self.unknown is not None and with_calibration:
             metadata["unknown"] = json.dumps(self.unknown.to_dict())
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.params.items()}
+        if head_only:
+            metadata["backbone"] = BACKBONE_FROM_INITIALIZATION
+        tensors = {
+            k: v.detach().cpu().contiguous()
+            for k, v in self.params.items()
+            if k.startswith("head.") or not head_only
+        }
         if self.prototypes is not None:
             tensors[HEAD_PROTOTYPES] = self.prototypes.detach().cpu().contiguous()
         tmp = path.with_name(path.name + ".tmp")
@@ -200,6 +222,16 @@ class AdaptedModel:
             labels = [str(label) for label in json.loads(meta["labels"])]
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{path}: unreadable model config or labels ({exc})") from exc
+        shared = meta.get("backbone") == BACKBONE_FROM_INITIALIZATION
+        if shared:
+            if init is None:
+                raise CheckpointError(
+                    f"{path} holds a head alone; load it with the initialization it was adapted from"
+                )
+            # The initialization's own tensors: one copy in memory for all of its head models.
+            tensors.update(
+                {k: v.to(device) for k, v in init.params.items() if not k.startswith("head.")}
+            )
         expected = {name: tuple(p.shape) for name, p in Conv4(config).named_parameters()}
         expected[HEAD_SCALE] = ()
         expected[HEAD_WEIGHT] = (len(labels), config.feature_dim)
@@ -233,6 +265,7 @@ class AdaptedModel:
             prototypes=prototypes,
             class_counts=[int(c) for c in counts] if isinstance(counts, list) else None,
             unknown=unknown,
+            backbone_shared=shared,
         )
 
 
@@ -260,6 +293,27 @@ def encode_labels(labels: Sequence[str]) -> tuple[list[str], Tensor]:
     return list(classes), torch.tensor([classes[label] for label in labels], dtype=torch.long)
 
 
+def shares_backbone(params: dict[str, Tensor], init: Initialization) -> bool:
+    """True when every backbone tensor in `params` is a view of the initialization's own memory
+    (head mode, or no steps): the backbone is the initialization's, unchanged."""
+    return all(
+        _same_memory(params.get(name), value)
+        for name, value in init.params.items()
+        if not name.startswith("head.")
+    )
+
+
+def _same_memory(x: Tensor | None, y: Tensor) -> bool:
+    return x is y or (
+        x is not None
+        and x.data_ptr() == y.data_ptr()
+        and x.shape == y.shape
+        and x.stride() == y.stride()
+        and x.dtype == y.dtype
+        and x.device == y.device
+    )
+
+
 def open_set_fields(
     init: Initialization, params: dict[str, Tensor], support_x: Tensor, y: Tensor, n_way: int
 ) -> dict[str, Any]:
@@ -274,6 +328,7 @@ def open_set_fields(
             "prototypes": class_prototypes(features, y, n_way),
             "class_counts": torch.bincount(y, minlength=n_way).tolist(),
             "unknown": calibration_of(init),
+            "backbone_shared": shares_backbone(params, init),
         }
 
 

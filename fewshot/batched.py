@@ -16,7 +16,13 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from fewshot.adapted import AdaptedModel, PredictionScores, _check_images, encode_labels
+from fewshot.adapted import (
+    AdaptedModel,
+    PredictionScores,
+    _check_images,
+    encode_labels,
+    shares_backbone,
+)
 from fewshot.backbone import shared_module
 from fewshot.config import AdaptMode
 from fewshot.errors import EpisodeError
@@ -141,6 +147,7 @@ def _adapt_group(
             prototypes=prototypes[t].clone(),
             class_counts=torch.bincount(task.y, minlength=n_way).tolist(),
             unknown=calibration,
+            backbone_shared=shares_backbone(params[t], init),
         )
         for t, task in enumerate(tasks)
     ]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fewshot.adapted import AdaptedModel, check_adapt_args
+from fewshot.adapted import AdaptedModel, check_adapt_args, shares_backbone
 from fewshot.backbone import Conv4, shared_module
 from fewshot.config import AdaptMode
 from fewshot.head import head_logits, prototype_head
@@ -251,4 +251,5 @@ def finished_model(
         prototypes=prototypes.clone(),
         class_counts=torch.bincount(y, minlength=len(classes)).tolist(),
         unknown=calibration_of(init),
+        backbone_shared=shares_backbone(params, init),
     )

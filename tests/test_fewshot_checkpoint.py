@@ -64,6 +64,33 @@ def test_adapted_model_round_trip_is_exact(tmp_path: Path) -> None:
         assert torch.equal(loaded.predict_proba(queries), model.predict_proba(queries))
 
 
+def test_a_head_mode_model_can_leave_its_backbone_to_the_initialization(tmp_path: Path) -> None:
+    init = _saved_init(tmp_path / "init")
+    images = random_images(4, seed=2, dtype=torch.float32)
+    head = fewshot.adapt(init, images, ["a", "b", "a", "b"], mode="head")
+    full = fewshot.adapt(init, images, ["a", "b", "a", "b"], mode="full")
+    assert head.backbone_shared and not full.backbone_shared
+    # The shared backbone is the initialization's memory: not counted in the model's bytes.
+    assert head.nbytes < full.nbytes / 10
+    small = head.save(tmp_path / "head.safetensors", with_backbone=False)
+    whole = head.save(tmp_path / "whole.safetensors")
+    assert small.stat().st_size < whole.stat().st_size / 5
+    assert not any(k.startswith("blocks.") for k in load_file(str(small)))
+    with pytest.raises(fewshot.CheckpointError, match="initialization"):
+        fewshot.AdaptedModel.load(small)
+    loaded = fewshot.AdaptedModel.load(small, init)
+    assert loaded.backbone_shared and loaded.params.keys() == head.params.keys()
+    assert all(loaded.params[k] is v for k, v in init.params.items() if k.startswith("blocks."))
+    queries = random_images(5, seed=3, dtype=torch.float32)
+    assert torch.equal(loaded.predict_proba(queries), head.predict_proba(queries))
+    # A full-mode model keeps its own backbone whatever it is asked.
+    kept = full.save(tmp_path / "full.safetensors", with_backbone=False)
+    assert any(k.startswith("blocks.") for k in load_file(str(kept)))
+    assert torch.equal(
+        fewshot.AdaptedModel.load(kept).predict_proba(queries), full.predict_proba(queries)
+    )
+
+
 def test_initialization_with_wrong_shapes_raises(tmp_path: Path) -> None:
     folder = tmp_path / "init"
     _saved_init(folder)

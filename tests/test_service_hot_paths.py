@@ -22,7 +22,7 @@ from app.core.storage import ArtifactStore
 from app.jobs import runner as runner
 from app.jobs.dispatch import InProcessDispatcher
 from app.main import create_app
-from app.models import Prediction
+from app.models import AdaptedModel, Prediction
 from tests.helpers import create_ready_task, make_settings, query_files, runtime_of, support_files
 
 
@@ -218,3 +218,32 @@ def test_put_many_renames_into_place_and_leaves_nothing_on_failure(
     assert store.read_bytes("t/a/x.png") == b"one"
     assert not store.exists("t/c/x.png")
     assert not [p for p in (tmp_path / "store").rglob("*.tmp")]
+
+
+def test_a_head_mode_task_stores_its_head_alone_and_predicts_the_same_after_a_reload(
+    client: TestClient, auth: dict[str, str]
+) -> None:
+    sizes = {}
+    for mode in ("head", "full"):
+        files, data = support_files(["a", "b", "c"], seed=5)
+        response = client.post(
+            "/v1/tasks?wait=30", headers=auth, files=files, data={**data, "mode": mode}
+        )
+        assert response.status_code == 201, response.text
+        sizes[mode] = response.json()
+    runtime = runtime_of(client)
+    with runtime.sessions() as session:
+        rows = {
+            mode: session.scalar(
+                select(AdaptedModel).where(AdaptedModel.task_id == uuid.UUID(task["id"]))
+            )
+            for mode, task in sizes.items()
+        }
+    assert rows["head"] is not None and rows["full"] is not None
+    assert rows["head"].size_bytes < rows["full"].size_bytes / 3
+    url = f"/v1/tasks/{sizes['head']['id']}/predictions"
+    before = client.post(url, headers=auth, files=query_files(3)).json()["predictions"]
+    runtime.models._adapted.clear()  # the next request reads the head-only file
+    after = client.post(url, headers=auth, files=query_files(3)).json()["predictions"]
+    for old, new in zip(before, after, strict=True):
+        assert new["probabilities"] == pytest.approx(old["probabilities"], abs=1e-6)

@@ -119,8 +119,9 @@ def store_and_finish(
 ) -> Outcome:
     """Write one job's weights and adapted-model row, and finish the job in that transaction."""
     key = adapted_weights_key(task_id, claim.job_id)
-    # The calibration table is the initialization's: models load it from there.
-    path = model.save(runtime.store.path(key), with_calibration=False)
+    # What is the initialization's (the calibration table; the backbone in head mode) is loaded
+    # from there.
+    path = model.save(runtime.store.path(key), with_calibration=False, with_backbone=False)
     row = AdaptedModel(
         task_id=task_id,
         job_id=claim.job_id,
