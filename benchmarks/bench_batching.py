@@ -144,7 +144,9 @@ def bench_predict(
 
     With `scale`, a third API of two processes (batching on) is measured too.
     """
-    off = {"MAML_SERVE_PREDICT_BATCH_MAX_IMAGES": "0"}
+    # Up to four API processes and a worker share one PostgreSQL (max_connections 100 by
+    # default): each keeps at most 16 connections, so none is refused one.
+    off = {"MAML_SERVE_PREDICT_BATCH_MAX_IMAGES": "0", "MAML_SERVE_DB_POOL_SIZE": "16"}
     with running_stack(off, celery=True, workers=1) as stack, ExitStack() as cleanup:
         urls = {"unbatched": stack.url}
         others = [("batched", 1)] + ([("batched, 2 API processes", 2)] if scale else [])
@@ -184,7 +186,9 @@ def bench_adapt(args: argparse.Namespace, episodes: Episodes) -> list[dict[str, 
     rows: list[dict[str, Any]] = []
     for max_jobs in ("1", "32"):
         settings = {"MAML_SERVE_ADAPT_BATCH_MAX_JOBS": max_jobs}
-        with running_stack(settings, celery=True, workers=args.workers) as stack:
+        with running_stack(
+            settings, celery=True, workers=args.workers, api_processes=args.api_processes
+        ) as stack:
             for mode in ("full", "head"):
                 supports = [episodes.support(mode) for _ in range(64)]
 
@@ -315,6 +319,7 @@ def main() -> None:
     )
     parser.add_argument("--mode", default="full", help="task mode for the prediction tasks")
     parser.add_argument("--workers", type=int, default=1, help="Celery worker processes (adapt)")
+    parser.add_argument("--api-processes", type=int, default=1, help="API processes (adapt)")
     parser.add_argument("--line", type=int, default=256, help="queued jobs to drain (drain)")
     parser.add_argument("--refusals", type=int, default=100, help="requests past the bound")
     args = parser.parse_args()
@@ -331,7 +336,10 @@ def main() -> None:
                   f"{row['rate'] / base:.2f}x | {row['errors'] or '-'} |")  # fmt: skip
     if "adapt" in what:
         rows = bench_adapt(args, episodes)
-        print(f"\nAdaptations, {args.clients} clients, 5-way 1-shot, {args.workers} worker(s):\n")
+        print(
+            f"\nAdaptations, {args.clients} clients, 5-way 1-shot, {args.workers} worker(s), "
+            f"{args.api_processes} API process(es):\n"
+        )
         print("| mode, setting | tasks/s | p50 ms | vs one at a time | errors |")
         print("|---|---|---|---|---|")
         for row in rows:
