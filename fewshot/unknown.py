@@ -124,15 +124,32 @@ class UnknownCalibration:
         )
 
 
+# The parsed calibration of each metadata entry, shared by every model adapted from it: a parse
+# per model cost ~16 KB per cached model (more than a head-mode model's own tensors).
+_PARSED: dict[int, tuple[dict[str, Any], UnknownCalibration | None]] = {}
+_PARSED_LIMIT = 64
+
+
 def calibration_of(init: Initialization) -> UnknownCalibration | None:
-    """The calibration stored in an initialization's metadata, or None (not calibrated)."""
+    """The calibration stored in an initialization's metadata, or None (not calibrated).
+
+    Parsed once per metadata entry; models adapted from one initialization share the object.
+    """
     data = init.metadata.get(METADATA_KEY)
     if not isinstance(data, dict):
         return None
+    cached = _PARSED.get(id(data))
+    # The entry itself is kept alongside, so its id cannot be reused by another dict meanwhile.
+    if cached is not None and cached[0] is data:
+        return cached[1]
     try:
-        return UnknownCalibration.from_dict(data)
+        parsed: UnknownCalibration | None = UnknownCalibration.from_dict(data)
     except (KeyError, TypeError, ValueError):
-        return None
+        parsed = None
+    if len(_PARSED) >= _PARSED_LIMIT:
+        _PARSED.pop(next(iter(_PARSED)))
+    _PARSED[id(data)] = (data, parsed)
+    return parsed
 
 
 @dataclass

@@ -96,6 +96,19 @@ def test_save_and_load_keep_prototypes_counts_and_calibration(tmp_path: Path) ->
     assert fewshot.AdaptedModel.load(old.save(tmp_path / "old.safetensors")).prototypes is None
 
 
+def test_models_of_one_initialization_share_one_parsed_calibration() -> None:
+    init = _calibrated(_float_init())
+    images = random_images(4, TINY, dtype=torch.float32)
+    first = fewshot.adapt(init, images, list("abab"))
+    second = fewshot.adapt(init, images, list("abba"), mode="head")
+    assert first.unknown is not None and first.unknown is second.unknown
+    # A new calibration (a new metadata entry) is parsed anew.
+    init.metadata["unknown"] = dict(init.metadata["unknown"], threshold=0.2)
+    third = fewshot.adapt(init, images, list("abab"))
+    assert third.unknown is not None and third.unknown is not first.unknown
+    assert third.unknown.threshold == 0.2
+
+
 def test_a_model_saved_without_its_calibration_takes_the_initializations(tmp_path: Path) -> None:
     init = _calibrated(_float_init())
     model = fewshot.adapt(init, random_images(4, TINY, dtype=torch.float32), list("abab"))
