@@ -247,3 +247,19 @@ def test_a_head_mode_task_stores_its_head_alone_and_predicts_the_same_after_a_re
     after = client.post(url, headers=auth, files=query_files(3)).json()["predictions"]
     for old, new in zip(before, after, strict=True):
         assert new["probabilities"] == pytest.approx(old["probabilities"], abs=1e-6)
+
+
+def test_the_model_cache_counts_each_models_objects_not_only_its_tensors(tmp_path: Path) -> None:
+    from app.predictions.cache import MODEL_OVERHEAD_BYTES, ModelCache
+
+    init = fewshot.Initialization.random(fewshot.ModelConfig(width=8, inner_steps=1), seed=0)
+    x = torch.rand(2, 1, 28, 28)
+    models = [fewshot.adapt(init, x, ["a", "b"], mode="head") for _ in range(4)]
+    budget = 2 * (models[0].nbytes + MODEL_OVERHEAD_BYTES)
+    cache = ModelCache(ArtifactStore(tmp_path), max_bytes=budget, device="cpu")
+    ids = [uuid.uuid4() for _ in models]
+    for model_id, model in zip(ids, models, strict=True):
+        cache.put_adapted(model_id, model)
+    # Counted at their tensors alone (a few hundred bytes) all four would fit.
+    assert [cache.cached_adapted(i) is not None for i in ids] == [False, False, True, True]
+    assert cache.cached_bytes == budget
