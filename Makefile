@@ -24,7 +24,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 run: install
-	$(BIN)/maml-serve serve --host $(HOST) --port $(PORT) --console-key
+	MALLOC_ARENA_MAX=2 $(BIN)/maml-serve serve --host $(HOST) --port $(PORT) --console-key
 
 test: install
 	$(BIN)/pytest -q

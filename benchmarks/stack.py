@@ -160,6 +160,9 @@ def running_stack(
     env.update(UNLIMITED_KEYS)
     env["MAML_SERVE_DATA_DIR"] = str(data_dir)
     env["PYTHONPATH"] = str(ROOT)
+    # As the Docker image sets it (glibc arenas); a MALLOC_ARENA_MAX in the caller's environment
+    # wins (e.g. 64 for about glibc's default on this machine).
+    env.setdefault("MALLOC_ARENA_MAX", "2")
     if init is not None:
         env["MAML_SERVE_INITIALIZATION_PATH"] = str(init)
     env.update(settings)
