@@ -20,11 +20,11 @@ class JobWatch:
 
     @property
     def pushed(self) -> bool:
-        """True when the runner wakes this watch itself, so polling is only a safety net."""
+        """True when the job's end wakes this watch, so polling is only a safety net."""
         return self._pushed
 
     def notify(self) -> None:
-        """Called by the runner's thread when a run of the job ends: wakes sync and async waiters."""
+        """Called when a run of the job ends (runner or notice thread): wakes sync and async waiters."""
         self._event.set()
         with self._lock:
             loop, event = self._loop, self._async_event
