@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from sqlalchemy import or_, select
@@ -16,7 +16,7 @@ from app.core.runtime import Runtime
 from app.jobs.kinds import KINDS
 from app.jobs.liveness import consumer_key
 from app.jobs.notices import EndPublisher, EndSubscriber
-from app.jobs.watch import JobWatch
+from app.jobs.watch import JobWatch, Watches
 from app.models import Job, utcnow
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,8 @@ class InProcessDispatcher:
         # Meta-training runs for hours; its own thread keeps adaptations flowing meanwhile.
         self._train_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maml-serve-train")
         self._timers: set[threading.Timer] = set()
-        # One watch per waiting request, notified whenever a run of its job ends.
-        self._watches: dict[uuid.UUID, set[JobWatch]] = {}
+        # The waiting requests' watches, notified whenever a run of their job ends.
+        self._watches = Watches()
         self._closed = False
         self._lock = threading.Lock()
 
@@ -78,10 +78,7 @@ class InProcessDispatcher:
             log.exception("job %s crashed the in-process runner", job_id)
             return
         finally:
-            with self._lock:
-                watches = list(self._watches.get(job_id, ()))
-            for watch in watches:
-                watch.notify()
+            self._watches.notify(job_id)
         if outcome.retry_in is not None:
             self._later(outcome.retry_in, job_id, kind, queue)
 
@@ -126,21 +123,9 @@ class InProcessDispatcher:
         """This process runs every queue itself; there are no workers to count."""
         return None
 
-    @contextmanager
-    def watch(self, job_id: uuid.UUID) -> Iterator[JobWatch]:
+    def watch(self, job_id: uuid.UUID) -> AbstractContextManager[JobWatch]:
         """Wake the waiter as soon as a run of this job ends."""
-        watch = JobWatch(pushed=True)
-        with self._lock:
-            self._watches.setdefault(job_id, set()).add(watch)
-        try:
-            yield watch
-        finally:
-            with self._lock:
-                waiting = self._watches.get(job_id)
-                if waiting is not None:
-                    waiting.discard(watch)
-                    if not waiting:
-                        del self._watches[job_id]
+        return self._watches.watch(job_id, pushed=True)
 
     def close(self) -> None:
         """Cancel pending retries and wait for running jobs."""

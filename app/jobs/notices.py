@@ -13,13 +13,12 @@ import os
 import queue
 import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, suppress
 from typing import Any
 
 from app.core.config import Settings
 from app.jobs import state
-from app.jobs.watch import JobWatch
+from app.jobs.watch import JobWatch, Watches
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ class EndSubscriber:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._watches: dict[uuid.UUID, set[JobWatch]] = {}
+        self._watches = Watches()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._listening = threading.Event()
@@ -99,22 +98,10 @@ class EndSubscriber:
         """True while subscribed: new watches can rely on notices."""
         return self._listening.is_set()
 
-    @contextmanager
-    def watch(self, job_id: uuid.UUID) -> Iterator[JobWatch]:
+    def watch(self, job_id: uuid.UUID) -> AbstractContextManager[JobWatch]:
         """A watch woken by the job's end notice (pushed), or a polling one while unsubscribed."""
         self.start()
-        watch = JobWatch(pushed=self.listening)
-        with self._lock:
-            self._watches.setdefault(job_id, set()).add(watch)
-        try:
-            yield watch
-        finally:
-            with self._lock:
-                waiting = self._watches.get(job_id)
-                if waiting is not None:
-                    waiting.discard(watch)
-                    if not waiting:
-                        del self._watches[job_id]
+        return self._watches.watch(job_id, pushed=self.listening)
 
     def start(self) -> None:
         """Subscribe from a background thread (once); watches are pushed once it listens."""
@@ -155,10 +142,7 @@ class EndSubscriber:
             job_id = uuid.UUID(data.decode() if isinstance(data, bytes) else data)
         except ValueError:
             return
-        with self._lock:
-            watches = list(self._watches.get(job_id, ()))
-        for watch in watches:
-            watch.notify()
+        self._watches.notify(job_id)
 
     def close(self) -> None:
         """Stop the subscriber thread."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from contextlib import suppress
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
 
 class JobWatch:
@@ -60,3 +62,34 @@ class JobWatch:
             return
         event.clear()
         self._event.clear()
+
+
+class Watches:
+    """The watches of waiting requests by job id: held while they wait, all woken when it ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_job: dict[uuid.UUID, set[JobWatch]] = {}
+
+    @contextmanager
+    def watch(self, job_id: uuid.UUID, *, pushed: bool) -> Iterator[JobWatch]:
+        """A watch on `job_id` for the duration of the block."""
+        watch = JobWatch(pushed=pushed)
+        with self._lock:
+            self._by_job.setdefault(job_id, set()).add(watch)
+        try:
+            yield watch
+        finally:
+            with self._lock:
+                waiting = self._by_job.get(job_id)
+                if waiting is not None:
+                    waiting.discard(watch)
+                    if not waiting:
+                        del self._by_job[job_id]
+
+    def notify(self, job_id: uuid.UUID) -> None:
+        """Wake every watch on `job_id`."""
+        with self._lock:
+            watches = list(self._by_job.get(job_id, ()))
+        for watch in watches:
+            watch.notify()
