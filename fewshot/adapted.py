@@ -202,8 +202,8 @@ class AdaptedModel:
     def load(
         cls, path: str | Path, init: Initialization | None = None, device: str = "cpu"
     ) -> AdaptedModel:
-        """Read a file written by `save` (safetensors only; never unpickles); `init` supplies the
-        calibration a file saved without one lacks."""
+        """Read a file written by `save` (safetensors only; never unpickles); `init` supplies
+        what a file saved without it lacks (the calibration; the backbone of a head-only file)."""
         from safetensors import safe_open
 
         try:
