@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from fewshot.backbone import Conv4, shared_module
@@ -161,7 +161,18 @@ class AdaptedModel:
     def save(
         self, path: str | Path, *, with_calibration: bool = True, with_backbone: bool = True
     ) -> Path:
-        """Write one safetensors file; labels and settings go in its string metadata.
+        """Write one safetensors file (see `to_bytes`), atomically: a temporary file renamed."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(
+            self.to_bytes(with_calibration=with_calibration, with_backbone=with_backbone)
+        )
+        tmp.replace(path)
+        return path
+
+    def to_bytes(self, *, with_calibration: bool = True, with_backbone: bool = True) -> bytes:
+        """The safetensors file `save` writes; labels and settings go in its string metadata.
 
         What is the initialization's can stay out, for `load` to take from the initialization
         it is given: `with_calibration=False` leaves out the "unknown" calibration table;
@@ -169,8 +180,6 @@ class AdaptedModel:
         ~2 KB instead of ~450 KB for Conv4).
         """
         head_only = self.backbone_shared and not with_backbone
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {
             "format": ADAPTED_FORMAT,
             "model": json.dumps(self.config.to_dict()),
@@ -193,10 +202,7 @@ class AdaptedModel:
         }
         if self.prototypes is not None:
             tensors[HEAD_PROTOTYPES] = self.prototypes.detach().cpu().contiguous()
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(path)
-        return path
+        return save(tensors, metadata=metadata)
 
     @classmethod
     def load(

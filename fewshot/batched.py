@@ -93,6 +93,34 @@ def adapt_many(
     return [r for r in results if r is not None]
 
 
+def embed_supports(
+    init: Initialization,
+    supports: Sequence[Tensor],
+    *,
+    device: str | torch.device | None = None,
+    chunk: int = 128,
+) -> list[Tensor]:
+    """Each support set's embeddings [S_i, D] under the initialization, in passes of `chunk`.
+
+    What `fewshot.diagnostics.diagnose_embeddings` needs for a batch of tasks: one trunk pass
+    per `chunk` images instead of one per task (each image is embedded on its own: GroupNorm,
+    no batch statistics).
+    """
+    if not supports:
+        return []
+    target = torch.device(device) if device is not None else _init_device(init)
+    meta = prepare(init, target).meta
+    module = shared_module(init.config)
+    with torch.inference_mode():
+        flat = torch.cat([x.to(target) for x in supports])
+        features = torch.cat([embed(module, meta, part) for part in torch.split(flat, chunk)])
+        return [part.clone() for part in torch.split(features, [x.shape[0] for x in supports])]
+
+
+def _init_device(init: Initialization) -> torch.device:
+    return init.params[next(iter(init.params))].device
+
+
 def _adapt_group(
     init: Initialization,
     tasks: list[_Task],

@@ -59,16 +59,33 @@ def diagnose_support(
     images: [S, C, H, W] preprocessed as for adapt(); labels: one string per image (>= 2
     distinct). Classes with a single image get None in per_class and are only candidates.
     """
-    from fewshot.adapted import _check_images, encode_labels
+    from fewshot.adapted import _check_images
 
     _check_images(images, init.config, "support")
     if len(labels) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} support images but {len(labels)} labels")
+    device = next(iter(init.params.values())).device
+    features = embed(shared_module(init.config), init.params, images.to(device))
+    return diagnose_embeddings(features, labels, top_pairs=top_pairs)
+
+
+@torch.no_grad()
+def diagnose_embeddings(
+    features: Tensor, labels: Sequence[str], *, top_pairs: int = 5
+) -> SupportDiagnostics:
+    """`diagnose_support` from the support images' embeddings [S, D] under the initialization.
+
+    The adaptation's first forward pass computes these embeddings anyway
+    (`fewshot.fast.adapt_fast_with_embeddings`), so the service does not run the trunk again.
+    """
+    from fewshot.adapted import encode_labels
+
+    if len(labels) != features.shape[0]:
+        raise ValueError(f"{features.shape[0]} support embeddings but {len(labels)} labels")
     classes, y = encode_labels(labels)
     n = len(classes)
-    device = next(iter(init.params.values())).device
-    features = embed(shared_module(init.config), init.params, images.to(device)).double()
-    y = y.to(device)
+    features = features.detach().double()
+    y = y.to(features.device)
     onehot = F.one_hot(y, n).double()  # [S, N]
     sums = onehot.T @ features  # [N, D]
     counts = onehot.sum(dim=0)  # [N]

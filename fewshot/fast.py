@@ -130,11 +130,12 @@ def adapt_params_fast(
     mode: AdaptMode,
     recipe: InnerRecipe,
     learned_step_sizes: bool = True,
-) -> tuple[Params, Tensor]:
+) -> tuple[Params, Tensor, Tensor]:
     """adapt_params(..., differentiable=False) for one task, plus reusable support embeddings.
 
-    Returns the adapted parameters (detached) and the support images' embeddings under the
-    adapted backbone when they are known without another pass (head mode), else an empty tensor.
+    Returns the adapted parameters (detached), the support images' embeddings [S, D] under the
+    adapted backbone when they are known without another pass (head mode; else an empty
+    tensor), and their embeddings [S, D] under the initialization (the first step's).
     """
     meta = prepared.meta
     sizes = prepared.sizes if learned_step_sizes else {}
@@ -158,19 +159,22 @@ def adapt_params_fast(
                 bias = bias - lr_bias * g_bias
         out = dict(meta)
         out[HEAD_WEIGHT], out[HEAD_BIAS] = weight.clone(), bias.clone()
-        return out, features.clone()
+        features = features.clone()
+        return out, features, features
 
     backbone = backbone_names(meta)
     names = [*backbone, HEAD_WEIGHT, HEAD_BIAS]
     leaves = {name: meta[name].detach().clone().requires_grad_(True) for name in backbone}
     fast: Params = {**meta, **leaves}
+    initial = torch.empty(0)
     for t in range(steps):
         with torch.enable_grad():
             features = embed(module, fast, loss_x)
             if t == 0:
                 # The unshifted support comes first in loss_x: its embeddings under the meta
                 # parameters are the prototypes' (adapt_params computes them in a separate pass).
-                weight, bias = prototype_head(features[:count].detach(), onehot)
+                initial = features[:count].detach()
+                weight, bias = prototype_head(initial, onehot)
                 leaves[HEAD_WEIGHT] = weight.requires_grad_(True)
                 leaves[HEAD_BIAS] = bias.requires_grad_(True)
                 fast.update(leaves)
@@ -185,7 +189,7 @@ def adapt_params_fast(
             lrs = step_sizes_at(sizes, names, t, default_step_size)
             for param, g, lr in zip(params, grads, lrs, strict=True):
                 param.sub_(g.mul_(lr))
-    return {name: value.detach() for name, value in fast.items()}, torch.empty(0)
+    return {name: value.detach() for name, value in fast.items()}, torch.empty(0), initial
 
 
 def adapt_fast(
@@ -199,12 +203,33 @@ def adapt_fast(
     device: str | torch.device | None = None,
 ) -> AdaptedModel:
     """fewshot.adapt with the fast single-task loop: same arguments, same result up to rounding."""
+    model, _ = adapt_fast_with_embeddings(
+        init, support_x, labels, mode=mode, steps=steps, step_size=step_size, device=device
+    )
+    return model
+
+
+def adapt_fast_with_embeddings(
+    init: Initialization,
+    support_x: Tensor,
+    labels: Sequence[str],
+    *,
+    mode: AdaptMode = "full",
+    steps: int | None = None,
+    step_size: float | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[AdaptedModel, Tensor]:
+    """`adapt_fast`'s model and the support embeddings [S, D] under the initialization.
+
+    The embeddings come from the first step's forward pass (no extra pass): what
+    `fewshot.diagnostics.diagnose_embeddings` needs.
+    """
     steps, classes, y, target = check_adapt_args(init, support_x, labels, mode, steps, device)
     prepared = prepare(init, target)
     default = init.config.inner_step_size if step_size is None else step_size
     x, y = support_x.to(target), y.to(target)
     module = shared_module(init.config)
-    params, features = adapt_params_fast(
+    params, features, initial = adapt_params_fast(
         module,
         prepared,
         x,
@@ -216,7 +241,8 @@ def adapt_fast(
         recipe=InnerRecipe.from_config(init.config),
         learned_step_sizes=step_size is None,
     )
-    return finished_model(init, module, params, x, y, classes, mode, steps, features)
+    model = finished_model(init, module, params, x, y, classes, mode, steps, features)
+    return model, initial
 
 
 def finished_model(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
+import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
@@ -86,6 +88,25 @@ def test_one_delivery_adapts_the_line_and_each_job_ends_on_its_own(
             assert row.labels == labels[position] == alone.labels
             for name, value in alone.params.items():
                 torch.testing.assert_close(stored[name], value, atol=1e-4, rtol=1e-4)
+            # Diagnostics from the batch's shared embedding pass: diagnose_support's figures.
+            recorded = session.get(Job, job_id)
+            assert recorded is not None and recorded.result is not None
+            direct = fewshot.diagnose_support(
+                model_init,
+                fewshot.preprocess_images(images, model_init.config),
+                [e.label for e in examples],
+            ).to_dict()
+            _same_diagnostics(recorded.result["diagnostics"], direct)
+
+
+def _same_diagnostics(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """Equal diagnostics, similarities to float32 rounding."""
+    assert got["leave_one_out_accuracy"] == want["leave_one_out_accuracy"]
+    assert got["per_class"] == want["per_class"]
+    assert got["evaluated_images"] == want["evaluated_images"]
+    assert len(got["confusable_pairs"]) == len(want["confusable_pairs"]) > 0
+    for a, b in zip(got["confusable_pairs"], want["confusable_pairs"], strict=True):
+        assert a["similarity"] == pytest.approx(b["similarity"], abs=2e-4)
 
 
 def test_a_job_another_worker_claimed_first_stays_out_of_the_batch(

@@ -227,19 +227,19 @@ def test_delete_while_adapting_leaves_no_files(
     import fewshot.fast
 
     runtime = runtime_of(client)
-    real_adapt = fewshot.fast.adapt_fast
+    real_adapt = fewshot.fast.adapt_fast_with_embeddings
     deleted: list[str] = []
 
     def adapt_then_delete(*args: Any, **kwargs: Any) -> Any:
-        model = real_adapt(*args, **kwargs)
+        adapted = real_adapt(*args, **kwargs)
         # The client deletes the task while its adapt job computes (before the weights land).
         with runtime.sessions() as session:
             task = session.scalars(select(models.Task)).one()
             deleted.append(str(task.id))
         assert client.delete(f"/v1/tasks/{deleted[0]}", headers=auth).status_code == 204
-        return model
+        return adapted
 
-    monkeypatch.setattr(fewshot.fast, "adapt_fast", adapt_then_delete)
+    monkeypatch.setattr(fewshot.fast, "adapt_fast_with_embeddings", adapt_then_delete)
     files, data = support_files(["a", "b", "c"])
     response = client.post("/v1/tasks?wait=30", headers=auth, files=files, data=data)
     assert response.status_code == 404 or response.status_code in (201, 202), response.text

@@ -78,6 +78,19 @@ def test_diagnostics_name_the_confusable_pair_and_leave_one_out_accuracy(
     assert again["diagnostics"] == diagnostics
     # support_accuracy stays for compatibility.
     assert "support_accuracy" in again["adapted_model"]
+    # Computed from the adaptation's own first pass, they are diagnose_support's figures.
+    import fewshot
+
+    folder = shipped_init_dir()
+    assert folder is not None
+    init = fewshot.Initialization.load(folder)
+    support = fewshot.preprocess_images([fewshot.decode_image(b) for b in images], init.config)
+    direct = fewshot.diagnose_support(init, support, labels).to_dict()
+    assert diagnostics["leave_one_out_accuracy"] == direct["leave_one_out_accuracy"]
+    assert diagnostics["per_class"] == direct["per_class"]
+    for got, want in zip(pairs, direct["confusable_pairs"], strict=True):
+        assert (got["first"], got["second"]) == (want["first"], want["second"])
+        assert got["similarity"] == pytest.approx(want["similarity"], abs=2e-4)
 
 
 def test_single_shot_tasks_have_no_leave_one_out_accuracy(

@@ -141,3 +141,34 @@ def test_stacked_backbones_pass_equals_each_model_alone() -> None:
     for model, x, feature in zip(models, images, features, strict=True):
         assert feature is not None
         torch.testing.assert_close(feature, embed(Conv4(TINY), model.params, x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["full", "head"])
+@pytest.mark.parametrize("config", [TINY, RECIPE], ids=["plain", "recipe"])
+@pytest.mark.parametrize("steps", [0, 2])
+def test_embeddings_from_the_first_step_are_the_initializations(
+    mode: AdaptMode, config: fewshot.ModelConfig, steps: int
+) -> None:
+    init = tiny_init(config)
+    support = random_images(len(LABELS), config, seed=7)
+    model, embedded = fewshot.fast.adapt_fast_with_embeddings(
+        init, support, LABELS, mode=mode, steps=steps
+    )
+    _close(model, adapt_fast(init, support, LABELS, mode=mode, steps=steps), 1e-12)
+    torch.testing.assert_close(embedded, embed(init.module(), init.params, support), atol=1e-10,
+                               rtol=1e-10)  # fmt: skip
+    assert not embedded.requires_grad
+    # The diagnostics the service computes from them are diagnose_support's.
+    ours = fewshot.diagnostics.diagnose_embeddings(embedded, LABELS)
+    assert ours == fewshot.diagnose_support(init, support, LABELS)
+
+
+def test_embed_supports_equals_one_pass_per_support_set() -> None:
+    init = tiny_init()
+    supports = [random_images(n, seed=10 + n) for n in (3, 6, 1, 5)]
+    together = fewshot.batched.embed_supports(init, supports, chunk=4)
+    assert [t.shape[0] for t in together] == [3, 6, 1, 5]
+    for x, embedded in zip(supports, together, strict=True):
+        torch.testing.assert_close(embedded, embed(init.module(), init.params, x), atol=1e-10,
+                                   rtol=1e-10)  # fmt: skip
+    assert fewshot.batched.embed_supports(init, []) == []

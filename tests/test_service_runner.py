@@ -152,7 +152,7 @@ def test_transient_errors_are_retried_then_fail(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("out of memory, say")
 
-    monkeypatch.setattr(fewshot.fast, "adapt_fast", broken)
+    monkeypatch.setattr(fewshot.fast, "adapt_fast_with_embeddings", broken)
     runtime = runtime_of(client)
     _, job_id = _queued_task(client, auth)
     outcomes = [runner.run_job(runtime, job_id) for _ in range(3)]

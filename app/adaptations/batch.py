@@ -78,7 +78,9 @@ def run_adapt_batch(runtime: Runtime, held: list[Held]) -> BatchResult:
         try:
             init = runtime.models.initialization(items[0].init_row)
             started = time.perf_counter()
-            models = _adapt(init, items, "head" if mode == "head" else "full", steps, runtime)
+            models, embeddings = _adapt(
+                init, items, "head" if mode == "head" else "full", steps, runtime
+            )
             compute = (time.perf_counter() - started) / len(items)
         except fewshot.CheckpointError as exc:
             log.error("initialization %s unreadable: %s", items[0].init_row.version, exc)
@@ -92,14 +94,16 @@ def run_adapt_batch(runtime: Runtime, held: list[Held]) -> BatchResult:
             continue
         # One session (one connection) records the group, each job in its own transaction.
         with runtime.sessions() as session:
-            for item, model in zip(items, models, strict=True):
+            for item, model, embedded in zip(items, models, embeddings, strict=True):
                 if isinstance(model, fewshot.EpisodeError):
                     error = PermanentJobError("invalid_support_set", str(model))
                     results[item.claim.job_id] = error
                     continue
                 metrics.ADAPT_COMPUTE.labels(model.mode).observe(compute)
                 try:
-                    results[item.claim.job_id] = _record(runtime, session, item, model, compute)
+                    results[item.claim.job_id] = _record(
+                        runtime, session, item, model, compute, embedded
+                    )
                 except Exception as exc:
                     session.rollback()
                     results[item.claim.job_id] = exc
@@ -112,24 +116,35 @@ def _adapt(
     mode: fewshot.config.AdaptMode,
     steps: int | None,
     runtime: Runtime,
-) -> list[fewshot.AdaptedModel | fewshot.EpisodeError]:
+) -> tuple[list[fewshot.AdaptedModel | fewshot.EpisodeError], list[Tensor | None]]:
+    """Each item's model (or why its support set is invalid) and its support embeddings under
+    the initialization (for the diagnostics; None when it has no model)."""
     import fewshot
-    from fewshot.batched import adapt_many
-    from fewshot.fast import adapt_fast
+    from fewshot import fast
+    from fewshot.batched import adapt_many, embed_supports
 
     device = runtime.models.device
     if len(items) == 1:
         item = items[0]
         try:
-            return [adapt_fast(init, item.support, item.labels, mode=mode, steps=steps,
-                               device=device)]  # fmt: skip
+            model, embedded = fast.adapt_fast_with_embeddings(
+                init, item.support, item.labels, mode=mode, steps=steps, device=device
+            )
         except fewshot.EpisodeError as exc:
-            return [exc]
+            return [exc], [None]
+        return [model], [embedded]
     supports = [(item.support, item.labels) for item in items]
-    return adapt_many(
+    models = adapt_many(
         init, supports, mode=mode, steps=steps, device=device,
         max_batch=runtime.settings.adapt_batch_max_jobs,
     )  # fmt: skip
+    valid = [i for i, model in enumerate(models) if not isinstance(model, fewshot.EpisodeError)]
+    embeddings: list[Tensor | None] = [None] * len(items)
+    for i, embedded in zip(
+        valid, embed_supports(init, [items[i].support for i in valid], device=device), strict=True
+    ):
+        embeddings[i] = embedded
+    return models, embeddings
 
 
 @dataclass
@@ -226,11 +241,10 @@ def _record(
     item: _Loaded,
     model: fewshot.AdaptedModel,
     compute: float,
+    embeddings: Tensor | None,
 ) -> Outcome:
     """Store one job's weights and row, and finish the job in the same transaction."""
-    diagnostics = support_diagnostics(
-        runtime.models.initialization(item.init_row), item.support, item.labels
-    )
+    diagnostics = None if embeddings is None else support_diagnostics(embeddings, item.labels)
     return store_and_finish(
         runtime,
         session,

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from app.core import metrics
 from app.core.images import decode_stored
 from app.core.runtime import Runtime
-from app.core.storage import ArtifactCorrupt, adapted_weights_key, sha256_file, task_prefix
+from app.core.storage import ArtifactCorrupt, adapted_weights_key, task_prefix
 from app.jobs import state
 from app.jobs.heartbeat import Heartbeat
 from app.jobs.runner import PermanentJobError
@@ -45,14 +45,13 @@ def _result(row: AdaptedModel, diagnostics: dict[str, Any] | None = None) -> dic
     return out
 
 
-def support_diagnostics(
-    init: fewshot.Initialization, support: Tensor, labels: list[str]
-) -> dict[str, Any] | None:
-    """Leave-one-out accuracy and confusable pairs of a support set (None if they fail)."""
-    from fewshot.diagnostics import diagnose_support
+def support_diagnostics(embeddings: Tensor, labels: list[str]) -> dict[str, Any] | None:
+    """Leave-one-out accuracy and confusable pairs of a support set from its embeddings [S, D]
+    under the initialization (None if they fail)."""
+    from fewshot.diagnostics import diagnose_embeddings
 
     try:
-        return diagnose_support(init, support, labels).to_dict()
+        return diagnose_embeddings(embeddings, labels).to_dict()
     except Exception:
         # Diagnostics inform; a failure in them must never fail the adaptation itself.
         log.exception("support-set diagnostics failed")
@@ -120,8 +119,9 @@ def store_and_finish(
     """Write one job's weights and adapted-model row, and finish the job in that transaction."""
     key = adapted_weights_key(task_id, claim.job_id)
     # What is the initialization's (the calibration table; the backbone in head mode) is loaded
-    # from there.
-    path = model.save(runtime.store.path(key), with_calibration=False, with_backbone=False)
+    # from there. Written with an fsync before the row that names it is committed.
+    data = model.to_bytes(with_calibration=False, with_backbone=False)
+    sha256 = runtime.store.put_bytes(key, data)
     row = AdaptedModel(
         task_id=task_id,
         job_id=claim.job_id,
@@ -135,8 +135,8 @@ def store_and_finish(
         support_accuracy=float(model.support_accuracy),
         labels=list(model.labels),
         weights_key=key,
-        sha256=sha256_file(path),
-        size_bytes=path.stat().st_size,
+        sha256=sha256,
+        size_bytes=len(data),
         compute_seconds=compute,
         device=str(runtime.models.device),
     )
@@ -210,8 +210,9 @@ def run_adapt(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
             support = load_support(runtime, init, examples)
             labels = [e.label for e in examples]
             started = time.perf_counter()
-            # The fast single-task loop: fewshot.adapt's result, with less work per step.
-            model = fast.adapt_fast(
+            # The fast single-task loop: fewshot.adapt's result, with less work per step; its
+            # first pass also gives the embeddings the diagnostics need.
+            model, embeddings = fast.adapt_fast_with_embeddings(
                 init,
                 support,
                 labels,
@@ -220,7 +221,7 @@ def run_adapt(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
                 device=runtime.models.device,
             )
             compute = time.perf_counter() - started
-            diagnostics = support_diagnostics(init, support, labels)
+            diagnostics = support_diagnostics(embeddings, labels)
         metrics.ADAPT_COMPUTE.labels(model.mode).observe(compute)
         return store_and_finish(
             runtime,

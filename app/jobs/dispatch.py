@@ -13,6 +13,7 @@ from typing import Protocol
 from sqlalchemy import or_, select
 
 from app.core.runtime import Runtime
+from app.jobs import state
 from app.jobs.kinds import KINDS
 from app.jobs.liveness import consumer_key
 from app.jobs.notices import EndPublisher, EndSubscriber
@@ -56,8 +57,10 @@ class InProcessDispatcher:
         # Meta-training runs for hours; its own thread keeps adaptations flowing meanwhile.
         self._train_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maml-serve-train")
         self._timers: set[threading.Timer] = set()
-        # The waiting requests' watches, notified whenever a run of their job ends.
+        # The waiting requests' watches, notified whenever a run of their job ends, and told
+        # the state when the job itself ended (after the commit, from app.jobs.state).
         self._watches = Watches()
+        state.add_end_listener(self._watches.notify)
         self._closed = False
         self._lock = threading.Lock()
 
@@ -140,6 +143,7 @@ class InProcessDispatcher:
         request_stop(self.runtime)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._train_pool.shutdown(wait=True, cancel_futures=True)
+        state.remove_end_listener(self._watches.notify)
         clear_stop(self.runtime)
 
 

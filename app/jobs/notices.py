@@ -43,33 +43,52 @@ def _client(settings: Settings) -> Any:
     )
 
 
+def notice(job_id: uuid.UUID, ended: str) -> str:
+    """The message for a job that ended in state `ended`: "<job id hex> <state>"."""
+    return f"{job_id.hex} {ended}"
+
+
+def parse_notice(data: bytes | str) -> tuple[uuid.UUID, str | None] | None:
+    """(job id, terminal state) from a notice; the state is None in a bare-id notice (older
+    publishers: the waiter reads the row); None for anything else."""
+    text = data.decode(errors="replace") if isinstance(data, bytes) else data
+    head, _, ended = text.partition(" ")
+    try:
+        job_id = uuid.UUID(head)
+    except ValueError:
+        return None
+    if not ended:
+        return job_id, None
+    return (job_id, ended) if ended in state.TERMINAL_STATES else None
+
+
 class EndPublisher:
     """Publishes the ids of ended jobs from its own thread: a slow Redis never holds a job."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._pending: queue.Queue[uuid.UUID | None] = queue.Queue(MAX_PENDING)
+        self._pending: queue.Queue[tuple[uuid.UUID, str] | None] = queue.Queue(MAX_PENDING)
         self._thread = threading.Thread(target=self._loop, daemon=True, name="job-end-notices")
         self._thread.start()
         state.add_end_listener(self.ended)
 
-    def ended(self, job_id: uuid.UUID, _state: str) -> None:
+    def ended(self, job_id: uuid.UUID, ended: str) -> None:
         """Queue a notice for `job_id` (called by app.jobs.state after the ending commit)."""
         with suppress(queue.Full):
-            self._pending.put_nowait(job_id)
+            self._pending.put_nowait((job_id, ended))
 
     def _loop(self) -> None:
         client = None
         while True:
-            job_id = self._pending.get()
-            if job_id is None:
+            item = self._pending.get()
+            if item is None:
                 return
             try:
                 if client is None:
                     client = _client(self._settings)
-                client.publish(CHANNEL, job_id.hex)
+                client.publish(CHANNEL, notice(*item))
             except Exception as exc:
-                log.debug("could not publish the end of job %s: %s", job_id, exc)
+                log.debug("could not publish the end of job %s: %s", item[0], exc)
                 client = None
 
     def close(self) -> None:
@@ -138,11 +157,9 @@ class EndSubscriber:
         return self._listening.wait(timeout)
 
     def _notify(self, data: bytes | str) -> None:
-        try:
-            job_id = uuid.UUID(data.decode() if isinstance(data, bytes) else data)
-        except ValueError:
-            return
-        self._watches.notify(job_id)
+        parsed = parse_notice(data)
+        if parsed is not None:
+            self._watches.notify(*parsed)
 
     def close(self) -> None:
         """Stop the subscriber thread."""

@@ -63,16 +63,18 @@ def wait_for_job(
 ) -> str:
     """Re-read the job row until it ends or `timeout` seconds pass; returns its last state.
 
-    In-process jobs wake the waiter when a run ends, so the row is read once per run instead of
-    being polled; Celery jobs are polled with a growing delay.
+    In-process jobs and Redis notices wake the waiter when a run ends, and say the state a job
+    ended in (committed before): then the row is not read at all. Without notices the row is
+    polled with a growing delay.
     """
     deadline = time.monotonic() + timeout
     delay = 0.002
     recheck = PUSHED_RECHECK_SECONDS
     with dispatcher.watch(job_id) as watch:
         while True:
-            with runtime.sessions() as session:
-                state = session.scalar(select(Job.state).where(Job.id == job_id)) or "missing"
+            if watch.ended is not None:
+                return watch.ended
+            state = _job_state(runtime, job_id)
             remaining = deadline - time.monotonic()
             if state not in ("queued", "running") or remaining <= 0:
                 return state
@@ -95,18 +97,30 @@ async def wait_for_job_async(
     dispatcher: Dispatcher,
     job_id: uuid.UUID,
     timeout: float,
+    sent_now: bool = False,
 ) -> str:
     """wait_for_job for the event loop: sleeps with asyncio, holding no thread or connection.
 
     Each read of the job row is a short session on the thread pool; between reads the waiter
-    sleeps on the loop, woken by the runner's signal (in-process) or a growing delay (Celery).
+    sleeps on the loop, woken by the end's announcement (in-process or a Redis notice, which
+    gives the state: no read) or a growing delay (no notices). `sent_now`: the caller
+    committed and sent the job just now, so it is not read on entry either (an end announced
+    before the watch was taken is remembered by the watches; a lost notice costs the safety
+    re-read).
     """
     deadline = time.monotonic() + timeout
     delay = 0.002
     recheck = PUSHED_RECHECK_SECONDS
     with dispatcher.watch(job_id) as watch:
+        skip_read = sent_now and watch.pushed
         while True:
-            state = await run_in_threadpool(_job_state, runtime, job_id)
+            if watch.ended is not None:
+                return watch.ended
+            if skip_read:
+                skip_read = False
+                state = "queued"
+            else:
+                state = await run_in_threadpool(_job_state, runtime, job_id)
             remaining = deadline - time.monotonic()
             if state not in ("queued", "running") or remaining <= 0:
                 return state

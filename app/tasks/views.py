@@ -133,6 +133,7 @@ async def create_task(
 
     task_id, job_id = await run_in_threadpool(create)
     if wait:
+        sent_now = job_id is not None
         # A new task's job is its latest; a replayed one may have been re-adapted since.
         if job_id is None:
             job_id = await run_in_threadpool(_latest_job_id, session, task_id)
@@ -142,6 +143,7 @@ async def create_task(
                 dispatcher=dispatcher,
                 job_id=job_id,
                 timeout=min(wait, runtime.settings.max_wait_seconds),
+                sent_now=sent_now,
             )
         session.expire_all()
     return await run_in_threadpool(_created, session, caller, task_id, response)

@@ -31,9 +31,14 @@ def test_a_published_end_wakes_only_the_watches_of_that_job(production_settings:
             started = time.monotonic()
             watch.wait(10)
             assert time.monotonic() - started < 5
+            assert watch.ended == "succeeded"
             started = time.monotonic()
             other.wait(0.3)
             assert time.monotonic() - started >= 0.25, "a notice for another job woke this one"
+            assert other.ended is None
+        # A watch taken after the notice arrived starts with the answer.
+        with subscriber.watch(job_id) as late:
+            assert late.ended == "succeeded"
     finally:
         publisher.close()
         subscriber.close()
@@ -83,6 +88,12 @@ def test_wait_through_the_worker_is_pushed_not_polled(
     response = production_client.post("/v1/tasks?wait=30", headers=headers, files=files, data=data)
     elapsed = time.monotonic() - started
     assert response.status_code == 201, response.text
-    # Pushed: a read on entry, one per safety check (0.25 s, then doubling), one after the
-    # notice. Polling with a growing delay reads ~8 times in its first 0.2 s alone.
-    assert len(reads) <= 2 + int(elapsed / 0.25), (len(reads), elapsed)
+    # Pushed, with the state in the notice: no read on entry (the job was sent just now) nor
+    # after it, only the safety checks (0.25 s, then doubling). Polling with a growing delay
+    # reads ~8 times in its first 0.2 s alone.
+    assert len(reads) <= int(elapsed / 0.25), (len(reads), elapsed)
+    # A GET ?wait on the ended job reads its row (an old job's end may not be remembered).
+    job_url = response.json()["links"]["job"]
+    assert production_client.get(f"{job_url}?wait=5", headers=headers).json()["state"] == (
+        "succeeded"
+    )
