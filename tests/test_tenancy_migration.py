@@ -19,7 +19,14 @@ def _insert(connection: Connection, table: str, **values: object) -> None:
 
 
 def test_upgrade_with_data(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path / "data", database_url=None, broker_url=None)
+    check_upgrade_with_data(
+        Settings(data_dir=tmp_path / "data", database_url=None, broker_url=None)
+    )
+
+
+def check_upgrade_with_data(settings: Settings) -> None:
+    """Upgrade an empty database to 0002, add versions, a task and two adaptations in progress,
+    upgrade to the head: owners and the duplicate resolved (also run on PostgreSQL)."""
     upgrade(settings, "0002")
     now = "2026-11-01 10:00:00.000000"
     later = "2026-11-01 10:00:05.000000"
@@ -65,7 +72,8 @@ def test_upgrade_with_data(tmp_path: Path) -> None:
             for row in db.execute(text("SELECT version, tenant_id FROM initializations"))
         }
         states: dict[str, str] = {
-            row[0]: row[1] for row in db.execute(text("SELECT id, state FROM jobs"))
+            uuid.UUID(str(row[0])).hex: row[1]
+            for row in db.execute(text("SELECT id, state FROM jobs"))
         }
     engine.dispose()
     assert owners["shipped"] is None and owners["served"] is None
@@ -76,7 +84,12 @@ def test_upgrade_with_data(tmp_path: Path) -> None:
 def test_upgrade_to_0004_copies_each_tasks_threshold_from_its_first_adapt_job(
     tmp_path: Path,
 ) -> None:
-    settings = Settings(data_dir=tmp_path / "data", database_url=None, broker_url=None)
+    check_0004_backfill(Settings(data_dir=tmp_path / "data", database_url=None, broker_url=None))
+
+
+def check_0004_backfill(settings: Settings) -> None:
+    """Upgrade an empty database to 0003, add tasks and jobs, upgrade: each task's threshold
+    is its first adapt job's (also run on PostgreSQL by tests/integration)."""
     upgrade(settings, "0003")
     times = [f"2026-11-01 10:00:0{i}.000000" for i in range(4)]
     tenant, init = uuid.uuid4().hex, uuid.uuid4().hex
