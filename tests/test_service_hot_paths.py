@@ -304,3 +304,36 @@ def test_adapted_weights_are_written_durably_and_recorded_with_their_hash(
     data = path.read_bytes()
     assert row.size_bytes == len(data)
     assert runtime.store.read_bytes(row.weights_key, row.sha256) == data
+
+
+def test_a_page_of_tasks_costs_the_same_queries_as_one_task(
+    client: TestClient, auth: dict[str, str]
+) -> None:
+    readapted = create_ready_task(client, auth, ["a", "b", "a"])
+    for seed in range(5):
+        files, data = support_files(["x", "y"], seed=seed)
+        assert client.post("/v1/tasks?wait=30", headers=auth, files=files, data=data).is_success
+    # One task re-adapted: two models and two jobs, of which the newest count.
+    url = f"/v1/tasks/{readapted['id']}/adaptations"
+    again = client.post(url, headers=auth, json={"mode": "head"})
+    assert again.status_code == 202, again.text
+    job_url = again.json()["links"]["self"]
+    assert client.get(f"{job_url}?wait=30", headers=auth).json()["state"] == "succeeded"
+
+    def listed(limit: int) -> tuple[dict[str, Any], int]:
+        with _statements(client) as seen:
+            body = client.get("/v1/tasks", headers=auth, params={"limit": limit}).json()
+        return body, len(seen)
+
+    one, one_count = listed(1)
+    page, page_count = listed(6)
+    assert len(one["items"]) == 1 and len(page["items"]) == 6
+    assert page_count == one_count, (one_count, page_count)
+    # The same figures as the single-task view.
+    for item in page["items"]:
+        alone = client.get(f"/v1/tasks/{item['id']}", headers=auth).json()
+        assert item == alone
+    first = next(i for i in page["items"] if i["id"] == readapted["id"])
+    assert first["counts"] == {"a": 2, "b": 1}
+    assert first["diagnostics"] is not None and first["adapted_model"]["mode"] == "head"
+    assert first["links"]["job"] == job_url

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -178,13 +178,22 @@ def run_adapt(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
     from fewshot import fast
 
     with runtime.sessions() as session:
-        job = session.get(Job, claim.job_id)
-        task = (
-            session.get(Task, job.task_id) if job is not None and job.task_id is not None else None
-        )
-        if job is None or task is None:
+        # The job, its task, the version it adapts (a re-adaptation names its own; a first
+        # adaptation uses the task's pinned one) and a model an earlier delivery recorded: one
+        # query.
+        found = session.execute(
+            select(Job, Task, Initialization, AdaptedModel)
+            .join(Task, Task.id == Job.task_id)
+            .join(
+                Initialization,
+                Initialization.id == func.coalesce(Job.initialization_id, Task.initialization_id),
+            )
+            .outerjoin(AdaptedModel, AdaptedModel.job_id == Job.id)
+            .where(Job.id == claim.job_id)
+        ).one_or_none()
+        if found is None:
             return Outcome("skipped")
-        existing = session.scalar(select(AdaptedModel).where(AdaptedModel.job_id == job.id))
+        job, task, init_row, existing = found
         if existing is not None:
             # An earlier delivery did the work and died before marking the job; just finish it.
             state.finish(session, claim, result=_result(existing), progress_detail=_DONE)
@@ -196,12 +205,6 @@ def run_adapt(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
                 .order_by(SupportExample.position)
             )
         )
-        # A re-adaptation names its own version; a first adaptation uses the task's pinned one.
-        init_row = (
-            session.get(Initialization, job.initialization_id)
-            if job.initialization_id is not None
-            else None
-        ) or task.initialization
         mode = str(job.params.get("mode", task.mode))
         steps_param = job.params.get("steps", task.steps)
         runtime.models.use_serving_threads()

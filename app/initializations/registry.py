@@ -41,11 +41,29 @@ def tenant_default(*, session: Session, tenant_id: uuid.UUID) -> TenantDefault |
 
 
 def default_for(*, session: Session, tenant_id: uuid.UUID) -> Initialization | None:
-    """The version a tenant's new tasks adapt from: its own default, else the global active one."""
-    own = tenant_default(session=session, tenant_id=tenant_id)
-    if own is not None and own.initialization.status == "ready":
-        return own.initialization
-    return active_initialization(session=session)
+    """The version a tenant's new tasks adapt from: its own default, else the global active one.
+
+    One query (each new task asks): the newest unretired default of the tenant when its
+    version is ready, else the active one.
+    """
+    own = (
+        select(TenantDefault.initialization_id)
+        .where(TenantDefault.tenant_id == tenant_id, TenantDefault.retired_at.is_(None))
+        .order_by(TenantDefault.created_at.desc(), TenantDefault.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    own_ready = (
+        select(Initialization.id)
+        .where(Initialization.id == own, Initialization.status == "ready")
+        .scalar_subquery()
+    )
+    active = (
+        select(Initialization.id).where(Initialization.is_active.is_(True)).limit(1)
+    ).scalar_subquery()
+    return session.scalar(
+        select(Initialization).where(Initialization.id == func.coalesce(own_ready, active))
+    )
 
 
 def list_initializations(*, session: Session, tenant_id: uuid.UUID) -> Sequence[Initialization]:

@@ -1,16 +1,16 @@
 """Admission of new adaptations: past the backlog bounds a request is answered, not queued.
 
-Counting queued adapt jobs is one indexed query per bound, each stopped at the bound plus one
-row, so its cost does not grow with the line it guards against. Every job already accepted
-still runs; only new ones are refused (429 for a tenant over its share, 503 when the whole
-service is), with Retry-After.
+Counting queued adapt jobs is one indexed scan per bound (both in one statement), each stopped
+at the bound plus one row, so its cost does not grow with the line it guards against. Every job
+already accepted still runs; only new ones are refused (429 for a tenant over its share, 503 when
+the whole service is), with Retry-After.
 """
 
 from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import func, select
+from sqlalchemy import ScalarSelect, func, select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -32,27 +32,36 @@ class BacklogFull(ProblemError):
     code = "adaptation_backlog_full"
 
 
-def queued_adaptations(session: Session, limit: int, tenant_id: uuid.UUID | None = None) -> int:
+def _queued(limit: int, tenant_id: uuid.UUID | None = None) -> ScalarSelect[int]:
     """Queued adapt jobs (of one tenant, or all), counted up to `limit` + 1 at most."""
     query = select(Job.id).where(Job.state == "queued", Job.kind == "adapt")
     if tenant_id is not None:
         query = query.where(Job.tenant_id == tenant_id)
     bounded = query.limit(limit + 1).subquery()
-    return int(session.scalar(select(func.count()).select_from(bounded)) or 0)
+    return select(func.count()).select_from(bounded).scalar_subquery()
+
+
+def queued_adaptations(session: Session, limit: int, tenant_id: uuid.UUID | None = None) -> int:
+    """Queued adapt jobs (of one tenant, or all), counted up to `limit` + 1 at most."""
+    return int(session.scalar(select(_queued(limit, tenant_id))) or 0)
 
 
 def admit_adaptation(session: Session, settings: Settings, tenant_id: uuid.UUID) -> None:
-    """Raise 429 or 503 (with Retry-After) when one more adapt job would pass a backlog bound."""
+    """Raise 429 or 503 (with Retry-After) when one more adapt job would pass a backlog bound.
+
+    Both bounds are counted in one statement.
+    """
     retry = {"Retry-After": str(settings.retry_after_seconds)}
     tenant_limit = settings.max_queued_adaptations_per_tenant
-    if queued_adaptations(session, tenant_limit, tenant_id) >= tenant_limit:
+    limit = settings.max_queued_adaptations
+    counts = session.execute(select(_queued(tenant_limit, tenant_id), _queued(limit))).one()
+    if int(counts[0] or 0) >= tenant_limit:
         raise TenantBacklogFull(
             f"this tenant already has {tenant_limit} adaptations waiting; retry after the "
             "Retry-After delay",
             headers=retry,
         )
-    limit = settings.max_queued_adaptations
-    if queued_adaptations(session, limit) >= limit:
+    if int(counts[1] or 0) >= limit:
         raise BacklogFull(
             "the service is adapting at capacity; retry after the Retry-After delay",
             headers=retry,

@@ -286,16 +286,18 @@ def _end(session: Session, job_id: uuid.UUID, where: list[Any], state: str, **va
     when it is refused.
     """
     now = utcnow()
-    result = session.execute(
+    # RETURNING gives what the task's status and the metrics need without another query.
+    ended = session.execute(
         update(Job)
         .where(Job.id == job_id, *where)
         .values(state=state, finished_at=now, lease_expires_at=None, updated_at=now, **values)
+        .returning(Job.kind, Job.task_id, Job.started_at)
         .execution_options(synchronize_session=False)
-    )
-    if _rowcount(result) != 1:
+    ).one_or_none()
+    if ended is None:
         session.rollback()
         return False
-    _after_end(session, job_id, state)
+    _after_end(session, state, ended.kind, ended.task_id, ended.started_at)
     session.commit()
     _announce_end(job_id, state)
     return True
@@ -362,15 +364,16 @@ def cancel(session: Session, job: Job) -> bool:
             progress_detail={**(job.progress_detail or {}), "stage": "cancelled"},
             updated_at=now,
         )
+        .returning(Job.kind, Job.task_id, Job.started_at)
         .execution_options(synchronize_session=False)
-    )
-    if _rowcount(stopped) == 1:
-        _after_end(session, job.id, "cancelled")
+    ).one_or_none()
+    if stopped is not None:
+        _after_end(session, "cancelled", stopped.kind, stopped.task_id, stopped.started_at)
     session.commit()
-    if _rowcount(stopped) == 1:
+    if stopped is not None:
         _announce_end(job.id, "cancelled")
     session.refresh(job)
-    return job.state in ACTIVE_STATES or _rowcount(stopped) == 1
+    return job.state in ACTIVE_STATES or stopped is not None
 
 
 # --- the reaper's transitions -----------------------------------------------------------------
@@ -503,15 +506,15 @@ def sync_task_status(session: Session, task_id: uuid.UUID) -> None:
     )
 
 
-def _after_end(session: Session, job_id: uuid.UUID, state: str) -> None:
-    row = session.execute(
-        select(Job.kind, Job.task_id, Job.started_at).where(Job.id == job_id)
-    ).one_or_none()
-    if row is None:
-        return
-    if row.task_id is not None:
-        sync_task_status(session, row.task_id)
-    metrics.JOBS_FINISHED.labels(row.kind, state).inc()
-    if row.started_at is not None:
-        started: datetime = row.started_at
-        metrics.JOB_DURATION.labels(row.kind, state).observe((utcnow() - started).total_seconds())
+def _after_end(
+    session: Session,
+    state: str,
+    kind: str,
+    task_id: uuid.UUID | None,
+    started_at: datetime | None,
+) -> None:
+    if task_id is not None:
+        sync_task_status(session, task_id)
+    metrics.JOBS_FINISHED.labels(kind, state).inc()
+    if started_at is not None:
+        metrics.JOB_DURATION.labels(kind, state).observe((utcnow() - started_at).total_seconds())

@@ -6,13 +6,13 @@ import hashlib
 import json
 import logging
 import uuid
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
-from app.adaptations import service as adaptations
 from app.core.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
 from app.core.pagination import Page, paginate
 from app.core.runtime import Runtime
@@ -28,6 +28,7 @@ from app.jobs.admission import admit_adaptation
 from app.jobs.dispatch import CeleryDispatcher, InProcessDispatcher
 from app.models import (
     AdaptedModel,
+    Initialization,
     Job,
     SupportExample,
     Task,
@@ -214,41 +215,100 @@ def list_tasks(*, session: Session, tenant_id: uuid.UUID, limit: int, cursor: st
     return paginate(session=session, query=query, model=Task, limit=limit, cursor=cursor)
 
 
-def label_counts(task: Task) -> dict[str, int]:
-    """Support images per label, in the task's label order."""
-    counts = dict.fromkeys(task.labels, 0)
-    for example in task.examples:
-        counts[example.label] = counts.get(example.label, 0) + 1
-    return counts
-
-
-def diagnostics_of(
-    session: Session, model: AdaptedModel | None, latest: Job | None = None
-) -> dict[str, Any] | None:
-    """The support-set diagnostics the adapt job of `model` recorded, if any.
-
-    `latest`, the task's latest job when the caller has it, saves a query when it made the model.
-    """
-    if model is None:
-        return None
-    if latest is not None and latest.id == model.job_id:
-        result = latest.result
-    else:
-        result = session.scalar(select(Job.result).where(Job.id == model.job_id))
+def _diagnostics(result: dict[str, Any] | None) -> dict[str, Any] | None:
     value = None if result is None else result.get("diagnostics")
     return value if isinstance(value, dict) else None
 
 
+def _newest_per_task(
+    session: Session, entity: type[AdaptedModel] | type[Job], task_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, Any]:
+    """The newest row of `entity` for each task (by created_at, then id), in one query."""
+    rank = (
+        func.row_number()
+        .over(
+            partition_by=entity.task_id,
+            order_by=(entity.created_at.desc(), entity.id.desc()),
+        )
+        .label("rank")
+    )
+    ranked = select(entity, rank).where(entity.task_id.in_(task_ids)).subquery()
+    newest = aliased(entity, ranked)
+    rows: Iterable[Any] = session.scalars(select(newest).where(ranked.c.rank == 1))
+    return {row.task_id: row for row in rows}
+
+
 def task_public(session: Session, task: Task) -> TaskPublic:
     """A task with its current adapted model, latest job and links."""
-    model = adaptations.current_adapted_model(session=session, task_id=task.id)
-    job = jobs.latest_job(session=session, task_id=task.id)
+    return task_publics(session, [task])[0]
+
+
+def task_publics(session: Session, rows: Sequence[Task]) -> list[TaskPublic]:
+    """Tasks with their current adapted models, latest jobs and links: a fixed number of queries
+    (five at most) whatever the number of tasks, not a few per task."""
+    if not rows:
+        return []
+    ids = [task.id for task in rows]
+    models = _newest_per_task(session, AdaptedModel, ids)
+    latest = _newest_per_task(session, Job, ids)
+    counts: dict[uuid.UUID, dict[str, int]] = {}
+    for task_id, label, count in session.execute(
+        select(SupportExample.task_id, SupportExample.label, func.count())
+        .where(SupportExample.task_id.in_(ids))
+        .group_by(SupportExample.task_id, SupportExample.label)
+    ):
+        counts.setdefault(task_id, {})[label] = int(count)
+    versions = {
+        init_id: version
+        for init_id, version in session.execute(
+            select(Initialization.id, Initialization.version).where(
+                Initialization.id.in_({task.initialization_id for task in rows})
+            )
+        )
+    }
+    # Diagnostics live in the result of the job that made the model: usually the latest job.
+    other_jobs = [
+        model.job_id
+        for task_id, model in models.items()
+        if task_id not in latest or latest[task_id].id != model.job_id
+    ]
+    results: dict[uuid.UUID, dict[str, Any] | None] = {
+        job.id: job.result for job in latest.values()
+    }
+    if other_jobs:
+        for job_id, result in session.execute(
+            select(Job.id, Job.result).where(Job.id.in_(other_jobs))
+        ):
+            results[job_id] = result
+    return [
+        _public(
+            task,
+            models.get(task.id),
+            latest.get(task.id),
+            counts.get(task.id, {}),
+            versions[task.initialization_id],
+            results,
+        )
+        for task in rows
+    ]
+
+
+def _public(
+    task: Task,
+    model: AdaptedModel | None,
+    job: Job | None,
+    counted: dict[str, int],
+    initialization_version: str,
+    results: dict[uuid.UUID, dict[str, Any] | None],
+) -> TaskPublic:
     links = {"self": f"/v1/tasks/{task.id}", "predictions": f"/v1/tasks/{task.id}/predictions"}
     if job is not None:
         links["job"] = f"/v1/jobs/{job.id}"
     error = None
     if task.status == "failed" and job is not None and job.error_code:
         error = ErrorInfo(code=job.error_code, message=job.error_message or "")
+    counts = {label: counted.get(label, 0) for label in task.labels}
+    diagnostics = None if model is None else _diagnostics(results.get(model.job_id))
     return TaskPublic(
         id=task.id,
         name=task.name,
@@ -256,9 +316,9 @@ def task_public(session: Session, task: Task) -> TaskPublic:
         mode=task.mode,
         steps=task.steps,
         labels=list(task.labels),
-        counts=tasks.label_counts(task),
+        counts=counts,
         example_count=task.example_count,
-        initialization_version=task.initialization.version,
+        initialization_version=initialization_version,
         adapted_model=None
         if model is None
         else AdaptedModelPublic(
@@ -271,8 +331,8 @@ def task_public(session: Session, task: Task) -> TaskPublic:
         ),
         unknown_threshold=task.unknown_threshold,
         diagnostics=None
-        if (found := diagnostics_of(session, model, job)) is None
-        else SupportDiagnosticsPublic.model_validate(found),
+        if diagnostics is None
+        else SupportDiagnosticsPublic.model_validate(diagnostics),
         job=None if job is None else JobRef(id=job.id, state=job.state),
         error=error,
         created_at=task.created_at,

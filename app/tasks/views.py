@@ -24,7 +24,7 @@ from app.jobs import service as jobs
 from app.tasks import service as tasks
 from app.tasks.bodies import SupportSetDep
 from app.tasks.schemas import TaskPage, TaskPublic
-from app.tasks.service import task_public
+from app.tasks.service import task_public, task_publics
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
@@ -185,9 +185,7 @@ def list_tasks(
     """The caller's tasks, newest first; pass `next_cursor` back as `cursor` for the next page."""
     size = min(limit or runtime.settings.page_size, runtime.settings.max_page_size)
     page = tasks.list_tasks(session=session, tenant_id=caller.tenant_id, limit=size, cursor=cursor)
-    return TaskPage(
-        items=[task_public(session, t) for t in page.items], next_cursor=page.next_cursor
-    )
+    return TaskPage(items=task_publics(session, page.items), next_cursor=page.next_cursor)
 
 
 @router.get("/{task_id}", response_model=TaskPublic, responses=_ONE_PROBLEMS)
