@@ -65,6 +65,17 @@ def episode(
     return support, [pool[i % len(pool)] for i in range(queries)]
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; NaN elsewhere or unknown)."""
+    if pid is None:
+        return float("nan")
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     """An unused TCP port on localhost."""
     with socket.socket() as sock:
@@ -156,7 +167,11 @@ def main() -> None:
         with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
             latencies: list[float] = []
             task_ids: list[str] = []
+            pid = None if server is None else server.pid
+            post_cpu = float("nan")
             for i, (support, _) in enumerate(episodes):
+                if i == 3:
+                    post_cpu = cpu_seconds(pid)
                 files = [
                     ("images", (f"{j}.png", data, "image/png"))
                     for j, (data, _) in enumerate(support)
@@ -176,6 +191,7 @@ def main() -> None:
                 task_ids.append(response.json()["id"])
                 if i >= 3:  # the first few warm up the server
                     latencies.append(elapsed)
+            post_cpu = (cpu_seconds(pid) - post_cpu) / len(latencies)
 
             queries = [
                 ("images", (f"q{j}.png", data, "image/png"))
@@ -183,11 +199,13 @@ def main() -> None:
             ]
             for _ in range(3):
                 client.post(f"/v1/tasks/{task_ids[0]}/predictions", files=queries)
+            predict_cpu = cpu_seconds(pid)
             started = time.perf_counter()
             for _ in range(args.repeats):
                 response = client.post(f"/v1/tasks/{task_ids[0]}/predictions", files=queries)
                 response.raise_for_status()
             http_rate = args.batch * args.repeats / (time.perf_counter() - started)
+            predict_cpu = (cpu_seconds(pid) - predict_cpu) / args.repeats
     finally:
         if server is not None:
             server.terminate()
@@ -232,12 +250,14 @@ def main() -> None:
     print(f"  HTTP (POST ?wait, embedded)   {http50:7.1f}  {http95:7.1f}")
     print(f"  in-process adapt              {in50:7.1f}  {in95:7.1f}")
     print(f"  ratio HTTP / in-process       {http50 / in50:7.2f}  {http95 / in95:7.2f}")
+    print(f"  server CPU per POST (ms)      {post_cpu * 1e3:7.1f}")
     print(f"prediction throughput, batch {args.batch} (images/s)")
     print(f"  HTTP                          {http_rate:9.0f}")
     print(f"  decode + forward, in-process  {decode_rate:9.0f}")
     print(f"  raw forward pass              {raw_rate:9.0f}")
     print(f"  ratio HTTP / decode + forward {http_rate / decode_rate:9.2f}")
     print(f"  ratio HTTP / raw              {http_rate / raw_rate:9.2f}")
+    print(f"  server CPU per request (ms)   {predict_cpu * 1e3:9.1f}")
     print(f"  (mean of in-process adapt: {statistics.mean(inproc) * 1e3:.1f} ms)")
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,18 +19,26 @@ from app.models import Job, Task
 from tests.helpers import create_key, make_settings, runtime_of, support_files
 
 
-@pytest.fixture
-def bounded(tmp_path: Path, tiny_init_dir: Path) -> Iterator[TestClient]:
-    """An embedded app whose jobs are never sent (they wait), with small backlog bounds."""
-    settings = make_settings(
-        tmp_path / "data",
-        tiny_init_dir,
+@contextmanager
+def bounded_client(data_dir: Path, init_dir: Path, **settings: Any) -> Iterator[TestClient]:
+    """An app whose jobs are never sent (they wait), with small backlog bounds."""
+    app_settings = make_settings(
+        data_dir,
+        init_dir,
         max_queued_adaptations_per_tenant=2,
         max_queued_adaptations=3,
         retry_after_seconds=4,
+        **settings,
     )
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(app_settings)) as client:
         client.app.state.dispatcher.submit = lambda *args: None  # type: ignore[attr-defined]
+        yield client
+
+
+@pytest.fixture
+def bounded(tmp_path: Path, tiny_init_dir: Path) -> Iterator[TestClient]:
+    """An embedded app (SQLite) with small backlog bounds whose jobs wait."""
+    with bounded_client(tmp_path / "data", tiny_init_dir) as client:
         yield client
 
 
@@ -47,6 +57,11 @@ def _tasks(client: TestClient) -> int:
 def test_tenant_and_service_bounds_refuse_new_work_and_accepted_jobs_finish(
     bounded: TestClient,
 ) -> None:
+    check_bounds(bounded)
+
+
+def check_bounds(bounded: TestClient) -> None:
+    """Two tenants fill the bounds (2 each, 3 in all): 429, then 503; the rest still runs."""
     acme, beta = create_key(bounded, "acme"), create_key(bounded, "beta")
     assert [_post(bounded, acme, seed)[0] for seed in (1, 2)] == [202, 202]
     status, headers, _ = _post(bounded, acme, 3)

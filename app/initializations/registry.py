@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy import ColumnElement, Select, bindparam, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -46,9 +47,17 @@ def default_for(*, session: Session, tenant_id: uuid.UUID) -> Initialization | N
     One query (each new task asks): the newest unretired default of the tenant when its
     version is ready, else the active one.
     """
+    return session.scalar(_default_statement(), {"tenant_id": tenant_id})
+
+
+@functools.cache
+def _default_statement() -> Select[Initialization]:
+    # Built once: the statement is the same for every tenant.
     own = (
         select(TenantDefault.initialization_id)
-        .where(TenantDefault.tenant_id == tenant_id, TenantDefault.retired_at.is_(None))
+        .where(
+            TenantDefault.tenant_id == bindparam("tenant_id"), TenantDefault.retired_at.is_(None)
+        )
         .order_by(TenantDefault.created_at.desc(), TenantDefault.id.desc())
         .limit(1)
         .scalar_subquery()
@@ -61,9 +70,7 @@ def default_for(*, session: Session, tenant_id: uuid.UUID) -> Initialization | N
     active = (
         select(Initialization.id).where(Initialization.is_active.is_(True)).limit(1)
     ).scalar_subquery()
-    return session.scalar(
-        select(Initialization).where(Initialization.id == func.coalesce(own_ready, active))
-    )
+    return select(Initialization).where(Initialization.id == func.coalesce(own_ready, active))
 
 
 def list_initializations(*, session: Session, tenant_id: uuid.UUID) -> Sequence[Initialization]:
