@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -203,10 +204,34 @@ def bench_adapt(args: argparse.Namespace, episodes: Episodes) -> list[dict[str, 
                     return 1
 
                 closed_loop(args.clients, 2, create, stack.url, stack.key)
+                before = _cpu(stack)
                 load = closed_loop(args.clients, args.seconds, create, stack.url, stack.key)
+                after = _cpu(stack)
                 name = f"{mode}, adapt_batch_max_jobs={max_jobs}"
-                rows.append(_summary(name, [load]))
+                row = _summary(name, [load])
+                tasks = max(load.units, 1)
+                row["api_cpu_ms"] = 1e3 * (after[0] - before[0]) / tasks
+                row["worker_cpu_ms"] = 1e3 * (after[1] - before[1]) / tasks
+                rows.append(row)
     return rows
+
+
+def _cpu(stack: Stack) -> tuple[float, float]:
+    """CPU seconds used so far by the API processes and by the workers (with their children)."""
+    from benchmarks.bench_service import cpu_seconds
+
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+
+    def tree(pid: int) -> float:
+        kids = [child for child, parent in parents.items() if parent == pid]
+        return cpu_seconds(pid) + sum(tree(kid) for kid in kids)
+
+    return tree(stack.api.pid), sum(tree(worker.pid) for worker in stack.workers)
 
 
 def bench_drain(args: argparse.Namespace, episodes: Episodes) -> list[dict[str, Any]]:
@@ -340,13 +365,15 @@ def main() -> None:
             f"\nAdaptations, {args.clients} clients, 5-way 1-shot, {args.workers} worker(s), "
             f"{args.api_processes} API process(es):\n"
         )
-        print("| mode, setting | tasks/s | p50 ms | vs one at a time | errors |")
-        print("|---|---|---|---|---|")
+        print("| mode, setting | tasks/s | p50 ms | vs one at a time | API CPU ms/task | "
+              "worker CPU ms/task | errors |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|")
         for row in rows:
             mode = row["name"].split(",")[0]
             base = next(r["rate"] for r in rows if r["name"] == f"{mode}, adapt_batch_max_jobs=1")
             print(f"| {row['name']} | {row['rate']:.1f} | {row['p50_ms']:.0f} | "
-                  f"{row['rate'] / base:.2f}x | {row['errors'] or '-'} |")  # fmt: skip
+                  f"{row['rate'] / base:.2f}x | {row['api_cpu_ms']:.1f} | "
+                  f"{row['worker_cpu_ms']:.1f} | {row['errors'] or '-'} |")  # fmt: skip
     if "drain" in what:
         rows = bench_drain(args, episodes)
         print(f"\nWorkers draining {args.line} queued 5-way 1-shot adapt jobs, "
