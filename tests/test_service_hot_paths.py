@@ -299,8 +299,12 @@ def test_adapted_weights_are_written_durably_and_recorded_with_their_hash(
         )
     assert row is not None
     path = runtime.store.path(row.weights_key)
-    # fsynced under its temporary name, before the rename and before the row was committed.
+    # fsynced under its temporary name, before the rename and before the row was committed;
+    # then the folders whose entries changed: the rename's, and those of the new folders.
     assert any(Path(name).parent == path.parent and path.name in name for name in synced)
+    task_folder = path.parent.parent
+    for folder in (path.parent, task_folder / "support", task_folder, task_folder.parent):
+        assert str(folder) in synced, folder
     data = path.read_bytes()
     assert row.size_bytes == len(data)
     assert runtime.store.read_bytes(row.weights_key, row.sha256) == data

@@ -60,31 +60,34 @@ class ArtifactStore:
         return path
 
     def put_bytes(self, key: str, data: bytes) -> str:
-        """Write `data` atomically under `key`; returns its sha256."""
+        """Write `data` atomically and durably under `key`; returns its sha256."""
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        changed = make_parents(path)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         with tmp.open("wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         tmp.replace(path)
+        fsync_dirs([path.parent, *changed])
         return sha256_bytes(data)
 
     def put_many(self, items: dict[str, bytes]) -> None:
         """Write several keys atomically each, like `put_bytes`, with the fsyncs batched.
 
         Every file goes to a temporary name first; all are written, then all are fsynced (one
-        journal commit usually covers them), then each is renamed into place. A failure before
-        the renames touches no key; temporary files never stay behind.
+        journal commit usually covers them), then each is renamed into place and the folders
+        whose entries changed are fsynced once each. A failure before the renames touches no
+        key; temporary files never stay behind.
         """
         staged: list[tuple[Path, Path]] = []
         handles = []
+        changed: list[Path] = []
         try:
             for key, data in items.items():
                 path = self.path(key)
                 if not staged or staged[-1][1].parent != path.parent:
-                    path.parent.mkdir(parents=True, exist_ok=True)
+                    changed += make_parents(path)
                 tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
                 handle = tmp.open("wb")
                 handles.append(handle)
@@ -108,6 +111,7 @@ class ArtifactStore:
             for tmp, _ in staged:
                 tmp.unlink(missing_ok=True)
             raise
+        fsync_dirs([path.parent for _, path in staged] + changed)
 
     def read_bytes(self, key: str, sha256: str | None = None) -> bytes:
         """Read a key, checking its sha256 when one is given."""
@@ -138,14 +142,15 @@ class ArtifactStore:
             path.unlink(missing_ok=True)
 
     def copy_tree_in(self, source: Path, prefix: str) -> None:
-        """Copy a folder into the store under `prefix` (used to register initializations)."""
+        """Copy a folder into the store under `prefix`, durably (used to register initializations)."""
         target = self.path(prefix)
+        changed = make_parents(target)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
         shutil.copytree(source, tmp)
         if target.exists():
             shutil.rmtree(tmp, ignore_errors=True)
             return
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _fsync_tree(tmp)
         try:
             tmp.replace(target)
         except OSError:
@@ -153,6 +158,37 @@ class ArtifactStore:
             shutil.rmtree(tmp, ignore_errors=True)
             if not target.is_dir():
                 raise
+        fsync_dirs([target.parent, *changed])
+
+
+def make_parents(path: Path) -> list[Path]:
+    """Create the missing folders above `path`; the folders that gained an entry doing so."""
+    missing = []
+    folder = path.parent
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return [created.parent for created in missing]
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    fsync_dirs([path for path in folder.rglob("*") if path.is_dir()] + [folder])
+
+
+def fsync_dirs(folders: list[Path]) -> None:
+    # A rename or a new folder is durable only once the folder holding its entry is fsynced:
+    # without it a crash can lose a file whose row was committed (PostgreSQL fsyncs commits).
+    for folder in dict.fromkeys(folders):
+        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def task_prefix(task_id: uuid.UUID) -> str:

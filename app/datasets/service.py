@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import stat
 import uuid
 import zipfile
@@ -19,6 +20,7 @@ from app.core.config import Settings
 from app.core.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, ServiceUnavailable
 from app.core.images import check_image
 from app.core.runtime import Runtime
+from app.core.storage import fsync_dirs, make_parents
 from app.models import Dataset, Job
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -221,6 +223,8 @@ def _copy_capped(source: IO[bytes], target: Path, limit: int) -> tuple[int, str]
                 )
             digest.update(chunk)
             out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
     return size, digest.hexdigest()
 
 
@@ -251,10 +255,11 @@ def create_dataset(
     final = store.path(key)
     staging = final.with_name(".upload.tmp")
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
+        changed = make_parents(final)
         size, sha256 = _copy_capped(source, staging, runtime.settings.max_dataset_bytes)
         summary = check_dataset_zip(staging, settings=runtime.settings, min_classes=min_classes)
         staging.replace(final)
+        fsync_dirs([final.parent, *changed])
         row = Dataset(
             id=dataset_id,
             tenant_id=tenant_id,
