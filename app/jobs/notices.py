@@ -2,8 +2,10 @@
 
 Without them a request holding `?wait` on a Celery job polls the job row (each poll a database
 read on the API's thread pool): 32 waiting clients kept an API process busy reading rows. A
-notice is only a hint to re-read the row, which stays the truth: a lost notice costs a waiter
-one safety re-read (`PUSHED_RECHECK_SECONDS`), and when Redis is down waiters poll as before.
+notice names the job and the terminal state it was committed in ("<id hex> <state>", published
+only after that commit), so the waiter needs no read; the row stays the truth for everything
+else. A lost notice costs a waiter one safety re-read (`PUSHED_RECHECK_SECONDS`), and when Redis
+is down waiters poll as before.
 """
 
 from __future__ import annotations
