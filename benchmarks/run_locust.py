@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -50,6 +51,10 @@ def main() -> None:
         "--cache-mib", type=float, default=None, help="adapted-model cache budget per process"
     )
     args = parser.parse_args()
+    if importlib.util.find_spec("locust") is None:
+        raise SystemExit(
+            "Locust is not installed in this environment: .venv/bin/pip install -e '.[bench]'"
+        )
     out = Path(tempfile.mkdtemp(prefix="maml-serve-locust-"))
     mark = out / "warmed"
     total = args.warmup_seconds + args.seconds
@@ -108,6 +113,8 @@ def main() -> None:
         after = sample("soak done")
         stop.set()
         sampler.join()
+    if not (out / "run_stats.csv").exists():
+        raise SystemExit(f"Locust exited with status {locust.returncode} and wrote no statistics")
     before = warmed if warmed is not None else samples[0][2]
     ok = _report(out, args, samples, before, after)
     if not ok:
