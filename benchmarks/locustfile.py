@@ -4,7 +4,8 @@ Users ramp linearly from 1 to MAML_SERVE_BENCH_USERS (default 64) over MAML_SERV
 seconds (default: 60% of MAML_SERVE_BENCH_SECONDS, default 150), then hold. With
 MAML_SERVE_BENCH_WARMUP > 0, the statistics are reset that many seconds in and the file named by
 MAML_SERVE_BENCH_MARK is created, so the run's tables cover the soak only and the caller can read
-memory at that moment. Each user first creates one task and waits for it (so it has something to
+memory at that moment. With MAML_SERVE_BENCH_GO, the warm-up ends instead when the caller creates
+that file, and the soak lasts MAML_SERVE_BENCH_SOAK seconds from then. Each user first creates one task and waits for it (so it has something to
 read and predict on). Run through benchmarks/run_locust.py, which starts the PostgreSQL + Redis +
 Celery stack and passes MAML_SERVE_BENCH_KEY.
 """
@@ -103,20 +104,32 @@ class Ramp(LoadTestShape):
     ramp = float(os.environ.get("MAML_SERVE_BENCH_RAMP", str(0.6 * seconds)))
     warmup = float(os.environ.get("MAML_SERVE_BENCH_WARMUP", "0"))
     mark = os.environ.get("MAML_SERVE_BENCH_MARK", "")
-    warmed = False
+    # With a "go" file the warm-up ends when the caller creates it, and the soak then runs for
+    # MAML_SERVE_BENCH_SOAK seconds (run_locust --until-caches-full).
+    go = os.environ.get("MAML_SERVE_BENCH_GO", "")
+    soak = float(os.environ.get("MAML_SERVE_BENCH_SOAK", "0"))
+    warmed_at: float | None = None
 
     def tick(self) -> tuple[int, float] | None:
         """The user count and spawn rate now, or None to stop."""
         elapsed = float(self.get_run_time())  # type: ignore[no-untyped-call]
-        if elapsed > self.seconds:
-            return None
-        if self.warmup > 0 and not self.warmed and elapsed >= self.warmup:
-            self.warmed = True
+        if self.warmed_at is None and self._warm_up_over(elapsed):
+            self.warmed_at = elapsed
             if self.runner is not None:
                 self.runner.stats.reset_all()
             if self.mark:
                 Path(self.mark).touch()
+        if self.go:
+            if self.warmed_at is not None and elapsed > self.warmed_at + self.soak:
+                return None
+        elif elapsed > self.seconds:
+            return None
         count = max(
             1, min(self.users, round(1 + (self.users - 1) * elapsed / max(self.ramp, 1e-9)))
         )
         return count, 10.0
+
+    def _warm_up_over(self, elapsed: float) -> bool:
+        if self.go:
+            return Path(self.go).exists()
+        return self.warmup > 0 and elapsed >= self.warmup
