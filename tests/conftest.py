@@ -95,3 +95,17 @@ def omniglot() -> Iterator[Omniglot]:
             by_character.setdefault(name.rsplit("/", 1)[0], []).append(name)
     yield Omniglot(archive, [sorted(v) for _, v in sorted(by_character.items())])
     archive.close()
+
+
+@pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths the artifact store fsyncs meanwhile (files and folders)."""
+    paths: list[str] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr("app.core.storage.os.fsync", recording)
+    return paths

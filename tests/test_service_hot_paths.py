@@ -279,18 +279,9 @@ def test_the_model_cache_counts_each_models_objects_not_only_its_tensors(tmp_pat
 
 
 def test_adapted_weights_are_written_durably_and_recorded_with_their_hash(
-    client: TestClient, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    client: TestClient, auth: dict[str, str], fsynced: list[str]
 ) -> None:
-    import os
-
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr("app.core.storage.os.fsync", recording_fsync)
+    synced = fsynced
     task = create_ready_task(client, auth)
     runtime = runtime_of(client)
     with runtime.sessions() as session:

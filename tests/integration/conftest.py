@@ -78,6 +78,17 @@ def postgres_url() -> Iterator[str]:
     drop_database(url)
 
 
+@pytest.fixture
+def fresh_postgres_url() -> Iterator[str]:
+    """A new, empty database for one test (migrations run on it from nothing), dropped after."""
+    try:
+        url = create_database("maml_serve_fresh")
+    except Exception as exc:
+        unavailable(f"PostgreSQL not reachable: {exc}")
+    yield url
+    drop_database(url)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A dedicated Redis database, flushed."""

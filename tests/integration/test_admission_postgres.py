@@ -9,21 +9,16 @@ import pytest
 from app.core.config import Settings
 from app.core.migrate import upgrade
 from tests.helpers import runtime_of
-from tests.integration.conftest import create_database, drop_database, unavailable
 from tests.test_admission import bounded_client, check_bounds
 
 pytestmark = pytest.mark.integration
 
 
-def test_bounds_refuse_new_work_on_postgres(tmp_path: Path, tiny_init_dir: Path) -> None:
-    try:
-        url = create_database("maml_serve_admission")
-    except Exception as exc:
-        unavailable(f"PostgreSQL not reachable: {exc}")
-    try:
-        upgrade(Settings(data_dir=tmp_path / "data", database_url=url, broker_url=None))
-        with bounded_client(tmp_path / "data", tiny_init_dir, database_url=url) as client:
-            assert runtime_of(client).engine.dialect.name == "postgresql"
-            check_bounds(client)
-    finally:
-        drop_database(url)
+def test_bounds_refuse_new_work_on_postgres(
+    tmp_path: Path, tiny_init_dir: Path, fresh_postgres_url: str
+) -> None:
+    url = fresh_postgres_url
+    upgrade(Settings(data_dir=tmp_path / "data", database_url=url, broker_url=None))
+    with bounded_client(tmp_path / "data", tiny_init_dir, database_url=url) as client:
+        assert runtime_of(client).engine.dialect.name == "postgresql"
+        check_bounds(client)

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from app.core.config import Settings
-from tests.integration.conftest import create_database, drop_database, unavailable
 from tests.test_tenancy_migration import check_0004_backfill, check_upgrade_with_data
 
 pytestmark = pytest.mark.integration
@@ -17,12 +16,7 @@ pytestmark = pytest.mark.integration
 @pytest.mark.parametrize(
     "check", [check_upgrade_with_data, check_0004_backfill], ids=["0003-owners", "0004-thresholds"]
 )
-def test_upgrades_with_data_on_postgres(tmp_path: Path, check: Callable[[Settings], None]) -> None:
-    try:
-        url = create_database("maml_serve_migration")
-    except Exception as exc:
-        unavailable(f"PostgreSQL not reachable: {exc}")
-    try:
-        check(Settings(data_dir=tmp_path / "data", database_url=url, broker_url=None))
-    finally:
-        drop_database(url)
+def test_upgrades_with_data_on_postgres(
+    tmp_path: Path, check: Callable[[Settings], None], fresh_postgres_url: str
+) -> None:
+    check(Settings(data_dir=tmp_path / "data", database_url=fresh_postgres_url, broker_url=None))
