@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -262,16 +263,23 @@ class Task(Base):
 
 
 class SupportExample(Base):
-    """One labelled support image, stored content-addressed in the task's artifact folder."""
+    """One labelled support image: its bytes in the row when small, else a file in the task's
+    artifact folder (content-addressed), never both."""
 
     __tablename__ = "support_examples"
-    __table_args__ = (UniqueConstraint("task_id", "position"),)
+    __table_args__ = (
+        UniqueConstraint("task_id", "position"),
+        CheckConstraint("(image_key IS NULL) <> (data IS NULL)", name="stored_once"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     task_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column(Integer)
     label: Mapped[str] = mapped_column(String(200))
-    image_key: Mapped[str] = mapped_column(String(500))
+    image_key: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    # Images up to Settings.support_inline_max_bytes: committed with the row, so a task needs
+    # no file (and no file's creation and fsyncs) until its weights are written.
+    data: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     sha256: Mapped[str] = mapped_column(String(64))
     format: Mapped[str] = mapped_column(String(8))
     width: Mapped[int] = mapped_column(Integer)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from sqlalchemy import select, update
 
 import fewshot
+from app.adaptations.handler import support_image_bytes
 from app.core.runtime import Runtime
 from app.jobs import runner
 from app.models import AdaptedModel, Initialization, Job, SupportExample
@@ -52,8 +53,9 @@ def test_one_delivery_adapts_the_line_and_each_job_ends_on_its_own(
         example = session.scalars(
             select(SupportExample).where(SupportExample.task_id == job.task_id)
         ).first()
-        assert example is not None
-        runtime.store.path(example.image_key).write_bytes(b"not the image")
+        assert example is not None and example.data is not None
+        example.data = b"not the image"
+        session.commit()
 
     assert runner.run_job(runtime, ids[0]).status == "done"
     jobs = _jobs(runtime, ids)
@@ -78,7 +80,7 @@ def test_one_delivery_adapts_the_line_and_each_job_ends_on_its_own(
             init_row = session.get(Initialization, row.initialization_id)
             assert init_row is not None
             model_init = runtime.models.initialization(init_row)
-            images = [fewshot.decode_image(runtime.store.read_bytes(e.image_key)) for e in examples]
+            images = [fewshot.decode_image(support_image_bytes(runtime, e)) for e in examples]
             alone = fewshot.adapt(
                 model_init,
                 fewshot.preprocess_images(images, model_init.config),

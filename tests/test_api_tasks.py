@@ -124,6 +124,8 @@ def test_list_tasks_paginates_with_a_cursor(client: TestClient, auth: dict[str, 
 
 
 def test_delete_removes_rows_images_and_weights(client: TestClient, auth: dict[str, str]) -> None:
+    # Every image in a file, so there are image files to remove.
+    runtime_of(client).settings.support_inline_max_bytes = 0
     task = create_ready_task(client, auth, ["a", "b"])
     client.post(f"/v1/tasks/{task['id']}/predictions", headers=auth, files=query_files(2))
     folder = runtime_of(client).store.path(f"tasks/{task['id']}")

@@ -128,15 +128,24 @@ def test_attempts_are_bounded(client: TestClient, auth: dict[str, str]) -> None:
         assert session.get(Task, uuid.UUID(task_id)).status == "failed"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("stored", ["in_row", "in_file"])
 def test_a_corrupt_image_fails_the_job_with_a_code(
-    client: TestClient, auth: dict[str, str]
+    client: TestClient, auth: dict[str, str], stored: str
 ) -> None:
     runtime = runtime_of(client)
+    if stored == "in_file":
+        runtime.settings.support_inline_max_bytes = 0
     task_id, job_id = _queued_task(client, auth)
     with runtime.sessions() as session:
-        key = session.scalars(select(SupportExample.image_key)).first()
-    assert key is not None
-    runtime.store.path(key).write_bytes(b"tampered")
+        example = session.scalars(select(SupportExample)).first()
+        assert example is not None
+        if stored == "in_file":
+            assert example.data is None and example.image_key is not None
+            runtime.store.path(example.image_key).write_bytes(b"tampered")
+        else:
+            assert example.image_key is None and example.data is not None
+            example.data = b"tampered"
+            session.commit()
     assert runner.run_job(runtime, job_id).status == "failed"
     task = client.get(f"/v1/tasks/{task_id}", headers=auth).json()
     assert task["status"] == "failed" and task["error"]["code"] == "artifact_corrupt"

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from app.core import metrics
 from app.core.images import decode_stored
 from app.core.runtime import Runtime
-from app.core.storage import ArtifactCorrupt, adapted_weights_key, task_prefix
+from app.core.storage import ArtifactCorrupt, adapted_weights_key, sha256_bytes, task_prefix
 from app.jobs import state
 from app.jobs.heartbeat import Heartbeat
 from app.jobs.runner import PermanentJobError
@@ -96,12 +96,22 @@ def load_support(
     return torch.cat(
         [
             fewshot.preprocess_images(
-                [decode_stored(runtime.store.read_bytes(e.image_key, e.sha256), side)],
-                init.config,
+                [decode_stored(support_image_bytes(runtime, e), side)], init.config
             )
             for e in examples
         ]
     )
+
+
+def support_image_bytes(runtime: Runtime, example: SupportExample) -> bytes:
+    """A support image's bytes, from its row or its file, checked against its sha256."""
+    if example.image_key is not None:
+        return runtime.store.read_bytes(example.image_key, example.sha256)
+    data = example.data
+    if data is None or sha256_bytes(data) != example.sha256:
+        log.error("support example %s does not match its recorded sha256", example.id)
+        raise ArtifactCorrupt("a stored support image failed its integrity check")
+    return data
 
 
 def store_and_finish(

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     # Checked from the image header, before any pixel is decoded.
     max_image_pixels: int = Field(default=4096 * 4096, gt=0)
     max_support_images: int = Field(default=500, gt=1)
+    # Support images up to this size are kept in their database row (committed with the task,
+    # no file to create and fsync); larger ones, and all with 0, go to the artifact store.
+    # At most max_support_images times this per task in the database.
+    support_inline_max_bytes: int = Field(default=16 * 1024, ge=0)
     max_query_images: int = Field(default=256, gt=0)
     max_label_length: int = Field(default=200, gt=0)
     max_steps: int = Field(default=100, ge=0)

@@ -105,16 +105,21 @@ def create_task(
     labels_in_order = list(dict.fromkeys(body.labels))
     try:
         examples = []
-        # Content-addressed in a folder of this new task: a repeated image is stored once.
+        # Small images go in their rows; the others, content-addressed in a folder of this new
+        # task (a repeated image is stored once).
+        inline_max = runtime.settings.support_inline_max_bytes
         files: dict[str, bytes] = {}
         for position, (image, label) in enumerate(zip(body.images, body.labels, strict=True)):
-            key = support_image_key(task_id, image.sha256, image.format)
-            files.setdefault(key, image.data)
+            key = None
+            if len(image.data) > inline_max:
+                key = support_image_key(task_id, image.sha256, image.format)
+                files.setdefault(key, image.data)
             examples.append(
                 SupportExample(
                     position=position,
                     label=label,
                     image_key=key,
+                    data=image.data if key is None else None,
                     sha256=image.sha256,
                     format=image.format,
                     width=image.width,
@@ -122,7 +127,8 @@ def create_task(
                     size_bytes=len(image.data),
                 )
             )
-        runtime.store.put_many(files)
+        if files:
+            runtime.store.put_many(files)
         task = Task(
             id=task_id,
             tenant_id=tenant_id,
