@@ -4,6 +4,7 @@ Starts `maml-serve serve` (embedded default) on a free port with a private data 
 measures a running server with --url/--key. Episodes are 5-way 1-shot from the Omniglot zip.
 
     .venv/bin/python benchmarks/bench_service.py [--episodes 30] [--batch 32] [--repeats 20]
+        [--mode full|head]
 """
 
 from __future__ import annotations
@@ -137,6 +138,9 @@ def main() -> None:
     parser.add_argument(
         "--init", type=Path, help="initialization folder (default: the shipped one)"
     )
+    parser.add_argument(
+        "--mode", choices=["full", "head"], default="full", help="adaptation mode of the tasks"
+    )
     parser.add_argument("--url", help="measure a running server instead of starting one")
     parser.add_argument("--key", help="API key for --url")
     args = parser.parse_args()
@@ -181,7 +185,7 @@ def main() -> None:
                     "/v1/tasks",
                     params={"wait": 30},
                     files=files,
-                    data={"labels": [lb for _, lb in support]},
+                    data={"labels": [lb for _, lb in support], "mode": args.mode},
                 )
                 elapsed = time.perf_counter() - started
                 if response.status_code != 201:
@@ -218,7 +222,7 @@ def main() -> None:
     for i, (support, _) in enumerate(episodes):
         started = time.perf_counter()
         x = fewshot.preprocess_images([fewshot.decode_image(d) for d, _ in support], init.config)
-        model = adapt_fast(init, x, [label for _, label in support])
+        model = adapt_fast(init, x, [label for _, label in support], mode=args.mode)
         if i >= 3:
             inproc.append(time.perf_counter() - started)
     assert model is not None
@@ -244,7 +248,7 @@ def main() -> None:
     in50, in95 = percentile(inproc, 50) * 1e3, percentile(inproc, 95) * 1e3
     print(
         f"initialization: {init.version}  torch threads: {torch.get_num_threads()}  "
-        f"episodes: {len(latencies)}"
+        f"episodes: {len(latencies)}  mode: {args.mode}"
     )
     print("5-way 1-shot POST-to-ready (ms)   p50      p95")
     print(f"  HTTP (POST ?wait, embedded)   {http50:7.1f}  {http95:7.1f}")

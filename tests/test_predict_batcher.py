@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,11 +13,12 @@ from fastapi.testclient import TestClient
 
 import fewshot
 import fewshot.batched
+from app.main import create_app
 from app.predictions import batcher as batching
 from app.predictions.batcher import PredictionBatcher
 from fewshot.adapted import PredictionScores
 from tests.fewshot_helpers import TINY, random_images, tiny_init
-from tests.helpers import query_files, support_files
+from tests.helpers import create_key, make_settings, query_files, support_files
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +168,93 @@ def test_concurrent_http_predictions_of_head_models_share_passes(
             assert a["label"] == b["label"]
             for label, p in a["probabilities"].items():
                 assert abs(p - b["probabilities"][label]) < 1e-5
+
+
+def _timed_predict(
+    batcher: PredictionBatcher, model: fewshot.AdaptedModel, x: torch.Tensor
+) -> float:
+    started = time.monotonic()
+    batcher.predict_proba(model, x)
+    return time.monotonic() - started
+
+
+def test_an_adaptive_batch_waits_only_for_announced_requests(
+    models: list[fewshot.AdaptedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = fewshot.batched.predict_many_scores
+
+    def counting(
+        ms: list[fewshot.AdaptedModel],
+        xs: list[torch.Tensor],
+        ts: list[float | None],
+        chunk: int = 32,
+    ) -> list[PredictionScores]:
+        calls.append(len(ms))
+        return real(ms, xs, ts, chunk=chunk)
+
+    monkeypatch.setattr(fewshot.batched, "predict_many_scores", counting)
+    x = random_images(2, seed=5, dtype=torch.float32)
+    model = models[1]
+    model.predict_proba(x)  # warm
+    window = 0.6
+    fixed = PredictionBatcher(wait_seconds=window, max_images=64, threads=1)
+    adaptive = PredictionBatcher(wait_seconds=window, max_images=64, threads=1, adaptive=True)
+    # Alone: the fixed window holds the request for company; the adaptive batcher runs at once.
+    assert _timed_predict(fixed, model, x) >= window
+    assert _timed_predict(adaptive, model, x) < window / 2
+
+    # An announced request is waited for and shares the pass.
+    calls.clear()
+    coming = adaptive.expect()
+    first = threading.Thread(target=adaptive.predict_proba, args=(model, x))
+    first.start()
+    time.sleep(0.1)
+    assert first.is_alive(), "the batch did not wait for the announced request"
+    second = adaptive.predict_scores(models[3], x, expected=coming)
+    first.join(10)
+    assert calls == [2]
+    torch.testing.assert_close(second.probabilities, models[3].predict_proba(x), atol=1e-5, rtol=0)
+
+    # One that withdraws (it failed before predicting) ends the wait at once.
+    calls.clear()
+    gone = adaptive.expect()
+    started = time.monotonic()
+    alone = threading.Thread(target=adaptive.predict_proba, args=(model, x))
+    alone.start()
+    time.sleep(0.1)
+    assert alone.is_alive()
+    gone.withdraw()
+    gone.withdraw()  # idempotent: the count of requests on their way stays right
+    alone.join(10)
+    assert time.monotonic() - started < window
+    assert calls == [1]
+    assert _timed_predict(adaptive, model, x) < window / 2
+    fixed.close()
+    adaptive.close()
+
+
+def test_a_lone_http_prediction_of_a_head_model_is_not_held(
+    tmp_path: Path, tiny_init_dir: Path
+) -> None:
+    # A long window: a request that waited for company it was not told about would show it.
+    settings = make_settings(tmp_path / "data", tiny_init_dir, predict_batch_wait_ms=1500)
+    with TestClient(create_app(settings)) as client:
+        auth = create_key(client, "acme")
+        files, data = support_files(["a", "b", "c"])
+        body = client.post(
+            "/v1/tasks?wait=30", headers=auth, files=files, data={**data, "mode": "head"}
+        ).json()
+        assert body["status"] == "ready", body
+        url = f"/v1/tasks/{body['id']}/predictions"
+        client.post(url, headers=auth, files=query_files(2))  # warm
+        for attempt in range(3):
+            # A request refused before it predicts withdraws its announcement too.
+            bad = client.post(
+                url, headers=auth, files=[("images", ("x.png", b"nope", "image/png"))]
+            )
+            assert bad.status_code == 422
+            started = time.monotonic()
+            response = client.post(url, headers=auth, files=query_files(2, seed=attempt))
+            assert response.status_code == 200, response.text
+            assert time.monotonic() - started < 0.75

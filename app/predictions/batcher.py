@@ -1,9 +1,10 @@
 """Dynamic batching of predictions: concurrent requests, for any adapted models, share passes.
 
 Request threads hand (model, images) to the batching threads (`workers`, one per core by
-default) and wait. A free batching thread starts a batch at once, so an idle service adds no
-delay; once started, a batch collects requests for at most `wait_seconds` or until it holds
-`max_images` images, then runs `fewshot.batched.predict_many_scores` (head-only models of one
+default) and wait. A free batching thread starts a batch at once; once started, a batch collects
+requests for at most `wait_seconds` or until it holds `max_images` images. With `adaptive`, it
+waits only while requests announced with `expect` (still reading and decoding their images) have
+not arrived, so a lone request is never held for company that is not coming. It then runs `fewshot.batched.predict_many_scores` (head-only models of one
 initialization share backbone passes of `chunk` images). Every image is processed on its own,
 so a request's probabilities do not depend on the others in its batch. A batch that fails is
 retried one request at a time, so each request gets its own answer. Threads exit after a while
@@ -55,6 +56,18 @@ class _Request:
     done: Future[PredictionScores] = field(default_factory=Future)
 
 
+@dataclass(eq=False)
+class Expected:
+    """A request announced before it reads its images: a started batch may wait for it."""
+
+    batcher: PredictionBatcher
+    arrived: bool = False
+
+    def withdraw(self) -> None:
+        """Stop being waited for (the request ended, predicted or not); idempotent."""
+        self.batcher.arrive(self)
+
+
 class PredictionBatcher:
     """One batching thread per process (per model cache); `predict_proba` blocks until done."""
 
@@ -66,12 +79,16 @@ class PredictionBatcher:
         threads: int,
         workers: int = 1,
         chunk: int = 32,
+        adaptive: bool = False,
     ) -> None:
         self.wait_seconds = wait_seconds
         self.max_images = max_images
         self.threads = threads
         self.workers = workers
         self.chunk = chunk
+        self.adaptive = adaptive
+        # Requests announced with `expect` that have not arrived in the line yet.
+        self._coming = 0
         self._line: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._running: set[threading.Thread] = set()
@@ -88,12 +105,35 @@ class PredictionBatcher:
         """Class probabilities [B, N] of `model` on `images`, computed in a shared batch."""
         return self.predict_scores(model, images).probabilities
 
+    def expect(self) -> Expected:
+        """Announce a request that will arrive soon; withdraw it if it never does."""
+        with self._cond:
+            self._coming += 1
+        return Expected(self)
+
+    def arrive(self, expected: Expected) -> None:
+        """An announced request is no longer on its way (see `Expected.withdraw`)."""
+        with self._cond:
+            self._arrived(expected)
+            self._cond.notify_all()
+
+    def _arrived(self, expected: Expected) -> None:
+        if not expected.arrived:
+            expected.arrived = True
+            self._coming -= 1
+
     def predict_scores(
-        self, model: fewshot.AdaptedModel, images: Tensor, threshold: float | None = None
+        self,
+        model: fewshot.AdaptedModel,
+        images: Tensor,
+        threshold: float | None = None,
+        expected: Expected | None = None,
     ) -> PredictionScores:
         """`model.predict_scores(images, threshold)`, computed in a shared batch."""
         request = _Request(model, images, threshold)
         with self._cond:
+            if expected is not None:
+                self._arrived(expected)
             if self._closed:
                 return model.predict_scores(images, threshold)
             self._line.append(request)
@@ -134,7 +174,7 @@ class PredictionBatcher:
                     size += nxt.images.shape[0]
                     continue
                 left = deadline - time.monotonic()
-                if left <= 0 or self._closed:
+                if left <= 0 or self._closed or (self.adaptive and self._coming <= 0):
                     break
                 self._cond.wait(left)
             return batch

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     import fewshot
     from app import models
-    from app.predictions.batcher import PredictionBatcher
+    from app.predictions.batcher import Expected, PredictionBatcher
     from fewshot.adapted import PredictionScores
 
 log = logging.getLogger(__name__)
@@ -186,17 +186,39 @@ class ModelCache:
         max_images: int,
         chunk: int = 32,
         workers: int | None = None,
+        expected: Expected | None = None,
     ) -> PredictionScores:
         """`model.predict_scores(x, threshold)`, batched with concurrent requests.
 
         `max_images` 0 predicts on the calling thread, alone; `workers` batching threads (None:
         one per CPU core) run batches in passes of `chunk` images. On a CPU, full-mode models
         are predicted on the calling thread too: their passes cannot be shared there (see
-        fewshot.batched.predict_many), so a hand-off would only add a wait.
+        fewshot.batched.predict_many), so a hand-off would only add a wait. `expected` is this
+        request's announcement (`expect_prediction`), which it now fulfils.
         """
         if max_images <= 0 or not _batching_pays(model):
+            if expected is not None:
+                expected.withdraw()
             self.use_serving_threads()
             return model.predict_scores(x, threshold)
+        batcher = self._batcher_for(wait_seconds, max_images, chunk, workers)
+        return batcher.predict_scores(model, x, threshold, expected)
+
+    def batches(self, mode: str) -> bool:
+        """True when predictions of models adapted in `mode` go through the shared batcher."""
+        return mode == "head" or self.device != "cpu"
+
+    def expect_prediction(
+        self, *, wait_seconds: float, max_images: int, chunk: int = 32, workers: int | None = None
+    ) -> Expected | None:
+        """Announce a batched prediction on its way (None when batching is off)."""
+        if max_images <= 0:
+            return None
+        return self._batcher_for(wait_seconds, max_images, chunk, workers).expect()
+
+    def _batcher_for(
+        self, wait_seconds: float, max_images: int, chunk: int, workers: int | None
+    ) -> PredictionBatcher:
         from app.predictions.batcher import PredictionBatcher
 
         with self._lock:
@@ -208,12 +230,13 @@ class ModelCache:
                     threads=self.threads,
                     workers=workers or os.cpu_count() or 1,
                     chunk=chunk,
+                    adaptive=True,
                 )
                 # The batching thread holds the batcher, not the cache: stop it with the cache.
                 weakref.finalize(self, batcher.close)
             batcher.wait_seconds, batcher.max_images = wait_seconds, max_images
             batcher.chunk = chunk
-        return batcher.predict_scores(model, x, threshold)
+        return batcher
 
     def forget(self, model_ids: list[uuid.UUID]) -> None:
         """Drop models (their task was deleted)."""

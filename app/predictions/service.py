@@ -26,6 +26,7 @@ from app.models import (
     Task,
     utcnow,
 )
+from app.predictions.batcher import Expected
 from app.tasks.bodies import QueriesIn
 
 
@@ -75,7 +76,28 @@ def resolve_threshold(
     return None, "none"
 
 
-def predict(*, session: Session, runtime: Runtime, task: Task, queries: QueriesIn) -> Predicted:
+def expect_prediction(runtime: Runtime, task: Task) -> Expected | None:
+    """Announce a prediction request of `task` to the shared batcher before its images are read
+    (None when its model will not be batched): a batch then waits for it, and only for those."""
+    if not runtime.models.batches(task.mode):
+        return None
+    settings = runtime.settings
+    return runtime.models.expect_prediction(
+        wait_seconds=settings.predict_batch_wait_ms / 1000,
+        max_images=settings.predict_batch_max_images,
+        chunk=settings.predict_batch_chunk,
+        workers=settings.predict_batch_threads,
+    )
+
+
+def predict(
+    *,
+    session: Session,
+    runtime: Runtime,
+    task: Task,
+    queries: QueriesIn,
+    expected: Expected | None = None,
+) -> Predicted:
     """Predict every query with the task's current adapted model and record one row per image.
 
     Each image also gets a calibrated score and the label "unknown" when the score is below the
@@ -134,6 +156,7 @@ def predict(*, session: Session, runtime: Runtime, task: Task, queries: QueriesI
         max_images=settings.predict_batch_max_images,
         chunk=settings.predict_batch_chunk,
         workers=settings.predict_batch_threads,
+        expected=expected,
     )
     metrics.PREDICT_COMPUTE.observe(time.perf_counter() - started)
     metrics.PREDICTED_IMAGES.inc(len(queries.images))

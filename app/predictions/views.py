@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -18,6 +19,7 @@ from app.core.schemas import (
 )
 from app.deps import OwnedTaskDep, RuntimeDep, SessionDep, TenantDep
 from app.predictions import service as predicting
+from app.predictions.batcher import Expected
 from app.predictions.schemas import (
     UNKNOWN_THRESHOLD_HELP,
     LabelProbability,
@@ -77,6 +79,17 @@ async def _queries_of_task(request: Request, _task: OwnedTaskDep) -> QueriesIn:
     return await read_queries(request)
 
 
+async def _expected(task: OwnedTaskDep, runtime: RuntimeDep) -> AsyncIterator[Expected | None]:
+    # Before the body is read and decoded, so a batch already started can wait for this request;
+    # withdrawn as soon as the route ends, whatever happened.
+    expected = predicting.expect_prediction(runtime, task)
+    try:
+        yield expected
+    finally:
+        if expected is not None:
+            expected.withdraw()
+
+
 @router.post(
     "/{task_id}/predictions",
     response_model=PredictionResult,
@@ -85,12 +98,15 @@ async def _queries_of_task(request: Request, _task: OwnedTaskDep) -> QueriesIn:
 )
 def create_predictions(
     task: OwnedTaskDep,
+    expected: Annotated[Expected | None, Depends(_expected, scope="function")],
     queries: Annotated[QueriesIn, Depends(_queries_of_task)],
     session: SessionDep,
     runtime: RuntimeDep,
 ) -> PredictionResult:
     """Predict labels for query images with the task's adapted model (409 while it is adapting)."""
-    done = predicting.predict(session=session, runtime=runtime, task=task, queries=queries)
+    done = predicting.predict(
+        session=session, runtime=runtime, task=task, queries=queries, expected=expected
+    )
     return PredictionResult(
         task_id=task.id,
         adapted_model_id=done.model_row.id,
