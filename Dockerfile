@@ -7,8 +7,9 @@ ARG TORCH_VERSION=2.13.0
 # "cpu" for CPU-only images; a CUDA variant (e.g. "cu128") for GPU workers.
 ARG TORCH_VARIANT=cpu
 
-# MALLOC_ARENA_MAX: glibc's per-thread arenas let a long-running API (40 request threads, tensors
-# allocated and freed in each) creep ~15 KB per task; two arenas kept it flat (README, Performance).
+# MALLOC_ARENA_MAX: with MAML_SERVE_ALLOCATOR=system, glibc's per-thread arenas let a long-running
+# API (40 request threads, tensors allocated and freed in each) creep ~15 KB per task; two arenas
+# kept it flat (README, Performance).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MALLOC_ARENA_MAX=2 \
@@ -17,6 +18,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MAML_SERVE_DATA_DIR=/data
 
 WORKDIR /src
+
+# jemalloc: `maml-serve serve` and `worker` restart themselves with it preloaded when it is
+# installed (MAML_SERVE_ALLOCATOR=auto); torch's short-lived buffers cost less CPU with it than
+# with glibc's malloc (README, Performance).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libjemalloc2 \
+    && rm -rf /var/lib/apt/lists/*
 
 # torch first, from its own index, so the resolver never swaps in another build.
 RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" "torch==${TORCH_VERSION}"

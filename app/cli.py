@@ -399,9 +399,16 @@ def build_parser(core: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `maml-serve` console script."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(core=command in CORE_COMMANDS).parse_args(argv)
+    if from_command_line and args.command in ("serve", "worker"):
+        from app.core.allocator import use_configured
+        from app.core.config import get_settings
+
+        # First, before anything else runs: this may start the process again.
+        use_configured(get_settings().allocator)
     result = args.handler(args)
     return int(result or 0)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import tempfile
 import time
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 import fewshot
+from app.core.allocator import jemalloc_loaded, use_configured
 from fewshot.backbone import Conv4
 from fewshot.batched import adapt_many
 from fewshot.config import AdaptMode, MetaTrainConfig
@@ -271,13 +273,24 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=32, help="tasks in the vmapped adaptation")
     parser.add_argument("--meta-batch", type=int, default=32, help="tasks per outer update")
     parser.add_argument("--skip-meta", action="store_true", help="adaptation only")
+    parser.add_argument(
+        "--allocator",
+        choices=["auto", "jemalloc", "system"],
+        default=os.environ.get("MAML_SERVE_ALLOCATOR", "auto"),
+        help="memory allocator, as MAML_SERVE_ALLOCATOR (default: auto, as the service)",
+    )
     args = parser.parse_args()
+    # The allocator the service runs with (this may start the script again with it); the
+    # servers it starts inherit the choice.
+    os.environ["MAML_SERVE_ALLOCATOR"] = args.allocator
+    use_configured(args.allocator)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     init = fewshot.Initialization.load(fewshot.shipped_initialization_path())
     c = init.config
     print(
-        f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; "
+        f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
+        f"allocator {'jemalloc' if jemalloc_loaded() else 'system'}; "
         f"shipped {init.version}: Conv4 width {c.width}, {c.image_size}x{c.image_size}, "
         f"{c.pooling}, {c.inner_steps} inner steps; {WAYS}-way {SHOTS}-shot; "
         f"median of {args.repeats} after a warm-up\n"

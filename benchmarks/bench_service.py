@@ -26,6 +26,7 @@ import httpx
 import torch
 
 import fewshot
+from app.core.allocator import jemalloc_loaded, use_configured
 from fewshot.fast import adapt_fast
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +90,8 @@ def start_server(data_dir: Path, init: Path | None) -> tuple[subprocess.Popen[by
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith("MAML_SERVE_") or k == "MAML_SERVE_TORCH_THREADS"
+        if not k.startswith("MAML_SERVE_")
+        or k in ("MAML_SERVE_TORCH_THREADS", "MAML_SERVE_ALLOCATOR")
     }
     env["MAML_SERVE_DATA_DIR"] = str(data_dir)
     # Per-key rate limits high enough that the client measures the service, not its limiter.
@@ -143,7 +145,17 @@ def main() -> None:
     )
     parser.add_argument("--url", help="measure a running server instead of starting one")
     parser.add_argument("--key", help="API key for --url")
+    parser.add_argument(
+        "--allocator",
+        choices=["auto", "jemalloc", "system"],
+        default=os.environ.get("MAML_SERVE_ALLOCATOR", "auto"),
+        help="memory allocator, as MAML_SERVE_ALLOCATOR (default: auto, as the service)",
+    )
     args = parser.parse_args()
+    # The allocator the service runs with (this may start the script again with it); the
+    # servers it starts inherit the choice.
+    os.environ["MAML_SERVE_ALLOCATOR"] = args.allocator
+    use_configured(args.allocator)
 
     init_dir = args.init or fewshot.shipped_initialization_path()
     if not (init_dir / "weights.safetensors").is_file():
@@ -248,7 +260,8 @@ def main() -> None:
     in50, in95 = percentile(inproc, 50) * 1e3, percentile(inproc, 95) * 1e3
     print(
         f"initialization: {init.version}  torch threads: {torch.get_num_threads()}  "
-        f"episodes: {len(latencies)}  mode: {args.mode}"
+        f"episodes: {len(latencies)}  mode: {args.mode}  "
+        f"allocator: {'jemalloc' if jemalloc_loaded() else 'system'} (server and in-process)"
     )
     print("5-way 1-shot POST-to-ready (ms)   p50      p95")
     print(f"  HTTP (POST ?wait, embedded)   {http50:7.1f}  {http95:7.1f}")

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     # Mixed into the hash of every API key; changing it invalidates all keys.
     api_key_pepper: SecretStr = SecretStr(DEFAULT_KEY_PEPPER)
 
+    # The serving processes' memory allocator: "auto" (jemalloc when installed), "jemalloc"
+    # (required) or "system" (glibc's malloc). See app/core/allocator.py.
+    allocator: Literal["auto", "jemalloc", "system"] = "auto"
+
     max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
     max_image_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     # Checked from the image header, before any pixel is decoded.
