@@ -156,7 +156,11 @@ def running_stack(
 ) -> Iterator[Stack]:
     """Start the service with `settings` (MAML_SERVE_* values): embedded, or PostgreSQL + Celery."""
     data_dir = Path(tempfile.mkdtemp(prefix="maml-serve-bench-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAML_SERVE_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MAML_SERVE_") or k == "MAML_SERVE_ALLOCATOR"
+    }
     env.update(UNLIMITED_KEYS)
     env["MAML_SERVE_DATA_DIR"] = str(data_dir)
     env["PYTHONPATH"] = str(ROOT)
