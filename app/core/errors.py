@@ -8,10 +8,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ def problem_response(
 
 # The detail of the 400 FastAPI raises when a JSON body cannot be read at all.
 _BODY_PARSE_ERROR = "There was an error parsing the body"
+# Recorded for a request whose client left before its body was read (no one gets it).
+CLIENT_CLOSED_REQUEST = 499
 
 _HTTP_CODES = {
     401: "invalid_api_key",
@@ -224,6 +227,12 @@ def install_error_handlers(app: FastAPI) -> None:
             headers={"Retry-After": "2"},
         )
 
+    async def on_disconnect(request: Request, exc: Exception) -> Response:
+        # The client went away while sending its body: nothing to answer and nothing wrong here.
+        # 499 (nginx's "client closed request") keeps it out of the 5xx counts; nobody reads it.
+        log.info("client disconnected during %s %s", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem_response(
@@ -239,4 +248,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(OperationalError, on_database_down)
     app.add_exception_handler(InterfaceError, on_database_down)
     app.add_exception_handler(SQLAlchemyTimeoutError, on_database_down)
+    app.add_exception_handler(ClientDisconnect, on_disconnect)
     app.add_exception_handler(Exception, on_unexpected)
