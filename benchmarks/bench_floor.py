@@ -28,13 +28,14 @@ import time
 import uuid
 from pathlib import Path
 
+from fastapi import FastAPI, Request
+
 WEIGHTS_BYTES = 450_000
 
 
 def serve(port: int, folder: Path) -> None:
     """Run the bare app (in the child process)."""
     import uvicorn
-    from fastapi import FastAPI, Request
 
     app = FastAPI()
     database = sqlite3.connect(folder / "floor.db", check_same_thread=False)
