@@ -19,9 +19,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /src
 
-# jemalloc: `maml-serve serve` and `worker` restart themselves with it preloaded when it is
-# installed (MAML_SERVE_ALLOCATOR=auto); torch's short-lived buffers cost less CPU with it than
-# with glibc's malloc (README, Performance).
+# jemalloc: `maml-serve serve` and `worker` restart themselves once with it preloaded, decay off
+# (MAML_SERVE_ALLOCATOR=auto, app/core/allocator.py): torch's short-lived buffers then cost
+# less CPU than with glibc's malloc (README, Performance).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libjemalloc2 \
     && rm -rf /var/lib/apt/lists/*

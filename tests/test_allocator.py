@@ -28,58 +28,72 @@ def restarts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str], dict
 
     monkeypatch.setattr(allocator.os, "execve", record)
     monkeypatch.delenv(allocator._RESTARTED, raising=False)
-    monkeypatch.setattr(allocator, "jemalloc_loaded", lambda: False)
     return calls
 
 
-def _library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def _library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, installed: bool = True) -> Path:
     library = tmp_path / allocator.LIBRARY
-    library.write_bytes(b"")
+    if installed:
+        library.write_bytes(b"")
     monkeypatch.setattr(allocator, "SEARCH_PATHS", (str(tmp_path / "none"), str(tmp_path)))
     return library
 
 
-def test_auto_restarts_once_with_jemalloc_preloaded_and_the_same_command(
+def test_auto_with_jemalloc_preloads_it_and_keeps_what_the_operator_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    library = _library(tmp_path, monkeypatch)
+    env = allocator.planned_environment("auto", {"LD_PRELOAD": "/opt/other.so", "HOME": "/h"})
+    assert env is not None
+    assert env["LD_PRELOAD"] == f"{library} /opt/other.so" and env["HOME"] == "/h"
+    assert env["MALLOC_CONF"] == allocator.JEMALLOC_CONF
+    assert not set(allocator.GLIBC_TUNING) & set(env)
+    mine = allocator.planned_environment("jemalloc", {"MALLOC_CONF": "narenas:2"})
+    assert mine is not None and mine["MALLOC_CONF"] == "narenas:2"
+    assert allocator.planned_environment("auto", env) is None  # already in place
+
+
+def test_auto_without_jemalloc_tunes_glibc_and_jemalloc_is_then_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _library(tmp_path, monkeypatch, installed=False)
+    env = allocator.planned_environment("auto", {"MALLOC_ARENA_MAX": "4"})
+    assert env is not None and "LD_PRELOAD" not in env and "MALLOC_CONF" not in env
+    assert env == {**allocator.GLIBC_TUNING, "MALLOC_ARENA_MAX": "4"}
+    assert allocator.planned_environment("auto", env) is None
+    with pytest.raises(SystemExit, match="apt-get install libjemalloc2"):
+        allocator.planned_environment("jemalloc", {})
+    assert allocator.planned_environment("system", {}) is None
+    with pytest.raises(SystemExit, match="must be one of"):
+        allocator.planned_environment("tcmalloc", {})
+
+
+def test_use_configured_restarts_once_with_the_same_command_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restarts: list[Any]
 ) -> None:
     library = _library(tmp_path, monkeypatch)
-    monkeypatch.setenv("LD_PRELOAD", "/opt/other.so")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
     allocator.use_configured("auto")
     [(path, args, env)] = restarts
     assert path == sys.executable and args == [sys.executable, *sys.orig_argv[1:]]
-    assert env["LD_PRELOAD"] == f"{library} /opt/other.so"
-    assert env[allocator._RESTARTED] == "1"
-    # The restarted process, if the preload did not take, carries on instead of restarting.
+    assert env["LD_PRELOAD"] == str(library) and env[allocator._RESTARTED] == "1"
+    # The restarted process never restarts, whatever its environment holds.
     monkeypatch.setenv(allocator._RESTARTED, "1")
     allocator.use_configured("auto")
+    allocator.use_configured("jemalloc")
+    assert len(restarts) == 1
+    monkeypatch.delenv(allocator._RESTARTED)
+    allocator.use_configured("system")
     assert len(restarts) == 1
 
 
-def test_system_never_restarts_and_auto_without_jemalloc_carries_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restarts: list[Any]
-) -> None:
-    _library(tmp_path, monkeypatch)
-    allocator.use_configured("system")
-    monkeypatch.setattr(allocator, "SEARCH_PATHS", (str(tmp_path / "none"),))
-    allocator.use_configured("auto")
-    assert restarts == []
-    with pytest.raises(SystemExit, match="apt-get install libjemalloc2"):
-        allocator.use_configured("jemalloc")
-    with pytest.raises(SystemExit, match="must be one of"):
-        allocator.use_configured("tcmalloc")
-
-
-def test_a_process_already_on_jemalloc_is_left_alone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restarts: list[Any]
-) -> None:
-    _library(tmp_path, monkeypatch)
+def test_jemalloc_loaded_reads_the_process_maps(tmp_path: Path) -> None:
     maps = tmp_path / "maps"
     maps.write_text("7f00-7f01 r-xp 0 fd:01 1 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n")
     assert jemalloc_loaded(maps)
+    maps.write_text("7f00-7f01 r-xp 0 fd:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    assert not jemalloc_loaded(maps)
     assert not jemalloc_loaded(tmp_path / "missing")
-    monkeypatch.setattr(allocator, "jemalloc_loaded", lambda: True)
-    allocator.use_configured("jemalloc")
-    assert restarts == []
 
 
 def _free_port() -> int:
@@ -89,10 +103,12 @@ def _free_port() -> int:
         return port
 
 
-def _served_with(tmp_path: Path, choice: str) -> bool:
-    """Whether `maml-serve serve` runs with jemalloc mapped, under MAML_SERVE_ALLOCATOR=choice."""
+def _served_with(tmp_path: Path, choice: str) -> tuple[bool, str]:
+    """Whether `maml-serve serve` runs with jemalloc mapped under MAML_SERVE_ALLOCATOR=choice,
+    and its environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAML_SERVE_")}
-    env.pop("LD_PRELOAD", None)
+    for name in ("LD_PRELOAD", "MALLOC_CONF", *allocator.GLIBC_TUNING):
+        env.pop(name, None)
     env.update(MAML_SERVE_DATA_DIR=str(tmp_path / choice), MAML_SERVE_ALLOCATOR=choice)
     port = _free_port()
     server = subprocess.Popen(
@@ -107,7 +123,8 @@ def _served_with(tmp_path: Path, choice: str) -> bool:
         while time.monotonic() < deadline and "libtorch" not in maps.read_text():
             assert server.poll() is None, "the server exited"
             time.sleep(0.2)
-        return jemalloc_loaded(maps)
+        environ = Path(f"/proc/{server.pid}/environ").read_bytes().decode()
+        return jemalloc_loaded(maps), environ
     finally:
         server.terminate()
         server.wait(30)
@@ -119,5 +136,7 @@ def _served_with(tmp_path: Path, choice: str) -> bool:
 )
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
 def test_serve_runs_on_jemalloc_unless_told_otherwise(tmp_path: Path) -> None:
-    assert _served_with(tmp_path, "auto")
-    assert not _served_with(tmp_path, "system")
+    loaded, environ = _served_with(tmp_path, "auto")
+    assert loaded and f"MALLOC_CONF={allocator.JEMALLOC_CONF}" in environ
+    loaded, environ = _served_with(tmp_path, "system")
+    assert not loaded and "MALLOC_CONF" not in environ
