@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,34 @@ def models() -> list[fewshot.AdaptedModel]:
     return out
 
 
+@dataclass
+class Passes:
+    """The number of requests in each batched pass, and how long each pass is held."""
+
+    calls: list[int] = field(default_factory=list)
+    hold: float = 0.0
+
+
+@pytest.fixture
+def passes(monkeypatch: pytest.MonkeyPatch) -> Passes:
+    """Records every batched prediction pass (fewshot.batched.predict_many_scores)."""
+    seen = Passes()
+    real = fewshot.batched.predict_many_scores
+
+    def counting(
+        ms: list[fewshot.AdaptedModel],
+        xs: list[torch.Tensor],
+        ts: list[float | None],
+        chunk: int = 32,
+    ) -> list[PredictionScores]:
+        seen.calls.append(len(ms))
+        time.sleep(seen.hold)
+        return real(ms, xs, ts, chunk=chunk)
+
+    monkeypatch.setattr(fewshot.batched, "predict_many_scores", counting)
+    return seen
+
+
 def _run_concurrently(
     batcher: PredictionBatcher, jobs: list[tuple[fewshot.AdaptedModel, torch.Tensor]]
 ) -> list[torch.Tensor | BaseException]:
@@ -56,21 +85,9 @@ def _run_concurrently(
 
 
 def test_concurrent_requests_share_passes_and_get_their_own_probabilities(
-    models: list[fewshot.AdaptedModel], monkeypatch: pytest.MonkeyPatch
+    models: list[fewshot.AdaptedModel], passes: Passes
 ) -> None:
-    calls: list[int] = []
-    real = fewshot.batched.predict_many_scores
-
-    def counting(
-        ms: list[fewshot.AdaptedModel],
-        xs: list[torch.Tensor],
-        ts: list[float | None],
-        chunk: int = 32,
-    ) -> list[PredictionScores]:
-        calls.append(len(ms))
-        return real(ms, xs, ts, chunk=chunk)
-
-    monkeypatch.setattr(fewshot.batched, "predict_many_scores", counting)
+    calls = passes.calls
     batcher = PredictionBatcher(wait_seconds=0.2, max_images=10_000, threads=1)
     jobs = [
         (models[i % len(models)], random_images(1 + i % 5, seed=200 + i, dtype=torch.float32))
@@ -118,7 +135,7 @@ def test_the_batching_thread_exits_when_idle_and_restarts(
 
 
 def test_concurrent_http_predictions_of_head_models_share_passes(
-    client: TestClient, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    client: TestClient, auth: dict[str, str], passes: Passes
 ) -> None:
     tasks = []
     for seed in range(4):
@@ -128,20 +145,8 @@ def test_concurrent_http_predictions_of_head_models_share_passes(
         ).json()
         assert body["status"] == "ready", body
         tasks.append(body["id"])
-    calls: list[int] = []
-    real = fewshot.batched.predict_many_scores
-
-    def counting(
-        ms: list[fewshot.AdaptedModel],
-        xs: list[torch.Tensor],
-        ts: list[float | None],
-        chunk: int = 32,
-    ) -> list[PredictionScores]:
-        calls.append(len(ms))
-        time.sleep(0.05)  # hold the batch so the other requests line up behind it
-        return real(ms, xs, ts, chunk=chunk)
-
-    monkeypatch.setattr(fewshot.batched, "predict_many_scores", counting)
+    calls = passes.calls
+    passes.hold = 0.05  # hold each batch so the other requests line up behind it
     start = threading.Barrier(len(tasks))
     answers: dict[str, Any] = {}
 
@@ -179,21 +184,9 @@ def _timed_predict(
 
 
 def test_an_adaptive_batch_waits_only_for_announced_requests(
-    models: list[fewshot.AdaptedModel], monkeypatch: pytest.MonkeyPatch
+    models: list[fewshot.AdaptedModel], passes: Passes
 ) -> None:
-    calls: list[int] = []
-    real = fewshot.batched.predict_many_scores
-
-    def counting(
-        ms: list[fewshot.AdaptedModel],
-        xs: list[torch.Tensor],
-        ts: list[float | None],
-        chunk: int = 32,
-    ) -> list[PredictionScores]:
-        calls.append(len(ms))
-        return real(ms, xs, ts, chunk=chunk)
-
-    monkeypatch.setattr(fewshot.batched, "predict_many_scores", counting)
+    calls = passes.calls
     x = random_images(2, seed=5, dtype=torch.float32)
     model = models[1]
     model.predict_proba(x)  # warm

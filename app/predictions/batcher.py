@@ -4,8 +4,9 @@ Request threads hand (model, images) to the batching threads (`workers`, one per
 default) and wait. A free batching thread starts a batch at once; once started, a batch collects
 requests for at most `wait_seconds` or until it holds `max_images` images. With `adaptive`, it
 waits only while requests announced with `expect` (still reading and decoding their images) have
-not arrived, so a lone request is never held for company that is not coming. It then runs `fewshot.batched.predict_many_scores` (head-only models of one
-initialization share backbone passes of `chunk` images). Every image is processed on its own,
+not arrived, so a lone request is never held for company that is not coming. It then runs
+`fewshot.batched.predict_many_scores` (head-only models of one initialization share backbone
+passes of `chunk` images). Every image is processed on its own,
 so a request's probabilities do not depend on the others in its batch. A batch that fails is
 retried one request at a time, so each request gets its own answer. Threads exit after a while
 without requests and start again on the next one.

@@ -34,11 +34,6 @@ def default_device(requested: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _batching_pays(model: fewshot.AdaptedModel) -> bool:
-    """True when a model's queries can share passes with other requests' (see predict_many)."""
-    return model.mode == "head" or next(iter(model.params.values())).device.type != "cpu"
-
-
 # What a cached model costs beyond its own tensors: Python and C++ objects (parameter dict, tensor
 # headers, labels, prototypes' wrapper). Measured: RSS grew ~19 KB per cached head-mode model whose
 # own tensors are ~3 KB; without it a byte budget held ~6x more head models than it said.
@@ -196,7 +191,7 @@ class ModelCache:
         fewshot.batched.predict_many), so a hand-off would only add a wait. `expected` is this
         request's announcement (`expect_prediction`), which it now fulfils.
         """
-        if max_images <= 0 or not _batching_pays(model):
+        if max_images <= 0 or not self.batches(model.mode):
             if expected is not None:
                 expected.withdraw()
             self.use_serving_threads()
@@ -205,7 +200,8 @@ class ModelCache:
         return batcher.predict_scores(model, x, threshold, expected)
 
     def batches(self, mode: str) -> bool:
-        """True when predictions of models adapted in `mode` go through the shared batcher."""
+        """True when queries of models adapted in `mode` can share passes with other requests'
+        (head-only models anywhere, every model on a GPU; see fewshot.batched.predict_many)."""
         return mode == "head" or self.device != "cpu"
 
     def expect_prediction(

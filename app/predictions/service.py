@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.adaptations import service as adaptations
 from app.core import metrics
+from app.core.config import Settings
 from app.core.errors import Conflict, NotFound
 from app.core.pagination import Page, paginate
 from app.core.runtime import Runtime
@@ -81,13 +82,17 @@ def expect_prediction(runtime: Runtime, task: Task) -> Expected | None:
     (None when its model will not be batched): a batch then waits for it, and only for those."""
     if not runtime.models.batches(task.mode):
         return None
-    settings = runtime.settings
-    return runtime.models.expect_prediction(
-        wait_seconds=settings.predict_batch_wait_ms / 1000,
-        max_images=settings.predict_batch_max_images,
-        chunk=settings.predict_batch_chunk,
-        workers=settings.predict_batch_threads,
-    )
+    return runtime.models.expect_prediction(**_batching(runtime.settings))
+
+
+def _batching(settings: Settings) -> dict[str, Any]:
+    """The prediction batcher's settings, as ModelCache takes them."""
+    return {
+        "wait_seconds": settings.predict_batch_wait_ms / 1000,
+        "max_images": settings.predict_batch_max_images,
+        "chunk": settings.predict_batch_chunk,
+        "workers": settings.predict_batch_threads,
+    }
 
 
 def predict(
@@ -142,21 +147,13 @@ def predict(
             raise
     x = fewshot.preprocess_images([image.decode() for image in queries.images], model.config)
     started = time.perf_counter()
-    settings = runtime.settings
     threshold, source = resolve_threshold(
         queries.unknown_threshold,
         task.unknown_threshold,
         model.unknown_threshold,
     )
     scores = runtime.models.predict_scores(
-        model,
-        x,
-        threshold,
-        wait_seconds=settings.predict_batch_wait_ms / 1000,
-        max_images=settings.predict_batch_max_images,
-        chunk=settings.predict_batch_chunk,
-        workers=settings.predict_batch_threads,
-        expected=expected,
+        model, x, threshold, expected=expected, **_batching(runtime.settings)
     )
     metrics.PREDICT_COMPUTE.observe(time.perf_counter() - started)
     metrics.PREDICTED_IMAGES.inc(len(queries.images))
