@@ -290,6 +290,7 @@ CORE_COMMANDS = {
     "train": "meta-train an initialization (MAML) from an image dataset",
     "evaluate": "mean accuracy of an initialization over sampled episodes",
     "calibrate": 'calibrate the "unknown" score of an initialization on held-out groups',
+    "pretrain": "pre-train a backbone as an all-classes cosine classifier (resumes its run folder)",
 }
 
 

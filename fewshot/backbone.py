@@ -13,9 +13,10 @@ from fewshot.config import ModelConfig
 
 
 class Conv4(nn.Module):
-    """Four [conv3x3, GroupNorm, ReLU, downsample] blocks, then a mean over space.
+    """Four [conv3x3, GroupNorm, ReLU, downsample] blocks, then a read-out (mean or flatten).
 
-    Input [B, C, H, W] (C = config.in_channels); output [B, config.width] embeddings.
+    Input [B, C, H, W] (C = config.in_channels); output [B, config.feature_dim] embeddings,
+    unit-length with config.feature_norm == "l2".
     GroupNorm replaces MAML's batch-statistics BatchNorm so a prediction never depends on
     the other images in its batch, and so second-order gradients under vmap stay exact.
     """
@@ -25,19 +26,27 @@ class Conv4(nn.Module):
         layers: list[nn.Module] = []
         channels = config.in_channels
         stride = 2 if config.pooling == "stride" else 1
-        for _ in range(config.depth):
+        self.readout = config.readout
+        self.feature_norm = config.feature_norm
+        for block in range(config.depth):
             layers.append(nn.Conv2d(channels, config.width, 3, stride=stride, padding=1))
             if config.norm == "group":
                 layers.append(nn.GroupNorm(config.norm_groups, config.width))
-            layers.append(nn.ReLU())
+            if config.final_relu or block < config.depth - 1:
+                layers.append(nn.ReLU())
             if config.pooling == "maxpool":
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
             channels = config.width
         self.blocks = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Embed images [B, C, H, W] into [B, width]."""
-        out: Tensor = self.blocks(x).mean(dim=(-2, -1))
+        """Embed images [B, C, H, W] into [B, config.feature_dim]."""
+        return self._read_out(self.blocks(x))
+
+    def _read_out(self, maps: Tensor) -> Tensor:
+        out = maps.flatten(-3) if self.readout == "flatten" else maps.mean(dim=(-2, -1))
+        if self.feature_norm == "l2":
+            out = F.normalize(out, dim=-1)
         return out
 
     def forward_with(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
@@ -67,7 +76,7 @@ class Conv4(nn.Module):
                 )
             else:
                 x = layer(x)
-        return x.mean(dim=(-2, -1))
+        return self._read_out(x)
 
 
 def init_backbone_params(config: ModelConfig, seed: int) -> dict[str, Tensor]:

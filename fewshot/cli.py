@@ -159,6 +159,10 @@ def add_subcommands(sub: Any) -> None:
     cal.add_argument("--out", help="write the calibrated initialization here (default: in place)")
     cal.set_defaults(handler=run_calibrate)
 
+    from fewshot.pretrain_cli import add_pretrain_subcommand
+
+    add_pretrain_subcommand(sub)
+
 
 def report(
     init: Initialization, val: ImageDataset, episodes: int, device: str, seed: int = 2024

@@ -10,6 +10,8 @@ Pooling = Literal["stride", "maxpool"]
 Norm = Literal["group", "none"]
 AdaptMode = Literal["full", "head"]
 StepSizeTransform = Literal["identity", "softplus"]
+Readout = Literal["mean", "flatten"]
+FeatureNorm = Literal["none", "l2"]
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,28 @@ class ModelConfig:
     inner_shift_views: int = 0
     # "softplus": stored step sizes are raw values and the inner loop uses softplus(raw) > 0.
     step_size_transform: StepSizeTransform = "identity"
+    # How the last feature map [width, s, s] becomes the embedding: "mean" over space (MAML's
+    # Omniglot net) or "flatten" (ProtoNet's 1600-d read-out; keeps where a part was seen).
+    readout: Readout = "mean"
+    # Cosine read-outs work better without the last ReLU (Gidaris & Komodakis 2018): features
+    # may then point anywhere, not only into the positive orthant.
+    final_relu: bool = True
+    # "l2": embeddings are unit vectors, so the prototype head's squared distances are cosines.
+    feature_norm: FeatureNorm = "none"
+
+    @property
+    def final_side(self) -> int:
+        """Side of the last feature map: each block halves it, rounding up."""
+        side = self.image_size
+        for _ in range(self.depth):
+            side = (side + 1) // 2
+        return side
 
     @property
     def feature_dim(self) -> int:
         """Length of the embedding the head sees."""
+        if self.readout == "flatten":
+            return self.width * self.final_side * self.final_side
         return self.width
 
     def to_dict(self) -> dict[str, Any]:
