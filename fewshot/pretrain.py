@@ -199,7 +199,7 @@ class Pretrainer:
         )
         decay, no_decay = [], []
         for module in (self.backbone, self.classifier):
-            for name, p in module.named_parameters():
+            for p in module.parameters():
                 (decay if p.dim() > 1 else no_decay).append(p)
         self.optimizer = torch.optim.SGD(
             [
