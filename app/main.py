@@ -41,16 +41,20 @@ def _start(runtime: Runtime) -> None:
     if settings.is_embedded_database:
         upgrade(settings)
     with runtime.sessions() as session:
-        row = registry.ensure_initialization(
-            session=session, store=runtime.store, folder=runtime.initialization_folder()
+        rows = registry.ensure_initializations(
+            session=session, store=runtime.store, folders=runtime.initialization_folders()
         )
-        if row is None:
+        if not rows:
             log.warning(
-                "no active initialization: %s has none to register", runtime.initialization_folder()
+                "no active initialization: %s hold none to register",
+                [str(f) for f in runtime.initialization_folders()],
             )
-        else:
+        for row in rows:
             runtime.models.warm_up(runtime.models.initialization(row))
-            log.info("active initialization %s loaded on %s", row.version, runtime.models.device)
+            log.info(
+                "active %s initialization %s loaded on %s",
+                row.domain, row.version, runtime.models.device,
+            )  # fmt: skip
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -139,8 +139,11 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+DEFAULT_DOMAIN = "handwritten characters"
+
+
 class Initialization(Base):
-    """A versioned meta-learned starting point; one global row is active at a time.
+    """A versioned meta-learned starting point; one global row per domain is active at a time.
 
     tenant_id None: a global version (shipped, imported or published by an operator), seen by
     every tenant. Otherwise the version belongs to the tenant whose run trained it, and only that
@@ -150,10 +153,10 @@ class Initialization(Base):
     __tablename__ = "initializations"
     __table_args__ = (
         CheckConstraint(_in("status", INITIALIZATION_STATUSES), name="status"),
-        # At most one active row; rollback finds the previous one by promoted_at.
+        # At most one active row per domain; rollback finds the previous one by promoted_at.
         Index(
             "uq_initializations_active",
-            "is_active",
+            "domain",
             unique=True,
             postgresql_where=text("is_active"),
             sqlite_where=text("is_active"),
@@ -165,6 +168,10 @@ class Initialization(Base):
     status: Mapped[str] = mapped_column(String(16), default="ready")
     # "shipped", "trained" or "imported"
     source: Mapped[str] = mapped_column(String(16))
+    # What it knows ("handwritten characters", "photos"): fewshot ModelConfig.domain.
+    domain: Mapped[str] = mapped_column(
+        String(64), default=DEFAULT_DOMAIN, server_default=DEFAULT_DOMAIN
+    )
     # Architecture and preprocessing (fewshot ModelConfig); for trained ones, the run's settings.
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
     training_config: Mapped[dict[str, Any] | None]

@@ -5,7 +5,11 @@ from fewshot.config import MetaTrainConfig, ModelConfig
 from fewshot.diagnostics import ConfusablePair, SupportDiagnostics, diagnose_support
 from fewshot.errors import CheckpointError, DatasetError, EpisodeError, FewShotError
 from fewshot.images import decode_image, preprocess_images
-from fewshot.initialization import Initialization, shipped_initialization_path
+from fewshot.initialization import (
+    Initialization,
+    shipped_initialization_path,
+    shipped_initialization_paths,
+)
 from fewshot.promotion import (
     PromotionVerdict,
     ShapeComparison,
@@ -51,6 +55,7 @@ __all__ = [
     "paired_difference",
     "preprocess_images",
     "shipped_initialization_path",
+    "shipped_initialization_paths",
     "trained_groups",
     "unknown_report",
     "verdict",

@@ -12,14 +12,19 @@ AdaptMode = Literal["full", "head"]
 StepSizeTransform = Literal["identity", "softplus"]
 Readout = Literal["mean", "flatten"]
 FeatureNorm = Literal["none", "l2"]
+Resize = Literal["stretch", "center_crop"]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture and preprocessing of an initialization (Conv4 of Finn et al. 2017, sec. 5.2)."""
 
+    # What the initialization knows, shown to users choosing one (e.g. "photos").
+    domain: str = "handwritten characters"
     in_channels: int = 1
     image_size: int = 28
+    # How a non-square image fits the square input (fewshot.images.to_array).
+    resize: Resize = "stretch"
     width: int = 64
     depth: int = 4
     # "stride": 3x3 convolutions with stride 2 (MAML's Omniglot variant, ~3.7x fewer FLOPs);

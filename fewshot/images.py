@@ -7,24 +7,37 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from fewshot.config import ModelConfig
 
 
 def to_array(image: Image.Image, config: ModelConfig) -> np.ndarray:
-    """One image as uint8 [C, H, W]: greyscale or RGB, antialiased resize, inverted if configured."""
+    """One image as uint8 [C, H, W] in the config's mode and size, inverted if configured.
+
+    EXIF orientation is applied (phone photos arrive sideways otherwise); transparency is
+    composited onto white; greyscale becomes RGB for colour models and colour becomes grey for
+    greyscale ones. config.resize says how another aspect ratio fits the square input:
+    "center_crop" scales the shorter side to the input and crops the middle (photos: nothing is
+    distorted), "stretch" resizes both sides (characters: nothing is cut off).
+    """
     mode = "L" if config.in_channels == 1 else "RGB"
-    if image.mode in ("RGBA", "LA", "P") and mode == "L":
+    image = ImageOps.exif_transpose(image) or image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Composite transparency onto white so drawings on transparent canvases keep their strokes.
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     converted = image.convert(mode)
-    size = (config.image_size, config.image_size)
-    if converted.size != size:
-        converted = converted.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    side = config.image_size
+    if config.resize == "center_crop" and converted.width != converted.height:
+        short = min(converted.width, converted.height)
+        left = (converted.width - short) // 2
+        top = (converted.height - short) // 2
+        converted = converted.crop((left, top, left + short, top + short))
+    if converted.size != (side, side):
+        converted = converted.resize((side, side), Image.Resampling.LANCZOS, reducing_gap=3.0)
     array = np.asarray(converted, dtype=np.uint8)
     if config.invert:
         array = 255 - array

@@ -23,9 +23,25 @@ CONFIG_FILE = "config.json"
 _STEP_PREFIX = "step_size."
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+
+
 def shipped_initialization_path() -> Path:
-    """The initialization committed with the package (the service's default)."""
-    return Path(__file__).resolve().parent / "shipped" / "omniglot-conv4"
+    """The Omniglot initialization committed with the package (the service's default domain)."""
+    return SHIPPED_DIR / "omniglot-conv4"
+
+
+def shipped_photo_initialization_path() -> Path:
+    """The photo (mini-ImageNet) initialization committed with the package."""
+    return SHIPPED_DIR / "photos-conv4"
+
+
+def shipped_initialization_paths() -> list[Path]:
+    """Every shipped initialization folder, one per domain (the default domain's first)."""
+    others = sorted(
+        p for p in SHIPPED_DIR.iterdir() if p.is_dir() and p != shipped_initialization_path()
+    )
+    return [shipped_initialization_path(), *others]
 
 
 @dataclass

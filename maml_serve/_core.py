@@ -227,12 +227,15 @@ def create_task_call(
     wait: float | None,
     idempotency_key: str | None,
     unknown_threshold: float | None = None,
+    initialization: str | None = None,
 ) -> Call:
     """POST /v1/tasks as multipart, with an idempotency key so a retried send makes one task."""
     images, image_labels = support_pairs(support, labels)
     data: dict[str, Any] = {"labels": image_labels}
     if name is not None:
         data["name"] = name
+    if initialization is not None:
+        data["initialization"] = initialization
     if mode is not None:
         data["mode"] = mode
     if steps is not None:

@@ -119,12 +119,15 @@ class AsyncClient:
         wait: float | None = None,
         idempotency_key: str | None = None,
         unknown_threshold: float | None = None,
+        initialization: str | None = None,
     ) -> Task:
         """Create a task from {label: images}, [(image, label)] or images plus labels.
 
         Images are paths, bytes, binary files or PIL images. With `wait` (seconds) it returns once
         the task is ready, raising AdaptationFailed or WaitTimeout otherwise. `unknown_threshold`
         (0..1) sets the task's default threshold below which predictions say "unknown".
+        `initialization` names the version to adapt from (`list_initializations()` lists them, with
+        each one's domain, e.g. "photos"); default: the tenant's default.
         """
         started = time.monotonic()
         call = create_task_call(
@@ -136,6 +139,7 @@ class AsyncClient:
             wait=wait,
             idempotency_key=idempotency_key,
             unknown_threshold=unknown_threshold,
+            initialization=initialization,
         )
         task = Task.from_json(await self.send(call))
         if wait is None:

@@ -206,16 +206,24 @@ class Initialization:
     is_active: bool
     metrics: dict[str, Any]
     raw: dict[str, Any] = field(repr=False)
+    # What it knows ("handwritten characters", "photos") and the input it expects.
+    domain: str = "handwritten characters"
+    in_channels: int = 1
+    image_size: int = 28
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Initialization:
         """Parse an initialization object."""
+        config = dict(body.get("config") or {})
         return cls(
             version=str(body["version"]),
             status=str(body.get("status", "")),
             is_active=bool(body.get("is_active")),
             metrics=dict(body.get("metrics") or {}),
             raw=body,
+            domain=str(body.get("domain", "handwritten characters")),
+            in_channels=int(config.get("in_channels", 1)),
+            image_size=int(config.get("image_size", 28)),
         )
 
 

@@ -70,14 +70,13 @@ TASKS: dict[str, Task] = {kind: _register(kind) for kind in KINDS}
 
 
 def preload() -> None:
-    """Load the active initialization once per worker process, before the first task arrives."""
+    """Load every domain's active initialization once per worker process, before any task."""
     from app.initializations import registry
 
     try:
         rt = runtime()
         with rt.sessions() as session:
-            row = registry.active_initialization(session=session)
-            if row is not None:
+            for row in registry.active_versions(session=session):
                 rt.models.warm_up(rt.models.initialization(row))
     except Exception:
         log.exception("could not preload the active initialization")

@@ -23,8 +23,11 @@ class Settings(BaseSettings):
     database_url: SecretStr | None = None
     # None: jobs run in this process on a thread pool; a redis:// URL: they go to Celery.
     broker_url: SecretStr | None = None
-    # None: the initialization shipped with fewshot; registered as the first active version.
+    # None: the initializations shipped with fewshot (one per domain: handwritten characters,
+    # photos); each becomes its domain's first active version. Else only this folder (plus
+    # extra_initialization_paths, e.g. MAML_SERVE_EXTRA_INITIALIZATION_PATHS='["/models/x"]').
     initialization_path: Path | None = None
+    extra_initialization_paths: list[Path] = Field(default_factory=list)
     # Mixed into the hash of every API key; changing it invalidates all keys.
     api_key_pepper: SecretStr = SecretStr(DEFAULT_KEY_PEPPER)
 

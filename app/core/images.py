@@ -12,7 +12,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 
-from PIL import Image, PngImagePlugin, UnidentifiedImageError, _imaging
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError, _imaging
 
 from app.core.errors import InvalidRequest, PayloadTooLarge
 from app.core.storage import sha256_bytes
@@ -118,12 +118,20 @@ def _shrink(image: Image.Image, side: int) -> Image.Image:
     if image.mode in _WORKING_MODES:
         image.thumbnail((side, side), Image.Resampling.LANCZOS, reducing_gap=2.0)
         image.load()
-        return image
+        return _upright(image)
     # Palette, 1-bit and 16-bit images resample badly (or not at all) in their own mode.
     image.load()
     converted = image.convert(_working_mode(image))
     converted.thumbnail((side, side), Image.Resampling.LANCZOS, reducing_gap=2.0)
-    return converted
+    return _upright(converted)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    # Phone photos are stored sideways with an EXIF orientation; applied here (on the shrunk
+    # pixels, cheaply), the tag is dropped so nothing downstream turns them twice.
+    if image.getexif().get(0x0112, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _text_too_large(exc: BaseException) -> bool:

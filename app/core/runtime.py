@@ -44,13 +44,13 @@ class Runtime:
         )
         return cls(settings, engine, make_session_factory(engine), store, cache)
 
-    def initialization_folder(self) -> Path:
-        """The folder registered as the first active initialization of an empty database."""
+    def initialization_folders(self) -> list[Path]:
+        """The folders registered at start-up: the configured one, else every shipped domain's."""
         if self.settings.initialization_path is not None:
-            return self.settings.initialization_path
+            return [self.settings.initialization_path, *self.settings.extra_initialization_paths]
         import fewshot
 
-        return fewshot.shipped_initialization_path()
+        return [*fewshot.shipped_initialization_paths(), *self.settings.extra_initialization_paths]
 
     def close(self) -> None:
         """Release database connections."""

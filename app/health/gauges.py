@@ -61,7 +61,7 @@ class StateCollector(Collector):
                     select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)
                 )
             }
-            active = registry.active_initialization(session=session)
+            active = registry.active_versions(session=session)
         jobs = GaugeMetricFamily(
             "maml_serve_jobs", "Jobs by kind and state.", labels=["kind", "state"]
         )
@@ -78,9 +78,9 @@ class StateCollector(Collector):
         yield queued
         version = GaugeMetricFamily(
             "maml_serve_active_initialization",
-            "1 for the initialization version new tasks adapt from.",
-            labels=["version"],
+            "1 for each domain's active version (new tasks of that domain adapt from it).",
+            labels=["version", "domain"],
         )
-        if active is not None:
-            version.add_metric([active.version], 1)
+        for row in active:
+            version.add_metric([row.version, row.domain], 1)
         yield version

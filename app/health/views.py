@@ -19,6 +19,7 @@ from app.core.schemas import problem_responses
 from app.deps import DispatcherDep, RuntimeDep
 from app.health.gauges import StateCollector
 from app.initializations import registry
+from app.models import DEFAULT_DOMAIN
 from app.jobs.kinds import QUEUES
 from app.jobs.service import Dispatcher
 from app.models import Job
@@ -41,7 +42,7 @@ _checks = ThreadPoolExecutor(max_workers=8, thread_name_prefix="readyz")
 
 
 def _database(runtime: Runtime) -> tuple[str | None, dict[str, int]]:
-    """The active initialization's version (loaded), and queued jobs per queue."""
+    """The default domain's active version (every domain's loaded), and queued jobs per queue."""
     with runtime.sessions() as session:
         session.execute(text("SELECT 1"))
         queued = {
@@ -50,11 +51,11 @@ def _database(runtime: Runtime) -> tuple[str | None, dict[str, int]]:
                 select(Job.queue, func.count()).where(Job.state == "queued").group_by(Job.queue)
             )
         }
-        row = registry.active_initialization(session=session)
-        if row is None:
-            return None, queued
-        runtime.models.initialization(row)
-        return row.version, queued
+        rows = registry.active_versions(session=session)
+        for row in rows:
+            runtime.models.initialization(row)
+        default = next((r for r in rows if r.domain == DEFAULT_DOMAIN), None)
+        return (None if default is None else default.version), queued
 
 
 def _unserved(dispatcher: Dispatcher, queued: dict[str, int]) -> list[str]:

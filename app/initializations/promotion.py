@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from app.core.errors import Conflict
 from app.initializations import audit, registry
 from app.models import (
+    DEFAULT_DOMAIN,
     Initialization,
     TenantDefault,
     utcnow,
@@ -37,7 +38,7 @@ def make_active(
     Returns the replaced version. A version owned by a tenant becomes global (published): it
     now serves every tenant, so every tenant sees it.
     """
-    current = registry.active_initialization(session=session)
+    current = registry.active_initialization(session=session, domain=row.domain)
     if current is not None:
         current.is_active = False
         # The partial unique index allows one active row: flush the old one off first.
@@ -56,9 +57,9 @@ def make_active(
 def promote(
     *, session: Session, version: str, actor: str, tenant_id: uuid.UUID
 ) -> tuple[Initialization, str | None]:
-    """Make a version (global, or the operator's tenant's own) the global active one."""
+    """Make a version (global, or the operator's tenant's own) its domain's global active one."""
     row = registry.ready_version(session, version, tenant_id)
-    current = registry.active_initialization(session=session)
+    current = registry.active_initialization(session=session, domain=row.domain)
     if current is not None and current.id == row.id:
         return row, None
     try:
@@ -73,12 +74,19 @@ def promote(
 def rollback(
     *, session: Session, actor: str, tenant_id: uuid.UUID, version: str | None = None
 ) -> tuple[Initialization, str]:
-    """Return to the version that was active before the current one (`version`, when named)."""
-    current = registry.active_initialization(session=session)
+    """Return to the version that was active before the current one, in one domain.
+
+    The domain is the named version's, else the default domain.
+    """
+    domain = DEFAULT_DOMAIN
+    if version is not None:
+        domain = registry.get_initialization(
+            session=session, version=version, tenant_id=tenant_id
+        ).domain
+    current = registry.active_initialization(session=session, domain=domain)
     if current is None or current.promoted_at is None:
-        raise Conflict("no version is active", code="no_active_initialization")
+        raise Conflict(f"no {domain} version is active", code="no_active_initialization")
     if version is not None and version != current.version:
-        registry.get_initialization(session=session, version=version, tenant_id=tenant_id)
         raise Conflict(
             f"{version} is not the active version ({current.version} is); only the active "
             "version can be rolled back",
@@ -88,6 +96,7 @@ def rollback(
         select(Initialization)
         .where(
             Initialization.id != current.id,
+            Initialization.domain == current.domain,
             Initialization.tenant_id.is_(None),
             Initialization.status == "ready",
             Initialization.promoted_at.is_not(None),

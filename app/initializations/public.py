@@ -32,6 +32,7 @@ def _public(
     global_active: Initialization | None,
     own_default_id: uuid.UUID | None,
     visible: set[str],
+    domain_active: set[uuid.UUID],
 ) -> InitializationPublic:
     return InitializationPublic(
         version=row.version,
@@ -39,7 +40,9 @@ def _public(
         source=row.source,
         scope="global" if row.tenant_id is None else "tenant",
         is_active=default is not None and default.id == row.id,
+        domain=row.domain,
         is_global_default=global_active is not None and global_active.id == row.id,
+        is_domain_default=row.id in domain_active,
         is_tenant_default=own_default_id == row.id,
         config=row.config,
         metrics=_metrics(row),
@@ -68,6 +71,7 @@ def initialization_list(*, session: Session, tenant_id: uuid.UUID) -> Initializa
     )
     default, global_active, own_id = _context(session, tenant_id)
     visible = {row.version for row in rows}
+    actives = registry.active_versions(session=session)
     return InitializationList(
         items=[
             _public(
@@ -76,11 +80,13 @@ def initialization_list(*, session: Session, tenant_id: uuid.UUID) -> Initializa
                 global_active=global_active,
                 own_default_id=own_id,
                 visible=visible,
+                domain_active={a.id for a in actives},
             )
             for row in rows
         ],
         active_version=None if default is None else default.version,
         global_version=None if global_active is None else global_active.version,
+        domain_versions={a.domain: a.version for a in actives},
     )
 
 
@@ -95,6 +101,8 @@ def initialization_one(
         if row.parent_version
         else set()
     )
+    domain_active = registry.active_initialization(session=session, domain=row.domain)
     return _public(
-        row, default=default, global_active=global_active, own_default_id=own_id, visible=visible
-    )
+        row, default=default, global_active=global_active, own_default_id=own_id, visible=visible,
+        domain_active=set() if domain_active is None else {domain_active.id},
+    )  # fmt: skip

@@ -16,14 +16,29 @@ from sqlalchemy.orm import Session
 from app.core.errors import Conflict, NotFound
 from app.core.storage import ArtifactStore, initialization_key, sha256_file
 from app.initializations import audit
-from app.models import Initialization, TenantDefault, utcnow
+from app.models import DEFAULT_DOMAIN, Initialization, TenantDefault, utcnow
 
 log = logging.getLogger(__name__)
 
 
-def active_initialization(*, session: Session) -> Initialization | None:
-    """The global active initialization: new tasks of tenants without a default of their own."""
-    return session.scalar(select(Initialization).where(Initialization.is_active.is_(True)))
+def active_initialization(
+    *, session: Session, domain: str = DEFAULT_DOMAIN
+) -> Initialization | None:
+    """A domain's global active version; the default domain's serves tasks that name none."""
+    return session.scalar(
+        select(Initialization).where(
+            Initialization.is_active.is_(True), Initialization.domain == domain
+        )
+    )
+
+
+def active_versions(*, session: Session) -> Sequence[Initialization]:
+    """Every domain's global active version, by domain."""
+    return session.scalars(
+        select(Initialization)
+        .where(Initialization.is_active.is_(True))
+        .order_by(Initialization.domain)
+    ).all()
 
 
 def visible_to(tenant_id: uuid.UUID) -> ColumnElement[bool]:
@@ -42,7 +57,7 @@ def tenant_default(*, session: Session, tenant_id: uuid.UUID) -> TenantDefault |
 
 
 def default_for(*, session: Session, tenant_id: uuid.UUID) -> Initialization | None:
-    """The version a tenant's new tasks adapt from: its own default, else the global active one.
+    """The version a tenant's new tasks adapt from: its own default, else the default domain's.
 
     One query (each new task asks): the newest unretired default of the tenant when its
     version is ready, else the active one.
@@ -68,7 +83,9 @@ def _default_statement() -> Select[Initialization]:
         .scalar_subquery()
     )
     active = (
-        select(Initialization.id).where(Initialization.is_active.is_(True)).limit(1)
+        select(Initialization.id)
+        .where(Initialization.is_active.is_(True), Initialization.domain == DEFAULT_DOMAIN)
+        .limit(1)
     ).scalar_subquery()
     return select(Initialization).where(Initialization.id == func.coalesce(own_ready, active))
 
@@ -105,12 +122,23 @@ def folder_version(metadata: dict[str, Any], weights_sha: str, source: str) -> s
 
 
 def register_initialization_folder(
-    *, session: Session, store: ArtifactStore, folder: Path, source: str, activate: bool
+    *,
+    session: Session,
+    store: ArtifactStore,
+    folder: Path,
+    source: str,
+    activate: bool | None,
 ) -> Initialization:
-    """Copy an initialization folder into the store and record it (optionally as the active one)."""
+    """Copy an initialization folder into the store and record it (optionally as the active one).
+
+    activate None: active when its domain has no active version yet.
+    """
     import fewshot
 
     init = fewshot.Initialization.load(folder)
+    domain = init.config.domain[:64]
+    if activate is None:
+        activate = active_initialization(session=session, domain=domain) is None
     weights_sha = sha256_file(folder / "weights.safetensors")
     version = folder_version(init.metadata, weights_sha, source)
     key = initialization_key(version)
@@ -121,6 +149,7 @@ def register_initialization_folder(
         version=version,
         status="ready",
         source=source,
+        domain=domain,
         config=init.config.to_dict(),
         training_config=init.metadata.get("training"),
         metrics=dict(init.metadata.get("metrics") or {}),
@@ -138,39 +167,44 @@ def register_initialization_folder(
     return row
 
 
-def ensure_initialization(
-    *, session: Session, store: ArtifactStore, folder: Path
-) -> Initialization | None:
-    """Register `folder` (the configured initialization); idempotent.
+def ensure_initializations(
+    *, session: Session, store: ArtifactStore, folders: Sequence[Path]
+) -> Sequence[Initialization]:
+    """Register the configured initialization folders; idempotent. Returns the active versions.
 
-    On an empty table it becomes the active version. Otherwise a version not seen before (e.g.
-    a newer shipped one after an upgrade) is registered as available, not active: switching what
-    every new task adapts from stays an admin's call (POST .../promote).
+    A folder whose domain has no version yet becomes that domain's active version (so a new
+    shipped domain is served on upgrade). A version not seen before in a domain that has some
+    (e.g. a newer shipped one) is registered as available, not active: switching what new tasks
+    adapt from stays an admin's call (POST .../promote).
     """
-    if not (folder / "weights.safetensors").is_file():
-        return active_initialization(session=session)
-    first = not session.scalar(select(func.count()).select_from(Initialization))
-    if not first:
-        import fewshot
+    import fewshot
 
-        metadata = fewshot.Initialization.load(folder).metadata
-        version = folder_version(metadata, sha256_file(folder / "weights.safetensors"), "shipped")
+    for folder in folders:
+        if not (folder / "weights.safetensors").is_file():
+            continue
+        init = fewshot.Initialization.load(folder)
+        weights_sha = sha256_file(folder / "weights.safetensors")
+        version = folder_version(init.metadata, weights_sha, "shipped")
         if session.scalar(select(Initialization.id).where(Initialization.version == version)):
-            return active_initialization(session=session)
-    try:
-        row = register_initialization_folder(
-            session=session, store=store, folder=folder, source="shipped", activate=first
+            continue
+        domain = init.config.domain[:64]
+        first = not session.scalar(
+            select(func.count()).select_from(Initialization).where(Initialization.domain == domain)
         )
-        session.commit()
-        if not first:
-            log.info(
-                "registered initialization %s (not active; promote it with "
-                "POST /v1/admin/initializations/%s/promote)", row.version, row.version,
-            )  # fmt: skip
-    except IntegrityError:
-        # Another process registered it first.
-        session.rollback()
-    return active_initialization(session=session)
+        try:
+            row = register_initialization_folder(
+                session=session, store=store, folder=folder, source="shipped", activate=first
+            )
+            session.commit()
+            if not first:
+                log.info(
+                    "registered initialization %s (not active; promote it with "
+                    "POST /v1/admin/initializations/%s/promote)", row.version, row.version,
+                )  # fmt: skip
+        except IntegrityError:
+            # Another process registered it first.
+            session.rollback()
+    return active_versions(session=session)
 
 
 def ready_version(session: Session, version: str, tenant_id: uuid.UUID) -> Initialization:

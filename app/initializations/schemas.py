@@ -14,8 +14,10 @@ _VERSION: dict[str, Any] = {
     "status": "ready",
     "source": "shipped",
     "scope": "global",
+    "domain": "handwritten characters",
     "is_active": True,
     "is_global_default": True,
+    "is_domain_default": True,
     "is_tenant_default": False,
     "config": {"in_channels": 1, "image_size": 28, "width": 64, "inner_steps": 10},
     "metrics": {"val_5w1s": 0.962, "val_20w1s": 0.874},
@@ -100,9 +102,20 @@ class InitializationPublic(BaseModel):
     scope: Literal["global", "tenant"] = Field(
         description="'global': served to every tenant; 'tenant': your tenant's own version."
     )
-    is_active: bool = Field(description="New tasks of your tenant adapt from this version.")
+    domain: str = Field(
+        description="What it knows, e.g. 'handwritten characters' or 'photos'; config says the "
+        "input it expects (in_channels, image_size)."
+    )
+    is_active: bool = Field(
+        description="New tasks of your tenant that name no initialization adapt from this version."
+    )
     is_global_default: bool = Field(
-        description="The global active version (tenants without their own default use it)."
+        description="The global active version of the default domain (tenants without their own "
+        "default use it)."
+    )
+    is_domain_default: bool = Field(
+        description="The global active version of its domain (promotion and rollback act per "
+        "domain)."
     )
     is_tenant_default: bool = Field(description="Your tenant's own default.")
     config: dict[str, Any]
@@ -123,6 +136,10 @@ class InitializationList(BaseModel):
                     "items": [_VERSION],
                     "active_version": "omniglot-conv4-v2",
                     "global_version": "omniglot-conv4-v2",
+                    "domain_versions": {
+                        "handwritten characters": "omniglot-conv4-v2",
+                        "photos": "photos-conv4-v1",
+                    },
                 }
             ]
         }
@@ -130,4 +147,9 @@ class InitializationList(BaseModel):
 
     items: list[InitializationPublic]
     active_version: str | None = Field(description="The version your new tasks adapt from.")
-    global_version: str | None = Field(description="The global active version.")
+    global_version: str | None = Field(
+        description="The global active version of the default domain."
+    )
+    domain_versions: dict[str, str] = Field(
+        default_factory=dict, description="Each domain's global active version."
+    )

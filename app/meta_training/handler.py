@@ -368,6 +368,7 @@ def _register(
         version=version,
         status="ready",
         source="trained",
+        domain=init.config.domain[:64],
         config=init.config.to_dict(),
         training_config=training_config,
         metrics=metrics,
@@ -507,11 +508,14 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
     with runtime.sessions() as session:
         # The baseline is what the tenant's new tasks adapt from now.
         run_tenant = session.scalar(select(Job.tenant_id).where(Job.id == claim.job_id))
+        # ... in the new version's domain: a photo model is compared with photo models only.
         active_row = (
-            registry.active_initialization(session=session)
+            None
             if run_tenant is None
             else registry.default_for(session=session, tenant_id=run_tenant)
         )
+        if active_row is None or active_row.domain != new.config.domain:
+            active_row = registry.active_initialization(session=session, domain=new.config.domain)
     metrics: dict[str, Any] = {
         # The new version alone on the same episodes, with its accuracy at 0 inner steps.
         "validation_detail": _score(new, val, shapes, episodes, device),

@@ -38,6 +38,8 @@ class SupportSetIn:
     mode: str
     steps: int | None
     unknown_threshold: float | None = None
+    # A version name; None: the tenant's default.
+    initialization: str | None = None
 
 
 @dataclass(frozen=True)
@@ -315,6 +317,7 @@ async def read_support_set(request: Request) -> SupportSetIn:
             mode = modes[0] if modes else "full"
             steps = _int_field(_first(_text_fields(form, "steps")), "steps")
             threshold = _threshold_field(_first(_text_fields(form, "unknown_threshold")))
+            initialization = _first(_text_fields(form, "initialization"))
         finally:
             await form.close()
     else:
@@ -328,9 +331,11 @@ async def read_support_set(request: Request) -> SupportSetIn:
         labels = [e.label for e in body.examples]
         name, mode, steps = body.name, body.mode, body.steps
         threshold = _check_threshold(body.unknown_threshold)
+        initialization = body.initialization
     _check_count(len(raw), settings.max_support_images, "support")
     _check_labels(labels, len(raw), settings)
     _check_options(name, mode, steps, settings)
+    initialization = _check_version(initialization)
     images = await run_in_threadpool(_check_all, raw, settings, keep=False)
     return SupportSetIn(
         images=images,
@@ -339,7 +344,21 @@ async def read_support_set(request: Request) -> SupportSetIn:
         mode=mode,
         steps=steps,
         unknown_threshold=threshold,
+        initialization=initialization,
     )
+
+
+def _check_version(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    if not value or len(value) > 100 or not value.isprintable():
+        raise InvalidRequest(
+            "initialization must be a version name of 1 to 100 printable characters (GET "
+            "/v1/initializations lists them), or left out for your default",
+            code="invalid_initialization",
+        )
+    return value
 
 
 async def read_queries(request: Request) -> QueriesIn:
@@ -352,6 +371,7 @@ async def read_queries(request: Request) -> QueriesIn:
             raw = await _image_parts(form, "query", settings.max_image_bytes)
             top_k = _int_field(_first(_text_fields(form, "top_k")), "top_k")
             threshold = _threshold_field(_first(_text_fields(form, "unknown_threshold")))
+            initialization = _first(_text_fields(form, "initialization"))
         finally:
             await form.close()
     else:

@@ -180,6 +180,12 @@ class SupportSetJson(BaseModel):
 
     examples: list[SupportExampleJson]
     name: CleanText | None = None
+    initialization: str | None = Field(
+        default=None,
+        max_length=100,
+        description="The initialization version to adapt from (GET /v1/initializations lists "
+        "them, with each one's domain and input); default: your tenant's default.",
+    )
     mode: AdaptMode = "full"
     steps: AdaptSteps | None = Field(
         default=None, description="Inner-loop steps; default: the initialization's own."

@@ -58,6 +58,8 @@ def _fingerprint(support_hash: str, body: SupportSetIn) -> str:
         "mode": body.mode,
         "steps": body.steps,
     }
+    if body.initialization is not None:
+        document["initialization"] = body.initialization
     if body.unknown_threshold is not None:
         # Only when given: fingerprints of requests without it stay as they were.
         document["unknown_threshold"] = body.unknown_threshold
@@ -94,7 +96,11 @@ def create_task(
             return _idempotent_replay(session, tenant_id, earlier, fingerprint), None
     # Past the backlog bounds the request is refused before anything is stored.
     admit_adaptation(session, runtime.settings, tenant_id)
-    init_row = registry.default_for(session=session, tenant_id=tenant_id)
+    init_row = (
+        registry.default_for(session=session, tenant_id=tenant_id)
+        if body.initialization is None
+        else registry.ready_version(session, body.initialization, tenant_id)
+    )
     if init_row is None:
         raise ServiceUnavailable(
             "no active initialization is registered yet; an operator must promote one",

@@ -58,6 +58,12 @@ _SUPPORT_BODY = multipart_body(
             "description": "One per image, same order.",
         },
         "name": {"type": "string", "maxLength": 200},
+        "initialization": {
+            "type": "string",
+            "maxLength": 100,
+            "description": "The initialization version to adapt from (GET /v1/initializations "
+            "lists them, with each one's domain and input); default: your tenant's default.",
+        },
         "mode": {"type": "string", "enum": ["full", "head"], "default": "full"},
         "steps": {
             "type": "integer",
@@ -114,7 +120,7 @@ async def create_task(
     ] = None,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
 ) -> TaskPublic:
-    """Create a task from a support set and adapt the active initialization to it."""
+    """Create a task from a support set and adapt an initialization (yours by default) to it."""
 
     # Async, with the database work on the thread pool: a ?wait holds no thread and no
     # connection while it waits.

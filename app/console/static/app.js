@@ -135,8 +135,21 @@ async function useKey(key) {
   $("#key-status").textContent = state.admin ? "signed in with an admin key" : "signed in with a user key";
   $("#workspace").hidden = false;
   $("#admin-panel").hidden = !state.admin;
-  await refreshTasks();
+  await Promise.all([refreshTasks(), refreshInitializationChoice()]);
   if (state.admin) await refreshAdmin();
+}
+
+// Every ready version the caller may adapt from, with what it knows and the input it expects.
+async function refreshInitializationChoice() {
+  const { items } = await api("GET", "/v1/initializations");
+  const select = $("#task-initialization");
+  const chosen = select.value;
+  select.replaceChildren(el("option", { value: "" }, "your default"));
+  for (const init of items.filter((i) => i.status === "ready")) {
+    const input = `${init.config.in_channels === 3 ? "colour" : "grey"} ${init.config.image_size}px`;
+    select.append(el("option", { value: init.version }, `${init.version} (${init.domain}, ${input})`));
+  }
+  select.value = chosen;
 }
 
 // --- drawing pads and drop zones ------------------------------------------------------------
@@ -242,6 +255,8 @@ async function createTask() {
   const name = $("#task-name").value.trim();
   if (name) form.append("name", name);
   form.append("mode", $("#task-mode").value);
+  const initialization = $("#task-initialization").value;
+  if (initialization) form.append("initialization", initialization);
   const status = $("#create-status");
   const button = $("#create-task");
   button.disabled = true;
