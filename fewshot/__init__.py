@@ -20,6 +20,7 @@ from fewshot.promotion import (
     trained_groups,
     verdict,
 )
+from fewshot.stepchoice import chooses_steps
 from fewshot.unknown import (
     UNKNOWN_LABEL,
     UnknownCalibration,
@@ -48,6 +49,7 @@ __all__ = [
     "calibrate_unknown",
     "calibration_of",
     "choose_validation_groups",
+    "chooses_steps",
     "compare_initializations",
     "decode_image",
     "diagnose_support",

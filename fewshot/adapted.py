@@ -24,9 +24,11 @@ from fewshot.inner import (
     HEAD_WEIGHT,
     InnerRecipe,
     adapt_params,
+    effective_step_sizes,
     embed,
     predict_logits_batched,
 )
+from fewshot.stepchoice import choose_head_steps, chooses_steps
 from fewshot.unknown import (
     UNKNOWN_LABEL,
     UnknownCalibration,
@@ -386,12 +388,23 @@ def adapt(
         >>> model = adapt(init, preprocess_images(images, init.config), ["a", "b", "c"])
         >>> model.predict_proba(preprocess_images(queries, init.config))
     """
+    chosen = chooses_steps(init, mode, steps)
     steps, classes, y, target = check_adapt_args(init, support_x, labels, mode, steps, device)
     meta = {k: v.to(target) for k, v in init.params.items()}
     sizes = {} if step_size is not None else {k: v.to(target) for k, v in init.step_sizes.items()}
     default = init.config.inner_step_size if step_size is None else step_size
     x, y = support_x.to(target), y.to(target)
     module = shared_module(init.config)
+    recipe = InnerRecipe.from_config(init.config)
+    if chosen:
+        effective = effective_step_sizes(sizes, recipe.transform)
+        floats = {k: [float(v) for v in t.reshape(-1).tolist()] for k, t in effective.items()}
+        with torch.no_grad():
+            features = embed(module, meta, x)
+        steps = choose_head_steps(
+            features, y, len(classes), meta[HEAD_SCALE], floats,
+            init.config.step_candidates, default, recipe,
+        )  # fmt: skip
     fast = adapt_params(
         module,
         meta,
@@ -403,7 +416,7 @@ def adapt(
         default_step_size=default,
         mode=mode,
         differentiable=False,
-        recipe=InnerRecipe.from_config(init.config),
+        recipe=recipe,
     )
     with torch.no_grad():
         accuracy = (

@@ -28,6 +28,7 @@ class Conv4(nn.Module):
         stride = 2 if config.pooling == "stride" else 1
         self.readout = config.readout
         self.feature_norm = config.feature_norm
+        self.mirror_average = config.mirror_average
         for block in range(config.depth):
             layers.append(nn.Conv2d(channels, config.width, 3, stride=stride, padding=1))
             if config.norm == "group":
@@ -41,12 +42,23 @@ class Conv4(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Embed images [B, C, H, W] into [B, config.feature_dim]."""
-        return self._read_out(self.blocks(x))
+        return self._read_out(self.blocks(self._views(x)))
+
+    def _views(self, x: Tensor) -> Tensor:
+        # With mirror_average each image also goes through as its mirror image: [2B, C, H, W].
+        return torch.cat([x, x.flip(-1)], dim=-4) if self.mirror_average else x
 
     def _read_out(self, maps: Tensor) -> Tensor:
         out = maps.flatten(-3) if self.readout == "flatten" else maps.mean(dim=(-2, -1))
         if self.feature_norm == "l2":
             out = F.normalize(out, dim=-1)
+        if self.mirror_average:
+            # The mean of an image's and its mirror image's embeddings: a function of that one
+            # image, so predictions stay independent of the rest of the batch.
+            half = out.shape[-2] // 2
+            out = 0.5 * (out[..., :half, :] + out[..., half:, :])
+            if self.feature_norm == "l2":
+                out = F.normalize(out, dim=-1)
         return out
 
     def forward_with(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
@@ -56,6 +68,7 @@ class Conv4(nn.Module):
         swapping the module's parameters on every call, which dominates small-task adaptation.
         Works under torch.func.grad and vmap.
         """
+        x = self._views(x)
         for index, layer in enumerate(self.blocks):
             prefix = f"blocks.{index}."
             if isinstance(layer, nn.Conv2d):

@@ -26,7 +26,7 @@ from fewshot.adapted import (
 from fewshot.backbone import shared_module
 from fewshot.config import AdaptMode
 from fewshot.errors import EpisodeError
-from fewshot.fast import prepare, soft_targets, step_sizes_at
+from fewshot.fast import prepare
 from fewshot.head import head_logits
 from fewshot.initialization import Initialization
 from fewshot.inner import (
@@ -38,8 +38,10 @@ from fewshot.inner import (
     adapt_params,
     backbone_names,
     embed,
+    soft_targets,
     support_views,
 )
+from fewshot.stepchoice import step_sizes_at
 from fewshot.unknown import calibration_of, class_prototypes
 
 
@@ -193,7 +195,7 @@ def _head_group(
     """Head-only adaptation of T tasks: one trunk pass over all support images, batched heads.
 
     The head steps are batched matrix products (no vmap): per task, the closed-form gradient
-    of `fewshot.fast.head_grads`.
+    of `fewshot.inner.head_grads`.
     """
     recipe = InnerRecipe.from_config(init.config)
     module = shared_module(init.config)

@@ -133,7 +133,7 @@ def add_subcommands(sub: Any) -> None:
     ev.add_argument("--queries", type=int, default=5)
     ev.add_argument("--episodes", type=int, default=200)
     ev.add_argument("--init", help="initialization folder (default: the shipped one)")
-    ev.add_argument("--mode", choices=("full", "head"), default="full")
+    ev.add_argument("--mode", choices=("full", "head"), help="default: the initialization's own")
     ev.add_argument("--steps", type=int, help="inner steps (default: the initialization's)")
     ev.add_argument(
         "--within-group", action="store_true", help="draw each task's classes from one group"
@@ -309,8 +309,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
+        steps_text = (
+            f"{result.steps} steps"
+            if result.chosen_steps_mean is None
+            else f"steps chosen per task, mean {result.chosen_steps_mean:.1f}"
+        )
         line = (
-            f"{result.ways}-way {result.shots}-shot ({result.mode}, {result.steps} steps): "
+            f"{result.ways}-way {result.shots}-shot ({result.mode}, {steps_text}): "
             f"{100 * result.accuracy:.2f}% ± {100 * result.ci95:.2f} over {result.episodes} episodes"
         )
         if result.steps > 0 and result.accuracy_0_steps is not None:

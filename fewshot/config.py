@@ -55,6 +55,14 @@ class ModelConfig:
     final_relu: bool = True
     # "l2": embeddings are unit vectors, so the prototype head's squared distances are cosines.
     feature_norm: FeatureNorm = "none"
+    # Embed each image as the mean of its and its mirror image's embeddings (photos: a flipped
+    # photo shows the same thing; +0.9-1.4 points on mini-ImageNet val prototypes; 2x compute).
+    mirror_average: bool = False
+    # The adaptation a task gets when it names none ("full": every layer; "head": ANIL).
+    default_mode: AdaptMode = "full"
+    # Head steps chosen per task on held-out folds of its support set (fewshot.stepchoice) from
+    # these counts, 0 included, when a task names no steps; empty: config.inner_steps.
+    step_candidates: tuple[int, ...] = ()
 
     @property
     def final_side(self) -> int:
@@ -79,7 +87,10 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a dict, ignoring unknown keys written by newer versions."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        kwargs = {k: v for k, v in data.items() if k in names}
+        if "step_candidates" in kwargs:
+            kwargs["step_candidates"] = tuple(int(s) for s in kwargs["step_candidates"])
+        return cls(**kwargs)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from fewshot.episodes import EpisodeSampler
 from fewshot.errors import EpisodeError
 from fewshot.initialization import Initialization
 from fewshot.inner import InnerRecipe
+from fewshot.stepchoice import chooses_steps
 from fewshot.tasks import query_logits
 
 
@@ -40,6 +41,8 @@ class EvalResult:
     ci95_0_steps: float | None = None
     adaptation_gain: float | None = None
     adaptation_gain_ci95: float | None = None
+    # With steps chosen per task (config.step_candidates): the mean count chosen.
+    chosen_steps_mean: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
@@ -104,6 +107,53 @@ def episode_scores(
     return scores
 
 
+def served_scores(
+    init: Initialization,
+    dataset: ImageDataset,
+    *,
+    ways: int,
+    shots: int,
+    queries: int = 5,
+    episodes: int = 100,
+    seed: int = 0,
+    batch: int = 16,
+    within_group: bool = False,
+    device: str | torch.device = "cpu",
+    sampler: EpisodeSampler | None = None,
+    on_progress: Callable[[int], object] | None = None,
+) -> tuple[list[float], list[float], list[int]]:
+    """Per-episode accuracy as served (fewshot.fast.adapt_fast, steps chosen per task), at 0
+    steps, and the steps chosen, on the episodes episode_scores draws from `seed`."""
+    from fewshot.fast import adapt_fast
+
+    sampler = sampler or EpisodeSampler(dataset, within_group=within_group, device=device)
+    rng = np.random.default_rng(seed)
+    served: list[float] = []
+    zero: list[float] = []
+    chosen: list[int] = []
+    remaining = episodes
+    with torch.no_grad():
+        while remaining > 0:
+            tasks = min(batch, remaining)
+            b = sampler.sample(rng, tasks, ways, shots, queries)
+            for t in range(tasks):
+                labels = [str(int(v)) for v in b.support_y[t]]
+                truth = b.query_y[t]
+                for steps, out in ((None, served), (0, zero)):
+                    model = adapt_fast(
+                        init, b.support_x[t], labels, mode="head", steps=steps, device=device
+                    )
+                    predicted = model.predict_proba(b.query_x[t]).argmax(dim=1)
+                    names = torch.tensor([int(model.labels[i]) for i in predicted.tolist()])
+                    out.append(float((names.to(truth.device) == truth).float().mean()))
+                    if steps is None:
+                        chosen.append(model.steps)
+            remaining -= tasks
+            if on_progress is not None:
+                on_progress(tasks)
+    return served, zero, chosen
+
+
 def evaluate(
     init: Initialization,
     dataset: ImageDataset,
@@ -112,7 +162,7 @@ def evaluate(
     shots: int,
     queries: int = 5,
     episodes: int = 100,
-    mode: AdaptMode = "full",
+    mode: AdaptMode | None = None,
     steps: int | None = None,
     seed: int = 0,
     batch: int = 16,
@@ -124,21 +174,35 @@ def evaluate(
     """Adapt to `episodes` seeded tasks from `dataset` and score their queries (no rotations).
 
     Also scores the same episodes at 0 inner steps (accuracy_0_steps) and their paired gain.
+    `mode` None: the initialization's default; steps None with config.step_candidates (head
+    mode): each task's steps are chosen from its support set, as served.
     """
-    steps = init.config.inner_steps if steps is None else steps
-    steps_list = [steps] if steps == 0 else [steps, 0]
-    scores = episode_scores(
-        init, dataset, ways=ways, shots=shots, queries=queries, episodes=episodes, mode=mode,
-        steps_list=steps_list, seed=seed, batch=batch, within_group=within_group, device=device,
-        sampler=sampler, on_progress=on_progress,
-    )  # fmt: skip
-    accuracy, ci = mean_ci95(scores[steps])
+    mode = init.config.default_mode if mode is None else mode
+    if chooses_steps(init, mode, steps):
+        served, zero_scores, chosen = served_scores(
+            init, dataset, ways=ways, shots=shots, queries=queries, episodes=episodes,
+            seed=seed, batch=batch, within_group=within_group, device=device, sampler=sampler,
+            on_progress=on_progress,
+        )  # fmt: skip
+        scores = {-1: served, 0: zero_scores}
+        steps_key = -1
+        steps = max(init.config.step_candidates)
+    else:
+        steps = init.config.inner_steps if steps is None else steps
+        steps_list = [steps] if steps == 0 else [steps, 0]
+        scores = episode_scores(
+            init, dataset, ways=ways, shots=shots, queries=queries, episodes=episodes,
+            mode=mode, steps_list=steps_list, seed=seed, batch=batch,
+            within_group=within_group, device=device, sampler=sampler, on_progress=on_progress,
+        )  # fmt: skip
+        steps_key, chosen = steps, []
+    accuracy, ci = mean_ci95(scores[steps_key])
     zero, zero_ci = mean_ci95(scores[0])
-    gain, gain_ci = mean_ci95(np.array(scores[steps]) - np.array(scores[0]))
+    gain, gain_ci = mean_ci95(np.array(scores[steps_key]) - np.array(scores[0]))
     return EvalResult(
         accuracy=accuracy,
         ci95=ci,
-        episodes=len(scores[steps]),
+        episodes=len(scores[steps_key]),
         ways=ways,
         shots=shots,
         queries=queries,
@@ -148,6 +212,7 @@ def evaluate(
         ci95_0_steps=zero_ci,
         adaptation_gain=gain,
         adaptation_gain_ci95=gain_ci,
+        chosen_steps_mean=float(np.mean(chosen)) if chosen else None,
     )
 
 

@@ -37,8 +37,11 @@ from fewshot.inner import (
     backbone_names,
     effective_step_sizes,
     embed,
+    head_grads,
+    soft_targets,
     support_views,
 )
+from fewshot.stepchoice import choose_head_steps, chooses_steps, step_sizes_at
 from fewshot.unknown import calibration_of, class_prototypes
 
 
@@ -76,46 +79,6 @@ def prepare(init: Initialization, device: torch.device) -> Prepared:
         while len(_prepared) > _PREPARED_LIMIT:
             _prepared.popitem(last=False)
     return prepared
-
-
-def step_sizes_at(
-    sizes: dict[str, list[float]], names: Sequence[str], step: int, default: float
-) -> list[float]:
-    """The step size of each name at `step`: learned (last one reused past its end) or default."""
-    out = []
-    for name in names:
-        values = sizes.get(name)
-        out.append(default if not values else values[min(step, len(values) - 1)])
-    return out
-
-
-def head_grads(
-    features: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    log_scale: Tensor,
-    targets: Tensor,
-    temperature: float,
-) -> tuple[Tensor, Tensor]:
-    """Closed-form gradients of the support loss in the head's weight [N, D] and bias [N].
-
-    loss = mean_i CE(t * exp(s) * (f_i W^T + b), q_i) with soft targets q (label smoothing
-    folded in), so dloss/dlogits = (softmax - q) / B and the chain rule through the linear head.
-    """
-    factor = torch.exp(log_scale) * temperature
-    out = head_logits(features, weight, bias, log_scale)
-    if temperature != 1.0:
-        out = out * temperature
-    dlogits = (torch.softmax(out, dim=1) - targets) * (factor / features.shape[0])
-    return dlogits.transpose(0, 1) @ features, dlogits.sum(dim=0)
-
-
-def soft_targets(y: Tensor, n_way: int, smoothing: float, dtype: torch.dtype) -> Tensor:
-    """The cross-entropy's target distribution [B, N]: one-hot mixed with uniform by `smoothing`."""
-    onehot = F.one_hot(y, n_way).to(dtype)
-    if smoothing == 0.0:
-        return onehot
-    return onehot * (1.0 - smoothing) + smoothing / n_way
 
 
 def adapt_params_fast(
@@ -224,11 +187,20 @@ def adapt_fast_with_embeddings(
     The embeddings come from the first step's forward pass (no extra pass): what
     `fewshot.diagnostics.diagnose_embeddings` needs.
     """
+    chosen = chooses_steps(init, mode, steps)
     steps, classes, y, target = check_adapt_args(init, support_x, labels, mode, steps, device)
     prepared = prepare(init, target)
     default = init.config.inner_step_size if step_size is None else step_size
     x, y = support_x.to(target), y.to(target)
     module = shared_module(init.config)
+    if chosen:
+        with torch.inference_mode():
+            features = embed(module, prepared.meta, x)
+        sizes = prepared.sizes if step_size is None else {}
+        steps = choose_head_steps(
+            features, y, len(classes), prepared.meta[HEAD_SCALE], sizes,
+            init.config.step_candidates, default, InnerRecipe.from_config(init.config),
+        )  # fmt: skip
     params, features, initial = adapt_params_fast(
         module,
         prepared,

@@ -254,3 +254,32 @@ def predict_logits_batched(
     if x.shape[0] <= chunk:
         return logits(module, params, x)
     return torch.cat([logits(module, params, part) for part in torch.split(x, chunk)])
+
+
+def head_grads(
+    features: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    log_scale: Tensor,
+    targets: Tensor,
+    temperature: float,
+) -> tuple[Tensor, Tensor]:
+    """Closed-form gradients of the support loss in the head's weight [N, D] and bias [N].
+
+    loss = mean_i CE(t * exp(s) * (f_i W^T + b), q_i) with soft targets q (label smoothing
+    folded in), so dloss/dlogits = (softmax - q) / B and the chain rule through the linear head.
+    """
+    factor = torch.exp(log_scale) * temperature
+    out = head_logits(features, weight, bias, log_scale)
+    if temperature != 1.0:
+        out = out * temperature
+    dlogits = (torch.softmax(out, dim=1) - targets) * (factor / features.shape[0])
+    return dlogits.transpose(0, 1) @ features, dlogits.sum(dim=0)
+
+
+def soft_targets(y: Tensor, n_way: int, smoothing: float, dtype: torch.dtype) -> Tensor:
+    """The cross-entropy's target distribution [B, N]: one-hot mixed with uniform by `smoothing`."""
+    onehot = F.one_hot(y, n_way).to(dtype)
+    if smoothing == 0.0:
+        return onehot
+    return onehot * (1.0 - smoothing) + smoothing / n_way

@@ -132,7 +132,7 @@ def test_mode_is_an_enum_and_steps_top_k_and_limit_are_bounded(spec: dict[str, A
         "multipart/form-data"
     ]["schema"]["properties"]
     for mode in (
-        schemas["SupportSetJson"]["properties"]["mode"],
+        _resolve(spec, schemas["SupportSetJson"]["properties"]["mode"]),
         support_form["mode"],
         _resolve(spec, schemas["AdaptationCreate"]["properties"]["mode"]),
         schemas["AlgorithmIn"]["properties"]["adapt_mode"],

@@ -124,22 +124,29 @@ def _adapt(
     from fewshot.batched import adapt_many, embed_supports
 
     device = runtime.models.device
-    if len(items) == 1:
-        item = items[0]
-        try:
-            model, embedded = fast.adapt_fast_with_embeddings(
-                init, item.support, item.labels, mode=mode, steps=steps, device=device
-            )
-        except fewshot.EpisodeError as exc:
-            return [exc], [None]
-        return [model], [embedded]
+    if len(items) == 1 or fewshot.chooses_steps(init, mode, steps):
+        # Steps chosen per task (each support set its own count) do not stack: one at a time.
+        models: list[fewshot.AdaptedModel | fewshot.EpisodeError] = []
+        embeddings: list[Tensor | None] = []
+        for item in items:
+            try:
+                model, embedded = fast.adapt_fast_with_embeddings(
+                    init, item.support, item.labels, mode=mode, steps=steps, device=device
+                )
+            except fewshot.EpisodeError as exc:
+                models.append(exc)
+                embeddings.append(None)
+                continue
+            models.append(model)
+            embeddings.append(embedded)
+        return models, embeddings
     supports = [(item.support, item.labels) for item in items]
     models = adapt_many(
         init, supports, mode=mode, steps=steps, device=device,
         max_batch=runtime.settings.adapt_batch_max_jobs,
     )  # fmt: skip
     valid = [i for i, model in enumerate(models) if not isinstance(model, fewshot.EpisodeError)]
-    embeddings: list[Tensor | None] = [None] * len(items)
+    embeddings = [None] * len(items)
     for i, embedded in zip(
         valid, embed_supports(init, [items[i].support for i in valid], device=device), strict=True
     ):

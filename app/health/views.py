@@ -19,10 +19,9 @@ from app.core.schemas import problem_responses
 from app.deps import DispatcherDep, RuntimeDep
 from app.health.gauges import StateCollector
 from app.initializations import registry
-from app.models import DEFAULT_DOMAIN
 from app.jobs.kinds import QUEUES
 from app.jobs.service import Dispatcher
-from app.models import Job
+from app.models import DEFAULT_DOMAIN, Job
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger(__name__)

@@ -35,7 +35,8 @@ class SupportSetIn:
     images: list[CheckedImage]
     labels: list[str]
     name: str | None
-    mode: str
+    # None: the initialization's default mode.
+    mode: str | None
     steps: int | None
     unknown_threshold: float | None = None
     # A version name; None: the tenant's default.
@@ -212,7 +213,9 @@ def _check_labels(labels: list[str], image_count: int, settings: Settings) -> No
         )
 
 
-def _check_options(name: str | None, mode: str, steps: int | None, settings: Settings) -> None:
+def _check_options(
+    name: str | None, mode: str | None, steps: int | None, settings: Settings
+) -> None:
     if name is not None and len(name) > 200:
         raise InvalidRequest("name is longer than 200 characters", code="validation_error")
     bad = None if name is None else unstorable_character(name)
@@ -221,7 +224,7 @@ def _check_options(name: str | None, mode: str, steps: int | None, settings: Set
             f"name contains the character {bad}; names cannot hold control characters",
             code="validation_error",
         )
-    if mode not in ("full", "head"):
+    if mode is not None and mode not in ("full", "head"):
         raise InvalidRequest(f"mode must be 'full' or 'head', got {mode!r}", code="invalid_mode")
     if steps is not None and not 0 <= steps <= settings.max_steps:
         raise InvalidRequest(
@@ -314,7 +317,7 @@ async def read_support_set(request: Request) -> SupportSetIn:
             names = _text_fields(form, "name")
             modes = _text_fields(form, "mode")
             name = names[0] if names else None
-            mode = modes[0] if modes else "full"
+            mode = modes[0] if modes else None
             steps = _int_field(_first(_text_fields(form, "steps")), "steps")
             threshold = _threshold_field(_first(_text_fields(form, "unknown_threshold")))
             initialization = _first(_text_fields(form, "initialization"))
@@ -371,7 +374,6 @@ async def read_queries(request: Request) -> QueriesIn:
             raw = await _image_parts(form, "query", settings.max_image_bytes)
             top_k = _int_field(_first(_text_fields(form, "top_k")), "top_k")
             threshold = _threshold_field(_first(_text_fields(form, "unknown_threshold")))
-            initialization = _first(_text_fields(form, "initialization"))
         finally:
             await form.close()
     else:

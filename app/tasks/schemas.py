@@ -186,9 +186,15 @@ class SupportSetJson(BaseModel):
         description="The initialization version to adapt from (GET /v1/initializations lists "
         "them, with each one's domain and input); default: your tenant's default.",
     )
-    mode: AdaptMode = "full"
+    mode: AdaptMode | None = Field(
+        default=None,
+        description="'full' adapts every layer, 'head' the head only; default: the "
+        "initialization's own (config.default_mode: 'full' for characters, 'head' for photos).",
+    )
     steps: AdaptSteps | None = Field(
-        default=None, description="Inner-loop steps; default: the initialization's own."
+        default=None,
+        description="Inner-loop steps; default: the initialization's own (chosen per task from "
+        "the support set where config.step_candidates lists counts).",
     )
     unknown_threshold: float | None = Field(
         default=None,

@@ -55,7 +55,7 @@ def _fingerprint(support_hash: str, body: SupportSetIn) -> str:
     document: dict[str, Any] = {
         "support": support_hash,
         "name": body.name,
-        "mode": body.mode,
+        "mode": body.mode or "full",  # as before mode could be left to the initialization
         "steps": body.steps,
     }
     if body.initialization is not None:
@@ -107,6 +107,7 @@ def create_task(
             code="no_active_initialization",
         )
 
+    mode = body.mode or str(init_row.config.get("default_mode") or "full")
     task_id = uuid.uuid4()
     labels_in_order = list(dict.fromkeys(body.labels))
     try:
@@ -141,7 +142,7 @@ def create_task(
             name=body.name,
             status="adapting",
             labels=labels_in_order,
-            mode=body.mode,
+            mode=mode,
             steps=body.steps,
             initialization_id=init_row.id,
             support_set_sha256=support_hash,
@@ -156,7 +157,7 @@ def create_task(
             task_id=task_id,
             initialization_id=init_row.id,
             params={
-                "mode": body.mode,
+                "mode": mode,
                 "steps": body.steps,
                 "fingerprint": fingerprint,
                 "unknown_threshold": body.unknown_threshold,

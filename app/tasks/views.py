@@ -64,7 +64,11 @@ _SUPPORT_BODY = multipart_body(
             "description": "The initialization version to adapt from (GET /v1/initializations "
             "lists them, with each one's domain and input); default: your tenant's default.",
         },
-        "mode": {"type": "string", "enum": ["full", "head"], "default": "full"},
+        "mode": {
+            "type": "string",
+            "enum": ["full", "head"],
+            "description": "Default: the initialization's own (config.default_mode).",
+        },
         "steps": {
             "type": "integer",
             "minimum": 0,
