@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from app.core.config import Settings
 from app.main import create_app
 from tests.data_paths import OMNIGLOT_ZIP
-from tests.helpers import Omniglot, create_key, make_settings
+from tests.helpers import Omniglot, create_key, make_photo_init, make_settings
 
 _EXIT_STATUS: list[int] = []
 
@@ -59,6 +59,12 @@ def tiny_init_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     init.metadata.update({"version": "tiny-test-1", "metrics": {"note": "random weights"}})
     init.save(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def photo_init_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random colour initialization in the "photos" domain."""
+    return make_photo_init(tmp_path_factory.mktemp("init") / "photos")
 
 
 @pytest.fixture

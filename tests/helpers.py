@@ -125,3 +125,38 @@ class Omniglot:
             support += [(self.archive.read(name), label) for name in picked[:shots]]
             query += [(self.archive.read(name), label) for name in picked[shots:]]
         return support, query
+
+
+PHOTO_VERSION = "tiny-photos-1"
+
+
+def tiny_photo_config() -> Any:
+    """A small colour configuration of the photo recipe's shape (flatten read-out, unit features)."""
+    import fewshot
+
+    return fewshot.ModelConfig(
+        domain="photos", in_channels=3, image_size=16, width=8, pooling="maxpool",
+        readout="flatten", final_relu=False, feature_norm="l2", resize="center_crop",
+        invert=False, inner_steps=2, mirror_average=True, default_mode="head",
+        step_candidates=(0, 2),
+    )  # fmt: skip
+
+
+def make_photo_init(folder: Path) -> Path:
+    """Write a small random colour initialization in the "photos" domain to `folder`."""
+    import fewshot
+
+    init = fewshot.Initialization.random(tiny_photo_config(), seed=1)
+    init.metadata.update({"version": PHOTO_VERSION})
+    init.save(folder)
+    return folder
+
+
+def colour_jpeg(seed: int, size: tuple[int, int] = (60, 40)) -> bytes:
+    """A random RGB JPEG of a non-square size."""
+    import numpy as np
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, "JPEG")
+    return out.getvalue()

@@ -2,45 +2,25 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 from sqlalchemy import select, update
 
 from app.main import create_app
 from app.models import Initialization
-from tests.helpers import create_key, make_settings, runtime_of, support_files
+from tests.helpers import (
+    PHOTO_VERSION,
+    colour_jpeg,
+    create_key,
+    make_settings,
+    runtime_of,
+    support_files,
+)
 from tests.test_tenancy_routes import add_private_version
-
-PHOTO_VERSION = "tiny-photos-1"
-
-
-def tiny_photo_config() -> Any:
-    """A small colour configuration of the photo recipe's shape (flatten read-out, unit features)."""
-    import fewshot
-
-    return fewshot.ModelConfig(
-        domain="photos", in_channels=3, image_size=16, width=8, pooling="maxpool",
-        readout="flatten", final_relu=False, feature_norm="l2", resize="center_crop",
-        invert=False, inner_steps=2,
-    )  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def photo_init_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small random colour initialization in the "photos" domain."""
-    import fewshot
-
-    folder = tmp_path_factory.mktemp("init") / "photos"
-    init = fewshot.Initialization.random(tiny_photo_config(), seed=1)
-    init.metadata.update({"version": PHOTO_VERSION})
-    init.save(folder)
-    return folder
 
 
 @pytest.fixture
@@ -51,16 +31,6 @@ def two_domains(tmp_path: Path, tiny_init_dir: Path, photo_init_dir: Path) -> It
     )
     with TestClient(create_app(settings)) as client:
         yield client
-
-
-def colour_jpeg(seed: int, size: tuple[int, int] = (60, 40)) -> bytes:
-    """A random RGB JPEG of a non-square size."""
-    import numpy as np
-
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(out, "JPEG")
-    return out.getvalue()
 
 
 def photo_support(labels: list[str], shots: int = 2) -> tuple[list[Any], dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -113,14 +114,22 @@ def init_dir(tmp_path_factory: pytest.TempPathFactory, tiny_init_dir: Path) -> P
 
 @pytest.fixture(scope="session")
 def production_settings(
-    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str, init_dir: Path
+    tmp_path_factory: pytest.TempPathFactory,
+    postgres_url: str,
+    redis_url: str,
+    init_dir: Path,
+    photo_init_dir: Path,
 ) -> Settings:
-    """PostgreSQL + Redis settings, migrated like the compose file's one-shot step."""
+    """PostgreSQL + Redis settings, migrated like the compose file's one-shot step.
+
+    Both domains are served: the character initialization and a photo one.
+    """
     settings = make_settings(
         tmp_path_factory.mktemp("prod") / "data",
         init_dir,
         database_url=postgres_url,
         broker_url=redis_url,
+        extra_initialization_paths=[photo_init_dir],
     )
     upgrade(settings)
     return settings
@@ -135,6 +144,9 @@ def _environment(settings: Settings) -> dict[str, str]:
             "MAML_SERVE_BROKER_URL": settings.broker_url.get_secret_value(),
             "MAML_SERVE_DATA_DIR": str(settings.data_dir),
             "MAML_SERVE_INITIALIZATION_PATH": str(settings.initialization_path),
+            "MAML_SERVE_EXTRA_INITIALIZATION_PATHS": json.dumps(
+                [str(p) for p in settings.extra_initialization_paths]
+            ),
             "PYTHONPATH": str(ROOT),
         }
     )

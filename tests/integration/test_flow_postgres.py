@@ -155,3 +155,32 @@ def test_accuracy_over_twenty_episodes(
     accuracy = correct / total
     print(f"5-way 1-shot accuracy over 20 episodes through HTTP: {accuracy:.3f}")
     assert accuracy > 0.8
+
+
+def test_an_rgb_photo_task_adapts_in_the_worker_and_predicts(
+    production_client: TestClient,
+) -> None:
+    from tests.helpers import PHOTO_VERSION, colour_jpeg
+
+    client = production_client
+    headers = create_key(client, f"tenant-{uuid.uuid4().hex[:6]}")
+    files = [("images", (f"{i}.jpg", colour_jpeg(i, (50 + i, 30)), "image/jpeg")) for i in range(6)]
+    response = client.post(
+        "/v1/tasks",
+        headers=headers,
+        files=files,
+        data={"labels": ["red", "red", "green", "green", "blue", "blue"],
+              "initialization": PHOTO_VERSION},
+    )  # fmt: skip
+    assert response.status_code == 202, response.text
+    task = _wait_ready(client, headers, response.json())
+    assert task["initialization_version"] == PHOTO_VERSION
+    # Photos adapt the head by default, with its steps chosen from the support set.
+    assert task["mode"] == "head" and task["adapted_model"]["mode"] == "head"
+    queries = [("images", (f"q{i}.jpg", colour_jpeg(50 + i), "image/jpeg")) for i in range(4)]
+    predicted = client.post(f"/v1/tasks/{task['id']}/predictions", headers=headers, files=queries)
+    assert predicted.status_code == 200, predicted.text
+    body = predicted.json()["predictions"]
+    assert len(body) == 4
+    for p in body:
+        assert set(p["probabilities"]) == {"red", "green", "blue"}
