@@ -371,7 +371,7 @@ def adapt(
     support_x: Tensor,
     labels: Sequence[str],
     *,
-    mode: AdaptMode = "full",
+    mode: AdaptMode | None = None,
     steps: int | None = None,
     step_size: float | None = None,
     device: str | torch.device | None = None,
@@ -379,7 +379,8 @@ def adapt(
     """Adapt `init` to a support set: images [S, C, H, W] with one string label each.
 
     Any number of ways (>= 2) and any, even unequal, number of shots per class. `mode` "full"
-    adapts every layer (MAML); "head" adapts only the prototype-initialised head (ANIL).
+    adapts every layer (MAML); "head" adapts only the prototype-initialised head (ANIL);
+    default: the initialization's config.default_mode.
     `steps` defaults to the initialization's; `step_size` overrides the learned step sizes.
     Deterministic: the same inputs give the same weights.
 
@@ -388,6 +389,7 @@ def adapt(
         >>> model = adapt(init, preprocess_images(images, init.config), ["a", "b", "c"])
         >>> model.predict_proba(preprocess_images(queries, init.config))
     """
+    mode = init.config.default_mode if mode is None else mode
     chosen = chooses_steps(init, mode, steps)
     steps, classes, y, target = check_adapt_args(init, support_x, labels, mode, steps, device)
     meta = {k: v.to(target) for k, v in init.params.items()}

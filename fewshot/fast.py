@@ -160,7 +160,7 @@ def adapt_fast(
     support_x: Tensor,
     labels: Sequence[str],
     *,
-    mode: AdaptMode = "full",
+    mode: AdaptMode | None = None,
     steps: int | None = None,
     step_size: float | None = None,
     device: str | torch.device | None = None,
@@ -177,7 +177,7 @@ def adapt_fast_with_embeddings(
     support_x: Tensor,
     labels: Sequence[str],
     *,
-    mode: AdaptMode = "full",
+    mode: AdaptMode | None = None,
     steps: int | None = None,
     step_size: float | None = None,
     device: str | torch.device | None = None,
@@ -187,6 +187,7 @@ def adapt_fast_with_embeddings(
     The embeddings come from the first step's forward pass (no extra pass): what
     `fewshot.diagnostics.diagnose_embeddings` needs.
     """
+    mode = init.config.default_mode if mode is None else mode
     chosen = chooses_steps(init, mode, steps)
     steps, classes, y, target = check_adapt_args(init, support_x, labels, mode, steps, device)
     prepared = prepare(init, target)

@@ -193,11 +193,12 @@ class Pretrainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         # channels_last runs the CPU convolutions ~15% faster here.
-        self.backbone = Conv4(cfg.model).to(memory_format=torch.channels_last)
+        self.backbone = Conv4(cfg.model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.classifier = CosineClassifier(
             cfg.model.feature_dim, len(train.classes), cfg.scale_init
         )
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for module in (self.backbone, self.classifier):
             for p in module.parameters():
                 (decay if p.dim() > 1 else no_decay).append(p)
@@ -306,7 +307,7 @@ class Pretrainer:
                 self.classifier(self.backbone(x)), y, label_smoothing=cfg.label_smoothing
             )
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             self.optimizer.step()
             total += float(loss.detach())
             if on_step is not None:
@@ -494,7 +495,7 @@ def meta_stage(
         weight, bias = prototype_head(fs, F.one_hot(sy, cfg.ways).to(fs.dtype))
         loss = F.cross_entropy(head_logits(fq, weight, bias, log_scale), qy)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         losses.append(float(loss.detach()))
         if episode % cfg.val_every == 0 or episode == cfg.episodes:

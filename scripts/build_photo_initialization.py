@@ -107,7 +107,7 @@ def timing(init: Initialization, data: Any, shots: int, repeats: int = 20) -> di
         x = data.images[idx].float().div(255.0)
         labels = [str(int(v)) for v in data.targets[idx]]
         start = time.perf_counter()
-        model = adapt_fast(init, x, labels)
+        model = adapt_fast(init, x, labels)  # the served default: the init's mode and steps
         times.append(time.perf_counter() - start)
     assert model is not None
     times.sort()
