@@ -93,12 +93,14 @@ def adapt_params_fast(
     mode: AdaptMode,
     recipe: InnerRecipe,
     learned_step_sizes: bool = True,
+    embedded: Tensor | None = None,
 ) -> tuple[Params, Tensor, Tensor]:
     """adapt_params(..., differentiable=False) for one task, plus reusable support embeddings.
 
     Returns the adapted parameters (detached), the support images' embeddings [S, D] under the
     adapted backbone when they are known without another pass (head mode; else an empty
     tensor), and their embeddings [S, D] under the initialization (the first step's).
+    `embedded`: those embeddings when the caller has them (head mode then skips the trunk).
     """
     meta = prepared.meta
     sizes = prepared.sizes if learned_step_sizes else {}
@@ -109,7 +111,7 @@ def adapt_params_fast(
     count = support_x.shape[0]
     if mode == "head" or steps == 0:
         with torch.inference_mode():
-            features = embed(module, meta, x)
+            features = embed(module, meta, x) if embedded is None else embedded
             weight, bias = prototype_head(features, onehot)
             loss_features = embed(module, meta, loss_x) if recipe.shift_views > 0 else features
             names = [HEAD_WEIGHT, HEAD_BIAS]
@@ -194,6 +196,7 @@ def adapt_fast_with_embeddings(
     default = init.config.inner_step_size if step_size is None else step_size
     x, y = support_x.to(target), y.to(target)
     module = shared_module(init.config)
+    features: Tensor | None = None
     if chosen:
         with torch.inference_mode():
             features = embed(module, prepared.meta, x)
@@ -213,6 +216,7 @@ def adapt_fast_with_embeddings(
         mode=mode,
         recipe=InnerRecipe.from_config(init.config),
         learned_step_sizes=step_size is None,
+        embedded=features if mode == "head" else None,
     )
     model = finished_model(init, module, params, x, y, classes, mode, steps, features)
     return model, initial

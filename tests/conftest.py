@@ -45,7 +45,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings come from each test, never from the developer's shell."""
     for name in list(os.environ):
-        if name.startswith("MAML_SERVE_") and name != "MAML_SERVE_OMNIGLOT_ZIP":
+        if name.startswith("MAML_SERVE_") and name not in (
+            "MAML_SERVE_OMNIGLOT_ZIP",
+            "MAML_SERVE_MINIIMAGENET_VAL_ZIP",
+        ):
             monkeypatch.delenv(name)
 
 
