@@ -167,18 +167,8 @@ async def require_admin(caller: Annotated[Caller, Depends(admit_caller)]) -> Cal
     return caller
 
 
-async def require_operator(caller: Annotated[Caller, Depends(admit_caller)]) -> Caller:
-    """A key with the operator scope; 403 otherwise."""
-    if "operator" not in caller.scopes:
-        raise Forbidden(
-            "this route needs an operator key (`maml-serve keys create --tenant NAME --operator`)"
-        )
-    return caller
-
-
 TenantDep = Annotated[Caller, Depends(require_user)]
 AdminDep = Annotated[Caller, Depends(require_admin)]
-OperatorDep = Annotated[Caller, Depends(require_operator)]
 
 
 def get_owned_task(caller: TenantDep, session: SessionDep, task_id: uuid.UUID) -> Task:

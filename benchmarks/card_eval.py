@@ -23,7 +23,8 @@ from tqdm import tqdm
 from fewshot.data import load_dataset
 from fewshot.evaluate import evaluate
 from fewshot.initialization import Initialization
-from fewshot.unknown import calibration_of, unknown_report
+from fewshot.openset import unknown_report
+from fewshot.unknown import calibration_of
 
 SHAPES = (
     (5, 1, False, 5),

@@ -10,6 +10,7 @@ from fewshot.initialization import (
     shipped_initialization_path,
     shipped_initialization_paths,
 )
+from fewshot.openset import calibrate_unknown, unknown_report
 from fewshot.promotion import (
     PromotionVerdict,
     ShapeComparison,
@@ -21,13 +22,7 @@ from fewshot.promotion import (
     verdict,
 )
 from fewshot.stepchoice import chooses_steps
-from fewshot.unknown import (
-    UNKNOWN_LABEL,
-    UnknownCalibration,
-    calibrate_unknown,
-    calibration_of,
-    unknown_report,
-)
+from fewshot.unknown import UNKNOWN_LABEL, UnknownCalibration, calibration_of
 
 __all__ = [
     "UNKNOWN_LABEL",

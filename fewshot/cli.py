@@ -181,8 +181,9 @@ def run_train(args: argparse.Namespace) -> int:
     from fewshot.data import load_dataset, split_groups
     from fewshot.errors import FewShotError
     from fewshot.initialization import Initialization
+    from fewshot.openset import unknown_report
     from fewshot.training import MetaTrainer
-    from fewshot.unknown import calibration_of, unknown_report
+    from fewshot.unknown import calibration_of
 
     device = _device(args.device)
     model = ModelConfig(pooling=args.pooling)
@@ -333,8 +334,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from fewshot.data import load_dataset
     from fewshot.errors import FewShotError
     from fewshot.initialization import Initialization, shipped_initialization_path
+    from fewshot.openset import calibrate_unknown, unknown_report
     from fewshot.promotion import overlapping_groups
-    from fewshot.unknown import METADATA_KEY, calibrate_unknown, unknown_report
+    from fewshot.unknown import METADATA_KEY
 
     folder = Path(args.init) if args.init else shipped_initialization_path()
     try:

@@ -33,10 +33,11 @@ from fewshot.errors import EpisodeError
 from fewshot.evaluate import evaluate_shapes
 from fewshot.initialization import Initialization
 from fewshot.inner import InnerRecipe, effective_step_sizes, raw_step_sizes
+from fewshot.openset import calibrate_unknown
 from fewshot.optim import Adam, cosine_lr
 from fewshot.tasks import query_logits
 from fewshot.unknown import METADATA_KEY as UNKNOWN_KEY
-from fewshot.unknown import UnknownCalibration, calibrate_unknown
+from fewshot.unknown import UnknownCalibration
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 STATE_FILE = "state.json"

@@ -16,8 +16,6 @@ With threshold t, about (1 - t) of genuine queries are kept; the default t = 0.0
 from __future__ import annotations
 
 import bisect
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +24,6 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from fewshot.data import ImageDataset
     from fewshot.initialization import Initialization
 
 UNKNOWN_LABEL = "unknown"
@@ -150,140 +147,3 @@ def calibration_of(init: Initialization) -> UnknownCalibration | None:
         _PARSED.pop(next(iter(_PARSED)))
     _PARSED[id(data)] = (data, parsed)
     return parsed
-
-
-@dataclass
-class OpenSetScores:
-    """Per-episode raw scores of in-task queries, out-of-task queries, blank and noise images."""
-
-    shots: int
-    in_task: list[float] = field(default_factory=list)
-    in_task_correct: list[bool] = field(default_factory=list)
-    out_of_task: list[float] = field(default_factory=list)
-    blank: list[float] = field(default_factory=list)
-    noise: list[float] = field(default_factory=list)
-
-
-def open_set_scores(
-    init: Initialization,
-    dataset: ImageDataset,
-    *,
-    ways: int,
-    shots: int,
-    episodes: int,
-    queries: int = 5,
-    seed: int = 0,
-    steps: int | None = None,
-    within_group: bool = False,
-) -> OpenSetScores:
-    """Adapt (served steps) to `episodes` tasks of `ways` classes and score queries of those
-    classes, of `ways` other classes of `dataset` (out of task), a blank and a noise image."""
-    from fewshot.adapted import adapt
-    from fewshot.episodes import EpisodeSampler
-
-    sampler = EpisodeSampler(dataset, within_group=within_group)
-    rng = np.random.default_rng(seed)
-    generator = torch.Generator().manual_seed(seed)
-    out = OpenSetScores(shots=shots)
-    labels = [str(k) for k in range(ways)]
-    for _ in range(episodes):
-        batch = sampler.sample(rng, 1, 2 * ways, shots, queries)  # half the classes stay unseen
-        sx, sy, qx, qy = batch.support_x[0], batch.support_y[0], batch.query_x[0], batch.query_y[0]
-        keep = sy < ways
-        model = adapt(init, sx[keep], [labels[int(k)] for k in sy[keep]], steps=steps)
-        shape = qx.shape[1:]
-        blank = torch.zeros(1, *shape)
-        noise = torch.rand((1, *shape), generator=generator)
-        scores = model.predict_scores(torch.cat([qx, blank, noise]), threshold=0.0)
-        n = qx.shape[0]
-        inside = qy < ways
-        predicted = scores.probabilities[:n].argmax(dim=1)
-        out.in_task += scores.raw[:n][inside].tolist()
-        out.in_task_correct += (predicted[inside] == qy[inside]).tolist()
-        out.out_of_task += scores.raw[:n][~inside].tolist()
-        out.blank.append(float(scores.raw[n]))
-        out.noise.append(float(scores.raw[n + 1]))
-    return out
-
-
-def calibrate_unknown(
-    init: Initialization,
-    dataset: ImageDataset,
-    *,
-    shots: Sequence[int] = CALIBRATION_SHOTS,
-    ways: Sequence[int] = (5, 20),
-    episodes: int = 60,
-    queries: int = 5,
-    seed: int = 77,
-    threshold: float = DEFAULT_THRESHOLD,
-) -> UnknownCalibration:
-    """Calibrate the "unknown" score of `init` on held-out `dataset` (e.g. validation groups).
-
-    `episodes` tasks per (ways, shots); shapes the data cannot supply are skipped.
-    Store the result with `init.metadata["unknown"] = calibration.to_dict()`.
-    """
-    from fewshot.errors import EpisodeError
-
-    table: dict[tuple[int, int], list[float]] = {}
-    for k in shots:
-        for n in ways:
-            try:
-                found = open_set_scores(
-                    init, dataset, ways=n, shots=k, episodes=episodes, queries=queries,
-                    seed=seed + 1000 * k + n,
-                )  # fmt: skip
-            except EpisodeError:
-                continue
-            if found.in_task:
-                table[(n, k)] = sorted(found.in_task)
-    if not table:
-        raise ValueError("the calibration data cannot supply any task shape")
-    counts = {f"{w}x{k}": len(v) for (w, k), v in table.items()}
-    full = UnknownCalibration(scores_by_shape=table, threshold=threshold)
-    compressed = full.compressed()
-    compressed.details = {"calibration_queries": counts}
-    return compressed
-
-
-def unknown_report(
-    init: Initialization,
-    dataset: ImageDataset,
-    calibration: UnknownCalibration,
-    *,
-    shapes: Sequence[tuple[int, int]] = ((5, 1), (5, 5), (20, 1), (20, 5)),
-    episodes: int = 50,
-    seed: int = 4242,
-    threshold: float | None = None,
-) -> dict[str, dict[str, float]]:
-    """Per shape at `threshold` (default: the calibration's): kept in-task share, in-task accuracy
-    (correct and kept), out-of-task share flagged unknown, blank and noise share flagged."""
-    t = calibration.threshold if threshold is None else threshold
-    report: dict[str, dict[str, float]] = {}
-    for ways, shots in shapes:
-        found = open_set_scores(
-            init, dataset, ways=ways, shots=shots, episodes=episodes, seed=seed + ways + shots
-        )
-
-        def flagged(values: list[float], shots: int = shots, ways: int = ways) -> np.ndarray:
-            raw = torch.tensor(values, dtype=torch.float32)
-            p = calibration.p_values(raw, torch.full((len(values),), shots), ways)
-            return np.asarray((p < t).numpy())
-
-        kept = ~flagged(found.in_task)
-        correct = np.array(found.in_task_correct)
-        report[f"{ways}-way {shots}-shot"] = {
-            "threshold": t,
-            "in_task_kept": float(kept.mean()),
-            "in_task_accuracy": float((kept & correct).mean()),
-            "in_task_accuracy_without_unknown": float(correct.mean()),
-            "out_of_task_flagged": float(flagged(found.out_of_task).mean()),
-            "blank_flagged": float(flagged(found.blank).mean()),
-            "noise_flagged": float(flagged(found.noise).mean()),
-            "episodes": float(episodes),
-        }
-    return report
-
-
-def is_finite_threshold(value: float) -> bool:
-    """True for a threshold in [0, 1]."""
-    return math.isfinite(value) and 0.0 <= value <= 1.0

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
 import httpx
 
+from maml_serve._version import __version__
 from maml_serve.errors import ApiError, error_class
 
 if TYPE_CHECKING:
@@ -82,7 +83,6 @@ class Call:
 
 def default_headers(api_key: str | None) -> dict[str, str]:
     """Headers sent with every request."""
-    from maml_serve import __version__
 
     headers = {"User-Agent": f"{USER_AGENT}/{__version__}", "Accept": "application/json"}
     if api_key:

@@ -26,15 +26,13 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fewshot.card import render_model_card  # noqa: E402
-from fewshot.data import load_dataset  # noqa: E402
-from fewshot.evaluate import evaluate  # noqa: E402
-from fewshot.fast import adapt_fast  # noqa: E402
-from fewshot.initialization import Initialization  # noqa: E402
-from fewshot.inner import HEAD_BIAS, HEAD_WEIGHT  # noqa: E402
-from fewshot.pretrain import (  # noqa: E402
+from fewshot.card import render_model_card
+from fewshot.data import load_dataset
+from fewshot.evaluate import evaluate
+from fewshot.fast import adapt_fast
+from fewshot.initialization import Initialization
+from fewshot.inner import HEAD_BIAS, HEAD_WEIGHT
+from fewshot.pretrain import (
     MetaStageConfig,
     PretrainConfig,
     best_initialization,

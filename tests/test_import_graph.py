@@ -1,4 +1,5 @@
-"""The import graph of app/, worker/ and fewshot/: no cycles, app -> worker only in the CLI, a pure core."""
+"""The import graph of app/, worker/, fewshot/ and maml_serve/: no cycles anywhere (function-level
+imports included), app -> worker only in the CLI, a pure core, a client that needs no service."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("app", "worker", "fewshot")
+PACKAGES = ("app", "worker", "fewshot", "maml_serve")
 # Frameworks the ML core must not need: web, queue, database and settings.
 FORBIDDEN_IN_FEWSHOT = (
     "fastapi",
@@ -126,6 +127,27 @@ def test_no_import_cycle_among_app_modules() -> None:
     graph = {m: names for m, names in _graph().items() if m.split(".")[0] == "app"}
     cycle = _cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_no_import_cycle_in_any_package() -> None:
+    # A package's __init__ re-exporting its modules is no cycle unless a module imports the
+    # package back; each package is checked alone and all four together.
+    graph = _graph()
+    for package in PACKAGES:
+        own = {m: n for m, n in graph.items() if m.split(".")[0] == package}
+        cycle = _cycle(own)
+        assert cycle is None, f"import cycle in {package}: " + " -> ".join(cycle or [])
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_client_imports_only_itself() -> None:
+    offenders = {
+        module: sorted(n for n in names if n.split(".")[0] in ("app", "worker", "fewshot"))
+        for module, names in _graph().items()
+        if module.split(".")[0] == "maml_serve"
+    }
+    assert {m: n for m, n in offenders.items() if n} == {}
 
 
 def test_app_imports_worker_only_in_its_cli() -> None:

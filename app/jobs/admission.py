@@ -43,11 +43,6 @@ def _queued(limit: Any, tenant_id: Any = None) -> ScalarSelect[int]:
     return select(func.count()).select_from(bounded).scalar_subquery()
 
 
-def queued_adaptations(session: Session, limit: int, tenant_id: uuid.UUID | None = None) -> int:
-    """Queued adapt jobs (of one tenant, or all), counted up to `limit` + 1 at most."""
-    return int(session.scalar(select(_queued(limit, tenant_id))) or 0)
-
-
 @functools.cache
 def _both_bounds() -> Select[int, int]:
     # Built once, with the tenant and the limits as parameters: made per request, the two

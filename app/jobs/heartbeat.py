@@ -66,8 +66,3 @@ class Heartbeat:
     def should_stop(self) -> bool:
         """A cancel request, a lost lease or a shutdown of this process."""
         return self.cancelled or self.lost or self._stop()
-
-    @property
-    def shutting_down(self) -> bool:
-        """True when this process is stopping (the job should be handed back)."""
-        return self._stop()

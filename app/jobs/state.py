@@ -479,17 +479,6 @@ def take_unsent(
     return taken
 
 
-def mark_sent(session: Session, job_id: uuid.UUID) -> None:
-    """Record that a message for the job was just published."""
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values(sent_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-
-
 # --- task status ------------------------------------------------------------------------------
 
 

@@ -34,7 +34,6 @@ from app.models import (
     SupportExample,
     Task,
 )
-from app.tasks import service as tasks
 from app.tasks.bodies import SupportSetIn
 from app.tasks.schemas import AdaptedModelPublic, JobRef, SupportDiagnosticsPublic, TaskPublic
 
@@ -201,7 +200,7 @@ def _idempotent_replay(session: Session, tenant_id: uuid.UUID, job: Job, fingerp
             "this Idempotency-Key was already used for a different request; use a new key",
             code="idempotency_key_reused",
         )
-    return tasks.get_task(session=session, tenant_id=tenant_id, task_id=job.task_id)
+    return get_task(session=session, tenant_id=tenant_id, task_id=job.task_id)
 
 
 def delete_task(*, session: Session, runtime: Runtime, task: Task) -> None:
