@@ -313,7 +313,8 @@ def embed_many(
         for index in alone:
             _shared_backbone(models, images, [index], features, chunk)
     done = [feature for feature in features if feature is not None]
-    assert len(done) == len(models)
+    if len(done) != len(models):
+        raise RuntimeError(f"embedded {len(done)} of {len(models)} support sets")
     return done
 
 

@@ -144,7 +144,8 @@ def install_error_handlers(app: FastAPI) -> None:
     """Route every error, ours and the framework's, through one problem+json shape."""
 
     async def on_problem(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, ProblemError)
+        if not isinstance(exc, ProblemError):
+            raise exc
         return problem_response(
             exc.status,
             exc.code,
@@ -155,7 +156,8 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
+        if not isinstance(exc, RequestValidationError):
+            raise exc
         errors = [
             {
                 "loc": list(e.get("loc", ())),
@@ -187,7 +189,8 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, StarletteHTTPException)
+        if not isinstance(exc, StarletteHTTPException):
+            raise exc
         if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:
             # FastAPI's answer to a JSON body that is not UTF-8 text: the same 422 as bad JSON.
             return problem_response(

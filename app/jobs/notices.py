@@ -35,7 +35,8 @@ RECONNECT_SECONDS = 1.0
 def _client(settings: Settings) -> Any:
     import redis
 
-    assert settings.broker_url is not None
+    if settings.broker_url is None:
+        raise RuntimeError("job notices travel through Redis: set MAML_SERVE_BROKER_URL")
     timeout = settings.broker_timeout_seconds
     return redis.Redis.from_url(
         settings.broker_url.get_secret_value(),

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Response, status
 
-from app.core.errors import Forbidden
+from app.core.errors import Forbidden, NotFound
 from app.core.schemas import ADMIN, BODY, problem_responses
 from app.deps import AdminDep, Caller, SessionDep, SettingsDep
 from app.keys import service as keys
@@ -63,7 +63,8 @@ def create_key(
 ) -> KeyCreated:
     """A new user (or admin) key for your tenant; the key is shown only in this response."""
     tenant = session.get(Tenant, caller.tenant_id)
-    assert tenant is not None
+    if tenant is None:
+        raise NotFound("your tenant no longer exists")
     row, key = keys.create_api_key(
         session=session,
         tenant=tenant,

@@ -567,7 +567,9 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
     reporter.stage("registering")
     with runtime.sessions() as session:
         job = session.get(Job, claim.job_id)
-        assert job is not None
+        if job is None:
+            # Deleted while it trained: nothing to register it under.
+            return Outcome("skipped")
         try:
             done = _register(
                 session, runtime, claim, job, result.initialization, folder, metrics,

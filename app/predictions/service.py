@@ -138,7 +138,12 @@ def predict(
     model = runtime.models.cached_adapted(model_row.id)
     if model is None:
         init_row = session.get(Initialization, model_row.initialization_id)
-        assert init_row is not None
+        if init_row is None:
+            raise Conflict(
+                "the initialization this task's model was adapted from is gone; re-adapt the "
+                "task (POST /v1/tasks/{id}/adaptations)",
+                code="initialization_missing",
+            )
         try:
             model = runtime.models.adapted(model_row, runtime.models.initialization(init_row))
         except FileNotFoundError:
