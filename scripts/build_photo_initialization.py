@@ -43,7 +43,9 @@ SHAPES = ((5, 1), (5, 5), (5, 20))
 TARGETS = {"5-way 1-shot": 0.50, "5-way 5-shot": 0.68}
 
 
-def serving_recipe(init: Initialization, head_step_size: float, candidates: list[int]) -> None:
+def serving_recipe(
+    init: Initialization, head_step_size: float, candidates: list[int], temperature: float
+) -> None:
     """Photos: mirror-averaged embeddings, centre-crop, the head adapted with chosen steps."""
     init.config = dataclasses.replace(
         init.config,
@@ -54,6 +56,8 @@ def serving_recipe(init: Initialization, head_step_size: float, candidates: list
         step_candidates=tuple(candidates),
         inner_steps=max(candidates),
         inner_step_size=head_step_size,
+        # Softer support logits keep the head's gradients alive where prototypes already fit.
+        inner_temperature=temperature,
     )
     steps = init.config.inner_steps
     init.step_sizes = {
@@ -122,13 +126,14 @@ def main() -> int:
     parser.add_argument("--version", default="photos-conv4-v1")
     parser.add_argument("--meta-episodes", type=int, default=0, help="Meta-Baseline episodes")
     parser.add_argument("--head-step-size", type=float, default=0.1)
-    parser.add_argument("--candidates", type=int, nargs="+", default=[0, 10, 25, 50])
+    parser.add_argument("--candidates", type=int, nargs="+", default=[0, 10, 25, 50, 100])
+    parser.add_argument("--inner-temperature", type=float, default=0.5)
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--pretrain-command", default="", help="recorded in the card")
     args = parser.parse_args()
 
     init = best_initialization(args.run)
-    serving_recipe(init, args.head_step_size, args.candidates)
+    serving_recipe(init, args.head_step_size, args.candidates, args.inner_temperature)
     val = load_dataset(args.val_data, init.config)
     pre = init.metadata.pop("pretraining")
     meta_info: dict[str, Any] | None = None
