@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Mapping
 
@@ -33,6 +34,8 @@ class Conv4(nn.Module):
             layers.append(nn.Conv2d(channels, config.width, 3, stride=stride, padding=1))
             if config.norm == "group":
                 layers.append(nn.GroupNorm(config.norm_groups, config.width))
+            elif config.norm == "batch":
+                layers.append(nn.BatchNorm2d(config.width))
             if config.final_relu or block < config.depth - 1:
                 layers.append(nn.ReLU())
             if config.pooling == "maxpool":
@@ -87,9 +90,43 @@ class Conv4(nn.Module):
                     params[prefix + "bias"],
                     layer.eps,
                 )
+            elif isinstance(layer, nn.BatchNorm2d):
+                raise ValueError(
+                    "batch-statistics BatchNorm is for pre-training only; fold it "
+                    "(fewshot.backbone.fold_batch_norm) before adapting or serving"
+                )
             else:
                 x = layer(x)
         return self._read_out(x)
+
+
+def fold_batch_norm(
+    state: Mapping[str, Tensor], config: ModelConfig
+) -> tuple[dict[str, Tensor], ModelConfig]:
+    """Fold a BatchNorm Conv4's frozen statistics into its convolutions: a norm-free Conv4.
+
+    In eval mode BatchNorm is the affine map y = (x - mean) * g / sqrt(var + eps) + b per
+    channel, so conv then BN equals one conv with weights w * s and bias (c - mean) * s + b,
+    s = g / sqrt(var + eps): the same outputs, and each image's independent of its batch.
+    Returns the parameters under the names of Conv4(config with norm "none") and that config.
+    """
+    folded_config = dataclasses.replace(config, norm="none")
+    source = Conv4(config)
+    target_names = [n for n, _ in Conv4(folded_config).named_parameters()]
+    params: list[Tensor] = []
+    layers = list(source.blocks)
+    for index, layer in enumerate(layers):
+        if not isinstance(layer, nn.Conv2d):
+            continue
+        weight, bias = state[f"blocks.{index}.weight"], state[f"blocks.{index}.bias"]
+        norm = layers[index + 1]
+        if isinstance(norm, nn.BatchNorm2d):
+            p = f"blocks.{index + 1}."
+            scale = state[p + "weight"] / torch.sqrt(state[p + "running_var"] + norm.eps)
+            weight = weight * scale.view(-1, 1, 1, 1)
+            bias = (bias - state[p + "running_mean"]) * scale + state[p + "bias"]
+        params += [weight.detach().clone(), bias.detach().clone()]
+    return dict(zip(target_names, params, strict=True)), folded_config
 
 
 def init_backbone_params(config: ModelConfig, seed: int) -> dict[str, Tensor]:

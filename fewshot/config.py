@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Pooling = Literal["stride", "maxpool"]
-Norm = Literal["group", "none"]
+Norm = Literal["group", "none", "batch"]
 AdaptMode = Literal["full", "head"]
 StepSizeTransform = Literal["identity", "softplus"]
 Readout = Literal["mean", "flatten"]
@@ -31,6 +31,8 @@ class ModelConfig:
     # "maxpool": stride 1 followed by 2x2 max-pooling (MAML's MiniImagenet variant).
     pooling: Pooling = "stride"
     # GroupNorm is per image, so a query's prediction never depends on its batch.
+    # "batch": BatchNorm for supervised pre-training only; fold_batch_norm turns its frozen
+    # statistics into the convolutions (norm "none"), so serving stays per image.
     norm: Norm = "group"
     norm_groups: int = 1
     # Omniglot strokes are dark on white; inverting makes strokes 1 and background 0.

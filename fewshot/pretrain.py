@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from fewshot.backbone import Conv4
+from fewshot.backbone import Conv4, fold_batch_norm
 from fewshot.config import ModelConfig
 from fewshot.data import ImageDataset
 from fewshot.evaluate import mean_ci95
@@ -361,7 +361,7 @@ def initialization_from(
 
 
 def best_initialization(out_dir: str | Path, step_size: float = 0.0) -> Initialization:
-    """The best epoch's backbone of a run folder as an Initialization."""
+    """The best epoch's backbone of a run folder as an Initialization (BatchNorm folded)."""
     out_dir = Path(out_dir)
     state = json.loads((out_dir / STATE_FILE).read_text())
     cfg = PretrainConfig.from_dict(state["config"])
@@ -370,7 +370,10 @@ def best_initialization(out_dir: str | Path, step_size: float = 0.0) -> Initiali
         k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")
     }
     log_scale = float(tensors["classifier.log_scale"])
-    init = initialization_from(backbone, log_scale, cfg.model, step_size)
+    model = cfg.model
+    if model.norm == "batch":
+        backbone, model = fold_batch_norm(backbone, model)
+    init = initialization_from(backbone, log_scale, model, step_size)
     init.metadata["pretraining"] = {
         "config": state["config"],
         "best": state["best"],

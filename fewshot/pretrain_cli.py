@@ -27,6 +27,12 @@ def add_pretrain_subcommand(sub: Any) -> None:
     pre.add_argument("--image-size", type=int, default=42)
     pre.add_argument("--width", type=int, default=64)
     pre.add_argument("--norm-groups", type=int, default=8)
+    pre.add_argument(
+        "--norm",
+        choices=("group", "batch"),
+        default="group",
+        help="batch: BatchNorm while pre-training, folded into the convolutions for serving",
+    )
     pre.add_argument("--pooling", choices=("stride", "maxpool"), default="maxpool")
     pre.add_argument("--readout", choices=("mean", "flatten"), default="flatten")
     pre.add_argument("--invert", action="store_true", help="invert images (dark strokes on white)")
@@ -50,7 +56,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model = ModelConfig(
         in_channels=args.channels, image_size=args.image_size, width=args.width,
-        norm_groups=args.norm_groups, pooling=args.pooling, readout=args.readout,
+        norm_groups=args.norm_groups, norm=args.norm, pooling=args.pooling, readout=args.readout,
         invert=args.invert, final_relu=False, feature_norm="l2",
         inner_steps=0, inner_step_size=0.0,
     )  # fmt: skip

@@ -1,0 +1,76 @@
+"""Pre-training pieces: BatchNorm folded for serving, augmentation shapes, a resumable epoch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fewshot.backbone import Conv4, fold_batch_norm
+from fewshot.config import ModelConfig
+from fewshot.data import ImageDataset
+from fewshot.pretrain import PretrainConfig, Pretrainer, augment, best_initialization
+
+PHOTO = ModelConfig(
+    in_channels=3, image_size=16, width=8, pooling="maxpool", readout="flatten",
+    final_relu=False, feature_norm="l2", invert=False,
+)  # fmt: skip
+
+
+def test_folded_batch_norm_gives_the_same_embeddings_per_image() -> None:
+    config = ModelConfig(**{**PHOTO.to_dict(), "norm": "batch"})
+    torch.manual_seed(0)
+    net = Conv4(config)
+    net.train()
+    for _ in range(3):  # running statistics away from their start
+        net(torch.rand(32, 3, 16, 16) * 2)
+    net.eval()
+    params, folded = fold_batch_norm(net.state_dict(), config)
+    assert folded.norm == "none"
+    x = torch.rand(5, 3, 16, 16)
+    plain = Conv4(folded)
+    expected = net(x)
+    assert torch.allclose(plain.forward_with(params, x), expected, atol=1e-5)
+    # Each image alone gives what it gives in the batch.
+    assert torch.allclose(plain.forward_with(params, x[2:3]), expected[2:3], atol=1e-5)
+
+
+def test_augment_crops_to_the_input_size_in_range() -> None:
+    cfg = PretrainConfig(model=PHOTO)
+    images = torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8)
+    out = augment(images, cfg, torch.Generator().manual_seed(0))
+    assert out.shape == (4, 3, 16, 16) and out.dtype == torch.float32
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+def _tiny_data(classes: int, per_class: int, seed: int) -> ImageDataset:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (classes * per_class, 3, 16, 16), dtype=torch.uint8, generator=g)
+    targets = torch.arange(classes).repeat_interleave(per_class)
+    return ImageDataset(images, targets, [f"c{i}" for i in range(classes)], [""] * classes)
+
+
+def test_a_run_resumes_where_it_stopped_and_exports_a_folded_initialization(
+    tmp_path: Path,
+) -> None:
+    model = ModelConfig(**{**PHOTO.to_dict(), "norm": "batch"})
+    cfg = PretrainConfig(model=model, epochs=2, batch_size=16, val_episodes=5, val_queries=2)
+    train, val = _tiny_data(6, 16, 0), _tiny_data(5, 8, 1)
+    first = Pretrainer(train, val, cfg, tmp_path)
+    first.cfg.max_seconds = 0.0  # stops before its first epoch
+    assert first.run() is False and first.epoch == 0
+    first.cfg.max_seconds = None
+    first.cfg.epochs = 1
+    assert first.run() is True and first.epoch == 1
+    again = Pretrainer(
+        train,
+        val,
+        PretrainConfig(model=model, epochs=2, batch_size=16, val_episodes=5, val_queries=2),
+        tmp_path,
+    )
+    assert again.epoch == 1  # resumed from the checkpoint
+    assert again.run() is True and len(again.curve) == 2
+    init = best_initialization(tmp_path)
+    assert init.config.norm == "none"
+    features = init.module().forward_with(init.params, torch.rand(2, 3, 16, 16))
+    assert features.shape == (2, model.feature_dim)
