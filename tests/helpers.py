@@ -44,6 +44,21 @@ def runtime_of(client: TestClient) -> Runtime:
     return runtime
 
 
+def operator_key(client: TestClient, tenant: str = "ops") -> dict[str, str]:
+    """Authorization headers for a new operator key (the platform's scope) of `tenant`."""
+    runtime = runtime_of(client)
+    with runtime.sessions() as session:
+        _, key = keys.create_api_key(
+            session=session,
+            tenant=keys.get_or_create_tenant(session=session, name=tenant),
+            admin=False,
+            operator=True,
+            pepper=runtime.settings.api_key_pepper.get_secret_value(),
+        )
+        session.commit()
+    return {"Authorization": f"Bearer {key}"}
+
+
 def create_key(client: TestClient, tenant: str, admin: bool = False) -> dict[str, str]:
     """Authorization headers for a new key of `tenant`."""
     runtime = runtime_of(client)

@@ -17,6 +17,7 @@ from tests.helpers import (
     colour_jpeg,
     create_key,
     make_settings,
+    operator_key,
     runtime_of,
     support_files,
 )
@@ -147,24 +148,8 @@ def test_unknown_foreign_and_unready_versions_are_refused_and_nothing_is_stored(
     assert len(two_domains.get("/v1/tasks", headers=a).json()["items"]) == 1
 
 
-def _operator(client: TestClient) -> dict[str, str]:
-    from app.keys import service
-
-    runtime = runtime_of(client)
-    with runtime.sessions() as session:
-        _, key = service.create_api_key(
-            session=session,
-            tenant=service.get_or_create_tenant(session=session, name="ops"),
-            admin=False,
-            operator=True,
-            pepper=runtime.settings.api_key_pepper.get_secret_value(),
-        )
-        session.commit()
-    return {"Authorization": f"Bearer {key}"}
-
-
 def test_promotion_and_rollback_act_within_one_domain(two_domains: TestClient) -> None:
-    operator = _operator(two_domains)
+    operator = operator_key(two_domains)
     runtime = runtime_of(two_domains)
     with runtime.sessions() as session:
         photo = session.scalar(
