@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from app.core import ml
+
 
 def _share_metrics(processes: int) -> None:
     """Point several processes at one fresh metrics folder (before prometheus_client loads)."""
@@ -387,9 +389,7 @@ def build_parser(core: bool = True) -> argparse.ArgumentParser:
     migrate.set_defaults(handler=_migrate)
 
     if core:
-        from fewshot.cli import add_subcommands
-
-        add_subcommands(sub)
+        ml.add_subcommands(sub)
     else:
         for name, text in CORE_COMMANDS.items():
             stub = sub.add_parser(name, help=text, add_help=False)

@@ -23,7 +23,7 @@ from app.core.limits import Limits
 from app.core.media import request_media_type
 from app.core.runtime import Runtime
 from app.core.security import hash_key
-from app.jobs.dispatch import CeleryDispatcher, InProcessDispatcher
+from app.jobs.dispatch import Dispatcher
 from app.keys import service as keys
 from app.models import Task
 from app.tasks import service as tasks
@@ -48,13 +48,13 @@ async def get_settings_dep(runtime: RuntimeDep) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
-async def get_dispatcher(request: Request) -> InProcessDispatcher | CeleryDispatcher:
+async def get_dispatcher(request: Request) -> Dispatcher:
     """Where committed jobs are sent."""
-    dispatcher: InProcessDispatcher | CeleryDispatcher = request.app.state.dispatcher
+    dispatcher: Dispatcher = request.app.state.dispatcher
     return dispatcher
 
 
-DispatcherDep = Annotated[InProcessDispatcher | CeleryDispatcher, Depends(get_dispatcher)]
+DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 
 
 def get_session(runtime: RuntimeDep) -> Iterator[Session]:

@@ -124,8 +124,7 @@ def _document_raw_bodies(app: FastAPI) -> None:
     from pydantic.json_schema import models_json_schema
 
     from app.core.schemas import Problem
-    from app.predictions.schemas import QueriesJson
-    from app.tasks.schemas import SupportSetJson
+    from app.uploads.schemas import QueriesJson, SupportSetJson
 
     generate = app.openapi
 

@@ -134,6 +134,11 @@ def _read_members(path: Path, members: list[str]) -> Iterator[tuple[str, bytes]]
             yield member, archive.read(member)
 
 
+def dataset_classes(path: str | Path) -> dict[str, str]:
+    """Each class of a dataset folder or zip and its group ("" when flat), without decoding."""
+    return {e.class_key: e.group for e in _entries(_list_members(Path(path)))}
+
+
 def scan_dataset(path: str | Path) -> dict[str, object]:
     """Counts of classes, groups and images in a dataset, without decoding any image."""
     entries = _entries(_list_members(Path(path)))

@@ -15,6 +15,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from app import models
+from app.core import ml
 from app.predictions import service
 from tests.helpers import create_key, create_ready_task, png, query_files, runtime_of, support_files
 
@@ -239,7 +240,7 @@ def test_delete_while_adapting_leaves_no_files(
         assert client.delete(f"/v1/tasks/{deleted[0]}", headers=auth).status_code == 204
         return adapted
 
-    monkeypatch.setattr(fewshot.fast, "adapt_fast_with_embeddings", adapt_then_delete)
+    monkeypatch.setattr(ml, "adapt_fast_with_embeddings", adapt_then_delete)
     files, data = support_files(["a", "b", "c"])
     response = client.post("/v1/tasks?wait=30", headers=auth, files=files, data=data)
     assert response.status_code == 404 or response.status_code in (201, 202), response.text

@@ -177,3 +177,114 @@ def test_fewshot_imports_no_web_queue_or_database_framework() -> None:
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert _cycle({"a": {"b"}, "b": {"c.x"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+# The service's layers, lowest first; a module may import its own layer and those below it.
+# core: settings, database, storage, errors, the tables, the model cache and the ML adapter;
+# jobs: the job engine (state machine, kinds, runner, dispatch, reaper); domains: one package per
+# thing a caller works with; routes: the HTTP surface (every views.py, shared dependencies, the
+# console); entry points: the app factory, the CLI and the Celery worker.
+LAYERS = ("core", "jobs", "domains", "routes", "entry")
+DOMAINS = (
+    "adaptations",
+    "datasets",
+    "health",
+    "initializations",
+    "keys",
+    "meta_training",
+    "predictions",
+    "tasks",
+    "uploads",
+)
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[0] == "worker" or module in ("app.main", "app.cli"):
+        return LAYERS.index("entry")
+    if parts[0] != "app":
+        return None
+    if (
+        module in ("app.deps", "app.middleware")
+        or parts[-1] == "views"
+        or parts[1:2] == ["console"]
+    ):
+        return LAYERS.index("routes")
+    if parts[1:2] and parts[1] in DOMAINS:
+        return LAYERS.index("domains")
+    if parts[1:2] == ["jobs"]:
+        return LAYERS.index("jobs")
+    return LAYERS.index("core")
+
+
+def _internal_edges() -> Iterator[tuple[str, str]]:
+    graph = _graph()
+    for module, names in graph.items():
+        for name in names:
+            target = _internal(name, graph)
+            if target is not None and target != module:
+                yield module, target
+
+
+def test_every_app_module_has_a_layer() -> None:
+    for module in _graph():
+        if module.split(".")[0] in ("app", "worker"):
+            assert _layer(module) is not None, module
+    assert _layer("app.core.runtime") == 0 and _layer("app.jobs.state") == 1
+    assert _layer("app.tasks.service") == 2 and _layer("app.tasks.views") == 3
+    assert _layer("app.main") == 4
+
+
+def test_imports_go_down_the_layers_only() -> None:
+    upward = sorted(
+        f"{module} ({LAYERS[a]}) -> {target} ({LAYERS[b]})"
+        for module, target in _internal_edges()
+        if (a := _layer(module)) is not None
+        and (b := _layer(target)) is not None
+        and b > a
+        and module != "app.cli"  # the CLI starts the worker (checked below)
+    )
+    assert upward == []
+
+
+def test_domain_packages_import_each_other_without_cycles() -> None:
+    folders: dict[str, set[str]] = {}
+    for module, target in _internal_edges():
+        a, b = module.split("."), target.split(".")
+        if a[0] == b[0] == "app" and a[1:2] != b[1:2] and a[1:2] and b[1:2]:
+            if a[1] in DOMAINS and b[1] in DOMAINS:
+                folders.setdefault(a[1], set()).add(b[1])
+    graph = {folder: folders.get(folder, set()) for folder in DOMAINS}
+    cycle = _cycle(graph)
+    assert cycle is None, "domain packages in a cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_service_reaches_the_ml_core_through_one_adapter() -> None:
+    graph = _graph()
+    reaching = {
+        module: sorted(n for n in names if n.split(".")[0] == "fewshot")
+        for module, names in graph.items()
+        if module.split(".")[0] in ("app", "worker")
+    }
+    assert {m: n for m, n in reaching.items() if n} == {
+        "app.core.ml": ["fewshot", "fewshot.serving"]
+    }
+    import fewshot.serving
+
+    assert not [name for name in fewshot.serving.__all__ if name.startswith("_")]
+
+
+def test_no_private_name_of_the_ml_core_is_used() -> None:
+    offenders = []
+    for module, path in _modules().items():
+        if module.split(".")[0] not in ("app", "worker"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "ml"
+                and node.attr.startswith("_")
+            ):
+                offenders.append(f"{module}: ml.{node.attr}")
+    assert offenders == []

@@ -14,9 +14,10 @@ from fastapi.testclient import TestClient
 
 import fewshot
 import fewshot.batched
+from app.core import ml
+from app.core import prediction_batcher as batching
+from app.core.prediction_batcher import PredictionBatcher
 from app.main import create_app
-from app.predictions import batcher as batching
-from app.predictions.batcher import PredictionBatcher
 from fewshot.adapted import PredictionScores
 from tests.fewshot_helpers import TINY, random_images, tiny_init
 from tests.helpers import create_key, make_settings, query_files, support_files
@@ -59,7 +60,7 @@ def passes(monkeypatch: pytest.MonkeyPatch) -> Passes:
         time.sleep(seen.hold)
         return real(ms, xs, ts, chunk=chunk)
 
-    monkeypatch.setattr(fewshot.batched, "predict_many_scores", counting)
+    monkeypatch.setattr(ml, "predict_many_scores", counting)
     return seen
 
 

@@ -17,6 +17,7 @@ from sqlalchemy import event, select
 import fewshot
 import fewshot.batched
 import fewshot.fast
+from app.core import ml
 from app.core import threads as torch_threads
 from app.core.storage import ArtifactStore
 from app.jobs import runner as runner
@@ -101,7 +102,7 @@ def test_wait_is_woken_by_the_runner_instead_of_polling(
         time.sleep(0.6)
         return adapt(*args, **kwargs)
 
-    monkeypatch.setattr(fewshot.fast, "adapt_fast_with_embeddings", slow_adapt)
+    monkeypatch.setattr(ml, "adapt_fast_with_embeddings", slow_adapt)
     files, data = support_files(["a", "b"])
     with _statements(client) as seen:
         started = time.monotonic()
@@ -158,7 +159,7 @@ def _threads_seen(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[int]]:
         seen["adapt"].add(torch.get_num_threads())
         return adapt(*args, **kwargs)
 
-    # Batched predictions (app.predictions.batcher) run predict_many_scores on the batching
+    # Batched predictions (app.core.prediction_batcher) run predict_many_scores on the batching
     # thread; predictions on the request thread run AdaptedModel.predict_scores.
     predict_many = fewshot.batched.predict_many_scores
 
@@ -166,9 +167,9 @@ def _threads_seen(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[int]]:
         seen["predict"].add(torch.get_num_threads())
         return predict_many(*args, **kwargs)
 
-    monkeypatch.setattr(fewshot.fast, "adapt_fast_with_embeddings", counting_adapt)
+    monkeypatch.setattr(ml, "adapt_fast_with_embeddings", counting_adapt)
     monkeypatch.setattr(fewshot.AdaptedModel, "predict_scores", counting_predict)
-    monkeypatch.setattr(fewshot.batched, "predict_many_scores", counting_predict_many)
+    monkeypatch.setattr(ml, "predict_many_scores", counting_predict_many)
     return seen
 
 
@@ -263,7 +264,7 @@ def test_a_head_mode_task_stores_its_head_alone_and_predicts_the_same_after_a_re
 
 
 def test_the_model_cache_counts_each_models_objects_not_only_its_tensors(tmp_path: Path) -> None:
-    from app.predictions.cache import MODEL_OVERHEAD_BYTES, ModelCache
+    from app.core.model_cache import MODEL_OVERHEAD_BYTES, ModelCache
 
     init = fewshot.Initialization.random(fewshot.ModelConfig(width=8, inner_steps=1), seed=0)
     x = torch.rand(2, 1, 28, 28)

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
 from app.adaptations import handler
+from app.core import ml
 from app.core.runtime import Runtime
 from app.jobs import runner, state
 from app.jobs.heartbeat import Heartbeat
@@ -156,12 +157,11 @@ def test_a_corrupt_image_fails_the_job_with_a_code(
 def test_transient_errors_are_retried_then_fail(
     client: TestClient, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fewshot.fast
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("out of memory, say")
 
-    monkeypatch.setattr(fewshot.fast, "adapt_fast_with_embeddings", broken)
+    monkeypatch.setattr(ml, "adapt_fast_with_embeddings", broken)
     runtime = runtime_of(client)
     _, job_id = _queued_task(client, auth)
     outcomes = [runner.run_job(runtime, job_id) for _ in range(3)]

@@ -24,7 +24,7 @@ from app.adaptations.handler import (
     store_and_finish,
     support_diagnostics,
 )
-from app.core import metrics
+from app.core import metrics, ml
 from app.core.runtime import Runtime
 from app.jobs import state
 from app.jobs.batch import BatchResult, Held
@@ -35,7 +35,6 @@ from app.models import AdaptedModel, Initialization, Job, SupportExample, Task
 if TYPE_CHECKING:
     from torch import Tensor
 
-    import fewshot
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,6 @@ class _Loaded:
 
 def run_adapt_batch(runtime: Runtime, held: list[Held]) -> BatchResult:
     """Adapt every held job's task; an Outcome or the exception that ended each job."""
-    import fewshot
 
     results: BatchResult = {}
     loaded: list[_Loaded] = []
@@ -82,7 +80,7 @@ def run_adapt_batch(runtime: Runtime, held: list[Held]) -> BatchResult:
                 init, items, "head" if mode == "head" else "full", steps, runtime
             )
             compute = (time.perf_counter() - started) / len(items)
-        except fewshot.CheckpointError as exc:
+        except ml.CheckpointError as exc:
             log.error("initialization %s unreadable: %s", items[0].init_row.version, exc)
             error = PermanentJobError(
                 "initialization_unreadable", "the initialization's files could not be read"
@@ -95,7 +93,7 @@ def run_adapt_batch(runtime: Runtime, held: list[Held]) -> BatchResult:
         # One session (one connection) records the group, each job in its own transaction.
         with runtime.sessions() as session:
             for item, model, embedded in zip(items, models, embeddings, strict=True):
-                if isinstance(model, fewshot.EpisodeError):
+                if isinstance(model, ml.EpisodeError):
                     error = PermanentJobError("invalid_support_set", str(model))
                     results[item.claim.job_id] = error
                     continue
@@ -111,29 +109,26 @@ def run_adapt_batch(runtime: Runtime, held: list[Held]) -> BatchResult:
 
 
 def _adapt(
-    init: fewshot.Initialization,
+    init: ml.Initialization,
     items: list[_Loaded],
-    mode: fewshot.config.AdaptMode,
+    mode: ml.AdaptMode,
     steps: int | None,
     runtime: Runtime,
-) -> tuple[list[fewshot.AdaptedModel | fewshot.EpisodeError], list[Tensor | None]]:
+) -> tuple[list[ml.AdaptedModel | ml.EpisodeError], list[Tensor | None]]:
     """Each item's model (or why its support set is invalid) and its support embeddings under
     the initialization (for the diagnostics; None when it has no model)."""
-    import fewshot
-    from fewshot import fast
-    from fewshot.batched import adapt_many, embed_supports
 
     device = runtime.models.device
-    if len(items) == 1 or fewshot.chooses_steps(init, mode, steps):
+    if len(items) == 1 or ml.chooses_steps(init, mode, steps):
         # Steps chosen per task (each support set its own count) do not stack: one at a time.
-        models: list[fewshot.AdaptedModel | fewshot.EpisodeError] = []
+        models: list[ml.AdaptedModel | ml.EpisodeError] = []
         embeddings: list[Tensor | None] = []
         for item in items:
             try:
-                model, embedded = fast.adapt_fast_with_embeddings(
+                model, embedded = ml.adapt_fast_with_embeddings(
                     init, item.support, item.labels, mode=mode, steps=steps, device=device
                 )
-            except fewshot.EpisodeError as exc:
+            except ml.EpisodeError as exc:
                 models.append(exc)
                 embeddings.append(None)
                 continue
@@ -141,14 +136,16 @@ def _adapt(
             embeddings.append(embedded)
         return models, embeddings
     supports = [(item.support, item.labels) for item in items]
-    models = adapt_many(
+    models = ml.adapt_many(
         init, supports, mode=mode, steps=steps, device=device,
         max_batch=runtime.settings.adapt_batch_max_jobs,
     )  # fmt: skip
-    valid = [i for i, model in enumerate(models) if not isinstance(model, fewshot.EpisodeError)]
+    valid = [i for i, model in enumerate(models) if not isinstance(model, ml.EpisodeError)]
     embeddings = [None] * len(items)
     for i, embedded in zip(
-        valid, embed_supports(init, [items[i].support for i in valid], device=device), strict=True
+        valid,
+        ml.embed_supports(init, [items[i].support for i in valid], device=device),
+        strict=True,
     ):
         embeddings[i] = embedded
     return models, embeddings
@@ -246,7 +243,7 @@ def _record(
     runtime: Runtime,
     session: Session,
     item: _Loaded,
-    model: fewshot.AdaptedModel,
+    model: ml.AdaptedModel,
     compute: float,
     embeddings: Tensor | None,
 ) -> Outcome:

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.core import metrics
+from app.core import metrics, ml
 from app.core.images import decode_stored
 from app.core.runtime import Runtime
 from app.core.storage import ArtifactCorrupt, adapted_weights_key, sha256_bytes, task_prefix
@@ -26,8 +26,6 @@ from app.models import AdaptedModel, Initialization, Job, SupportExample, Task
 if TYPE_CHECKING:
     from torch import Tensor
 
-    import fewshot
-    from fewshot.initialization import Initialization as FewshotInitialization
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +46,9 @@ def _result(row: AdaptedModel, diagnostics: dict[str, Any] | None = None) -> dic
 def support_diagnostics(embeddings: Tensor, labels: list[str]) -> dict[str, Any] | None:
     """Leave-one-out accuracy and confusable pairs of a support set from its embeddings [S, D]
     under the initialization (None if they fail)."""
-    from fewshot.diagnostics import diagnose_embeddings
 
     try:
-        return diagnose_embeddings(embeddings, labels).to_dict()
+        return ml.diagnose_embeddings(embeddings, labels).to_dict()
     except Exception:
         # Diagnostics inform; a failure in them must never fail the adaptation itself.
         log.exception("support-set diagnostics failed")
@@ -61,13 +58,12 @@ def support_diagnostics(embeddings: Tensor, labels: list[str]) -> dict[str, Any]
 @contextmanager
 def permanent_failures(job_id: uuid.UUID) -> Iterator[None]:
     """Turn the errors another attempt would repeat into PermanentJobError with their code."""
-    import fewshot
 
     try:
         yield
-    except fewshot.EpisodeError as exc:
+    except ml.EpisodeError as exc:
         raise PermanentJobError("invalid_support_set", str(exc)) from exc
-    except fewshot.CheckpointError as exc:
+    except ml.CheckpointError as exc:
         # The reader's message names the file: it goes to the log, not to the job.
         log.error("job %s: initialization unreadable: %s", job_id, exc)
         raise PermanentJobError(
@@ -82,7 +78,7 @@ def permanent_failures(job_id: uuid.UUID) -> Iterator[None]:
 
 
 def load_support(
-    runtime: Runtime, init: FewshotInitialization, examples: Sequence[SupportExample]
+    runtime: Runtime, init: ml.Initialization, examples: Sequence[SupportExample]
 ) -> Tensor:
     """Support images [S, C, H, W], read, decoded and shrunk one at a time.
 
@@ -90,12 +86,10 @@ def load_support(
     """
     import torch
 
-    import fewshot
-
     side = runtime.settings.max_decoded_side
     return torch.cat(
         [
-            fewshot.preprocess_images(
+            ml.preprocess_images(
                 [decode_stored(support_image_bytes(runtime, e), side)], init.config
             )
             for e in examples
@@ -122,7 +116,7 @@ def store_and_finish(
     task_id: uuid.UUID,
     init_row: Initialization,
     support_sha256: str,
-    model: fewshot.AdaptedModel,
+    model: ml.AdaptedModel,
     compute: float,
     diagnostics: dict[str, Any] | None,
 ) -> Outcome:
@@ -185,8 +179,6 @@ def _forget_if_task_deleted(runtime: Runtime, session: Session, task_id: uuid.UU
 def run_adapt(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
     """Adapt the task's pinned initialization to its support set and store the weights."""
 
-    from fewshot import fast
-
     with runtime.sessions() as session:
         # The job, its task, the version it adapts (a re-adaptation names its own; a first
         # adaptation uses the task's pinned one) and a model an earlier delivery recorded: one
@@ -225,7 +217,7 @@ def run_adapt(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
             started = time.perf_counter()
             # The fast single-task loop: fewshot.adapt's result, with less work per step; its
             # first pass also gives the embeddings the diagnostics need.
-            model, embeddings = fast.adapt_fast_with_embeddings(
+            model, embeddings = ml.adapt_fast_with_embeddings(
                 init,
                 support,
                 labels,

@@ -16,7 +16,7 @@ from app.initializations import registry
 from app.jobs import service as jobs
 from app.jobs import state
 from app.jobs.admission import admit_adaptation
-from app.jobs.service import Dispatcher
+from app.jobs.dispatch import Dispatcher
 from app.models import AdaptedModel, Job, Task
 
 

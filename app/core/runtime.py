@@ -8,11 +8,12 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.core import ml
 from app.core.config import Settings
 from app.core.db import make_engine, make_session_factory
+from app.core.model_cache import ModelCache, default_device
 from app.core.storage import ArtifactStore
 from app.core.threads import serving_threads, torch_default
-from app.predictions.cache import ModelCache, default_device
 
 
 @dataclass
@@ -48,9 +49,8 @@ class Runtime:
         """The folders registered at start-up: the configured one, else every shipped domain's."""
         if self.settings.initialization_path is not None:
             return [self.settings.initialization_path, *self.settings.extra_initialization_paths]
-        import fewshot
 
-        return [*fewshot.shipped_initialization_paths(), *self.settings.extra_initialization_paths]
+        return [*ml.shipped_initialization_paths(), *self.settings.extra_initialization_paths]
 
     def close(self) -> None:
         """Release database connections."""

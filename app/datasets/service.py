@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.core import ml
 from app.core.config import Settings
 from app.core.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, ServiceUnavailable
 from app.core.images import check_image
@@ -55,12 +56,8 @@ def validation_split(path: Path) -> dict[str, Any]:
     choice depends only on the names (fewshot.promotion.choose_validation_groups), so it can
     be recomputed and audited, and every run on the dataset validates on exactly these.
     """
-    import fewshot
-    from fewshot.data import _entries, _list_members
-    from fewshot.promotion import choose_validation_groups
-
-    entries = _entries(_list_members(path))
-    groups = sorted({e.group for e in entries})
+    classes_of = ml.dataset_classes(path)
+    groups = sorted(set(classes_of.values()))
     by = "group" if len(groups) >= 2 else "class"
 
     def unit(group: str, class_key: str) -> str:
@@ -70,10 +67,10 @@ def validation_split(path: Path) -> dict[str, Any]:
         return f"{group}/{class_key.split('/')[-1]}" if group else class_key
 
     try:
-        held = choose_validation_groups(sorted({unit(e.group, e.class_key) for e in entries}))
-    except fewshot.DatasetError:
+        held = ml.choose_validation_groups(sorted({unit(g, c) for c, g in classes_of.items()}))
+    except ml.DatasetError:
         return {}
-    classes = {e.class_key for e in entries if unit(e.group, e.class_key) in held}
+    classes = {c for c, g in classes_of.items() if unit(g, c) in held}
     return {"validation_by": by, "validation_groups": held, "validation_classes": len(classes)}
 
 
@@ -137,8 +134,6 @@ def _check_members(archive: zipfile.ZipFile, settings: Settings) -> list[zipfile
 def _check_layout(
     archive: zipfile.ZipFile, files: Sequence[zipfile.ZipInfo], min_classes: int
 ) -> DatasetSummary:
-    import fewshot
-    from fewshot.data import scan_dataset
 
     names = [i.filename for i in files]
     if not names:
@@ -148,8 +143,8 @@ def _check_layout(
             code="no_class_folders",
         )
     try:
-        counts = scan_dataset(Path(archive.filename or ""))
-    except fewshot.DatasetError as exc:
+        counts = ml.scan_dataset(Path(archive.filename or ""))
+    except ml.DatasetError as exc:
         raise InvalidRequest(
             f"{exc}; expected one folder per class (class/image.png, or group/class/image.png)",
             code="no_class_folders",

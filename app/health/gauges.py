@@ -11,8 +11,8 @@ from sqlalchemy import func, select
 
 from app.core.runtime import Runtime
 from app.initializations import registry
+from app.jobs.dispatch import Dispatcher
 from app.jobs.kinds import KINDS, QUEUES
-from app.jobs.service import Dispatcher
 from app.models import JOB_STATES, Job
 
 log = logging.getLogger(__name__)

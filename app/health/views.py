@@ -19,8 +19,8 @@ from app.core.schemas import problem_responses
 from app.deps import DispatcherDep, RuntimeDep
 from app.health.gauges import StateCollector
 from app.initializations import registry
+from app.jobs.dispatch import Dispatcher
 from app.jobs.kinds import QUEUES
-from app.jobs.service import Dispatcher
 from app.models import DEFAULT_DOMAIN, Job
 
 router = APIRouter(tags=["health"])

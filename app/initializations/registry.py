@@ -13,6 +13,7 @@ from sqlalchemy import ColumnElement, Select, bindparam, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.core import ml
 from app.core.errors import Conflict, NotFound
 from app.core.storage import ArtifactStore, initialization_key, sha256_file
 from app.initializations import audit
@@ -133,9 +134,8 @@ def register_initialization_folder(
 
     activate None: active when its domain has no active version yet.
     """
-    import fewshot
 
-    init = fewshot.Initialization.load(folder)
+    init = ml.Initialization.load(folder)
     domain = init.config.domain[:64]
     if activate is None:
         activate = active_initialization(session=session, domain=domain) is None
@@ -177,12 +177,11 @@ def ensure_initializations(
     (e.g. a newer shipped one) is registered as available, not active: switching what new tasks
     adapt from stays an admin's call (POST .../promote).
     """
-    import fewshot
 
     for folder in folders:
         if not (folder / "weights.safetensors").is_file():
             continue
-        init = fewshot.Initialization.load(folder)
+        init = ml.Initialization.load(folder)
         weights_sha = sha256_file(folder / "weights.safetensors")
         version = folder_version(init.metadata, weights_sha, "shipped")
         if session.scalar(select(Initialization.id).where(Initialization.version == version)):

@@ -14,7 +14,7 @@ from sqlalchemy import or_, select
 
 from app.core.runtime import Runtime
 from app.jobs import state
-from app.jobs.kinds import KINDS
+from app.jobs.kinds import KINDS, handler_of
 from app.jobs.liveness import consumer_key
 from app.jobs.notices import EndPublisher, EndSubscriber
 from app.jobs.watch import JobWatch, Watches
@@ -49,8 +49,8 @@ class InProcessDispatcher:
     """The embedded default: jobs run on a thread pool in this process, through the same runner."""
 
     def __init__(self, runtime: Runtime, threads: int) -> None:
-        # Imported now, not by the first job.
-        import app.adaptations.handler  # noqa: F401
+        # Adaptation's handler is imported now, not by the first job (which would wait for it).
+        handler_of(KINDS["adapt"])
 
         self.runtime = runtime
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="maml-serve-job")

@@ -15,12 +15,11 @@ from starlette.concurrency import run_in_threadpool
 from app.core.errors import NotFound, ServiceUnavailable
 from app.core.runtime import Runtime
 from app.core.schemas import ErrorInfo
-from app.jobs.dispatch import CeleryDispatcher, InProcessDispatcher
+from app.jobs.dispatch import Dispatcher
 from app.jobs.schemas import JobPublic
 from app.models import Job
 
 log = logging.getLogger(__name__)
-Dispatcher = InProcessDispatcher | CeleryDispatcher
 
 
 def latest_job(*, session: Session, task_id: uuid.UUID) -> Job | None:

@@ -23,12 +23,13 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.core import ml
 from app.core.runtime import Runtime
 from app.core.storage import initialization_key, sha256_file
 from app.core.threads import training_threads, use_threads
@@ -38,12 +39,6 @@ from app.jobs.heartbeat import Heartbeat
 from app.jobs.runner import HandBack, PermanentJobError
 from app.jobs.state import Claim, Outcome
 from app.models import Dataset, Initialization, Job, utcnow
-
-if TYPE_CHECKING:
-    from fewshot.data import ImageDataset
-    from fewshot.initialization import Initialization as FewshotInitialization
-    from fewshot.promotion import PromotionVerdict
-    from fewshot.training import Progress
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +68,13 @@ def version_for(job_id: uuid.UUID) -> str:
     return f"mt-{job_id.hex[:12]}"
 
 
-def train_config(params: dict[str, Any], start: FewshotInitialization | None) -> Any:
+def train_config(params: dict[str, Any], start: ml.Initialization | None) -> Any:
     """The fewshot MetaTrainConfig of a job's settings."""
-    from fewshot.config import MetaTrainConfig, ModelConfig
 
     algorithm = dict(params.get("algorithm") or {})
     order = algorithm.pop("order", "second")
-    model = ModelConfig.from_dict(params.get("model") or {}) if start is None else start.config
-    return MetaTrainConfig.from_dict(
+    model = ml.ModelConfig.from_dict(params.get("model") or {}) if start is None else start.config
+    return ml.MetaTrainConfig.from_dict(
         {
             **algorithm,
             "second_order": order != "first",
@@ -96,40 +90,37 @@ def train_config(params: dict[str, Any], start: FewshotInitialization | None) ->
 # --- data -------------------------------------------------------------------------------------
 
 
-def _units(data: ImageDataset, by: str) -> ImageDataset:
-    from fewshot.data import ImageDataset
+def _units(data: ml.ImageDataset, by: str) -> ml.ImageDataset:
 
     if by == "class" or len(data.group_names) < 2:
         # A flat dataset: whole classes are held out instead of groups.
-        return ImageDataset(data.images, data.targets, data.classes, list(data.classes))
+        return ml.ImageDataset(data.images, data.targets, data.classes, list(data.classes))
     return data
 
 
-def validation_groups_of(details: dict[str, Any], data: ImageDataset) -> tuple[list[str], str]:
+def validation_groups_of(details: dict[str, Any], data: ml.ImageDataset) -> tuple[list[str], str]:
     """The dataset's held-out groups (or classes) and which they are, fixed at registration.
 
     Datasets registered before the split was recorded get the same deterministic choice now.
     """
-    from fewshot.promotion import choose_validation_groups
 
     held = details.get("validation_groups")
     by = str(details.get("validation_by") or ("group" if len(data.group_names) >= 2 else "class"))
     if isinstance(held, list) and held:
         return sorted(str(g) for g in held), by
-    return choose_validation_groups(_units(data, by).group_names), by
+    return ml.choose_validation_groups(_units(data, by).group_names), by
 
 
-def split_fixed(units: ImageDataset, held: list[str]) -> tuple[ImageDataset, ImageDataset]:
+def split_fixed(units: ml.ImageDataset, held: list[str]) -> tuple[ml.ImageDataset, ml.ImageDataset]:
     """Train on everything but the held-out groups; validate on exactly them."""
-    from fewshot.errors import DatasetError
 
     names = units.group_names
     missing = sorted(set(held) - set(names))
     if missing:
-        raise DatasetError(f"the dataset's validation groups are not in its data: {missing}")
+        raise ml.DatasetError(f"the dataset's validation groups are not in its data: {missing}")
     train = [g for g in names if g not in set(held)]
     if not train:
-        raise DatasetError("every group of the dataset is held out for validation")
+        raise ml.DatasetError("every group of the dataset is held out for validation")
     return units.subset_groups(train), units.subset_groups(held)
 
 
@@ -140,9 +131,8 @@ class _Data:
 
     def load(self, config: Any) -> _Split:
         """Train and validation parts at a model config's size and mode (the same split always)."""
-        from fewshot.data import load_dataset
 
-        data = load_dataset(self.path, config)
+        data = ml.load_dataset(self.path, config)
         held, by = validation_groups_of(self.details, data)
         units = _units(data, by)
         train, val = split_fixed(units, held)
@@ -151,9 +141,9 @@ class _Data:
 
 @dataclass
 class _Split:
-    whole: ImageDataset
-    train: ImageDataset
-    val: ImageDataset
+    whole: ml.ImageDataset
+    train: ml.ImageDataset
+    val: ml.ImageDataset
     held: list[str]
     by: str
 
@@ -175,7 +165,7 @@ class _Reporter:
             self.detail.update(stage=name, **extra)
             self.heartbeat.update(progress_detail=dict(self.detail))
 
-    def progress(self, report: Progress, curve: list[dict[str, Any]], folder: Path) -> None:
+    def progress(self, report: ml.Progress, curve: list[dict[str, Any]], folder: Path) -> None:
         """on_progress: iteration of total, ETA, the curve so far, the last checkpoint."""
         checkpoint = None
         with contextlib.suppress(OSError, ValueError, KeyError):
@@ -212,7 +202,7 @@ def _result(row: Initialization, promoted: bool) -> dict[str, Any]:
 # --- evaluation and registration --------------------------------------------------------------
 
 
-def required_shapes(val: ImageDataset) -> list[tuple[int, int, bool]]:
+def required_shapes(val: ml.ImageDataset) -> list[tuple[int, int, bool]]:
     """5w1s and 20w1s always; 5w5s and 20w5s when every validation class has enough images."""
     import torch
 
@@ -222,15 +212,13 @@ def required_shapes(val: ImageDataset) -> list[tuple[int, int, bool]]:
 
 
 def _score(
-    init: FewshotInitialization,
-    val: ImageDataset,
+    init: ml.Initialization,
+    val: ml.ImageDataset,
     shapes: list[tuple[int, int, bool]],
     episodes: int,
     device: str,
 ) -> dict[str, Any]:
-    from fewshot.evaluate import evaluate_shapes
-
-    results = evaluate_shapes(
+    results = ml.evaluate_shapes(
         init, val, [(w, k) for w, k, _ in shapes], episodes=episodes, seed=EVAL_SEED,
         queries=EVAL_QUERIES, device=device,
     )  # fmt: skip
@@ -248,63 +236,59 @@ def _data_key(config: Any) -> tuple[Any, ...]:
 
 
 def _paired(
-    candidate: FewshotInitialization,
-    active: FewshotInitialization,
-    val: ImageDataset,
-    active_val: ImageDataset,
+    candidate: ml.Initialization,
+    active: ml.Initialization,
+    val: ml.ImageDataset,
+    active_val: ml.ImageDataset,
     shapes: list[tuple[int, int, bool]],
     episodes: int,
     device: str,
-) -> PromotionVerdict:
+) -> ml.PromotionVerdict:
     """Both versions on the same seeded episodes per shape, paired (fewshot.promotion)."""
-    from fewshot import promotion as fp
-    from fewshot.errors import EpisodeError
-    from fewshot.evaluate import episode_scores
 
     if active_val is val:
-        return fp.compare_initializations(
+        return ml.compare_initializations(
             candidate, active, val, shapes, episodes=episodes, queries=EVAL_QUERIES,
             seed=EVAL_SEED, device=device,
         )  # fmt: skip
     # The baseline reads images at another size or mode: the same episodes (they are drawn
     # by index from one seed) scored on each version's own decoding of the data.
-    results: list[fp.ShapeComparison] = []
+    results: list[ml.ShapeComparison] = []
     for ways, shots, within in shapes:
         scores: list[list[float]] = []
         try:
             for init, data in ((candidate, val), (active, active_val)):
                 steps = init.config.inner_steps
                 scores.append(
-                    episode_scores(
+                    ml.episode_scores(
                         init.to(device), data, ways=ways, shots=shots, queries=EVAL_QUERIES,
                         episodes=episodes, steps_list=[steps], seed=EVAL_SEED,
                         within_group=within, device=device,
                     )[steps]
                 )  # fmt: skip
-        except EpisodeError:
+        except ml.EpisodeError:
             continue
-        difference, ci = fp.paired_difference(scores[0], scores[1])
+        difference, ci = ml.paired_difference(scores[0], scores[1])
         results.append(
-            fp.ShapeComparison(
+            ml.ShapeComparison(
                 ways=ways, shots=shots, within_group=within, episodes=len(scores[0]),
                 candidate=sum(scores[0]) / len(scores[0]), active=sum(scores[1]) / len(scores[1]),
-                difference=difference, ci95=ci, margin=fp.DEFAULT_MARGIN,
+                difference=difference, ci95=ci, margin=ml.DEFAULT_MARGIN,
             )
         )  # fmt: skip
-    return fp.verdict(results, shapes, validation_groups=val.group_names)
+    return ml.verdict(results, shapes, validation_groups=val.group_names)
 
 
 def decide(
-    compared: PromotionVerdict,
+    compared: ml.PromotionVerdict,
     shapes: list[tuple[int, int, bool]],
     held: list[str],
     overlap: list[str],
-) -> PromotionVerdict:
+) -> ml.PromotionVerdict:
     """The final verdict: the comparison's, with every known training overlap counted."""
-    from fewshot import promotion as fp
 
-    return fp.verdict(
-        compared.comparisons, shapes, margin=compared.margin, min_episodes=fp.MIN_EPISODES,
+    return ml.verdict(
+        compared.comparisons, shapes, margin=compared.margin, min_episodes=ml.MIN_EPISODES,
         overlap=overlap, validation_groups=held,
     )  # fmt: skip
 
@@ -315,9 +299,8 @@ def _shape_key(c: Any) -> str:
 
 def comparison_card(metadata: dict[str, Any], promotion_doc: dict[str, Any] | None) -> str:
     """The model card: fewshot's card plus the promotion comparison, shape by shape."""
-    from fewshot.card import render_model_card
 
-    text = render_model_card(metadata)
+    text = ml.render_model_card(metadata)
     if not promotion_doc:
         return text
     lines = [
@@ -347,7 +330,7 @@ def _register(
     runtime: Runtime,
     claim: Claim,
     job: Job,
-    init: FewshotInitialization,
+    init: ml.Initialization,
     folder: Path,
     metrics: dict[str, Any],
     training_config: dict[str, Any],
@@ -411,8 +394,6 @@ def _register(
 
 def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
     """Run (or resume) one meta-training job to the end, a cancel, or a shutdown."""
-    import fewshot
-    from fewshot.training import MetaTrainer
 
     # One long job on its own thread: torch's default team (serving threads use fewer).
     use_threads(training_threads(runtime.settings.torch_threads))
@@ -452,13 +433,13 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
         split = data.load(cfg.model if start is None else start.config)
         train, val, held, by = split.train, split.val, split.held, split.by
         if len(train.classes) < cfg.ways[1]:
-            raise fewshot.DatasetError(
+            raise ml.DatasetError(
                 f"the training part has {len(train.classes)} classes; ways up to "
                 f"{cfg.ways[1]} need at least that many"
             )
-    except fewshot.DatasetError as exc:
+    except ml.DatasetError as exc:
         raise PermanentJobError("invalid_dataset", _without_paths(str(exc), dataset_path)) from exc
-    trainer = MetaTrainer(cfg, train, val, folder, start=start, device=device)
+    trainer = ml.MetaTrainer(cfg, train, val, folder, start=start, device=device)
     extra: dict[str, Any] = {"iteration": trainer.iteration, "total": cfg.iterations}
     if trainer.iteration > 0:
         extra["resumes"] = [
@@ -477,7 +458,7 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
             # Reports with no curve point: an ETA within seconds of the start.
             early_reports=(1, 2, 5, 10),
         )
-    except fewshot.EpisodeError as exc:
+    except ml.EpisodeError as exc:
         # E.g. classes with fewer images than shots + queries: another attempt would repeat it.
         raise PermanentJobError("invalid_settings", _without_paths(str(exc), dataset_path)) from exc
     if result.cancelled or result.initialization is None:
@@ -533,8 +514,6 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
     }
     promote = auto
     if active_row is not None:
-        from fewshot.promotion import overlapping_groups
-
         active = runtime.models.initialization(active_row)
         same = _data_key(active.config) == _data_key(new.config)
         active_val = val if same else data.load(active.config).val
@@ -542,8 +521,8 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
         # The whole dataset infers the training groups of older versions that recorded only
         # their validation groups.
         overlap = sorted(
-            set(overlapping_groups(new.metadata, held, split.whole))
-            | set(overlapping_groups(active.metadata, held, split.whole))
+            set(ml.overlapping_groups(new.metadata, held, split.whole))
+            | set(ml.overlapping_groups(active.metadata, held, split.whole))
         )
         final = decide(compared, shapes, held, overlap)
         document = {**final.to_dict(), "baseline_version": active_row.version, "episodes": episodes}

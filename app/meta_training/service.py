@@ -12,17 +12,17 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.core import ml
 from app.core.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
 from app.core.runtime import Runtime
 from app.core.schemas import ErrorInfo
 from app.datasets.service import get_dataset
 from app.initializations import registry
-from app.jobs.dispatch import CeleryDispatcher, InProcessDispatcher
+from app.jobs.dispatch import Dispatcher
 from app.meta_training.schemas import MetaTrainingCreate, MetaTrainingPublic, TrainingProgress
 from app.models import Job, utcnow
 
 log = logging.getLogger(__name__)
-Dispatcher = InProcessDispatcher | CeleryDispatcher
 
 
 def _submit(session: Session, dispatcher: Dispatcher, job: Job) -> None:
@@ -194,12 +194,11 @@ def meta_training_public(job: Job) -> MetaTrainingPublic:
 
 def curve_png(job: Job) -> bytes:
     """The run's curve so far (meta-train loss, validation accuracy) drawn as a PNG."""
-    from fewshot.training import plot_curve
 
     curve = list((job.progress_detail or {}).get("curve") or [])
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "curve.png"
-        plot_curve(curve, path)
+        ml.plot_curve(curve, path)
         return path.read_bytes()
 
 

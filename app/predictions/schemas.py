@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field
 
-from app.core.schemas import ADAPTED_MODEL_ID, PNG_BASE64, TASK_ID, WHEN
+from app.core.schemas import ADAPTED_MODEL_ID, TASK_ID, WHEN
 
-UNKNOWN_THRESHOLD_HELP = (
-    "Answer 'unknown' for images whose calibrated score is below this (0..1; 0 never answers "
-    "'unknown'). Default: the task's own, else the initialization's calibrated default."
-)
 REQUEST_ID = "e4a6c8e0-2b4d-4f6a-8c0e-4b6d8f0a2c4e"
 _PREDICTION: dict[str, Any] = {
     "id": "f1b3d5f7-9a1c-4e3a-8c5e-7a9c1e3b5d7f",
@@ -122,22 +118,3 @@ class PredictionPage(BaseModel):
 
     items: list[PredictionRecord]
     next_cursor: str | None
-
-
-class QueriesJson(BaseModel):
-    """Query images sent as JSON instead of multipart."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"images": [PNG_BASE64], "top_k": 2}]},
-    )
-
-    images: list[str] = Field(description="Base64-encoded PNG or JPEG bytes, one per query image.")
-    top_k: Annotated[StrictInt, WithJsonSchema({"type": "integer", "minimum": 1})] | None = Field(
-        default=None, description="Also list the k most probable labels of each image."
-    )
-    unknown_threshold: float | None = Field(
-        default=None,
-        description=UNKNOWN_THRESHOLD_HELP,
-        json_schema_extra={"minimum": 0, "maximum": 1},
-    )

@@ -14,10 +14,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.adaptations import service as adaptations
-from app.core import metrics
+from app.core import metrics, ml
 from app.core.config import Settings
 from app.core.errors import Conflict, NotFound
 from app.core.pagination import Page, paginate
+from app.core.prediction_batcher import Expected
 from app.core.runtime import Runtime
 from app.jobs import service as jobs
 from app.models import (
@@ -27,8 +28,7 @@ from app.models import (
     Task,
     utcnow,
 )
-from app.predictions.batcher import Expected
-from app.tasks.bodies import QueriesIn
+from app.uploads.bodies import QueriesIn
 
 
 def list_predictions(
@@ -110,7 +110,6 @@ def predict(
     The rows are written by one INSERT statement executed for all of them (executemany), in the
     request's transaction.
     """
-    import fewshot
 
     task_id = task.id
     model_row = adaptations.current_adapted_model(session=session, task_id=task_id)
@@ -150,7 +149,7 @@ def predict(
             # The task was deleted (with its weights) since it was read: the same 404 as after.
             _raise_if_task_gone(session, task.id)
             raise
-    x = fewshot.preprocess_images([image.decode() for image in queries.images], model.config)
+    x = ml.preprocess_images([image.decode() for image in queries.images], model.config)
     started = time.perf_counter()
     threshold, source = resolve_threshold(
         queries.unknown_threshold,

@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from app.core.prediction_batcher import Expected
 from app.core.schemas import (
     BODY,
     DOCUMENTED_MAX_PAGE,
@@ -19,9 +20,7 @@ from app.core.schemas import (
 )
 from app.deps import OwnedTaskDep, RuntimeDep, SessionDep, TenantDep
 from app.predictions import service as predicting
-from app.predictions.batcher import Expected
 from app.predictions.schemas import (
-    UNKNOWN_THRESHOLD_HELP,
     LabelProbability,
     PredictionPage,
     PredictionPublic,
@@ -29,7 +28,8 @@ from app.predictions.schemas import (
     PredictionResult,
 )
 from app.tasks import service as tasks
-from app.tasks.bodies import QueriesIn, read_queries
+from app.uploads.bodies import QueriesIn, read_queries
+from app.uploads.schemas import UNKNOWN_THRESHOLD_HELP
 
 router = APIRouter(prefix="/v1/tasks", tags=["predictions"])
 _PREDICT_PROBLEMS = problem_responses(

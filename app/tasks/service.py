@@ -26,7 +26,7 @@ from app.initializations import registry
 from app.jobs import service as jobs
 from app.jobs import state
 from app.jobs.admission import admit_adaptation
-from app.jobs.dispatch import CeleryDispatcher, InProcessDispatcher
+from app.jobs.dispatch import Dispatcher
 from app.models import (
     AdaptedModel,
     Initialization,
@@ -34,8 +34,8 @@ from app.models import (
     SupportExample,
     Task,
 )
-from app.tasks.bodies import SupportSetIn
 from app.tasks.schemas import AdaptedModelPublic, JobRef, SupportDiagnosticsPublic, TaskPublic
+from app.uploads.bodies import SupportSetIn
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def create_task(
     *,
     session: Session,
     runtime: Runtime,
-    dispatcher: InProcessDispatcher | CeleryDispatcher,
+    dispatcher: Dispatcher,
     tenant_id: uuid.UUID,
     body: SupportSetIn,
     idempotency_key: str | None,

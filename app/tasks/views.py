@@ -22,9 +22,9 @@ from app.core.schemas import (
 from app.deps import Caller, DispatcherDep, RuntimeDep, SessionDep, TenantDep
 from app.jobs import service as jobs
 from app.tasks import service as tasks
-from app.tasks.bodies import SupportSetDep
 from app.tasks.schemas import TaskPage, TaskPublic
 from app.tasks.service import task_public, task_publics
+from app.uploads.bodies import SupportSetDep
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 

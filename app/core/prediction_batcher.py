@@ -24,13 +24,12 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Histogram
 
+from app.core import ml
 from app.core.threads import use_threads
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    import fewshot
-    from fewshot.adapted import PredictionScores
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +50,10 @@ IDLE_EXIT_SECONDS = 30.0
 
 @dataclass
 class _Request:
-    model: fewshot.AdaptedModel
+    model: ml.AdaptedModel
     images: Tensor
     threshold: float | None = None
-    done: Future[PredictionScores] = field(default_factory=Future)
+    done: Future[ml.PredictionScores] = field(default_factory=Future)
 
 
 @dataclass(eq=False)
@@ -102,7 +101,7 @@ class PredictionBatcher:
         with self._cond:
             return next(iter(self._running), None)
 
-    def predict_proba(self, model: fewshot.AdaptedModel, images: Tensor) -> Tensor:
+    def predict_proba(self, model: ml.AdaptedModel, images: Tensor) -> Tensor:
         """Class probabilities [B, N] of `model` on `images`, computed in a shared batch."""
         return self.predict_scores(model, images).probabilities
 
@@ -125,11 +124,11 @@ class PredictionBatcher:
 
     def predict_scores(
         self,
-        model: fewshot.AdaptedModel,
+        model: ml.AdaptedModel,
         images: Tensor,
         threshold: float | None = None,
         expected: Expected | None = None,
-    ) -> PredictionScores:
+    ) -> ml.PredictionScores:
         """`model.predict_scores(images, threshold)`, computed in a shared batch."""
         request = _Request(model, images, threshold)
         with self._cond:
@@ -189,12 +188,11 @@ class PredictionBatcher:
             self._run(batch)
 
     def _run(self, batch: list[_Request]) -> None:
-        from fewshot.batched import predict_many_scores
 
         BATCH_REQUESTS.observe(len(batch))
         BATCH_IMAGES.observe(sum(r.images.shape[0] for r in batch))
         try:
-            results = predict_many_scores(
+            results = ml.predict_many_scores(
                 [r.model for r in batch],
                 [r.images for r in batch],
                 [r.threshold for r in batch],

@@ -10,17 +10,15 @@ import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from app.core import metrics
+from app.core import metrics, ml
 from app.core.storage import ArtifactCorrupt, ArtifactStore
 from app.core.threads import SERVING_DEFAULT, use_threads
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    import fewshot
     from app import models
-    from app.predictions.batcher import Expected, PredictionBatcher
-    from fewshot.adapted import PredictionScores
+    from app.core.prediction_batcher import Expected, PredictionBatcher
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +38,7 @@ def default_device(requested: str | None) -> str:
 MODEL_OVERHEAD_BYTES = 16 * 1024
 
 
-def _cost(model: fewshot.AdaptedModel) -> int:
+def _cost(model: ml.AdaptedModel) -> int:
     return model.nbytes + MODEL_OVERHEAD_BYTES
 
 
@@ -59,14 +57,13 @@ class ModelCache:
         self.device = device
         self.threads = threads
         self._lock = threading.Lock()
-        self._inits: dict[str, fewshot.Initialization] = {}
-        self._adapted: OrderedDict[uuid.UUID, fewshot.AdaptedModel] = OrderedDict()
+        self._inits: dict[str, ml.Initialization] = {}
+        self._adapted: OrderedDict[uuid.UUID, ml.AdaptedModel] = OrderedDict()
         self._bytes = 0
         self._batcher: PredictionBatcher | None = None
 
-    def initialization(self, row: models.Initialization) -> fewshot.Initialization:
+    def initialization(self, row: models.Initialization) -> ml.Initialization:
         """The initialization of a row, read from the store on first use."""
-        import fewshot
 
         with self._lock:
             cached = self._inits.get(row.version)
@@ -76,10 +73,8 @@ class ModelCache:
         metrics.CACHE_MISSES.labels("initialization").inc()
         try:
             self.store.verify(f"{row.artifact_key}/weights.safetensors", row.sha256)
-            init = fewshot.Initialization.load(
-                self.store.path(row.artifact_key), device=self.device
-            )
-        except (ArtifactCorrupt, fewshot.CheckpointError) as exc:
+            init = ml.Initialization.load(self.store.path(row.artifact_key), device=self.device)
+        except (ArtifactCorrupt, ml.CheckpointError) as exc:
             log.error("initialization %s is unreadable: %s", row.version, exc)
             # Nothing the caller can redo fixes it: the operator restores or rolls back.
             raise ArtifactCorrupt(
@@ -96,18 +91,16 @@ class ModelCache:
         """Size torch's intra-op threads on the calling thread for adaptation and prediction."""
         use_threads(self.threads)
 
-    def warm_up(self, init: fewshot.Initialization) -> None:
+    def warm_up(self, init: ml.Initialization) -> None:
         """Run one tiny adaptation and prediction so the first real request pays no warm-up."""
         import torch
-
-        import fewshot
 
         self.use_serving_threads()
         config = init.config
         x = torch.rand((2, config.in_channels, config.image_size, config.image_size))
-        fewshot.adapt(init, x, ["a", "b"], steps=1, device=self.device).predict_proba(x)
+        ml.adapt(init, x, ["a", "b"], steps=1, device=self.device).predict_proba(x)
 
-    def cached_adapted(self, model_id: uuid.UUID) -> fewshot.AdaptedModel | None:
+    def cached_adapted(self, model_id: uuid.UUID) -> ml.AdaptedModel | None:
         """The cached adapted model with this id (a hit, now most recently used), or None."""
         with self._lock:
             cached = self._adapted.get(model_id)
@@ -117,11 +110,8 @@ class ModelCache:
             metrics.CACHE_HITS.labels("adapted").inc()
         return cached
 
-    def adapted(
-        self, row: models.AdaptedModel, init: fewshot.Initialization
-    ) -> fewshot.AdaptedModel:
+    def adapted(self, row: models.AdaptedModel, init: ml.Initialization) -> ml.AdaptedModel:
         """The adapted model of a row, cached or read (sha256-checked) from the store."""
-        import fewshot
 
         cached = self.cached_adapted(row.id)
         if cached is not None:
@@ -129,8 +119,8 @@ class ModelCache:
         metrics.CACHE_MISSES.labels("adapted").inc()
         try:
             path = self.store.verify(row.weights_key, row.sha256)
-            model = fewshot.AdaptedModel.load(path, init, device=self.device)
-        except (ArtifactCorrupt, fewshot.CheckpointError) as exc:
+            model = ml.AdaptedModel.load(path, init, device=self.device)
+        except (ArtifactCorrupt, ml.CheckpointError) as exc:
             # The file's name and the reader's message go to the log only.
             log.error("adapted model %s is unreadable: %s", row.id, exc)
             raise ArtifactCorrupt(
@@ -140,7 +130,7 @@ class ModelCache:
         self.put_adapted(row.id, model)
         return model
 
-    def put_adapted(self, model_id: uuid.UUID, model: fewshot.AdaptedModel) -> None:
+    def put_adapted(self, model_id: uuid.UUID, model: ml.AdaptedModel) -> None:
         """Insert a model, evicting the least recently used ones beyond the byte budget."""
         size = _cost(model)
         if size > self.max_bytes:
@@ -158,7 +148,7 @@ class ModelCache:
 
     def predict_proba(
         self,
-        model: fewshot.AdaptedModel,
+        model: ml.AdaptedModel,
         x: Tensor,
         *,
         wait_seconds: float,
@@ -173,7 +163,7 @@ class ModelCache:
 
     def predict_scores(
         self,
-        model: fewshot.AdaptedModel,
+        model: ml.AdaptedModel,
         x: Tensor,
         threshold: float | None = None,
         *,
@@ -182,7 +172,7 @@ class ModelCache:
         chunk: int = 32,
         workers: int | None = None,
         expected: Expected | None = None,
-    ) -> PredictionScores:
+    ) -> ml.PredictionScores:
         """`model.predict_scores(x, threshold)`, batched with concurrent requests.
 
         `max_images` 0 predicts on the calling thread, alone; `workers` batching threads (None:
@@ -215,7 +205,7 @@ class ModelCache:
     def _batcher_for(
         self, wait_seconds: float, max_images: int, chunk: int, workers: int | None
     ) -> PredictionBatcher:
-        from app.predictions.batcher import PredictionBatcher
+        from app.core.prediction_batcher import PredictionBatcher
 
         with self._lock:
             batcher = self._batcher

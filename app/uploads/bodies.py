@@ -21,8 +21,7 @@ from app.core.images import CheckedImage, check_image
 from app.core.media import request_media_type
 from app.core.runtime import Runtime
 from app.core.schemas import invisible_character, unstorable_character
-from app.predictions.schemas import QueriesJson
-from app.tasks.schemas import SupportSetJson
+from app.uploads.schemas import QueriesJson, SupportSetJson
 
 MULTIPART = "multipart/form-data"
 JSON = "application/json"
