@@ -17,9 +17,9 @@ from starlette.concurrency import run_in_threadpool
 from app.adaptations import views as adaptations_views
 from app.console import install as install_console
 from app.core.config import Settings, get_settings
-from app.core.errors import install_error_handlers
 from app.core.limits import Limits
 from app.core.migrate import upgrade
+from app.core.problems import install_error_handlers
 from app.core.runtime import Runtime
 from app.datasets import views as datasets_views
 from app.health import views as health_views

@@ -10,7 +10,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core import metrics
-from app.core.errors import PROBLEM_JSON
+from app.core.problems import PROBLEM_JSON
 
 
 class _BodyTooLarge(Exception):

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema
 
 from app.core.config import Settings
-from app.core.errors import PROBLEM_JSON
+from app.core.problems import PROBLEM_JSON
 
 
 def unstorable_character(text: str) -> str | None:

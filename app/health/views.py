@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import func, select, text
 
-from app.core.errors import problem_response
 from app.core.metrics import registry as process_metrics
+from app.core.problems import problem_response
 from app.core.runtime import Runtime
 from app.core.schemas import problem_responses
 from app.deps import DispatcherDep, RuntimeDep
