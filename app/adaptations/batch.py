@@ -55,7 +55,6 @@ class _Loaded:
 
 def run_adapt_batch(runtime: Runtime, held: list[Held]) -> BatchResult:
     """Adapt every held job's task; an Outcome or the exception that ended each job."""
-
     results: BatchResult = {}
     loaded: list[_Loaded] = []
     runtime.models.use_serving_threads()
@@ -117,7 +116,6 @@ def _adapt(
 ) -> tuple[list[ml.AdaptedModel | ml.EpisodeError], list[Tensor | None]]:
     """Each item's model (or why its support set is invalid) and its support embeddings under
     the initialization (for the diagnostics; None when it has no model)."""
-
     device = runtime.models.device
     if len(items) == 1 or ml.chooses_steps(init, mode, steps):
         # Steps chosen per task (each support set its own count) do not stack: one at a time.
@@ -211,7 +209,6 @@ def _read_rows(runtime: Runtime, claims: list[Claim]) -> list[tuple[Claim, _Rows
 
 def _load(runtime: Runtime, claim: Claim, rows: _Rows) -> _Loaded | Outcome:
     """Check one job's rows; decode and preprocess its support images."""
-
     job, task, init_row = rows.job, rows.task, rows.init_row
     if job is None or task is None or init_row is None:
         return Outcome("skipped")

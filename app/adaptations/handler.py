@@ -46,7 +46,6 @@ def _result(row: AdaptedModel, diagnostics: dict[str, Any] | None = None) -> dic
 def support_diagnostics(embeddings: Tensor, labels: list[str]) -> dict[str, Any] | None:
     """Leave-one-out accuracy and confusable pairs of a support set from its embeddings [S, D]
     under the initialization (None if they fail)."""
-
     try:
         return ml.diagnose_embeddings(embeddings, labels).to_dict()
     except Exception:
@@ -58,7 +57,6 @@ def support_diagnostics(embeddings: Tensor, labels: list[str]) -> dict[str, Any]
 @contextmanager
 def permanent_failures(job_id: uuid.UUID) -> Iterator[None]:
     """Turn the errors another attempt would repeat into PermanentJobError with their code."""
-
     try:
         yield
     except ml.EpisodeError as exc:
@@ -178,7 +176,6 @@ def _forget_if_task_deleted(runtime: Runtime, session: Session, task_id: uuid.UU
 
 def run_adapt(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
     """Adapt the task's pinned initialization to its support set and store the weights."""
-
     with runtime.sessions() as session:
         # The job, its task, the version it adapts (a re-adaptation names its own; a first
         # adaptation uses the task's pinned one) and a model an earlier delivery recorded: one

@@ -64,7 +64,6 @@ class ModelCache:
 
     def initialization(self, row: models.Initialization) -> ml.Initialization:
         """The initialization of a row, read from the store on first use."""
-
         with self._lock:
             cached = self._inits.get(row.version)
         if cached is not None:
@@ -112,7 +111,6 @@ class ModelCache:
 
     def adapted(self, row: models.AdaptedModel, init: ml.Initialization) -> ml.AdaptedModel:
         """The adapted model of a row, cached or read (sha256-checked) from the store."""
-
         cached = self.cached_adapted(row.id)
         if cached is not None:
             return cached

@@ -134,7 +134,6 @@ def register_initialization_folder(
 
     activate None: active when its domain has no active version yet.
     """
-
     init = ml.Initialization.load(folder)
     domain = init.config.domain[:64]
     if activate is None:
@@ -177,7 +176,6 @@ def ensure_initializations(
     (e.g. a newer shipped one) is registered as available, not active: switching what new tasks
     adapt from stays an admin's call (POST .../promote).
     """
-
     for folder in folders:
         if not (folder / "weights.safetensors").is_file():
             continue

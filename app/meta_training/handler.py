@@ -70,7 +70,6 @@ def version_for(job_id: uuid.UUID) -> str:
 
 def train_config(params: dict[str, Any], start: ml.Initialization | None) -> Any:
     """The fewshot MetaTrainConfig of a job's settings."""
-
     algorithm = dict(params.get("algorithm") or {})
     order = algorithm.pop("order", "second")
     model = ml.ModelConfig.from_dict(params.get("model") or {}) if start is None else start.config
@@ -103,7 +102,6 @@ def validation_groups_of(details: dict[str, Any], data: ml.ImageDataset) -> tupl
 
     Datasets registered before the split was recorded get the same deterministic choice now.
     """
-
     held = details.get("validation_groups")
     by = str(details.get("validation_by") or ("group" if len(data.group_names) >= 2 else "class"))
     if isinstance(held, list) and held:
@@ -113,7 +111,6 @@ def validation_groups_of(details: dict[str, Any], data: ml.ImageDataset) -> tupl
 
 def split_fixed(units: ml.ImageDataset, held: list[str]) -> tuple[ml.ImageDataset, ml.ImageDataset]:
     """Train on everything but the held-out groups; validate on exactly them."""
-
     names = units.group_names
     missing = sorted(set(held) - set(names))
     if missing:
@@ -131,7 +128,6 @@ class _Data:
 
     def load(self, config: Any) -> _Split:
         """Train and validation parts at a model config's size and mode (the same split always)."""
-
         data = ml.load_dataset(self.path, config)
         held, by = validation_groups_of(self.details, data)
         units = _units(data, by)
@@ -245,7 +241,6 @@ def _paired(
     device: str,
 ) -> ml.PromotionVerdict:
     """Both versions on the same seeded episodes per shape, paired (fewshot.promotion)."""
-
     if active_val is val:
         return ml.compare_initializations(
             candidate, active, val, shapes, episodes=episodes, queries=EVAL_QUERIES,
@@ -286,7 +281,6 @@ def decide(
     overlap: list[str],
 ) -> ml.PromotionVerdict:
     """The final verdict: the comparison's, with every known training overlap counted."""
-
     return ml.verdict(
         compared.comparisons, shapes, margin=compared.margin, min_episodes=ml.MIN_EPISODES,
         overlap=overlap, validation_groups=held,
@@ -299,7 +293,6 @@ def _shape_key(c: Any) -> str:
 
 def comparison_card(metadata: dict[str, Any], promotion_doc: dict[str, Any] | None) -> str:
     """The model card: fewshot's card plus the promotion comparison, shape by shape."""
-
     text = ml.render_model_card(metadata)
     if not promotion_doc:
         return text
@@ -392,11 +385,19 @@ def _register(
     return row, promoted
 
 
-def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
-    """Run (or resume) one meta-training job to the end, a cancel, or a shutdown."""
+@dataclass
+class _Run:
+    """What the job row says to run, read in the first stage."""
 
-    # One long job on its own thread: torch's default team (serving threads use fewer).
-    use_threads(training_threads(runtime.settings.torch_threads))
+    params: dict[str, Any]
+    detail: dict[str, Any]
+    dataset_details: dict[str, Any]
+    dataset_path: Path
+    start_row: Initialization | None
+
+
+def _read_job(runtime: Runtime, claim: Claim) -> _Run | Outcome:
+    """The run's settings, or the outcome when there is nothing (more) to run."""
     with runtime.sessions() as session:
         job = session.get(Job, claim.job_id)
         if job is None:
@@ -417,33 +418,43 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
         start_row = (
             session.get(Initialization, job.initialization_id) if job.initialization_id else None
         )
-        params = dict(job.params)
-        detail = dict(job.progress_detail or {})
-        dataset_details = dict(dataset.details or {})
-        dataset_path = runtime.store.verify(dataset.artifact_key, dataset.sha256)
+        return _Run(
+            params=dict(job.params),
+            detail=dict(job.progress_detail or {}),
+            dataset_details=dict(dataset.details or {}),
+            dataset_path=runtime.store.verify(dataset.artifact_key, dataset.sha256),
+            start_row=start_row,
+        )
 
-    reporter = _Reporter(heartbeat, detail)
-    reporter.stage("loading")
-    folder = runtime.store.path(run_folder(claim.job_id))
-    device = runtime.models.device
-    start = runtime.models.initialization(start_row) if start_row is not None else None
-    cfg = train_config(params, start)
-    data = _Data(dataset_path, dataset_details)
+
+def _load_split(data: _Data, config: Any, ways: int, dataset_path: Path) -> _Split:
+    """The fixed train/validation split at the model's input, or a permanent invalid_dataset."""
     try:
-        split = data.load(cfg.model if start is None else start.config)
-        train, val, held, by = split.train, split.val, split.held, split.by
-        if len(train.classes) < cfg.ways[1]:
+        split = data.load(config)
+        if len(split.train.classes) < ways:
             raise ml.DatasetError(
-                f"the training part has {len(train.classes)} classes; ways up to "
-                f"{cfg.ways[1]} need at least that many"
+                f"the training part has {len(split.train.classes)} classes; ways up to "
+                f"{ways} need at least that many"
             )
     except ml.DatasetError as exc:
         raise PermanentJobError("invalid_dataset", _without_paths(str(exc), dataset_path)) from exc
-    trainer = ml.MetaTrainer(cfg, train, val, folder, start=start, device=device)
-    extra: dict[str, Any] = {"iteration": trainer.iteration, "total": cfg.iterations}
+    return split
+
+
+def _train(
+    runtime: Runtime,
+    claim: Claim,
+    heartbeat: Heartbeat,
+    reporter: _Reporter,
+    trainer: Any,
+    run: _Run,
+    folder: Path,
+) -> Any:
+    """Train to the end (the result) or stop: the outcome of a cancel, or HandBack on shutdown."""
+    extra: dict[str, Any] = {"iteration": trainer.iteration, "total": trainer.cfg.iterations}
     if trainer.iteration > 0:
         extra["resumes"] = [
-            *detail.get("resumes", []),
+            *run.detail.get("resumes", []),
             {"attempt": claim.attempt, "iteration": trainer.iteration},
         ]
         log.info("job %s: resuming from iteration %d", claim.job_id, trainer.iteration)
@@ -453,97 +464,113 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
         result = trainer.run(
             on_progress=lambda report: reporter.progress(report, trainer.curve, folder),
             should_stop=reporter.should_stop,
-            log_every=max(1, int(params.get("log_every", 25))),
+            log_every=max(1, int(run.params.get("log_every", 25))),
             show_progress=False,
             # Reports with no curve point: an ETA within seconds of the start.
             early_reports=(1, 2, 5, 10),
         )
     except ml.EpisodeError as exc:
         # E.g. classes with fewer images than shots + queries: another attempt would repeat it.
-        raise PermanentJobError("invalid_settings", _without_paths(str(exc), dataset_path)) from exc
-    if result.cancelled or result.initialization is None:
-        with runtime.sessions() as session:
-            if heartbeat.cancelled:
-                state.end_fenced(
-                    session,
-                    claim,
-                    "cancelled",
-                    progress_detail={**reporter.detail, "stage": "cancelled"},
-                )
-                return Outcome("done")
-        if not heartbeat.lost:
-            # A shutdown: the checkpoint is written; the next attempt resumes from it.
-            raise HandBack()
-        return Outcome("skipped")
-
-    reporter.stage("evaluating")
-    new = result.initialization
-    # Recorded with the version, so any later comparison can check for overlap.
-    new.metadata.update(
-        validation_groups=held, validation_by=by, training_groups=sorted(train.group_names)
-    )
-    auto = bool(params.get("auto_promote"))
-    requested = int(params.get("validation_episodes", 200))
-    episodes = max(requested, MIN_PROMOTION_EPISODES) if auto else requested
-    shapes = required_shapes(val)
+        message = _without_paths(str(exc), run.dataset_path)
+        raise PermanentJobError("invalid_settings", message) from exc
+    if not (result.cancelled or result.initialization is None):
+        return result
     with runtime.sessions() as session:
-        # The baseline is what the tenant's new tasks adapt from now.
+        if heartbeat.cancelled:
+            state.end_fenced(
+                session,
+                claim,
+                "cancelled",
+                progress_detail={**reporter.detail, "stage": "cancelled"},
+            )
+            return Outcome("done")
+    if not heartbeat.lost:
+        # A shutdown: the checkpoint is written; the next attempt resumes from it.
+        raise HandBack()
+    return Outcome("skipped")
+
+
+def _baseline_row(runtime: Runtime, claim: Claim, domain: str) -> Initialization | None:
+    """What the run's tenant adapts from now in the new version's domain (the baseline)."""
+    with runtime.sessions() as session:
         run_tenant = session.scalar(select(Job.tenant_id).where(Job.id == claim.job_id))
-        # ... in the new version's domain: a photo model is compared with photo models only.
         active_row = (
             None
             if run_tenant is None
             else registry.default_for(session=session, tenant_id=run_tenant)
         )
-        if active_row is None or active_row.domain != new.config.domain:
-            active_row = registry.active_initialization(session=session, domain=new.config.domain)
+        # ... in the new version's domain: a photo model is compared with photo models only.
+        if active_row is None or active_row.domain != domain:
+            active_row = registry.active_initialization(session=session, domain=domain)
+        return active_row
+
+
+def _evaluate(
+    new: ml.Initialization, split: _Split, shapes: list[tuple[int, int, bool]], episodes: int,
+    params: dict[str, Any], result: Any, device: str,
+) -> dict[str, Any]:  # fmt: skip
+    """The new version alone on the validation episodes, with its accuracy at 0 inner steps."""
     metrics: dict[str, Any] = {
-        # The new version alone on the same episodes, with its accuracy at 0 inner steps.
-        "validation_detail": _score(new, val, shapes, episodes, device),
+        "validation_detail": _score(new, split.val, shapes, episodes, device),
         "dataset": {"id": str(params.get("dataset_id")), "name": params.get("dataset_name")},
         "iterations": result.iteration,
         "wall_time_s": round(result.wall_time_s, 1),
-        "validation_classes": len(val.classes),
-        "validation_groups": held,
-        "training_groups": sorted(train.group_names),
+        "validation_classes": len(split.val.classes),
+        "validation_groups": split.held,
+        "training_groups": sorted(split.train.group_names),
         "required_shapes": [f"{w}w{k}s" for w, k, _ in shapes],
     }
     metrics["validation"] = {
         shape: {k: r[k] for k in ("accuracy", "ci95", "episodes")}
         for shape, r in metrics["validation_detail"].items()
     }
-    promote = auto
-    if active_row is not None:
-        active = runtime.models.initialization(active_row)
-        same = _data_key(active.config) == _data_key(new.config)
-        active_val = val if same else data.load(active.config).val
-        compared = _paired(new, active, val, active_val, shapes, episodes, device)
-        # The whole dataset infers the training groups of older versions that recorded only
-        # their validation groups.
-        overlap = sorted(
-            set(ml.overlapping_groups(new.metadata, held, split.whole))
-            | set(ml.overlapping_groups(active.metadata, held, split.whole))
-        )
-        final = decide(compared, shapes, held, overlap)
-        document = {**final.to_dict(), "baseline_version": active_row.version, "episodes": episodes}
-        metrics["promotion"] = document
-        metrics["baseline"] = {"version": active_row.version}
-        metrics["comparison"] = {_shape_key(c): c.to_dict() for c in final.comparisons}
-        metrics["baseline"]["validation"] = {
-            _shape_key(c): {"accuracy": c.active, "episodes": c.episodes} for c in final.comparisons
-        }
-        promote = auto and final.promote
-    else:
+    return metrics
+
+
+def _compare_with_baseline(
+    runtime: Runtime, active_row: Initialization | None, new: ml.Initialization, data: _Data,
+    split: _Split, shapes: list[tuple[int, int, bool]], episodes: int, auto: bool,
+    metrics: dict[str, Any],
+) -> bool:  # fmt: skip
+    """Pair the new version with the baseline, record the verdict in `metrics`; promote it?"""
+    device = runtime.models.device
+    if active_row is None:
         metrics["promotion"] = {
             "promote": auto,
             "reasons": ["no baseline version to compare with"],
             "baseline_version": None,
-            "validation_groups": held,
+            "validation_groups": split.held,
             "comparisons": [],
             "episodes": episodes,
         }
-    metrics["promotion"]["auto_promote"] = auto
-    reporter.stage("registering")
+        return auto
+    active = runtime.models.initialization(active_row)
+    same = _data_key(active.config) == _data_key(new.config)
+    active_val = split.val if same else data.load(active.config).val
+    compared = _paired(new, active, split.val, active_val, shapes, episodes, device)
+    # The whole dataset infers the training groups of older versions that recorded only their
+    # validation groups.
+    overlap = sorted(
+        set(ml.overlapping_groups(new.metadata, split.held, split.whole))
+        | set(ml.overlapping_groups(active.metadata, split.held, split.whole))
+    )
+    final = decide(compared, shapes, split.held, overlap)
+    metrics["promotion"] = {
+        **final.to_dict(), "baseline_version": active_row.version, "episodes": episodes
+    }  # fmt: skip
+    metrics["baseline"] = {"version": active_row.version}
+    metrics["comparison"] = {_shape_key(c): c.to_dict() for c in final.comparisons}
+    metrics["baseline"]["validation"] = {
+        _shape_key(c): {"accuracy": c.active, "episodes": c.episodes} for c in final.comparisons
+    }
+    return auto and final.promote
+
+
+def _register_run(
+    runtime: Runtime, claim: Claim, new: ml.Initialization, folder: Path,
+    metrics: dict[str, Any], training_config: dict[str, Any], promote: bool,
+) -> Outcome:  # fmt: skip
+    """Register the version (and the job's success) unless the job is gone or it is done."""
     with runtime.sessions() as session:
         job = session.get(Job, claim.job_id)
         if job is None:
@@ -551,9 +578,8 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
             return Outcome("skipped")
         try:
             done = _register(
-                session, runtime, claim, job, result.initialization, folder, metrics,
-                {**params, "resolved": cfg.to_dict()}, promote,
-            )  # fmt: skip
+                session, runtime, claim, job, new, folder, metrics, training_config, promote
+            )
         except IntegrityError:
             session.rollback()
             return Outcome("skipped")
@@ -562,3 +588,51 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
     row, promoted = done
     log.info("job %s: registered %s (promoted: %s)", claim.job_id, row.version, promoted)
     return Outcome("done")
+
+
+def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outcome:
+    """Run (or resume) one meta-training job to the end, a cancel, or a shutdown.
+
+    Stages, each recorded in the job's progress: loading, training, evaluating (the new
+    version, then paired with the baseline: the promotion rule), registering.
+    """
+    # One long job on its own thread: torch's default team (serving threads use fewer).
+    use_threads(training_threads(runtime.settings.torch_threads))
+    run = _read_job(runtime, claim)
+    if isinstance(run, Outcome):
+        return run
+    reporter = _Reporter(heartbeat, run.detail)
+    reporter.stage("loading")
+    folder = runtime.store.path(run_folder(claim.job_id))
+    device = runtime.models.device
+    start = runtime.models.initialization(run.start_row) if run.start_row is not None else None
+    cfg = train_config(run.params, start)
+    data = _Data(run.dataset_path, run.dataset_details)
+    split = _load_split(data, cfg.model if start is None else start.config, cfg.ways[1],
+                        run.dataset_path)  # fmt: skip
+    trainer = ml.MetaTrainer(cfg, split.train, split.val, folder, start=start, device=device)
+    result = _train(runtime, claim, heartbeat, reporter, trainer, run, folder)
+    if isinstance(result, Outcome):
+        return result
+
+    reporter.stage("evaluating")
+    new = result.initialization
+    # Recorded with the version, so any later comparison can check for overlap.
+    new.metadata.update(
+        validation_groups=split.held,
+        validation_by=split.by,
+        training_groups=sorted(split.train.group_names),
+    )
+    auto = bool(run.params.get("auto_promote"))
+    requested = int(run.params.get("validation_episodes", 200))
+    episodes = max(requested, MIN_PROMOTION_EPISODES) if auto else requested
+    shapes = required_shapes(split.val)
+    active_row = _baseline_row(runtime, claim, new.config.domain)
+    metrics = _evaluate(new, split, shapes, episodes, run.params, result, device)
+    promote = _compare_with_baseline(
+        runtime, active_row, new, data, split, shapes, episodes, auto, metrics
+    )
+    metrics["promotion"]["auto_promote"] = auto
+    reporter.stage("registering")
+    training_config = {**run.params, "resolved": cfg.to_dict()}
+    return _register_run(runtime, claim, new, folder, metrics, training_config, promote)

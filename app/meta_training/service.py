@@ -194,7 +194,6 @@ def meta_training_public(job: Job) -> MetaTrainingPublic:
 
 def curve_png(job: Job) -> bytes:
     """The run's curve so far (meta-train loss, validation accuracy) drawn as a PNG."""
-
     curve = list((job.progress_detail or {}).get("curve") or [])
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "curve.png"

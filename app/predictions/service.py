@@ -110,7 +110,6 @@ def predict(
     The rows are written by one INSERT statement executed for all of them (executemany), in the
     request's transaction.
     """
-
     task_id = task.id
     model_row = adaptations.current_adapted_model(session=session, task_id=task_id)
     if model_row is None:
