@@ -310,37 +310,8 @@ def _core_command(args: argparse.Namespace) -> int:
     return main([args.command, *args.rest])
 
 
-def build_parser(core: bool = True) -> argparse.ArgumentParser:
-    """Every subcommand's parser; with core=False, train and evaluate are listed, not loaded."""
-    parser = argparse.ArgumentParser(
-        prog="maml-serve", description="Serve few-shot image classifiers meta-learned with MAML."
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    serve = sub.add_parser(
-        "serve", help="run the HTTP API (embedded default: SQLite + in-process jobs)"
-    )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers", type=int, default=1, help="HTTP worker processes")
-    serve.add_argument("--log-level", default="info")
-    serve.add_argument(
-        "--console-key",
-        action="store_true",
-        help="print a console link with a new admin key (tenant 'local', one day; not in production)",
-    )
-    serve.set_defaults(handler=_serve)
-
-    worker = sub.add_parser("worker", help="run a Celery worker (needs MAML_SERVE_BROKER_URL)")
-    worker.add_argument(
-        "--queues", default="adapt,predict", help="comma-separated: adapt,predict,train"
-    )
-    worker.add_argument("--pool", default="solo", help="Celery pool; solo runs one job at a time")
-    worker.add_argument("--concurrency", type=int, default=None)
-    worker.add_argument("--log-level", default="INFO")
-    worker.set_defaults(handler=_worker)
-
+def _add_keys_commands(sub: Any) -> None:
+    """`maml-serve keys create|list|revoke|rotate`."""
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     create = keys_sub.add_parser(
@@ -383,6 +354,40 @@ def build_parser(core: bool = True) -> argparse.ArgumentParser:
     )
     rotate.add_argument("--json", action="store_true", help='print {"key": ..., "id": ...}')
     rotate.set_defaults(handler=_keys_rotate)
+
+
+def build_parser(core: bool = True) -> argparse.ArgumentParser:
+    """Every subcommand's parser; with core=False, train and evaluate are listed, not loaded."""
+    parser = argparse.ArgumentParser(
+        prog="maml-serve", description="Serve few-shot image classifiers meta-learned with MAML."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve", help="run the HTTP API (embedded default: SQLite + in-process jobs)"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="HTTP worker processes")
+    serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--console-key",
+        action="store_true",
+        help="print a console link with a new admin key (tenant 'local', one day; not in production)",
+    )
+    serve.set_defaults(handler=_serve)
+
+    worker = sub.add_parser("worker", help="run a Celery worker (needs MAML_SERVE_BROKER_URL)")
+    worker.add_argument(
+        "--queues", default="adapt,predict", help="comma-separated: adapt,predict,train"
+    )
+    worker.add_argument("--pool", default="solo", help="Celery pool; solo runs one job at a time")
+    worker.add_argument("--concurrency", type=int, default=None)
+    worker.add_argument("--log-level", default="INFO")
+    worker.set_defaults(handler=_worker)
+
+    _add_keys_commands(sub)
 
     migrate = sub.add_parser("migrate", help="apply database migrations (alembic upgrade)")
     migrate.add_argument("revision", nargs="?", default="head")

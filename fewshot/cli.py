@@ -26,7 +26,17 @@ def _device(name: str) -> str:
 
 
 def add_subcommands(sub: Any) -> None:
-    """Register `train` and `evaluate` on an argparse subparsers object."""
+    """Register `train`, `evaluate`, `calibrate` and `pretrain` on an argparse subparsers object."""
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_calibrate(sub)
+    from fewshot.pretrain_cli import add_pretrain_subcommand
+
+    add_pretrain_subcommand(sub)
+
+
+def _add_train(sub: Any) -> None:
+    """`maml-serve train`. Long because it declares every option of a run; nothing in it branches."""
     train = sub.add_parser(
         "train", help="meta-train an initialization (MAML) from an image dataset"
     )
@@ -126,6 +136,8 @@ def add_subcommands(sub: Any) -> None:
     train.add_argument("--version", help="version name recorded in the initialization")
     train.set_defaults(handler=run_train)
 
+
+def _add_evaluate(sub: Any) -> None:
     ev = sub.add_parser("evaluate", help="mean accuracy of an initialization over sampled episodes")
     ev.add_argument("--data", required=True, help="dataset folder or zip")
     ev.add_argument("--ways", type=int, required=True)
@@ -145,6 +157,8 @@ def add_subcommands(sub: Any) -> None:
     ev.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     ev.set_defaults(handler=run_evaluate)
 
+
+def _add_calibrate(sub: Any) -> None:
     cal = sub.add_parser(
         "calibrate", help='calibrate the "unknown" score of an initialization on held-out groups'
     )
@@ -158,10 +172,6 @@ def add_subcommands(sub: Any) -> None:
     cal.add_argument("--threshold", type=float, default=0.05, help="default p-value threshold")
     cal.add_argument("--out", help="write the calibrated initialization here (default: in place)")
     cal.set_defaults(handler=run_calibrate)
-
-    from fewshot.pretrain_cli import add_pretrain_subcommand
-
-    add_pretrain_subcommand(sub)
 
 
 def report(

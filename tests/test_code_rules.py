@@ -18,3 +18,27 @@ def test_production_code_has_no_assert() -> None:
                 if isinstance(node, ast.Assert):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert found == []
+
+
+# A function longer than this says in its docstring why it is not split ("Long because ...").
+MAX_FUNCTION_LINES = 80
+
+
+def _long_functions(package: str) -> list[str]:
+    found = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        if "migrations" in path.relative_to(ROOT).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            lines = (node.end_lineno or node.lineno) - node.lineno + 1
+            reason = "Long because" in (ast.get_docstring(node) or "")
+            if lines > MAX_FUNCTION_LINES and not reason:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_service_functions_are_short_or_say_why() -> None:
+    assert _long_functions("app") == []
+    assert _long_functions("worker") == []

@@ -147,6 +147,44 @@ def _metadata_problem(what: str) -> InvalidRequest:
     )
 
 
+def _format_of(data: bytes, what: str) -> str:
+    """The format ("png" or "jpeg") from the signature; other formats are named in a refusal."""
+    fmt = _sniff(data)
+    if fmt is None:
+        other = _other_format(data)
+        if other is None:
+            raise InvalidRequest(
+                f"{what} is not a decodable image; send a PNG or JPEG file", code="invalid_image"
+            )
+        raise InvalidRequest(
+            f"{what} is {other}; only PNG and JPEG are accepted",
+            code="unsupported_image_format",
+        )
+    return fmt
+
+
+def _open(data: bytes, what: str, max_pixels: int) -> Image.Image:
+    """Open (header only, no pixels decoded) with Pillow's PNG and JPEG readers alone."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidRequest(
+            f"{what} has more than {max_pixels} pixels; downscale it", code="image_too_large"
+        ) from None
+    except ValueError as exc:
+        if _text_too_large(exc):
+            raise _metadata_problem(what) from None
+        raise InvalidRequest(
+            f"{what} is not a decodable image; send a PNG or JPEG file", code="invalid_image"
+        ) from None
+    except (UnidentifiedImageError, OSError):
+        raise InvalidRequest(
+            f"{what} is not a decodable image; send a PNG or JPEG file", code="invalid_image"
+        ) from None
+
+
 def check_image(
     data: bytes, *, what: str, max_bytes: int, max_pixels: int, keep_side: int | None = None
 ) -> CheckedImage:
@@ -162,35 +200,8 @@ def check_image(
             f"{what} is {len(data)} bytes; the limit is {max_bytes} bytes per image",
             code="file_too_large",
         )
-    fmt = _sniff(data)
-    if fmt is None:
-        other = _other_format(data)
-        if other is None:
-            raise InvalidRequest(
-                f"{what} is not a decodable image; send a PNG or JPEG file", code="invalid_image"
-            )
-        raise InvalidRequest(
-            f"{what} is {other}; only PNG and JPEG are accepted",
-            code="unsupported_image_format",
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InvalidRequest(
-            f"{what} has more than {max_pixels} pixels; downscale it", code="image_too_large"
-        ) from None
-    except ValueError as exc:
-        if _text_too_large(exc):
-            raise _metadata_problem(what) from None
-        raise InvalidRequest(
-            f"{what} is not a decodable image; send a PNG or JPEG file", code="invalid_image"
-        ) from None
-    except (UnidentifiedImageError, OSError):
-        raise InvalidRequest(
-            f"{what} is not a decodable image; send a PNG or JPEG file", code="invalid_image"
-        ) from None
+    fmt = _format_of(data, what)
+    image = _open(data, what, max_pixels)
     try:
         if _PIL_FORMATS.get(image.format or "") != fmt:
             raise InvalidRequest(

@@ -61,116 +61,121 @@ _HTTP_CODES = {
 }
 
 
+async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, ProblemError):
+        raise exc
+    return problem_response(
+        exc.status,
+        exc.code,
+        exc.detail,
+        instance=request.url.path,
+        headers=exc.headers,
+        extra=exc.extra,
+    )
+
+
+async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, RequestValidationError):
+        raise exc
+    errors = [
+        {
+            "loc": list(e.get("loc", ())),
+            "msg": str(e.get("msg", "")),
+            "type": str(e.get("type", "")),
+        }
+        for e in exc.errors()
+    ]
+    if any(e["loc"][:1] == ["path"] for e in errors):
+        # A malformed id names nothing that exists: the same 404 as an unknown id, whatever
+        # else is wrong with the request.
+        return problem_response(
+            404, "not_found", f"nothing at {request.url.path}", instance=request.url.path
+        )
+    invalid_json = [e for e in errors if e["type"] == "json_invalid"]
+    if invalid_json:
+        where = ".".join(str(part) for part in invalid_json[0]["loc"][1:])
+        return problem_response(
+            422,
+            "invalid_json",
+            f"the body is not valid JSON (near position {where or '?'}); send one JSON object",
+            instance=request.url.path,
+        )
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(part) for part in first["loc"])
+    detail = f"{where}: {first['msg']}" if where else str(first["msg"])
+    return problem_response(
+        422, "validation_error", detail, instance=request.url.path, extra={"errors": errors}
+    )
+
+
+async def _on_http(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, StarletteHTTPException):
+        raise exc
+    if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:
+        # FastAPI's answer to a JSON body that is not UTF-8 text: the same 422 as bad JSON.
+        return problem_response(
+            422,
+            "invalid_json",
+            "the body is not valid JSON (it is not UTF-8 text); send one JSON object",
+            instance=request.url.path,
+        )
+    media = request.headers.get("content-type", "").lower()
+    if exc.status_code == 400 and media.startswith("multipart/form-data"):
+        # FastAPI's answer to a form it cannot parse: the same 422 as the routes that read
+        # their multipart bodies themselves.
+        return problem_response(
+            422,
+            "invalid_multipart",
+            f"the multipart body could not be parsed: {exc.detail}",
+            instance=request.url.path,
+        )
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return problem_response(
+        exc.status_code,
+        code,
+        str(exc.detail),
+        instance=request.url.path,
+        headers=dict(exc.headers or {}),
+    )
+
+
+async def _on_database_down(request: Request, exc: Exception) -> JSONResponse:
+    # Connection refused, timed out or cut, or no pooled connection free in time.
+    log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
+                type(exc).__name__)  # fmt: skip
+    return problem_response(
+        503,
+        "database_unavailable",
+        "the database is not reachable right now; try again shortly",
+        instance=request.url.path,
+        headers={"Retry-After": "2"},
+    )
+
+
+async def _on_disconnect(request: Request, exc: Exception) -> Response:
+    # The client went away while sending its body: nothing to answer and nothing wrong here.
+    # 499 (nginx's "client closed request") keeps it out of the 5xx counts; nobody reads it.
+    log.info("client disconnected during %s %s", request.method, request.url.path)
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem_response(
+        500,
+        "internal_error",
+        "an unexpected error occurred; it has been logged",
+        instance=request.url.path,
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error, ours and the framework's, through one problem+json shape."""
-
-    async def on_problem(request: Request, exc: Exception) -> JSONResponse:
-        if not isinstance(exc, ProblemError):
-            raise exc
-        return problem_response(
-            exc.status,
-            exc.code,
-            exc.detail,
-            instance=request.url.path,
-            headers=exc.headers,
-            extra=exc.extra,
-        )
-
-    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
-        if not isinstance(exc, RequestValidationError):
-            raise exc
-        errors = [
-            {
-                "loc": list(e.get("loc", ())),
-                "msg": str(e.get("msg", "")),
-                "type": str(e.get("type", "")),
-            }
-            for e in exc.errors()
-        ]
-        if any(e["loc"][:1] == ["path"] for e in errors):
-            # A malformed id names nothing that exists: the same 404 as an unknown id, whatever
-            # else is wrong with the request.
-            return problem_response(
-                404, "not_found", f"nothing at {request.url.path}", instance=request.url.path
-            )
-        invalid_json = [e for e in errors if e["type"] == "json_invalid"]
-        if invalid_json:
-            where = ".".join(str(part) for part in invalid_json[0]["loc"][1:])
-            return problem_response(
-                422,
-                "invalid_json",
-                f"the body is not valid JSON (near position {where or '?'}); send one JSON object",
-                instance=request.url.path,
-            )
-        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
-        where = ".".join(str(part) for part in first["loc"])
-        detail = f"{where}: {first['msg']}" if where else str(first["msg"])
-        return problem_response(
-            422, "validation_error", detail, instance=request.url.path, extra={"errors": errors}
-        )
-
-    async def on_http(request: Request, exc: Exception) -> JSONResponse:
-        if not isinstance(exc, StarletteHTTPException):
-            raise exc
-        if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:
-            # FastAPI's answer to a JSON body that is not UTF-8 text: the same 422 as bad JSON.
-            return problem_response(
-                422,
-                "invalid_json",
-                "the body is not valid JSON (it is not UTF-8 text); send one JSON object",
-                instance=request.url.path,
-            )
-        media = request.headers.get("content-type", "").lower()
-        if exc.status_code == 400 and media.startswith("multipart/form-data"):
-            # FastAPI's answer to a form it cannot parse: the same 422 as the routes that read
-            # their multipart bodies themselves.
-            return problem_response(
-                422,
-                "invalid_multipart",
-                f"the multipart body could not be parsed: {exc.detail}",
-                instance=request.url.path,
-            )
-        code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return problem_response(
-            exc.status_code,
-            code,
-            str(exc.detail),
-            instance=request.url.path,
-            headers=dict(exc.headers or {}),
-        )
-
-    async def on_database_down(request: Request, exc: Exception) -> JSONResponse:
-        # Connection refused, timed out or cut, or no pooled connection free in time.
-        log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
-                    type(exc).__name__)  # fmt: skip
-        return problem_response(
-            503,
-            "database_unavailable",
-            "the database is not reachable right now; try again shortly",
-            instance=request.url.path,
-            headers={"Retry-After": "2"},
-        )
-
-    async def on_disconnect(request: Request, exc: Exception) -> Response:
-        # The client went away while sending its body: nothing to answer and nothing wrong here.
-        # 499 (nginx's "client closed request") keeps it out of the 5xx counts; nobody reads it.
-        log.info("client disconnected during %s %s", request.method, request.url.path)
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(
-            500,
-            "internal_error",
-            "an unexpected error occurred; it has been logged",
-            instance=request.url.path,
-        )
-
-    app.add_exception_handler(ProblemError, on_problem)
-    app.add_exception_handler(RequestValidationError, on_validation)
-    app.add_exception_handler(StarletteHTTPException, on_http)
-    app.add_exception_handler(OperationalError, on_database_down)
-    app.add_exception_handler(InterfaceError, on_database_down)
-    app.add_exception_handler(SQLAlchemyTimeoutError, on_database_down)
-    app.add_exception_handler(ClientDisconnect, on_disconnect)
-    app.add_exception_handler(Exception, on_unexpected)
+    app.add_exception_handler(ProblemError, _on_problem)
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(OperationalError, _on_database_down)
+    app.add_exception_handler(InterfaceError, _on_database_down)
+    app.add_exception_handler(SQLAlchemyTimeoutError, _on_database_down)
+    app.add_exception_handler(ClientDisconnect, _on_disconnect)
+    app.add_exception_handler(Exception, _on_unexpected)

@@ -110,44 +110,9 @@ def predict(
     The rows are written by one INSERT statement executed for all of them (executemany), in the
     request's transaction.
     """
-    task_id = task.id
-    model_row = adaptations.current_adapted_model(session=session, task_id=task_id)
-    if model_row is None:
-        # A DELETE committed since the task was read removes its models too: that is a 404
-        # (as for any request after it), never "still adapting".
-        _raise_if_task_gone(session, task_id)
-        if task.status == "failed":
-            job = jobs.latest_job(session=session, task_id=task.id)
-            why = (
-                f" ({job.error_code}: {job.error_message})"
-                if job is not None and job.error_code
-                else ""
-            )
-            raise Conflict(
-                f"adapting this task failed{why}; create the task again", code="adaptation_failed"
-            )
-        raise Conflict(
-            "the task is still adapting; retry after the Retry-After delay or poll its job",
-            code="not_adapted_yet",
-            headers={"Retry-After": str(runtime.settings.retry_after_seconds)},
-        )
+    model_row = _current_model_row(session, runtime, task)
     runtime.models.use_serving_threads()
-    # A cached model (e.g. the one this process just adapted) needs no initialization lookup.
-    model = runtime.models.cached_adapted(model_row.id)
-    if model is None:
-        init_row = session.get(Initialization, model_row.initialization_id)
-        if init_row is None:
-            raise Conflict(
-                "the initialization this task's model was adapted from is gone; re-adapt the "
-                "task (POST /v1/tasks/{id}/adaptations)",
-                code="initialization_missing",
-            )
-        try:
-            model = runtime.models.adapted(model_row, runtime.models.initialization(init_row))
-        except FileNotFoundError:
-            # The task was deleted (with its weights) since it was read: the same 404 as after.
-            _raise_if_task_gone(session, task.id)
-            raise
+    model = _load_model(session, runtime, task, model_row)
     x = ml.preprocess_images([image.decode() for image in queries.images], model.config)
     started = time.perf_counter()
     threshold, source = resolve_threshold(
@@ -160,9 +125,73 @@ def predict(
     )
     metrics.PREDICT_COMPUTE.observe(time.perf_counter() - started)
     metrics.PREDICTED_IMAGES.inc(len(queries.images))
-
     request_id = uuid.uuid4()
-    labels = list(model.labels)
+    out, values = _rows(task, model_row, request_id, queries, list(model.labels), scores)
+    try:
+        session.execute(insert(Prediction), values)
+        session.commit()
+    except IntegrityError:
+        # A concurrent DELETE removed the task (its foreign key fails): 404, nothing written.
+        # The rollback expires `task`, whose row may be gone: use the id read before.
+        session.rollback()
+        _raise_if_task_gone(session, values[0]["task_id"])
+        raise
+    return Predicted(model_row, request_id, out, scores.threshold, source)
+
+
+def _current_model_row(session: Session, runtime: Runtime, task: Task) -> AdaptedModel:
+    """The task's current adapted model; 409 while adapting or after a failure, 404 if gone."""
+    model_row = adaptations.current_adapted_model(session=session, task_id=task.id)
+    if model_row is not None:
+        return model_row
+    # A DELETE committed since the task was read removes its models too: that is a 404
+    # (as for any request after it), never "still adapting".
+    _raise_if_task_gone(session, task.id)
+    if task.status == "failed":
+        job = jobs.latest_job(session=session, task_id=task.id)
+        why = (
+            f" ({job.error_code}: {job.error_message})"
+            if job is not None and job.error_code
+            else ""
+        )
+        raise Conflict(
+            f"adapting this task failed{why}; create the task again", code="adaptation_failed"
+        )
+    raise Conflict(
+        "the task is still adapting; retry after the Retry-After delay or poll its job",
+        code="not_adapted_yet",
+        headers={"Retry-After": str(runtime.settings.retry_after_seconds)},
+    )
+
+
+def _load_model(
+    session: Session, runtime: Runtime, task: Task, model_row: AdaptedModel
+) -> ml.AdaptedModel:
+    """The adapted model, from this process's cache or the store (with its initialization)."""
+    # A cached model (e.g. the one this process just adapted) needs no initialization lookup.
+    model = runtime.models.cached_adapted(model_row.id)
+    if model is not None:
+        return model
+    init_row = session.get(Initialization, model_row.initialization_id)
+    if init_row is None:
+        raise Conflict(
+            "the initialization this task's model was adapted from is gone; re-adapt the "
+            "task (POST /v1/tasks/{id}/adaptations)",
+            code="initialization_missing",
+        )
+    try:
+        return runtime.models.adapted(model_row, runtime.models.initialization(init_row))
+    except FileNotFoundError:
+        # The task was deleted (with its weights) since it was read: the same 404 as after.
+        _raise_if_task_gone(session, task.id)
+        raise
+
+
+def _rows(
+    task: Task, model_row: AdaptedModel, request_id: uuid.UUID, queries: QueriesIn,
+    labels: list[str], scores: ml.PredictionScores,
+) -> tuple[list[PredictionOut], list[dict[str, Any]]]:  # fmt: skip
+    """Each image's answer (label or "unknown", probabilities, top k, score) and its row."""
     top_k = min(queries.top_k or len(labels), len(labels))
     by_probability = itemgetter(1)
     out: list[PredictionOut] = []
@@ -204,16 +233,7 @@ def predict(
                 "created_at": utcnow(),
             }
         )
-    try:
-        session.execute(insert(Prediction), values)
-        session.commit()
-    except IntegrityError:
-        # A concurrent DELETE removed the task (its foreign key fails): 404, nothing written.
-        # The rollback expires `task`, whose row may be gone: use the id read before.
-        session.rollback()
-        _raise_if_task_gone(session, values[0]["task_id"])
-        raise
-    return Predicted(model_row, request_id, out, scores.threshold, source)
+    return out, values
 
 
 def _raise_if_task_gone(session: Session, task_id: uuid.UUID) -> None:

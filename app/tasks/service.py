@@ -95,74 +95,15 @@ def create_task(
             return _idempotent_replay(session, tenant_id, earlier, fingerprint), None
     # Past the backlog bounds the request is refused before anything is stored.
     admit_adaptation(session, runtime.settings, tenant_id)
-    init_row = (
-        registry.default_for(session=session, tenant_id=tenant_id)
-        if body.initialization is None
-        else registry.ready_version(session, body.initialization, tenant_id)
-    )
-    if init_row is None:
-        raise ServiceUnavailable(
-            "no active initialization is registered yet; an operator must promote one",
-            code="no_active_initialization",
-        )
-
+    init_row = _initialization_for(session, tenant_id, body.initialization)
     mode = body.mode or str(init_row.config.get("default_mode") or "full")
     task_id = uuid.uuid4()
-    labels_in_order = list(dict.fromkeys(body.labels))
     try:
-        examples = []
-        # Small images go in their rows; the others, content-addressed in a folder of this new
-        # task (a repeated image is stored once).
-        inline_max = runtime.settings.support_inline_max_bytes
-        files: dict[str, bytes] = {}
-        for position, (image, label) in enumerate(zip(body.images, body.labels, strict=True)):
-            key = None
-            if len(image.data) > inline_max:
-                key = support_image_key(task_id, image.sha256, image.format)
-                files.setdefault(key, image.data)
-            examples.append(
-                SupportExample(
-                    position=position,
-                    label=label,
-                    image_key=key,
-                    data=image.data if key is None else None,
-                    sha256=image.sha256,
-                    format=image.format,
-                    width=image.width,
-                    height=image.height,
-                    size_bytes=len(image.data),
-                )
-            )
-        if files:
-            runtime.store.put_many(files)
-        task = Task(
-            id=task_id,
-            tenant_id=tenant_id,
-            name=body.name,
-            status="adapting",
-            labels=labels_in_order,
-            mode=mode,
-            steps=body.steps,
-            initialization_id=init_row.id,
-            support_set_sha256=support_hash,
-            example_count=len(examples),
-            unknown_threshold=body.unknown_threshold,
-            examples=examples,
-        )
-        job = state.new_job(
-            kind="adapt",
-            settings=runtime.settings,
-            tenant_id=tenant_id,
-            task_id=task_id,
-            initialization_id=init_row.id,
-            params={
-                "mode": mode,
-                "steps": body.steps,
-                "fingerprint": fingerprint,
-                "unknown_threshold": body.unknown_threshold,
-            },
-            idempotency_key=idempotency_key,
-        )
+        examples = _store_examples(runtime, task_id, body)
+        task, job = _task_and_job(
+            runtime, tenant_id, task_id, init_row, body, mode, examples, support_hash,
+            fingerprint, idempotency_key,
+        )  # fmt: skip
         session.add(task)
         # Jobs have no ORM relationship to tasks, so the task row must exist before the job's.
         session.flush()
@@ -192,6 +133,92 @@ def create_task(
 
     jobs.send(dispatcher, job, discard=discard)
     return task, job
+
+
+def _task_and_job(
+    runtime: Runtime, tenant_id: uuid.UUID, task_id: uuid.UUID, init_row: Initialization,
+    body: SupportSetIn, mode: str, examples: list[SupportExample], support_hash: str,
+    fingerprint: str, idempotency_key: str | None,
+) -> tuple[Task, Job]:  # fmt: skip
+    """The new task's row (with its examples) and its adapt job's, not yet added."""
+    task = Task(
+        id=task_id,
+        tenant_id=tenant_id,
+        name=body.name,
+        status="adapting",
+        labels=list(dict.fromkeys(body.labels)),
+        mode=mode,
+        steps=body.steps,
+        initialization_id=init_row.id,
+        support_set_sha256=support_hash,
+        example_count=len(examples),
+        unknown_threshold=body.unknown_threshold,
+        examples=examples,
+    )
+    job = state.new_job(
+        kind="adapt",
+        settings=runtime.settings,
+        tenant_id=tenant_id,
+        task_id=task_id,
+        initialization_id=init_row.id,
+        params={
+            "mode": mode,
+            "steps": body.steps,
+            "fingerprint": fingerprint,
+            "unknown_threshold": body.unknown_threshold,
+        },
+        idempotency_key=idempotency_key,
+    )
+    return task, job
+
+
+def _initialization_for(
+    session: Session, tenant_id: uuid.UUID, version: str | None
+) -> Initialization:
+    """The named ready version, else the tenant's default; 503 when there is none at all."""
+    init_row = (
+        registry.default_for(session=session, tenant_id=tenant_id)
+        if version is None
+        else registry.ready_version(session, version, tenant_id)
+    )
+    if init_row is None:
+        raise ServiceUnavailable(
+            "no active initialization is registered yet; an operator must promote one",
+            code="no_active_initialization",
+        )
+    return init_row
+
+
+def _store_examples(
+    runtime: Runtime, task_id: uuid.UUID, body: SupportSetIn
+) -> list[SupportExample]:
+    """The support rows; images too large for a row are written to the new task's folder."""
+    examples = []
+    # Small images go in their rows; the others, content-addressed in a folder of this new
+    # task (a repeated image is stored once).
+    inline_max = runtime.settings.support_inline_max_bytes
+    files: dict[str, bytes] = {}
+    for position, (image, label) in enumerate(zip(body.images, body.labels, strict=True)):
+        key = None
+        if len(image.data) > inline_max:
+            key = support_image_key(task_id, image.sha256, image.format)
+            files.setdefault(key, image.data)
+        examples.append(
+            SupportExample(
+                position=position,
+                label=label,
+                image_key=key,
+                data=image.data if key is None else None,
+                sha256=image.sha256,
+                format=image.format,
+                width=image.width,
+                height=image.height,
+                size_bytes=len(image.data),
+            )
+        )
+    if files:
+        runtime.store.put_many(files)
+    return examples
 
 
 def _idempotent_replay(session: Session, tenant_id: uuid.UUID, job: Job, fingerprint: str) -> Task:
