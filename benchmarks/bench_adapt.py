@@ -36,8 +36,8 @@ from fewshot.data import ImageDataset
 from fewshot.fast import adapt_fast
 from fewshot.head import prototype_head
 from fewshot.inner import HEAD_BIAS, HEAD_SCALE, HEAD_WEIGHT, adapt_params, adapted_names, logits
-from fewshot.tasks import query_logits
 from fewshot.training import MetaTrainer
+from fewshot.vmapped import query_logits
 
 WAYS, SHOTS, QUERIES = 5, 1, 5
 

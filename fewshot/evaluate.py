@@ -17,7 +17,7 @@ from fewshot.errors import EpisodeError
 from fewshot.initialization import Initialization
 from fewshot.inner import InnerRecipe
 from fewshot.stepchoice import chooses_steps
-from fewshot.tasks import query_logits
+from fewshot.vmapped import query_logits
 
 
 @dataclass

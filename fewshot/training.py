@@ -35,9 +35,9 @@ from fewshot.initialization import Initialization
 from fewshot.inner import InnerRecipe, effective_step_sizes, raw_step_sizes
 from fewshot.openset import calibrate_unknown
 from fewshot.optim import Adam, cosine_lr
-from fewshot.tasks import query_logits
 from fewshot.unknown import METADATA_KEY as UNKNOWN_KEY
 from fewshot.unknown import UnknownCalibration
+from fewshot.vmapped import query_logits
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 STATE_FILE = "state.json"

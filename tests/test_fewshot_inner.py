@@ -12,7 +12,7 @@ from fewshot.backbone import Conv4
 from fewshot.config import AdaptMode, ModelConfig
 from fewshot.head import prototype_head
 from fewshot.inner import adapt_params, embed, logits
-from fewshot.tasks import query_logits
+from fewshot.vmapped import query_logits
 from tests.fewshot_helpers import (
     TINY,
     random_images,

@@ -60,7 +60,7 @@ def test_running_the_adapt_job_twice_leaves_one_model(
 def test_the_celery_task_delivered_twice_leaves_one_model(
     client: TestClient, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker import tasks
+    from worker import celery_tasks as tasks
 
     runtime = runtime_of(client)
     monkeypatch.setattr(tasks, "_runtime", runtime)

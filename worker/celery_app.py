@@ -11,7 +11,7 @@ from app.jobs.broker import make_celery
 
 NO_BROKER = "maml-serve worker: no broker configured; set MAML_SERVE_BROKER_URL (e.g. redis://localhost:6379/0)"
 
-celery_app = make_celery(get_settings(), include=["worker.tasks"])
+celery_app = make_celery(get_settings(), include=["worker.celery_tasks"])
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]
