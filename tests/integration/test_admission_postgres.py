@@ -9,7 +9,7 @@ import pytest
 from app.core.config import Settings
 from app.core.migrate import upgrade
 from tests.helpers import runtime_of
-from tests.test_admission import bounded_client, check_bounds
+from tests.unit.app.jobs.test_admission import bounded_client, check_bounds
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from app.core.config import Settings
-from tests.test_support_migration import check_0005_inline_images
-from tests.test_tenancy_migration import check_0004_backfill, check_upgrade_with_data
+from tests.unit.app.core.test_support_migration import check_0005_inline_images
+from tests.unit.app.core.test_tenancy_migration import check_0004_backfill, check_upgrade_with_data
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ import pytest
 from app.core import allocator
 from app.core.allocator import jemalloc_loaded
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[4]
 
 
 @pytest.fixture

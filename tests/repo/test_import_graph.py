@@ -7,7 +7,7 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("app", "worker", "fewshot", "maml_serve")
 # Frameworks the ML core must not need: web, queue, database and settings.
 FORBIDDEN_IN_FEWSHOT = (

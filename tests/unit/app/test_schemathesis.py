@@ -30,7 +30,7 @@ from app.keys import service as keys  # noqa: E402
 from app.main import create_app  # noqa: E402
 from tests.admin_data import dataset_zip  # noqa: E402
 from tests.helpers import create_ready_task, make_settings, runtime_of  # noqa: E402
-from tests.test_tenancy_routes import MATRIX  # noqa: E402
+from tests.unit.app.test_tenancy_routes import MATRIX  # noqa: E402
 
 EXAMPLES = int(os.environ.get("MAML_SERVE_SCHEMATHESIS_EXAMPLES", "4"))
 # Every status answered is one the operation documents (and no other is documented needlessly:

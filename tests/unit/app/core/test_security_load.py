@@ -29,7 +29,7 @@ from app.core.db import make_engine, make_session_factory
 from app.keys import service as keys
 from tests.helpers import make_settings, png, support_files
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[4]
 MIB = 1024 * 1024
 
 

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from tests.admin_data import dataset_zip, tiny_run, upload, wait_run
 from tests.helpers import create_key, create_ready_task, runtime_of
-from tests.test_tenancy_routes import add_private_version
+from tests.unit.app.test_tenancy_routes import add_private_version
 
 
 @pytest.fixture

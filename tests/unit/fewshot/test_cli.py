@@ -16,7 +16,7 @@ import fewshot
 from fewshot.cli import main
 from tests.fewshot_helpers import tiny_init, write_image_folder, zip_folder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_evaluate_prints_one_json_object(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from tests.helpers import (
     runtime_of,
     support_files,
 )
-from tests.test_tenancy_routes import add_private_version
+from tests.unit.app.test_tenancy_routes import add_private_version
 
 
 @pytest.fixture

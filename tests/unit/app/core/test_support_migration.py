@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from app.core.config import Settings
 from app.core.migrate import alembic_config, upgrade
-from tests.test_tenancy_migration import _insert
+from tests.unit.app.core.test_tenancy_migration import _insert
 
 
 def check_0005_inline_images(settings: Settings) -> None:

@@ -18,7 +18,7 @@ from app.jobs import state
 from app.models import Job, Task
 from app.tasks import service as tasks
 from tests.helpers import create_key, create_ready_task, query_files, runtime_of, support_files
-from tests.test_tenancy_routes import add_private_version
+from tests.unit.app.test_tenancy_routes import add_private_version
 
 
 def _count(client: TestClient, model: Any, *where: Any) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # What the wheel is built from (a copy, so the build writes nothing into the checkout).
 SOURCES = ["pyproject.toml", "README.md", "app", "fewshot", "worker", "maml_serve", "migrations"]
 
