@@ -90,39 +90,24 @@ def _limits(request: Request) -> Limits:
     return limits
 
 
-def get_caller(
-    request: Request,
-    runtime: RuntimeDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Caller:
-    """Authenticate the bearer API key (429 for an address with too many failed attempts)."""
-    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
-        raise Unauthorized(
-            "missing API key; send the header 'Authorization: Bearer <key>' (create one with "
-            "`maml-serve keys create --tenant NAME`)",
-            code="missing_api_key",
-        )
-    throttle = _limits(request).failed_auth
-    address = request.client.host if request.client is not None else "unknown"
-    throttle.check(address)
+def _missing_key() -> Unauthorized:
+    return Unauthorized(
+        "missing API key; send the header 'Authorization: Bearer <key>' (create one with "
+        "`maml-serve keys create --tenant NAME`)",
+        code="missing_api_key",
+    )
+
+
+def _look_up(runtime: Runtime, key: str) -> Caller | None:
+    """The caller a key belongs to, or None for an unknown, revoked or expired key."""
     # A session of its own, closed before the body is read: a slow upload holds no connection.
     with runtime.sessions() as session:
         row = keys.authenticate(
-            session=session,
-            key=credentials.credentials,
-            pepper=runtime.settings.api_key_pepper.get_secret_value(),
+            session=session, key=key, pepper=runtime.settings.api_key_pepper.get_secret_value()
         )
-        caller = (
-            None
-            if row is None
-            else Caller(tenant_id=row.tenant_id, key_id=row.id, scopes=tuple(row.scopes))
-        )
-    if caller is None:
-        throttle.record_failure(address)
-        raise Unauthorized(
-            "the API key is not valid or has been revoked; check it or create a new one"
-        )
-    return caller
+        if row is None:
+            return None
+        return Caller(tenant_id=row.tenant_id, key_id=row.id, scopes=tuple(row.scopes))
 
 
 async def admit_caller(
@@ -131,26 +116,28 @@ async def admit_caller(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> AsyncIterator[Caller]:
     """Count the request against its key's rate and in-flight limits (429 when over one), then
-    authenticate the key.
+    authenticate the key (401; 429 for an address with too many failed attempts).
 
     The limits are counted by the key's hash, before it is looked up: a request over a limit
     costs no thread and no query, so a crowd of them cannot queue ahead of other tenants.
     """
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        raise _missing_key()
     limits = _limits(request)
-    if credentials is not None and credentials.credentials:
-        address = request.client.host if request.client is not None else "unknown"
-        limits.failed_auth.check(address)
-        token = hash_key(
-            credentials.credentials, runtime.settings.api_key_pepper.get_secret_value()
-        )
-        limits.keys.admit(token)
-        try:
-            yield await run_in_threadpool(get_caller, request, runtime, credentials)
-        finally:
-            limits.keys.release(token)
-    else:
-        # Answers 401 missing_api_key.
-        yield get_caller(request, runtime, credentials)
+    address = request.client.host if request.client is not None else "unknown"
+    await limits.check_address(address)
+    token = hash_key(credentials.credentials, runtime.settings.api_key_pepper.get_secret_value())
+    await limits.admit_key(token)
+    try:
+        caller = await run_in_threadpool(_look_up, runtime, credentials.credentials)
+        if caller is None:
+            await limits.record_failure(address)
+            raise Unauthorized(
+                "the API key is not valid or has been revoked; check it or create a new one"
+            )
+        yield caller
+    finally:
+        limits.release_key(token)
 
 
 async def require_user(caller: Annotated[Caller, Depends(admit_caller)]) -> Caller:

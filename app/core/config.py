@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     key_max_in_flight: int = Field(default=16, gt=0)
     # Failed key attempts per client address per minute before it is answered 429.
     max_failed_auth_per_minute: int = Field(default=20, gt=0)
+    # With a broker, key rates and failed attempts are counted in its Redis, shared by every API
+    # process (app.core.shared_limits); false keeps them per process, as the embedded default.
+    shared_rate_limits: bool = True
+    # A Redis that takes longer than this to count a request is skipped for the retry period:
+    # each process then enforces the limits alone (the degraded policy).
+    rate_limit_timeout_seconds: float = Field(default=0.25, gt=0)
+    rate_limit_retry_seconds: float = Field(default=5.0, gt=0)
     retry_after_seconds: int = Field(default=1, ge=1)
     page_size: int = Field(default=50, gt=0)
     max_page_size: int = Field(default=500, gt=0)

@@ -1,6 +1,9 @@
 """Per-key request rate and in-flight limits, and a throttle on failed key attempts per address.
 
-State is in process memory: each API process enforces the limits on its own share of traffic.
+The in-flight count protects one process's threads and connections, so it is kept per process.
+Rates and failed attempts are shared by every API process through Redis when a broker is
+configured (app.core.shared_limits); the in-memory counters here are the embedded default's and
+the fallback while Redis is unavailable.
 """
 
 from __future__ import annotations
@@ -9,9 +12,13 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from app.core.config import Settings
 from app.core.errors import ProblemError
+
+if TYPE_CHECKING:
+    from app.core.shared_limits import SharedCounters
 
 # Addresses remembered by the failed-attempt throttle before expired windows are swept.
 _SWEEP_AT = 10_000
@@ -48,8 +55,11 @@ class KeyLimits:
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def admit(self, key: str) -> None:
-        """Count one request of the key in flight, or raise 429 when it is over a limit."""
+    def admit(self, key: str, *, count_rate: bool = True) -> None:
+        """Count one request of the key in flight, or raise 429 when it is over a limit.
+
+        count_rate False: the rate is counted elsewhere (shared), only the in-flight cap here.
+        """
         now = time.monotonic()
         with self._lock:
             if key not in self._buckets and len(self._buckets) >= _SWEEP_AT:
@@ -64,14 +74,15 @@ class KeyLimits:
                     code="too_many_requests",
                     retry_after=1,
                 )
-            if bucket.tokens < 1.0:
+            if count_rate and bucket.tokens < 1.0:
                 raise TooManyRequests(
                     f"this API key is over {self.rate:g} requests per second "
                     f"(bursts of {self.burst}); slow down",
                     code="rate_limited",
                     retry_after=(1.0 - bucket.tokens) / self.rate,
                 )
-            bucket.tokens -= 1.0
+            if count_rate:
+                bucket.tokens -= 1.0
             bucket.in_flight += 1
 
     def _sweep(self, now: float) -> None:
@@ -99,18 +110,22 @@ class FailedAuthThrottle:
     _windows: dict[str, tuple[float, int]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def refusal(self, retry_after: float) -> TooManyRequests:
+        """The 429 for an address over the limit."""
+        return TooManyRequests(
+            f"too many requests with an invalid API key from this address (at most "
+            f"{self.per_minute} a minute); check the key and try again later",
+            code="too_many_failed_attempts",
+            retry_after=retry_after,
+        )
+
     def check(self, address: str) -> None:
         """Raise 429 when this address failed too often in the current window."""
         now = time.monotonic()
         with self._lock:
             start, count = self._windows.get(address, (now, 0))
         if now - start < _WINDOW_SECONDS and count >= self.per_minute:
-            raise TooManyRequests(
-                f"too many requests with an invalid API key from this address (at most "
-                f"{self.per_minute} a minute); check the key and try again later",
-                code="too_many_failed_attempts",
-                retry_after=_WINDOW_SECONDS - (now - start),
-            )
+            raise self.refusal(_WINDOW_SECONDS - (now - start))
 
     def record_failure(self, address: str) -> None:
         """Count one failed attempt of this address."""
@@ -130,16 +145,31 @@ class FailedAuthThrottle:
             self._windows[address] = (start, count + 1)
 
 
+def _over_rate(keys: KeyLimits, retry_after: float) -> TooManyRequests:
+    return TooManyRequests(
+        f"this API key is over {keys.rate:g} requests per second (bursts of {keys.burst}); "
+        "slow down",
+        code="rate_limited",
+        retry_after=retry_after,
+    )
+
+
 @dataclass(frozen=True)
 class Limits:
-    """The process's request limits."""
+    """The process's request limits: in memory, and in Redis when `shared` is set."""
 
     keys: KeyLimits
     failed_auth: FailedAuthThrottle
+    shared: SharedCounters | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
-        """Limits as configured."""
+        """Limits as configured (shared through the broker's Redis when there is one)."""
+        shared = None
+        if settings.shared_rate_limits and settings.broker_url is not None:
+            from app.core.shared_limits import SharedCounters
+
+            shared = SharedCounters(settings)
         return cls(
             keys=KeyLimits(
                 rate=settings.key_rate_per_second,
@@ -147,4 +177,44 @@ class Limits:
                 max_in_flight=settings.key_max_in_flight,
             ),
             failed_auth=FailedAuthThrottle(per_minute=settings.max_failed_auth_per_minute),
+            shared=shared,
         )
+
+    async def check_address(self, address: str) -> None:
+        """429 when this address failed to authenticate too often this minute."""
+        if self.shared is not None:
+            allowed = await self.shared.allowed(self.shared.failed_auth, f"auth:{address}")
+            if allowed is not None:
+                if not allowed:
+                    raise self.failed_auth.refusal(
+                        await self.shared.retry_after(self.shared.failed_auth, f"auth:{address}")
+                    )
+                return
+        self.failed_auth.check(address)
+
+    async def record_failure(self, address: str) -> None:
+        """Count one failed key attempt of this address."""
+        shared = self.shared
+        if (
+            shared is not None
+            and await shared.hit(shared.failed_auth, f"auth:{address}") is not None
+        ):
+            return
+        self.failed_auth.record_failure(address)
+
+    async def admit_key(self, token: str) -> None:
+        """Count one request of a key (by its hash) in flight and against its rate, or 429."""
+        if self.shared is None:
+            self.keys.admit(token)
+            return
+        allowed = await self.shared.hit(self.shared.key_rate, f"key:{token}")
+        if allowed is False:
+            raise _over_rate(
+                self.keys, await self.shared.retry_after(self.shared.key_rate, f"key:{token}")
+            )
+        # None: Redis is unavailable, the process's own bucket counts the rate meanwhile.
+        self.keys.admit(token, count_rate=allowed is None)
+
+    def release_key(self, token: str) -> None:
+        """The key's request has ended."""
+        self.keys.release(token)

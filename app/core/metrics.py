@@ -51,6 +51,10 @@ PREDICT_COMPUTE = Histogram(
     "Forward-pass time of one prediction request.",
     buckets=_FAST,
 )
+RATE_LIMITS_DEGRADED = Counter(
+    "maml_serve_rate_limits_degraded_total",
+    "Times Redis did not count a request and the process fell back to its own limits.",
+)
 PREDICTED_IMAGES = Counter("maml_serve_predicted_images_total", "Query images predicted.")
 CACHE_HITS = Counter("maml_serve_model_cache_hits_total", "Model cache hits.", ["cache"])
 CACHE_MISSES = Counter("maml_serve_model_cache_misses_total", "Model cache misses.", ["cache"])

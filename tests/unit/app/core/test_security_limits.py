@@ -165,3 +165,43 @@ def test_a_stalled_body_is_answered_408_and_the_app_stops_reading() -> None:
     assert sent[0]["status"] == 408
     assert (b"connection", b"close") in sent[0]["headers"]
     assert json.loads(sent[1]["body"])["code"] == "body_timeout"
+
+
+def test_a_token_bucket_maps_to_a_window_of_the_same_rate_and_burst() -> None:
+    from app.core.shared_limits import rate_window
+
+    assert rate_window(20.0, 40) == (40, 2)
+    assert rate_window(10_000.0, 10_000) == (10_000, 1)
+    assert rate_window(0.5, 1) == (1, 2)
+    for rate, burst in [(20.0, 40), (3.0, 7), (1.0, 10), (0.1, 1)]:
+        amount, seconds = rate_window(rate, burst)
+        assert amount <= burst and amount / seconds <= rate + 1e-9
+
+
+def test_an_unreachable_redis_leaves_the_process_limits_in_charge(tmp_path: Path) -> None:
+    from app.core.limits import Limits
+
+    settings = make_settings(
+        tmp_path, tmp_path, broker_url="redis://127.0.0.1:1/0", key_rate_per_second=1.0,
+        key_rate_burst=3, key_max_in_flight=100,
+    )  # fmt: skip
+    limits = Limits.from_settings(settings)
+    assert limits.shared is not None
+
+    async def requests() -> list[str]:
+        outcomes = []
+        for _ in range(6):
+            try:
+                await limits.admit_key("k")
+                await limits.check_address("10.1.2.3")
+            except TooManyRequests as refusal:
+                outcomes.append(refusal.code)
+                continue
+            limits.release_key("k")
+            outcomes.append("ok")
+        return outcomes
+
+    started = time.monotonic()
+    outcomes = asyncio.run(requests())
+    assert outcomes[:3] == ["ok"] * 3 and set(outcomes[3:]) == {"rate_limited"}, outcomes
+    assert time.monotonic() - started < 2.0
