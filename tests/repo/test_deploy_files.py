@@ -1,4 +1,4 @@
-"""docker-compose files, Dockerfile and README production steps: parsed and checked against the code."""
+"""docker-compose files, Dockerfile and the documented production steps: parsed and checked against the code."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import yaml
 from app.cli import build_parser
 from app.core.config import Settings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+# The production steps (Compose, GPU workers, without Docker) live on this page of the docs site.
+PRODUCTION_PAGE = "docs/operations/production.md"
 
 
 def _compose(name: str) -> dict[str, Any]:
@@ -87,15 +89,15 @@ def test_the_omniglot_zip_is_mounted_where_the_api_looks() -> None:
     assert any(path.startswith(target.rstrip("/") + "/") for target in targets), (path, targets)
 
 
-def test_required_variables_are_in_env_example_and_created_by_the_readme() -> None:
+def test_required_variables_are_in_env_example_and_created_by_the_docs() -> None:
     text = (REPO / "docker-compose.yml").read_text()
     required = set(re.findall(r"\$\{(\w+):\?", text))
     assert required == {"POSTGRES_PASSWORD", "MAML_SERVE_API_KEY_PEPPER"}
     example = (REPO / ".env.example").read_text()
-    production = _readme_section("### Production")
+    production = _doc_section(PRODUCTION_PAGE, "## Production")
     for name in required:
         assert re.search(rf"^{name}=", example, re.M), f".env.example lacks {name}"
-        assert f"{name}=" in production, f"the README's production steps do not set {name}"
+        assert f"{name}=" in production, f"the documented production steps do not set {name}"
     assert ".env" in (REPO / ".gitignore").read_text().split()
     assert ".env" in (REPO / ".dockerignore").read_text().split()
 
@@ -111,14 +113,14 @@ def test_gpu_override_gives_the_workers_a_cuda_build_and_the_gpus() -> None:
     assert "ARG TORCH_VARIANT=cpu" in (REPO / "Dockerfile").read_text()
 
 
-def test_the_image_and_the_readme_give_the_processes_their_allocator() -> None:
+def test_the_image_and_the_docs_give_the_processes_their_allocator() -> None:
     # jemalloc for `serve` and `worker` (app/core/allocator.py); two glibc arenas otherwise,
     # without which the API's RSS crept ~15 KB per task with its caches full (bench_many_tasks).
     from app.core.allocator import GLIBC_TUNING
 
     dockerfile = (REPO / "Dockerfile").read_text()
     assert "libjemalloc2" in dockerfile and "MALLOC_ARENA_MAX=2" in dockerfile
-    assert "apt-get install libjemalloc2" in (REPO / "README.md").read_text()
+    assert "apt-get install libjemalloc2" in (REPO / PRODUCTION_PAGE).read_text()
     assert GLIBC_TUNING["MALLOC_ARENA_MAX"] == "2"
 
 
@@ -132,29 +134,48 @@ def test_dockerfile_copies_what_exists_and_starts_the_api() -> None:
     assert _parses(eval(cmd.removeprefix("CMD "))).command == "serve"
 
 
-def _readme_section(title: str) -> str:
-    text = (REPO / "README.md").read_text()
-    start = text.index(title + "\n")
-    end = text.find("\n### ", start + len(title))
-    return text[start : end if end > 0 else None]
+def _doc_section(page: str, title: str) -> str:
+    """The section of a Markdown page under `title` (e.g. "## Production"), subsections included.
+
+    It ends at the next heading of the same or a higher level; lines in fenced code blocks
+    (shell comments) are never headings.
+    """
+    level = len(title) - len(title.lstrip("#"))
+    lines = (REPO / page).read_text().splitlines()
+    start = lines.index(title)
+    fenced = False
+    for end in range(start + 1, len(lines)):
+        line = lines[end]
+        if line.startswith("```"):
+            fenced = not fenced
+        heading = re.match(r"(#+) ", line)
+        if not fenced and heading and len(heading.group(1)) <= level:
+            return "\n".join(lines[start:end])
+    return "\n".join(lines[start:])
+
+
+def _documents() -> list[Path]:
+    """README.md and every page of the docs site."""
+    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 
 
 def test_readme_commands_exist() -> None:
-    text = (REPO / "README.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
     subcommands = set(build_parser(core=False)._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
     seen = 0
-    for block in blocks:
-        for line in block.splitlines():
-            for match in re.finditer(r"maml-serve ([a-z][a-z-]*)", line):
-                assert match.group(1) in subcommands, (
-                    f"README runs maml-serve {match.group(1)}: {line}"
-                )
-                seen += 1
-            for compose_file in re.findall(r"-f (\S+\.ya?ml)", line):
-                assert (REPO / compose_file).is_file(), f"README names missing {compose_file}"
+    for document in _documents():
+        name = document.relative_to(REPO)
+        blocks = re.findall(r"```bash\n(.*?)```", document.read_text(), re.S)
+        for block in blocks:
+            for line in block.splitlines():
+                for match in re.finditer(r"maml-serve ([a-z][a-z-]*)", line):
+                    assert match.group(1) in subcommands, (
+                        f"{name} runs maml-serve {match.group(1)}: {line}"
+                    )
+                    seen += 1
+                for compose_file in re.findall(r"-f (\S+\.ya?ml)", line):
+                    assert (REPO / compose_file).is_file(), f"{name} names missing {compose_file}"
     assert seen > 5
-    production = _readme_section("### Production")
+    production = _doc_section(PRODUCTION_PAGE, "## Production")
     assert "--queues train" in production, "the no-Docker steps start a train worker"
     assert "docker-compose.gpu.yml" in production
     for line in production.splitlines():
