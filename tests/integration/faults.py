@@ -236,3 +236,28 @@ def wait_for(condition, timeout: float, every: float = 0.05):  # type: ignore[no
         if time.monotonic() > deadline:
             raise AssertionError(f"not true after {timeout}s: {condition}")
         time.sleep(every)
+
+
+@contextmanager
+def serve_processes(
+    env: Mapping[str, str], port: int, log: Path, workers: int = 2
+) -> Iterator[str]:
+    """`maml-serve serve --workers N` started, its base URL while it runs, stopped after."""
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--workers", str(workers), "--port", str(port)],
+            cwd=ROOT, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while log.read_text().count("Application startup complete") < workers:
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

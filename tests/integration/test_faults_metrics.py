@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.integration.conftest import ROOT
-from tests.integration.faults import free_port
+from tests.integration.faults import free_port, serve_processes
 
 # A hang (a missing timeout) fails the test instead of blocking the run.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -38,18 +35,7 @@ def test_metrics_of_two_api_processes_add_up(tmp_path: Path, init_dir: Path) -> 
             "PYTHONPATH": str(ROOT),
         }
     )
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--workers", "2", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while log.read_text().count("Application startup complete") < 2:
-            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+    with serve_processes(env, port, tmp_path / "serve.log") as base:
         for _ in range(20):
             # A new connection each time, so both processes take requests.
             with httpx.Client(base_url=base, timeout=10) as client:
@@ -61,10 +47,3 @@ def test_metrics_of_two_api_processes_add_up(tmp_path: Path, init_dir: Path) -> 
             assert _healthz_count(response.text) == 20, response.text[:2000]
             assert 'maml_serve_jobs{kind="adapt",state="queued"} 0.0' in response.text
             assert "maml_serve_active_initialization{" in response.text
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()

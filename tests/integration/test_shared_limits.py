@@ -16,7 +16,7 @@ import pytest
 from app.core.limits import Limits, TooManyRequests
 from tests.helpers import make_settings
 from tests.integration.conftest import ROOT
-from tests.integration.faults import Redis, free_port
+from tests.integration.faults import Redis, free_port, serve_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -124,39 +124,24 @@ def test_serve_with_two_processes_gives_a_key_one_rate(tmp_path: Path, init_dir:
         [*cli, "keys", "create", "--tenant", "acme"], cwd=ROOT, env=env, check=True,
         capture_output=True, text=True, timeout=120,
     ).stdout.strip()  # fmt: skip
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            [*cli, "serve", "--workers", "2", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while log.read_text().count("Application startup complete") < 2:
-            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
-        statuses: list[int] = []
-        started = time.monotonic()
-        for _ in range(4 * BURST):
-            # A new connection each time, so both processes take requests.
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-                response = client.get("/v1/tasks", headers={"Authorization": f"Bearer {key}"})
-            statuses.append(response.status_code)
-            if response.status_code == 429:
-                assert int(response.headers["Retry-After"]) >= 1
-        elapsed = time.monotonic() - started
-        assert set(statuses) <= {200, 429}, statuses
-        # One window of BURST per 10 s for the key, whichever process answered (per process it
-        # would be twice that); what refilled while the requests ran is allowed on top.
-        allowed = BURST + SERVE_RATE * elapsed + 2
-        assert statuses.count(200) <= allowed, (statuses.count(200), elapsed)
-        assert statuses.count(429) > 0
-        assert redis_server.client().keys("maml_serve:limits*"), "nothing was counted in Redis"
+        with serve_processes(env, port, tmp_path / "serve.log") as base:
+            statuses: list[int] = []
+            started = time.monotonic()
+            for _ in range(4 * BURST):
+                # A new connection each time, so both processes take requests.
+                with httpx.Client(base_url=base, timeout=10) as client:
+                    response = client.get("/v1/tasks", headers={"Authorization": f"Bearer {key}"})
+                statuses.append(response.status_code)
+                if response.status_code == 429:
+                    assert int(response.headers["Retry-After"]) >= 1
+            elapsed = time.monotonic() - started
+            assert set(statuses) <= {200, 429}, statuses
+            # One window of BURST per 10 s for the key, whichever process answered (per process it
+            # would be twice that); what refilled while the requests ran is allowed on top.
+            allowed = BURST + SERVE_RATE * elapsed + 2
+            assert statuses.count(200) <= allowed, (statuses.count(200), elapsed)
+            assert statuses.count(429) > 0
+            assert redis_server.client().keys("maml_serve:limits*"), "nothing was counted in Redis"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
         redis_server.stop()
