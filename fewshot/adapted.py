@@ -406,6 +406,7 @@ def adapt(
         steps = choose_head_steps(
             features, y, len(classes), meta[HEAD_SCALE], floats,
             init.config.step_candidates, default, recipe,
+            single_example_steps=init.config.single_example_steps,
         )  # fmt: skip
     fast = adapt_params(
         module,

@@ -65,6 +65,9 @@ class ModelConfig:
     # Head steps chosen per task on held-out folds of its support set (fewshot.stepchoice) from
     # these counts, 0 included, when a task names no steps; empty: config.inner_steps.
     step_candidates: tuple[int, ...] = ()
+    # With step_candidates: the head steps of a task where some class has a single example, so
+    # nothing can be held out to choose by (0: the prototype read-out).
+    single_example_steps: int = 0
 
     @property
     def final_side(self) -> int:

@@ -204,6 +204,7 @@ def adapt_fast_with_embeddings(
         steps = choose_head_steps(
             features, y, len(classes), prepared.meta[HEAD_SCALE], sizes,
             init.config.step_candidates, default, InnerRecipe.from_config(init.config),
+            single_example_steps=init.config.single_example_steps,
         )  # fmt: skip
     params, features, initial = adapt_params_fast(
         module,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from fewshot.backbone import Conv4, fold_batch_norm
 from fewshot.config import ModelConfig
 from fewshot.data import ImageDataset
 from fewshot.evaluate import mean_ci95
+from fewshot.handwriting import HandwritingAugment, augment_handwriting, rotate_as_classes
 from fewshot.initialization import Initialization
 from fewshot.inner import HEAD_BIAS, HEAD_SCALE, HEAD_WEIGHT
 
@@ -58,9 +59,22 @@ class PretrainConfig:
     scale_init: float = 10.0
     val_episodes: int = 300
     val_queries: int = 15
+    # Validation episodes: N ways, and whether each draws its classes from one group (alphabet).
+    val_ways: int = 5
+    val_within_group: bool = False
+    # "photo": crops, flips, colour jitter; "handwriting": affine warps and stroke width
+    # (fewshot.handwriting), with `rotation_classes` making 4 classes of each by 90-degree turns.
+    augmentation: str = "photo"
+    rotation_classes: bool = False
     seed: int = 0
     max_seconds: float | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
+
+    @property
+    def score_keys(self) -> tuple[str, str]:
+        """The two validation accuracies whose sum picks the best epoch."""
+        within = "_within" if self.val_within_group else ""
+        return (f"val_{self.val_ways}w1s{within}", f"val_{self.val_ways}w5s{within}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
@@ -78,6 +92,13 @@ class PretrainConfig:
 
 
 def augment(images: Tensor, cfg: PretrainConfig, generator: torch.Generator) -> Tensor:
+    """uint8 images [B, C, H, W] -> augmented float [B, C, S, S] by cfg.augmentation."""
+    if cfg.augmentation == "handwriting":
+        return augment_handwriting(images, HandwritingAugment(), generator)
+    return augment_photo(images, cfg, generator)
+
+
+def augment_photo(images: Tensor, cfg: PretrainConfig, generator: torch.Generator) -> Tensor:
     """Random resized crops, flips and colour jitter of uint8 images [B, C, H, W] -> float [B, C, S, S].
 
     One affine grid per image (bilinear) does crop, resize to S = cfg.model.image_size and flip.
@@ -151,16 +172,27 @@ def prototype_accuracy(
     queries: int,
     episodes: int,
     seed: int,
+    groups: Sequence[str] | None = None,
 ) -> tuple[float, float]:
-    """Mean and 95% CI of cosine nearest-prototype accuracy over seeded episodes of fixed features."""
+    """Mean and 95% CI of cosine nearest-prototype accuracy over seeded episodes of fixed features.
+
+    With `groups` (one name per class), each episode's classes come from one group of at least
+    `ways` classes (Lake et al. 2015's within-alphabet runs).
+    """
     rng = np.random.default_rng(seed)
     features = F.normalize(features, dim=-1)
     by_class = [
         torch.nonzero(targets == c).flatten().numpy() for c in range(int(targets.max()) + 1)
     ]
+    pools = [np.arange(len(by_class))]
+    if groups is not None:
+        names = sorted(set(groups))
+        members = [np.array([c for c, g in enumerate(groups) if g == n]) for n in names]
+        pools = [m for m in members if len(m) >= ways]
     scores = []
     for _ in range(episodes):
-        classes = rng.choice(len(by_class), ways, replace=False)
+        pool = pools[int(rng.integers(len(pools)))]
+        classes = rng.choice(pool, ways, replace=False)
         support, query = [], []
         for c in classes:
             picked = rng.choice(by_class[c], shots + queries, replace=False)
@@ -171,6 +203,20 @@ def prototype_accuracy(
         truth = torch.arange(ways).repeat_interleave(queries)
         scores.append(float(((q @ prototypes.T).argmax(1) == truth).float().mean()))
     return mean_ci95(scores)
+
+
+def validation_scores(backbone: Conv4, val: ImageDataset, cfg: PretrainConfig) -> dict[str, float]:
+    """Cosine-prototype accuracy and CI at 1 and 5 shots, cfg.val_ways ways, keyed by score_keys."""
+    features = embed_all(backbone, val.images)
+    groups = val.groups if cfg.val_within_group else None
+    out: dict[str, float] = {}
+    for shots, key in zip((1, 5), cfg.score_keys, strict=True):
+        acc, ci = prototype_accuracy(
+            features, val.targets, ways=cfg.val_ways, shots=shots, queries=cfg.val_queries,
+            episodes=cfg.val_episodes, seed=1000 + shots, groups=groups,
+        )  # fmt: skip
+        out[key], out[f"{key}_ci95"] = acc, ci
+    return out
 
 
 def lr_at(cfg: PretrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -194,9 +240,8 @@ class Pretrainer:
         torch.manual_seed(cfg.seed)
         # channels_last runs the CPU convolutions ~15% faster here.
         self.backbone = Conv4(cfg.model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.classifier = CosineClassifier(
-            cfg.model.feature_dim, len(train.classes), cfg.scale_init
-        )
+        classes = len(train.classes) * (4 if cfg.rotation_classes else 1)
+        self.classifier = CosineClassifier(cfg.model.feature_dim, classes, cfg.scale_init)
         decay: list[nn.Parameter] = []
         no_decay: list[nn.Parameter] = []
         for module in (self.backbone, self.classifier):
@@ -275,16 +320,8 @@ class Pretrainer:
         self.seconds = float(state["seconds"])
 
     def validate(self) -> dict[str, float]:
-        """Cosine-prototype accuracy on the validation classes, 5-way 1- and 5-shot."""
-        features = embed_all(self.backbone, self.val.images)
-        out: dict[str, float] = {}
-        for shots in (1, 5):
-            acc, ci = prototype_accuracy(
-                features, self.val.targets, ways=5, shots=shots, queries=self.cfg.val_queries,
-                episodes=self.cfg.val_episodes, seed=1000 + shots,
-            )  # fmt: skip
-            out[f"val_5w{shots}s"], out[f"val_5w{shots}s_ci95"] = acc, ci
-        return out
+        """Cosine-prototype accuracy on the validation classes at 1 and 5 shots (cfg.score_keys)."""
+        return validation_scores(self.backbone, self.val, self.cfg)
 
     def train_epoch(self, on_step: Callable[[int, int, float], object] | None = None) -> float:
         """One pass over the training images in a seeded order; returns the mean loss."""
@@ -298,8 +335,10 @@ class Pretrainer:
         for i in range(steps):
             index = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             x = augment(self.train.images[index], cfg, generator)
-            x = x.contiguous(memory_format=torch.channels_last)
             y = self.train.targets[index]
+            if cfg.rotation_classes:
+                x, y = rotate_as_classes(x, y, generator)
+            x = x.contiguous(memory_format=torch.channels_last)
             lr = lr_at(cfg, self.epoch * steps + i, steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -332,7 +371,7 @@ class Pretrainer:
             point["minutes"] = self.seconds / 60
             point["epoch_minutes"] = (time.monotonic() - t0) / 60
             self.curve.append(point)
-            score = point["val_5w1s"] + point["val_5w5s"]
+            score = sum(point[k] for k in self.cfg.score_keys)
             if self.best is None or score > self.best["score"]:
                 self.best = {"epoch": self.epoch, "score": score, **point}
                 tensors = {k: v.detach().contiguous() for k, v in self._named().items()}
@@ -381,136 +420,3 @@ def best_initialization(out_dir: str | Path, step_size: float = 0.0) -> Initiali
         "curve": state["curve"],
     }
     return init
-
-
-@dataclass
-class MetaStageConfig:
-    """Episodic fine-tuning after pre-training (Meta-Baseline, Chen et al. 2021).
-
-    Cosine prototypes with the learned scale, N-way K-shot episodes (K drawn from `shots`),
-    SGD with a small learning rate; validated every `val_every` episodes, best kept.
-    """
-
-    episodes: int = 1500
-    ways: int = 5
-    shots: tuple[int, ...] = (1, 5)
-    queries: int = 15
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    val_every: int = 250
-    seed: int = 0
-
-
-META_FILE = "meta-best.safetensors"
-META_STATE_FILE = "meta-state.json"
-
-
-def _episode(
-    dataset: ImageDataset, rng: np.random.Generator, ways: int, shots: int, queries: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Support/query uint8 images and labels of one episode drawn from `dataset`."""
-    classes = rng.choice(len(dataset.classes), ways, replace=False)
-    support, query = [], []
-    for c in classes:
-        members = torch.nonzero(dataset.targets == int(c)).flatten().numpy()
-        picked = rng.choice(members, shots + queries, replace=False)
-        support.append(torch.from_numpy(picked[:shots]))
-        query.append(torch.from_numpy(picked[shots:]))
-    s, q = torch.cat(support), torch.cat(query)
-    return (
-        dataset.images[s],
-        torch.arange(ways).repeat_interleave(shots),
-        dataset.images[q],
-        torch.arange(ways).repeat_interleave(queries),
-    )
-
-
-def meta_stage(
-    init: Initialization,
-    train: ImageDataset,
-    val: ImageDataset,
-    cfg: MetaStageConfig,
-    augment_cfg: PretrainConfig,
-    out_dir: str | Path,
-    on_validate: Callable[[dict[str, Any]], object] | None = None,
-) -> Initialization:
-    """Fine-tune `init`'s backbone and head scale on episodes; returns the best on validation.
-
-    Each episode's loss is the cross-entropy of its queries under the prototype head of the
-    served path (unit embeddings, logits exp(log_scale) * (2 f.c - |c|^2)), so what is trained
-    is what serves at 0 steps. Writes meta-best.safetensors and meta-state.json in `out_dir`.
-    """
-    from fewshot.head import head_logits, prototype_head
-
-    out_dir = Path(out_dir)
-    torch.manual_seed(cfg.seed)
-    module = Conv4(init.config)
-    backbone = {k: v for k, v in init.params.items() if not k.startswith("head.")}
-    module.load_state_dict(backbone)
-    log_scale = nn.Parameter(init.params[HEAD_SCALE].detach().clone())
-    optimizer = torch.optim.SGD(
-        [
-            {"params": list(module.parameters()), "weight_decay": cfg.weight_decay},
-            {"params": [log_scale], "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-    )
-    rng = np.random.default_rng(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-
-    def score() -> dict[str, float]:
-        features = embed_all(module, val.images)
-        out: dict[str, float] = {}
-        for shots in (1, 5):
-            acc, ci = prototype_accuracy(
-                features, val.targets, ways=5, shots=shots, queries=15,
-                episodes=augment_cfg.val_episodes, seed=1000 + shots,
-            )  # fmt: skip
-            out[f"val_5w{shots}s"], out[f"val_5w{shots}s_ci95"] = acc, ci
-        return out
-
-    def snapshot() -> Initialization:
-        params = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        params[HEAD_SCALE] = log_scale.detach().clone()
-        return Initialization(
-            config=init.config,
-            params=params,
-            step_sizes={k: v.clone() for k, v in init.step_sizes.items()},
-            metadata=dict(init.metadata),
-        )
-
-    start = score()
-    curve: list[dict[str, Any]] = [{"episode": 0, **start}]
-    best = {"episode": 0, "score": start["val_5w1s"] + start["val_5w5s"], **start}
-    best_init = snapshot()
-    if on_validate is not None:
-        on_validate(curve[-1])
-    losses: list[float] = []
-    for episode in range(1, cfg.episodes + 1):
-        module.train()
-        shots = int(rng.choice(cfg.shots))
-        sx, sy, qx, qy = _episode(train, rng, cfg.ways, shots, cfg.queries)
-        x = augment(torch.cat([sx, qx]), augment_cfg, generator)
-        features = module(x)
-        fs, fq = features[: sx.shape[0]], features[sx.shape[0] :]
-        weight, bias = prototype_head(fs, F.one_hot(sy, cfg.ways).to(fs.dtype))
-        loss = F.cross_entropy(head_logits(fq, weight, bias, log_scale), qy)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if episode % cfg.val_every == 0 or episode == cfg.episodes:
-            point = {"episode": episode, "loss": float(np.mean(losses)), **score()}
-            losses = []
-            curve.append(point)
-            if point["val_5w1s"] + point["val_5w5s"] > best["score"]:
-                best = {"score": point["val_5w1s"] + point["val_5w5s"], **point}
-                best_init = snapshot()
-            if on_validate is not None:
-                on_validate(point)
-    best_init.metadata["meta_stage"] = {"config": asdict(cfg), "best": best, "curve": curve}
-    best_init.save(out_dir / "meta-best")
-    (out_dir / META_STATE_FILE).write_text(json.dumps({"best": best, "curve": curve}, indent=1))
-    return best_init

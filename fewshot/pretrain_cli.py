@@ -14,7 +14,7 @@ def add_pretrain_subcommand(sub: Any) -> None:
         help="pre-train a backbone as an all-classes cosine classifier (resumes its run folder)",
     )
     pre.add_argument("--data", required=True, help="training classes: folder or zip")
-    pre.add_argument("--val-data", required=True, help="validation classes: folder or zip")
+    pre.add_argument("--val-data", help="validation classes: folder or zip (or --val-groups)")
     pre.add_argument("--out", default="runs/pretrain", help="run folder (resumes its checkpoint)")
     pre.add_argument("--epochs", type=int, default=40)
     pre.add_argument("--batch-size", type=int, default=128)
@@ -38,6 +38,22 @@ def add_pretrain_subcommand(sub: Any) -> None:
     pre.add_argument("--invert", action="store_true", help="invert images (dark strokes on white)")
     pre.add_argument("--max-minutes", type=float, help="stop after this long (resume later)")
     pre.add_argument("--val-episodes", type=int, default=300)
+    pre.add_argument("--val-ways", type=int, default=5)
+    pre.add_argument(
+        "--val-within-group", action="store_true", help="validation episodes within one group"
+    )
+    pre.add_argument(
+        "--augmentation",
+        choices=("photo", "handwriting"),
+        default="photo",
+        help="photo: crops, flips, colour; handwriting: affine warps and stroke width",
+    )
+    pre.add_argument(
+        "--rotation-classes", action="store_true", help="90-degree turns of a class are new classes"
+    )
+    pre.add_argument(
+        "--val-groups", nargs="+", help="with one --data: hold out these groups for validation"
+    )
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     pre.set_defaults(handler=run_pretrain)
@@ -64,11 +80,19 @@ def run_pretrain(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
         jitter=args.jitter, crop_area=tuple(args.crop_area), val_episodes=args.val_episodes,
-        seed=args.seed, model=model,
+        seed=args.seed, model=model, val_ways=args.val_ways,
+        val_within_group=args.val_within_group, augmentation=args.augmentation,
+        rotation_classes=args.rotation_classes,
         max_seconds=args.max_minutes * 60 if args.max_minutes else None,
     )  # fmt: skip
     train = load_dataset(args.data, model)
-    val = load_dataset(args.val_data, model)
+    if args.val_groups:
+        val = train.subset_groups(args.val_groups)
+        train = train.subset_groups([g for g in train.group_names if g not in args.val_groups])
+    elif args.val_data:
+        val = load_dataset(args.val_data, model)
+    else:
+        raise SystemExit("pretrain: give --val-data or --val-groups")
     trainer = Pretrainer(train, val, cfg, args.out)
     bar = tqdm(total=cfg.epochs, initial=trainer.epoch, unit="epoch", desc="pretrain")
     inner = tqdm(leave=False, unit="step")
@@ -80,7 +104,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     def on_epoch(point: dict[str, Any]) -> None:
         bar.update(1)
-        bar.set_postfix(val_5w1s=f"{point['val_5w1s']:.3f}", val_5w5s=f"{point['val_5w5s']:.3f}")
+        bar.set_postfix({k: f"{point[k]:.3f}" for k in cfg.score_keys})
         print(json.dumps(point), flush=True)
 
     done = trainer.run(on_epoch=on_epoch, on_step=on_step)

@@ -5,7 +5,7 @@ P>M>F (Hu et al. 2022) picks its fine-tuning per task on pseudo-queries drawn fr
 Here the support set is split into folds (every class in every fold); the head is fitted on the
 other folds, exactly as served (prototype init, the same closed-form steps), and scored on the
 held-out one at each candidate step count. A class with one example leaves nothing to hold out,
-so such tasks keep 0 steps: the prototype read-out.
+so such tasks take the initialization's `single_example_steps` (0: the prototype read-out).
 """
 
 from __future__ import annotations
@@ -56,15 +56,22 @@ def head_path(
     steps: int,
     default_step_size: float,
     recipe: InnerRecipe,
+    views: tuple[Tensor, Tensor] | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
-    """Head weights [N, D] and bias [N] after 0, 1, ..., `steps` served steps on features [S, D]."""
+    """Head weights [N, D] and bias [N] after 0, 1, ..., `steps` served steps on features [S, D].
+
+    The head starts from the prototypes of `features`; the steps fit `views` (embeddings [V, D]
+    and labels [V], e.g. of the shifted support views) when given, else `features` itself.
+    Plain tensor operations: differentiable in the features, log_scale and tensor step sizes.
+    """
     onehot = F.one_hot(y, n_way).to(features.dtype)
-    targets = soft_targets(y, n_way, recipe.label_smoothing, features.dtype)
+    loss_features, loss_y = views if views is not None else (features, y)
+    targets = soft_targets(loss_y, n_way, recipe.label_smoothing, features.dtype)
     weight, bias = prototype_head(features, onehot)
     path = [(weight, bias)]
     for t in range(steps):
         g_weight, g_bias = head_grads(
-            features, weight, bias, log_scale, targets, recipe.temperature
+            loss_features, weight, bias, log_scale, targets, recipe.temperature
         )
         lr_weight, lr_bias = step_sizes_at(sizes, [HEAD_WEIGHT, HEAD_BIAS], t, default_step_size)
         weight = weight - lr_weight * g_weight
@@ -113,15 +120,19 @@ def choose_head_steps(
     default_step_size: float,
     recipe: InnerRecipe,
     folds: int = 5,
+    single_example_steps: int = 0,
 ) -> int:
     """The candidate step count with the best held-out accuracy (then loss, then fewer steps).
 
-    features: [S, D] support embeddings under the initialization; y: [S] in 0..N-1. Returns 0
-    when some class has a single example (nothing to hold out) or 0 is the only candidate.
+    features: [S, D] support embeddings under the initialization; y: [S] in 0..N-1. Returns
+    `single_example_steps` when some class has a single example (nothing to hold out), and 0
+    when 0 is the only candidate.
     """
     candidates = sorted(set(candidates) | {0})
     counts = torch.bincount(y, minlength=n_way)
-    if len(candidates) == 1 or int(counts.min()) < 2:
+    if int(counts.min()) < 2:
+        return single_example_steps
+    if len(candidates) == 1:
         return 0
     with torch.inference_mode():
         scores = held_out_scores(

@@ -32,12 +32,8 @@ from fewshot.evaluate import evaluate
 from fewshot.fast import adapt_fast
 from fewshot.initialization import Initialization
 from fewshot.inner import HEAD_BIAS, HEAD_WEIGHT
-from fewshot.pretrain import (
-    MetaStageConfig,
-    PretrainConfig,
-    best_initialization,
-    meta_stage,
-)
+from fewshot.metastage import MetaStageConfig, meta_stage
+from fewshot.pretrain import PretrainConfig, best_initialization
 
 SHAPES = ((5, 1), (5, 5), (5, 20))
 TARGETS = {"5-way 1-shot": 0.50, "5-way 5-shot": 0.68}

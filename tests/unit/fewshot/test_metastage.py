@@ -1,0 +1,79 @@
+"""The episodic stage: trains through the served head steps, learns their sizes, resumes."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from fewshot.config import ModelConfig
+from fewshot.data import ImageDataset
+from fewshot.initialization import Initialization
+from fewshot.inner import HEAD_BIAS, HEAD_WEIGHT
+from fewshot.metastage import MetaStage, MetaStageConfig, episode
+from fewshot.pretrain import PretrainConfig
+
+MODEL = ModelConfig(
+    in_channels=1, image_size=12, width=8, pooling="stride", readout="flatten", norm="none",
+    final_relu=False, feature_norm="l2", inner_steps=2, inner_step_size=0.5,
+    inner_shift_views=1, inner_temperature=0.5, default_mode="head",
+)  # fmt: skip
+
+
+def _data(classes: int, seed: int, groups: int = 2) -> ImageDataset:
+    g = torch.Generator().manual_seed(seed)
+    per = 8
+    images = torch.randint(0, 256, (classes * per, 1, 12, 12), dtype=torch.uint8, generator=g)
+    names = [f"g{c % groups}" for c in range(classes)]
+    return ImageDataset(images, torch.arange(classes).repeat_interleave(per),
+                        [f"c{c}" for c in range(classes)], names)  # fmt: skip
+
+
+def _stage(tmp_path: Path, episodes: int) -> MetaStage:
+    cfg = MetaStageConfig(episodes=episodes, ways=3, shots=(1, 2), queries=2, val_every=2,
+                          inner_steps=2, within_group_fraction=0.5, rotations=True)  # fmt: skip
+    aug = PretrainConfig(model=MODEL, augmentation="handwriting", val_episodes=4, val_queries=2,
+                         val_ways=3)  # fmt: skip
+    init = Initialization.random(MODEL, seed=0)
+    return MetaStage(init, _data(8, 0), _data(6, 1), cfg, aug, tmp_path)
+
+
+def test_within_group_episodes_draw_one_group() -> None:
+    import numpy as np
+
+    data = _data(8, 0)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        sx, sy, qx, qy = episode(data, rng, 3, 2, 1, within_group=True)
+        assert sx.shape[0] == 6 and qx.shape[0] == 3 and sy.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_the_stage_learns_head_step_sizes_and_resumes_exactly(tmp_path: Path) -> None:
+    stage = _stage(tmp_path / "a", 4)
+    start = stage.step_sizes().detach().clone()
+    stage.cfg.max_seconds = 0.0
+    assert stage.run() is False  # checkpointed after its first validation
+    stage.cfg.max_seconds = None
+    stage.cfg.episodes = 2
+    assert stage.run() is True and stage.episode == 2
+    resumed = _stage(tmp_path / "a", 4)
+    assert resumed.episode == 2
+    assert resumed.run() is True
+    straight = _stage(tmp_path / "b", 4)
+    assert straight.run() is True
+    for a, b in zip(resumed.module.parameters(), straight.module.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.equal(straight.step_sizes().detach(), start)  # the sizes were trained
+    best = straight.best_initialization()
+    assert torch.equal(best.step_sizes[HEAD_WEIGHT], best.step_sizes[HEAD_BIAS])
+    assert "meta_stage" in best.metadata
+
+
+def test_a_stage_whose_steps_differ_from_the_served_ones_is_refused(tmp_path: Path) -> None:
+    import pytest
+
+    init = Initialization.random(dataclasses.replace(MODEL, inner_steps=3), seed=0)
+    with pytest.raises(ValueError, match="inner_steps"):
+        MetaStage(init, _data(8, 0), _data(6, 1), MetaStageConfig(inner_steps=2),
+                  PretrainConfig(model=MODEL), tmp_path)  # fmt: skip
