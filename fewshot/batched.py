@@ -220,6 +220,8 @@ def _head_group(
             loss_features, loss_y = features, y
         targets = soft_targets(loss_y, n_way, recipe.label_smoothing, x.dtype)
         factor = torch.exp(log_scale) * recipe.temperature / loss_features.shape[1]
+        if recipe.per_class:
+            factor = factor * n_way
         names = [HEAD_WEIGHT, HEAD_BIAS]
         for t in range(steps):
             out = torch.exp(log_scale) * torch.baddbmm(

@@ -47,6 +47,9 @@ class ModelConfig:
     inner_temperature: float = 1.0
     inner_label_smoothing: float = 0.0
     inner_shift_views: int = 0
+    # The support loss summed over classes (cross-entropy mean times N ways): each class's head
+    # row then moves as far in a 5-way task as in a 20-way one for the same step size.
+    inner_loss_per_class: bool = False
     # "softplus": stored step sizes are raw values and the inner loop uses softplus(raw) > 0.
     step_size_transform: StepSizeTransform = "identity"
     # How the last feature map [width, s, s] becomes the embedding: "mean" over space (MAML's

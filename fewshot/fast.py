@@ -117,7 +117,8 @@ def adapt_params_fast(
             names = [HEAD_WEIGHT, HEAD_BIAS]
             for t in range(steps):
                 g_weight, g_bias = head_grads(
-                    loss_features, weight, bias, meta[HEAD_SCALE], targets, recipe.temperature
+                    loss_features, weight, bias, meta[HEAD_SCALE], targets, recipe.temperature,
+                    recipe.per_class,
                 )
                 lr_weight, lr_bias = step_sizes_at(sizes, names, t, default_step_size)
                 weight = weight - lr_weight * g_weight
@@ -147,6 +148,8 @@ def adapt_params_fast(
             if recipe.temperature != 1.0:
                 out_logits = out_logits * recipe.temperature
             loss = F.cross_entropy(out_logits, loss_y, label_smoothing=recipe.label_smoothing)
+            if recipe.per_class:
+                loss = loss * n_way
             params = [leaves[name] for name in names]
             grads = torch.autograd.grad(loss, params)
         with torch.no_grad():

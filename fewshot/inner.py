@@ -37,6 +37,7 @@ class InnerRecipe:
     label_smoothing: float = 0.0
     shift_views: int = 0
     transform: StepSizeTransform = "identity"
+    per_class: bool = False
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> InnerRecipe:
@@ -46,6 +47,7 @@ class InnerRecipe:
             label_smoothing=config.inner_label_smoothing,
             shift_views=config.inner_shift_views,
             transform=config.step_size_transform,
+            per_class=config.inner_loss_per_class,
         )
 
 
@@ -137,7 +139,8 @@ def _head_loss(
 def _support_loss(out: Tensor, y: Tensor, recipe: InnerRecipe) -> Tensor:
     if recipe.temperature != 1.0:
         out = out * recipe.temperature
-    return F.cross_entropy(out, y, label_smoothing=recipe.label_smoothing)
+    loss = F.cross_entropy(out, y, label_smoothing=recipe.label_smoothing)
+    return loss * out.shape[-1] if recipe.per_class else loss
 
 
 def support_loss(
@@ -263,13 +266,17 @@ def head_grads(
     log_scale: Tensor,
     targets: Tensor,
     temperature: float,
+    per_class: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Closed-form gradients of the support loss in the head's weight [N, D] and bias [N].
 
     loss = mean_i CE(t * exp(s) * (f_i W^T + b), q_i) with soft targets q (label smoothing
-    folded in), so dloss/dlogits = (softmax - q) / B and the chain rule through the linear head.
+    folded in), so dloss/dlogits = (softmax - q) / B and the chain rule through the linear head;
+    `per_class` multiplies the loss by N (InnerRecipe.per_class).
     """
     factor = torch.exp(log_scale) * temperature
+    if per_class:
+        factor = factor * targets.shape[1]
     out = head_logits(features, weight, bias, log_scale)
     if temperature != 1.0:
         out = out * temperature

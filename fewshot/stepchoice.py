@@ -71,7 +71,7 @@ def head_path(
     path = [(weight, bias)]
     for t in range(steps):
         g_weight, g_bias = head_grads(
-            loss_features, weight, bias, log_scale, targets, recipe.temperature
+            loss_features, weight, bias, log_scale, targets, recipe.temperature, recipe.per_class
         )
         lr_weight, lr_bias = step_sizes_at(sizes, [HEAD_WEIGHT, HEAD_BIAS], t, default_step_size)
         weight = weight - lr_weight * g_weight

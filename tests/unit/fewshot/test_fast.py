@@ -23,6 +23,8 @@ RECIPE = replace(
     inner_shift_views=1,
     step_size_transform="softplus",
 )
+# The per-class support loss (summed over classes): the same paths must agree under it too.
+PER_CLASS = replace(RECIPE, inner_loss_per_class=True)
 
 
 def _close(a: fewshot.AdaptedModel, b: fewshot.AdaptedModel, tol: float) -> None:
@@ -40,7 +42,9 @@ def _close(a: fewshot.AdaptedModel, b: fewshot.AdaptedModel, tol: float) -> None
 
 
 @pytest.mark.parametrize("mode", ["full", "head"])
-@pytest.mark.parametrize("config", [TINY, RECIPE], ids=["plain", "recipe"])
+@pytest.mark.parametrize(
+    "config", [TINY, RECIPE, PER_CLASS], ids=["plain", "recipe", "per-class"]
+)
 @pytest.mark.parametrize("steps", [0, 3])
 def test_fast_loop_equals_reference(
     mode: AdaptMode, config: fewshot.ModelConfig, steps: int
@@ -76,7 +80,9 @@ def test_fast_loop_float32_shipped() -> None:
 
 
 @pytest.mark.parametrize("mode", ["full", "head"])
-@pytest.mark.parametrize("config", [TINY, RECIPE], ids=["plain", "recipe"])
+@pytest.mark.parametrize(
+    "config", [TINY, RECIPE, PER_CLASS], ids=["plain", "recipe", "per-class"]
+)
 def test_batched_adaptation_equals_one_at_a_time(
     mode: AdaptMode, config: fewshot.ModelConfig
 ) -> None:
@@ -144,7 +150,9 @@ def test_stacked_backbones_pass_equals_each_model_alone() -> None:
 
 
 @pytest.mark.parametrize("mode", ["full", "head"])
-@pytest.mark.parametrize("config", [TINY, RECIPE], ids=["plain", "recipe"])
+@pytest.mark.parametrize(
+    "config", [TINY, RECIPE, PER_CLASS], ids=["plain", "recipe", "per-class"]
+)
 @pytest.mark.parametrize("steps", [0, 2])
 def test_embeddings_from_the_first_step_are_the_initializations(
     mode: AdaptMode, config: fewshot.ModelConfig, steps: int

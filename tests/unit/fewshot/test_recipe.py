@@ -182,3 +182,18 @@ def test_meta_training_with_the_recipe_records_it_and_calibrates_unknown(tmp_pat
     assert all(bool((v > 0).all()) for v in sizes.values())
     calibration = fewshot.calibration_of(saved)
     assert calibration is not None and (5, 1) in calibration.scores_by_shape
+
+
+def test_a_per_class_loss_is_the_mean_loss_with_an_n_way_times_larger_step() -> None:
+    from fewshot.stepchoice import head_path
+
+    torch.manual_seed(0)
+    features, y = F.normalize(torch.randn(12, 6), dim=1), torch.arange(4).repeat(3)
+    log_scale = torch.tensor(1.5)
+    plain = InnerRecipe(temperature=0.5)
+    per_class = dataclasses.replace(plain, per_class=True)
+    scaled = head_path(features, y, 4, log_scale, {}, 2, 0.1, per_class)[-1]
+    mean = head_path(features, y, 4, log_scale, {}, 2, 0.4, plain)[-1]
+    assert torch.allclose(scaled[0], mean[0], atol=1e-6)
+    assert torch.allclose(scaled[1], mean[1], atol=1e-6)
+    assert not torch.allclose(head_path(features, y, 4, log_scale, {}, 2, 0.1, plain)[-1][0], mean[0])
