@@ -117,7 +117,12 @@ def adapt_params_fast(
             names = [HEAD_WEIGHT, HEAD_BIAS]
             for t in range(steps):
                 g_weight, g_bias = head_grads(
-                    loss_features, weight, bias, meta[HEAD_SCALE], targets, recipe.temperature,
+                    loss_features,
+                    weight,
+                    bias,
+                    meta[HEAD_SCALE],
+                    targets,
+                    recipe.temperature,
                     recipe.per_class,
                 )
                 lr_weight, lr_bias = step_sizes_at(sizes, names, t, default_step_size)

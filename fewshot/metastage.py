@@ -63,8 +63,10 @@ class MetaStageConfig:
     # Served head steps inside each episode (0: the prototype head alone), their starting
     # step size (learned per step through softplus), and the step sizes' learning-rate factor.
     inner_steps: int = 0
-    inner_step_size: float = 0.5
-    step_size_lr_factor: float = 10.0
+    inner_step_size: float = 0.1
+    step_size_lr_factor: float = 1.0
+    # Gradient norm clip: one diverging inner loop must not throw the backbone away.
+    clip_norm: float = 10.0
     checkpoint_every_s: float = 180.0
     max_seconds: float | None = None
     seed: int = 0
@@ -203,6 +205,8 @@ class MetaStage:
         loss = self.loss(x[: sx.shape[0]], sy, x[sx.shape[0] :], qy)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
         self.optimizer.step()
         return float(loss.detach())
 
@@ -213,10 +217,10 @@ class MetaStage:
         params[HEAD_SCALE] = self.log_scale.detach().clone()
         step_sizes = {k: v.clone() for k, v in init.step_sizes.items()}
         if self.cfg.inner_steps > 0:
+            # Only the head's sizes were trained: a caller who asks for full adaptation of this
+            # initialization gets the default step size on the backbone.
             learned = raw_step_sizes(self.step_sizes().detach(), init.config.step_size_transform)
-            for name in step_sizes:
-                head = name in (HEAD_WEIGHT, HEAD_BIAS)
-                step_sizes[name] = learned.clone() if head else torch.zeros_like(learned)
+            step_sizes = {HEAD_WEIGHT: learned.clone(), HEAD_BIAS: learned.clone()}
         return Initialization(
             config=init.config, params=params, step_sizes=step_sizes, metadata=dict(init.metadata)
         )

@@ -122,15 +122,22 @@ def unknown_report(
     episodes: int = 50,
     seed: int = 4242,
     threshold: float | None = None,
+    within_group_shapes: Sequence[tuple[int, int]] = (),
 ) -> dict[str, dict[str, float]]:
     """Per shape at `threshold` (default: the calibration's): kept in-task share, in-task accuracy
-    (correct and kept), out-of-task share flagged unknown, blank and noise share flagged."""
+    (correct and kept), out-of-task share flagged unknown, blank and noise share flagged.
+
+    `within_group_shapes`: shapes also reported with every class of a task, and the out-of-task
+    classes, from one group (Lake et al.'s within-alphabet runs), named "... within-alphabet".
+    """
     t = calibration.threshold if threshold is None else threshold
     report: dict[str, dict[str, float]] = {}
-    for ways, shots in shapes:
+    todo = [(w, k, False) for w, k in shapes] + [(w, k, True) for w, k in within_group_shapes]
+    for ways, shots, within in todo:
         found = open_set_scores(
-            init, dataset, ways=ways, shots=shots, episodes=episodes, seed=seed + ways + shots
-        )
+            init, dataset, ways=ways, shots=shots, episodes=episodes,
+            seed=seed + ways + shots + (1000 if within else 0), within_group=within,
+        )  # fmt: skip
 
         def flagged(values: list[float], shots: int = shots, ways: int = ways) -> np.ndarray:
             raw = torch.tensor(values, dtype=torch.float32)
@@ -139,7 +146,8 @@ def unknown_report(
 
         kept = ~flagged(found.in_task)
         correct = np.array(found.in_task_correct)
-        report[f"{ways}-way {shots}-shot"] = {
+        name = f"{ways}-way {shots}-shot" + (" within-alphabet" if within else "")
+        report[name] = {
             "threshold": t,
             "in_task_kept": float(kept.mean()),
             "in_task_accuracy": float((kept & correct).mean()),

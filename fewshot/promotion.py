@@ -200,12 +200,15 @@ def compare_initializations(
     required: Sequence[tuple[int, int, bool]] | None = None,
     min_episodes: int = MIN_EPISODES,
     device: str | torch.device = "cpu",
+    active_validation: ImageDataset | None = None,
 ) -> PromotionVerdict:
     """Score both versions on the same seeded episodes of `validation` per shape; return the verdict.
 
     `shapes`: (ways, shots, within_group); shapes the data cannot supply are left out of the
     comparisons (and refuse promotion when `required`, which defaults to `shapes`).
     Groups either version was trained on (from metadata) refuse promotion.
+    `active_validation`: the same data decoded for the active version when it reads images at
+    another size or mode; episodes are drawn by index from one seed, so they are the same tasks.
     """
     from fewshot.errors import EpisodeError
     from fewshot.evaluate import episode_scores
@@ -214,10 +217,14 @@ def compare_initializations(
     for ways, shots, within in shapes:
         scores: list[list[float]] = []
         try:
-            for init in (candidate, active):
+            for init, data in (
+                (candidate, validation),
+                (active, validation if active_validation is None else active_validation),
+            ):
                 per_steps = episode_scores(
-                    init.to(device), validation, ways=ways, shots=shots, queries=queries,
+                    init.to(device), data, ways=ways, shots=shots, queries=queries,
                     episodes=episodes, steps_list=[init.config.inner_steps], seed=seed,
+                    mode=init.config.default_mode,
                     within_group=within, device=device,
                 )  # fmt: skip
                 scores.append(per_steps[init.config.inner_steps])

@@ -240,38 +240,11 @@ def _paired(
     episodes: int,
     device: str,
 ) -> ml.PromotionVerdict:
-    """Both versions on the same seeded episodes per shape, paired (fewshot.promotion)."""
-    if active_val is val:
-        return ml.compare_initializations(
-            candidate, active, val, shapes, episodes=episodes, queries=EVAL_QUERIES,
-            seed=EVAL_SEED, device=device,
-        )  # fmt: skip
-    # The baseline reads images at another size or mode: the same episodes (they are drawn
-    # by index from one seed) scored on each version's own decoding of the data.
-    results: list[ml.ShapeComparison] = []
-    for ways, shots, within in shapes:
-        scores: list[list[float]] = []
-        try:
-            for init, data in ((candidate, val), (active, active_val)):
-                steps = init.config.inner_steps
-                scores.append(
-                    ml.episode_scores(
-                        init.to(device), data, ways=ways, shots=shots, queries=EVAL_QUERIES,
-                        episodes=episodes, steps_list=[steps], seed=EVAL_SEED,
-                        within_group=within, device=device,
-                    )[steps]
-                )  # fmt: skip
-        except ml.EpisodeError:
-            continue
-        difference, ci = ml.paired_difference(scores[0], scores[1])
-        results.append(
-            ml.ShapeComparison(
-                ways=ways, shots=shots, within_group=within, episodes=len(scores[0]),
-                candidate=sum(scores[0]) / len(scores[0]), active=sum(scores[1]) / len(scores[1]),
-                difference=difference, ci95=ci, margin=ml.DEFAULT_MARGIN,
-            )
-        )  # fmt: skip
-    return ml.verdict(results, shapes, validation_groups=val.group_names)
+    """Both versions on the same seeded episodes per shape, each on its own decoding, paired."""
+    return ml.compare_initializations(
+        candidate, active, val, shapes, episodes=episodes, queries=EVAL_QUERIES,
+        seed=EVAL_SEED, device=device, active_validation=None if active_val is val else active_val,
+    )  # fmt: skip
 
 
 def decide(

@@ -42,9 +42,7 @@ def _close(a: fewshot.AdaptedModel, b: fewshot.AdaptedModel, tol: float) -> None
 
 
 @pytest.mark.parametrize("mode", ["full", "head"])
-@pytest.mark.parametrize(
-    "config", [TINY, RECIPE, PER_CLASS], ids=["plain", "recipe", "per-class"]
-)
+@pytest.mark.parametrize("config", [TINY, RECIPE, PER_CLASS], ids=["plain", "recipe", "per-class"])
 @pytest.mark.parametrize("steps", [0, 3])
 def test_fast_loop_equals_reference(
     mode: AdaptMode, config: fewshot.ModelConfig, steps: int
@@ -80,9 +78,7 @@ def test_fast_loop_float32_shipped() -> None:
 
 
 @pytest.mark.parametrize("mode", ["full", "head"])
-@pytest.mark.parametrize(
-    "config", [TINY, RECIPE, PER_CLASS], ids=["plain", "recipe", "per-class"]
-)
+@pytest.mark.parametrize("config", [TINY, RECIPE, PER_CLASS], ids=["plain", "recipe", "per-class"])
 def test_batched_adaptation_equals_one_at_a_time(
     mode: AdaptMode, config: fewshot.ModelConfig
 ) -> None:
@@ -150,9 +146,7 @@ def test_stacked_backbones_pass_equals_each_model_alone() -> None:
 
 
 @pytest.mark.parametrize("mode", ["full", "head"])
-@pytest.mark.parametrize(
-    "config", [TINY, RECIPE, PER_CLASS], ids=["plain", "recipe", "per-class"]
-)
+@pytest.mark.parametrize("config", [TINY, RECIPE, PER_CLASS], ids=["plain", "recipe", "per-class"])
 @pytest.mark.parametrize("steps", [0, 2])
 def test_embeddings_from_the_first_step_are_the_initializations(
     mode: AdaptMode, config: fewshot.ModelConfig, steps: int

@@ -32,7 +32,8 @@ def _data(classes: int, seed: int, groups: int = 2) -> ImageDataset:
 
 def _stage(tmp_path: Path, episodes: int) -> MetaStage:
     cfg = MetaStageConfig(episodes=episodes, ways=3, shots=(1, 2), queries=2, val_every=2,
-                          inner_steps=2, within_group_fraction=0.5, rotations=True)  # fmt: skip
+                          inner_steps=2, within_group_fraction=0.5, rotations=True,
+                          step_size_lr_factor=1000.0)  # fmt: skip
     aug = PretrainConfig(model=MODEL, augmentation="handwriting", val_episodes=4, val_queries=2,
                          val_ways=3)  # fmt: skip
     init = Initialization.random(MODEL, seed=0)

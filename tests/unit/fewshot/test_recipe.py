@@ -196,4 +196,6 @@ def test_a_per_class_loss_is_the_mean_loss_with_an_n_way_times_larger_step() -> 
     mean = head_path(features, y, 4, log_scale, {}, 2, 0.4, plain)[-1]
     assert torch.allclose(scaled[0], mean[0], atol=1e-6)
     assert torch.allclose(scaled[1], mean[1], atol=1e-6)
-    assert not torch.allclose(head_path(features, y, 4, log_scale, {}, 2, 0.1, plain)[-1][0], mean[0])
+    assert not torch.allclose(
+        head_path(features, y, 4, log_scale, {}, 2, 0.1, plain)[-1][0], mean[0]
+    )

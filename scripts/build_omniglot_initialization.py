@@ -1,0 +1,279 @@
+"""Package an Omniglot pre-training run as the shipped handwriting initialization, with its card.
+
+    python scripts/build_omniglot_initialization.py --run /work/runs/omni-pre \\
+        --data ../shared/data/omniglot/images_background.zip \\
+        --baseline fewshot/shipped/omniglot-conv4 --out fewshot/shipped/omniglot-conv4
+
+Pretrain -> meta-train -> adapt: takes the run's best epoch (on the held-out alphabets), sets the
+served inner loop (head steps from the prototypes on the support set and its shifted views,
+per-class loss, learned step sizes), trains through that loop on within-alphabet and mixed
+episodes (fewshot.metastage; resumable: the same command continues it), then scores the result
+as served and at 0 steps on the same episodes, calibrates "unknown", compares it with the
+baseline on the same episodes (fewshot.promotion's paired rule), and writes weights, config,
+curve and model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import resource
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fewshot.card import render_model_card
+from fewshot.data import ImageDataset, load_dataset
+from fewshot.evaluate import evaluate
+from fewshot.fast import adapt_fast
+from fewshot.initialization import Initialization
+from fewshot.inner import HEAD_BIAS, HEAD_WEIGHT, raw_step_sizes
+from fewshot.metastage import MetaStage, MetaStageConfig
+from fewshot.openset import calibrate_unknown, unknown_report
+from fewshot.pretrain import PretrainConfig, best_initialization
+from fewshot.promotion import compare_initializations
+
+VALIDATION_GROUPS = ["Arcadian", "Cyrillic", "Early_Aramaic", "Latin", "Sanskrit"]
+# (ways, shots, within-alphabet, queries per class): the card's shapes; Lake et al. 2015's runs
+# are within-alphabet 20-way 1-shot with one query per class.
+SHAPES = (
+    (5, 1, False, 5),
+    (5, 5, False, 5),
+    (20, 1, False, 5),
+    (20, 5, False, 5),
+    (20, 1, True, 1),
+)
+TARGETS = {
+    "20-way 1-shot": 0.95,
+    "20-way 1-shot within-alphabet": 0.90,
+    "5-way 1-shot": 0.985,
+    "20-way 5-shot": 0.985,
+}
+
+
+def shape_name(ways: int, shots: int, within: bool) -> str:
+    """The card's name of a task shape."""
+    return f"{ways}-way {shots}-shot" + (" within-alphabet" if within else "")
+
+
+def serving_recipe(init: Initialization, args: argparse.Namespace) -> Initialization:
+    """Handwriting: head steps on the support set and its shifted views, the same in training."""
+    config = dataclasses.replace(
+        init.config,
+        domain="handwritten characters",
+        default_mode="head",
+        inner_steps=args.inner_steps,
+        inner_step_size=args.step_size,
+        inner_temperature=args.temperature,
+        inner_label_smoothing=args.smoothing,
+        inner_shift_views=args.shift_views,
+        inner_loss_per_class=True,
+        step_size_transform="softplus",
+        step_candidates=(),
+    )
+    raw = raw_step_sizes(torch.full((args.inner_steps,), args.step_size), "softplus")
+    step_sizes = {HEAD_WEIGHT: raw.clone(), HEAD_BIAS: raw.clone()}
+    return Initialization(config, init.params, step_sizes, dict(init.metadata))
+
+
+def timing(init: Initialization, data: ImageDataset, ways: int, shots: int) -> dict[str, float]:
+    """Median milliseconds of one served adaptation (adapt_fast) and the adapted model's bytes."""
+    times, model = [], None
+    for r in range(15):
+        idx = torch.cat(
+            [
+                torch.nonzero(data.targets == c).flatten()[r % 15 : r % 15 + shots]
+                for c in range(ways)
+            ]
+        )
+        x = data.images[idx].float().div(255.0)
+        labels = [str(int(v)) for v in data.targets[idx]]
+        start = time.perf_counter()
+        model = adapt_fast(init, x, labels)
+        times.append(time.perf_counter() - start)
+    assert model is not None
+    times.sort()
+    return {"adapt_ms_p50": round(1000 * times[len(times) // 2], 2), "model_bytes": model.nbytes}
+
+
+def plot(
+    pre: list[dict[str, Any]], meta: list[dict[str, Any]], keys: tuple[str, str], path: Path
+) -> None:
+    """Pre-training loss and held-out accuracy per epoch, then the meta stage's, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 4))
+    epochs = [p["epoch"] for p in pre]
+    left.plot(epochs, [p["loss"] for p in pre])
+    left.set_xlabel("pre-training epoch")
+    left.set_ylabel("train loss (label-smoothed CE, 4 x 771 classes)")
+    for key in keys:
+        middle.plot(epochs, [100 * p[key] for p in pre], marker=".", label=key)
+    middle.set_xlabel("pre-training epoch")
+    middle.set_ylabel("% on held-out alphabets (prototypes)")
+    middle.legend()
+    episodes = [p["episode"] for p in meta]
+    for key in keys:
+        right.plot(episodes, [100 * p[key] for p in meta], marker="o", label=key)
+    right.set_xlabel("meta-stage episode")
+    right.set_ylabel("% on held-out alphabets (prototypes)")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--run", required=True, help="pre-training run folder (maml-serve pretrain)"
+    )
+    parser.add_argument("--data", required=True, help="the Omniglot background set (zip/folder)")
+    parser.add_argument("--baseline", required=True, help="the version to beat (folder)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--version", default="omniglot-conv4-v3")
+    parser.add_argument("--meta-episodes", type=int, default=3000)
+    parser.add_argument(
+        "--meta-minutes", type=float, help="stop the stage after this long (resume later)"
+    )
+    parser.add_argument("--meta-lr", type=float, default=1e-3)
+    parser.add_argument("--inner-steps", type=int, default=10)
+    parser.add_argument(
+        "--step-size", type=float, default=0.1, help="per-class loss: x N of a mean's"
+    )
+    parser.add_argument("--temperature", type=float, default=0.25)
+    parser.add_argument("--smoothing", type=float, default=0.1)
+    parser.add_argument("--shift-views", type=int, default=2)
+    parser.add_argument("--episodes", type=int, default=1000, help="evaluation episodes per shape")
+    parser.add_argument("--compare-episodes", type=int, default=400)
+    parser.add_argument("--unknown-episodes", type=int, default=60, help="per calibrated shape")
+    parser.add_argument("--report-episodes", type=int, default=100, help="unknown report, per shape")
+    parser.add_argument("--pretrain-command", default="", help="recorded in the card")
+    return parser.parse_args()
+
+
+def main() -> int:
+    """Meta-train (or resume), evaluate, compare, calibrate and write the initialization."""
+    args = parse_args()
+    baseline = Initialization.load(args.baseline)  # before --out may overwrite it
+    init = serving_recipe(best_initialization(args.run), args)
+    pre = init.metadata.pop("pretraining")
+    pre_cfg = PretrainConfig.from_dict(pre["config"])
+    full = load_dataset(args.data, init.config)
+    train_groups = [g for g in full.group_names if g not in VALIDATION_GROUPS]
+    train, val = full.subset_groups(train_groups), full.subset_groups(VALIDATION_GROUPS)
+    cfg = MetaStageConfig(
+        episodes=args.meta_episodes, ways=20, shots=(1, 5), queries=5, lr=args.meta_lr,
+        val_every=250, within_group_fraction=0.5, rotations=True, inner_steps=args.inner_steps,
+        inner_step_size=args.step_size,
+        max_seconds=args.meta_minutes * 60 if args.meta_minutes else None,
+    )  # fmt: skip
+    stage = MetaStage(init, train, val, cfg, pre_cfg, Path(args.run) / "meta")
+    bar = tqdm(total=cfg.episodes, initial=stage.episode, unit="episode", desc="meta stage")
+    done = stage.run(
+        on_validate=lambda p: print(json.dumps(p), flush=True),
+        on_episode=lambda i, loss: bar.update(1),
+    )
+    bar.close()
+    if not done:
+        print("meta stage stopped at its time limit: run the same command to resume", flush=True)
+        return 3
+    init = stage.best_initialization()
+    meta_info = init.metadata.pop("meta_stage")
+
+    metrics: dict[str, Any] = {}
+    for ways, shots, within, queries in SHAPES:
+        name = shape_name(ways, shots, within)
+        with tqdm(total=args.episodes, desc=name, file=sys.stderr) as progress:
+            result = evaluate(
+                init, val, ways=ways, shots=shots, queries=queries, episodes=args.episodes,
+                seed=2024, within_group=within, on_progress=progress.update,
+            )  # fmt: skip
+        metrics[name] = result.to_dict()
+        print(json.dumps({name: metrics[name]}), flush=True)
+
+    baseline_val = load_dataset(args.data, baseline.config).subset_groups(VALIDATION_GROUPS)
+    shapes = [(w, k, within) for w, k, within, _ in SHAPES]
+    verdict = compare_initializations(
+        init, baseline, val, shapes, episodes=args.compare_episodes, min_episodes=args.compare_episodes,
+        active_validation=baseline_val,
+    )  # fmt: skip
+    print(json.dumps({"promotion": verdict.to_dict()}), flush=True)
+
+    calibration = calibrate_unknown(init, val, episodes=args.unknown_episodes)
+    calibration.details["groups"] = VALIDATION_GROUPS
+    calibration.details["report"] = unknown_report(
+        init, val, calibration, episodes=args.report_episodes, within_group_shapes=((20, 1),)
+    )
+    timings = {
+        shape_name(w, k, False): timing(init, val, w, k)
+        for w, k in ((5, 1), (5, 5), (20, 1), (20, 5))
+    }
+    minutes = pre["minutes"] + meta_info["minutes"]
+    init.metadata = {
+        "version": args.version,
+        "domain": "handwritten characters",
+        "parent_version": None,
+        "command": " && ".join(
+            c for c in (args.pretrain_command, shlex.join(["python", *sys.argv])) if c
+        ),
+        "data": "images_background.zip: the Omniglot background set (30 alphabets, 964 characters); "
+        f"trained on {len(train_groups)} alphabets, chosen and scored on the 5 held out",
+        "validation_groups": VALIDATION_GROUPS,
+        "training_groups": train_groups,
+        "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "wall_time_s": round(60 * minutes),
+        "iterations": meta_info["best"]["episode"],
+        "note": (
+            f"Pretrain -> meta-train -> adapt. Pre-training: {len(pre['curve'])} epochs "
+            f"({pre['minutes']:.0f} min), best at epoch {pre['best']['epoch']}; meta stage: "
+            f"{cfg.episodes} episodes ({meta_info['minutes']:.0f} min), best at episode "
+            f"{meta_info['best']['episode']}. Served: {args.inner_steps} head steps on the support set "
+            f"and its {args.shift_views}-pixel shifted views, the loop trained through."
+        ),
+        "metrics": metrics,
+        "targets": TARGETS,
+        "timings": timings,
+        "promotion": verdict.to_dict(),
+        "unknown": calibration.to_dict(),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "pretraining": {"config": pre["config"], "best": pre["best"], "minutes": pre["minutes"]},
+        "meta_stage": {k: v for k, v in meta_info.items() if k != "curve"},
+    }
+    out = Path(args.out)
+    init.save(out)
+    curve = {"pretraining": pre["curve"], "meta_stage": meta_info["curve"]}
+    (out / "curve.json").write_text(json.dumps(curve, indent=1))
+    plot(pre["curve"], meta_info["curve"], pre_cfg.score_keys, out / "curve.png")
+    card = render_model_card(init.metadata)
+    card += "\n## Single-task adaptation (as served, this machine)\n\n"
+    card += "| task | adapt p50 | adapted model |\n|---|---|---|\n"
+    for name, t in timings.items():
+        card += f"| {name} | {t['adapt_ms_p50']:.1f} ms | {t['model_bytes'] / 1024:.0f} KiB |\n"
+    card += f"\n## Against {baseline.version} (same episodes, paired)\n\n"
+    card += "| task | this version | baseline | difference |\n|---|---|---|---|\n"
+    for c in verdict.comparisons:
+        card += (
+            f"| {shape_name(c.ways, c.shots, c.within_group)} | {100 * c.candidate:.2f}% | "
+            f"{100 * c.active:.2f}% | {100 * c.difference:+.2f} ± {100 * c.ci95:.2f} |\n"
+        )
+    card += f"\nVerdict: {'promote' if verdict.promote else 'keep the baseline'} ({'; '.join(verdict.reasons)})\n"
+    card += "\n![training curve](curve.png)\n"
+    (out / "README.md").write_text(card)
+    print(json.dumps({"written": str(out), "promote": verdict.promote}), flush=True)
+    return 0 if verdict.promote else 4
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
