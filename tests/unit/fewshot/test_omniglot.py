@@ -69,3 +69,30 @@ def test_shipped_initialization_is_more_accurate_with_more_shots(
     }
     assert results[1].accuracy > 0.9, results[1]
     assert results[5].accuracy > results[1].accuracy, results
+
+
+def test_the_default_unknown_threshold_flags_no_more_genuine_queries_than_calibrated(
+    omniglot: ImageDataset, shipped: fewshot.Initialization
+) -> None:
+    """Fresh held-out 5- and 20-way tasks: at the shipped default threshold at most ~1% of genuine
+    queries are answered "unknown" (the calibrated share plus sampling error), while blank and
+    noise images still are."""
+    from fewshot.openset import open_set_scores
+    from fewshot.unknown import calibration_of
+
+    calibration = calibration_of(shipped)
+    assert calibration is not None and calibration.threshold <= 0.01
+    validation = omniglot.subset_groups(shipped.metadata["validation_groups"])
+    for ways, shots in ((5, 1), (20, 1), (5, 5)):
+        found = open_set_scores(
+            shipped, validation, ways=ways, shots=shots, episodes=24, queries=5, seed=99
+        )
+        raw = torch.tensor(found.in_task)
+        p = calibration.p_values(raw, torch.full((len(raw),), shots), ways)
+        flagged = float((p < calibration.threshold).float().mean())
+        # 1% expected; the bound allows 3 binomial standard errors on >= 600 queries.
+        bound = calibration.threshold + 3 * (calibration.threshold / len(raw)) ** 0.5
+        assert flagged <= bound, f"{ways}-way {shots}-shot: {flagged:.3%} of genuine flagged"
+        for odd in (found.blank, found.noise):
+            q = calibration.p_values(torch.tensor(odd), torch.full((len(odd),), shots), ways)
+            assert float((q < calibration.threshold).float().mean()) == 1.0

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 import fewshot
-from fewshot.unknown import UnknownCalibration, class_prototypes, raw_scores
+from fewshot.unknown import (
+    DEFAULT_THRESHOLD,
+    UnknownCalibration,
+    class_prototypes,
+    raw_scores,
+)
 from tests.data_paths import OMNIGLOT_ZIP
 from tests.fewshot_helpers import TINY, random_images, synthetic_dataset, tiny_init
 
@@ -46,14 +51,14 @@ def test_p_values_are_ranks_among_in_task_scores_per_shot_count() -> None:
     assert calibration.p_values(raw[:1], shots[:1], 3).tolist() == pytest.approx([0.25])
     assert calibration.p_values(torch.tensor([-8.5]), shots[:1], 30).tolist() == [0.5]
     again = UnknownCalibration.from_dict(calibration.to_dict())
-    assert again.scores_by_shape == calibration.scores_by_shape and again.threshold == 0.05
+    assert again.scores_by_shape == calibration.scores_by_shape and again.threshold == DEFAULT_THRESHOLD == 0.01
 
 
 def test_predict_scores_flags_below_threshold_and_is_batch_independent() -> None:
     init = _calibrated(_float_init())
     support = random_images(3, TINY, dtype=torch.float32)
     model = fewshot.adapt(init, support, ["a", "b", "c"])
-    assert model.unknown is not None and model.unknown_threshold == 0.05
+    assert model.unknown is not None and model.unknown_threshold == DEFAULT_THRESHOLD
     assert model.class_counts == [1, 1, 1] and model.prototypes is not None
     queries = torch.cat([support[:3], torch.zeros(1, 1, 12, 12), random_images(4, TINY, 9)])
     queries = queries.float()
