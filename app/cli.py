@@ -1,4 +1,5 @@
-"""The `maml-serve` command: serve, worker, keys, migrate (train and evaluate come from fewshot).
+"""The `maml-serve` command: serve, worker, keys, migrate, storage (train and evaluate come from
+fewshot).
 
 Every import beyond the standard library happens inside a handler, so `--help` and `--version`
 answer without loading torch, FastAPI or SQLAlchemy.
@@ -287,6 +288,91 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage_sweep(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from app.core.storage_sweep import sweep_orphans
+
+    runtime = _keys_runtime()
+    try:
+        report = sweep_orphans(
+            runtime.store,
+            runtime.sessions,
+            grace=timedelta(seconds=args.grace),
+            dry_run=args.dry_run,
+        )
+    finally:
+        runtime.close()
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_dict()) + "\n")
+    for prefix in report.orphans:
+        sys.stderr.write(f"{'orphan' if args.dry_run else 'deleted'} {prefix}\n")
+    sys.stderr.write(
+        f"checked {report.checked} prefixes: {len(report.orphans)} orphans "
+        f"({report.objects} objects, {report.bytes} bytes) "
+        f"{'found (dry run, nothing deleted)' if args.dry_run else 'deleted'}, "
+        f"{len(report.too_recent)} without a row but newer than the grace period kept\n"
+    )
+    return 0
+
+
+def _storage_migrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from app.core.config import get_settings
+    from app.core.storage_local import LocalArtifactStore
+    from app.core.storage_migration import migrate_to_s3
+    from app.core.storage_s3 import S3ArtifactStore
+
+    settings = get_settings()
+    source = Path(args.source) if args.source else settings.artifact_dir
+    if not source.is_dir():
+        sys.stderr.write(f"no local artifact folder at {source}\n")
+        return 2
+    if not settings.s3_bucket:
+        sys.stderr.write("set MAML_SERVE_S3_BUCKET (and _S3_ENDPOINT_URL for a non-AWS server)\n")
+        return 2
+    report = migrate_to_s3(LocalArtifactStore(source), S3ArtifactStore.from_settings(settings))
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_dict()) + "\n")
+    for key in report.failed:
+        sys.stderr.write(f"FAILED to verify {key}\n")
+    sys.stderr.write(
+        f"{report.objects} objects ({report.bytes} bytes): {report.copied} copied, "
+        f"{report.already_there} already in the bucket, {report.verified} verified by reading "
+        f"back, {len(report.failed)} failed\n"
+    )
+    return 1 if report.failed else 0
+
+
+def _add_storage_commands(sub: Any) -> None:
+    """`maml-serve storage sweep|migrate-to-s3`."""
+    storage = sub.add_parser("storage", help="maintain the artifact store (local folder or S3)")
+    storage_sub = storage.add_subparsers(dest="storage_command", required=True, metavar="ACTION")
+    sweep = storage_sub.add_parser(
+        "sweep", help="delete stored objects of tasks and datasets whose rows are gone"
+    )
+    sweep.add_argument("--dry-run", action="store_true", help="list the orphans, delete nothing")
+    sweep.add_argument(
+        "--grace",
+        type=_duration,
+        default=3600.0,
+        help="leave prefixes with an object newer than this (default 1h: a create in flight)",
+    )
+    sweep.add_argument("--json", action="store_true", help="print the report as JSON")
+    sweep.set_defaults(handler=_storage_sweep)
+
+    migrate = storage_sub.add_parser(
+        "migrate-to-s3",
+        help="copy the local artifact folder into the S3 bucket of the settings and verify it",
+    )
+    migrate.add_argument(
+        "--source", default=None, help="the local artifact folder (default: DATA_DIR/artifacts)"
+    )
+    migrate.add_argument("--json", action="store_true", help="print the report as JSON")
+    migrate.set_defaults(handler=_storage_migrate)
+
+
 # The few-shot core's commands; their parsers (and torch) load only when one of them is run.
 CORE_COMMANDS = {
     "train": "meta-train an initialization (MAML) from an image dataset",
@@ -388,6 +474,7 @@ def build_parser(core: bool = True) -> argparse.ArgumentParser:
     worker.set_defaults(handler=_worker)
 
     _add_keys_commands(sub)
+    _add_storage_commands(sub)
 
     migrate = sub.add_parser("migrate", help="apply database migrations (alembic upgrade)")
     migrate.add_argument("revision", nargs="?", default="head")

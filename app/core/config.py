@@ -28,6 +28,26 @@ class Settings(BaseSettings):
     # extra_initialization_paths, e.g. MAML_SERVE_EXTRA_INITIALIZATION_PATHS='["/models/x"]').
     initialization_path: Path | None = None
     extra_initialization_paths: list[Path] = Field(default_factory=list)
+    # Where artifacts (support images over the inline size, adapted weights, initializations,
+    # datasets) live: "local", a folder in data_dir (the embedded default), or "s3", a bucket of
+    # an S3-compatible server shared by every host. Credentials come from the usual AWS
+    # environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, a profile or an instance role),
+    # never from these settings.
+    artifact_backend: Literal["local", "s3"] = "local"
+    s3_bucket: str | None = None
+    # Keys go under this prefix in the bucket ("" for the bucket's root).
+    s3_prefix: str = ""
+    # None: AWS; else the server's URL (http://seaweedfs:8333), addressed path-style.
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    # Bounds, so an S3 outage answers 503 within seconds instead of hanging a request:
+    # connecting, each read, and attempts per request (the first one included).
+    s3_connect_timeout_seconds: float = Field(default=2.0, gt=0)
+    s3_read_timeout_seconds: float = Field(default=5.0, gt=0)
+    s3_max_attempts: int = Field(default=3, ge=1)
+    # The S3 backend keeps verified local copies of what it reads as files (initializations,
+    # adapted weights, datasets) in data_dir, at most this many bytes (least recently used go).
+    artifact_cache_bytes: int = Field(default=2 * 1024 * 1024 * 1024, gt=0)
     # Mixed into the hash of every API key; changing it invalidates all keys.
     api_key_pepper: SecretStr = SecretStr(DEFAULT_KEY_PEPPER)
 
@@ -144,10 +164,26 @@ class Settings(BaseSettings):
                 raise ValueError("set MAML_SERVE_DATABASE_URL in production")
         return self
 
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> Settings:
+        if self.artifact_backend == "s3" and not self.s3_bucket:
+            raise ValueError("MAML_SERVE_ARTIFACT_BACKEND=s3 needs MAML_SERVE_S3_BUCKET")
+        return self
+
     @property
     def artifact_dir(self) -> Path:
-        """Folder holding images, adapted weights and initializations."""
+        """Folder of the local backend: images, adapted weights, initializations, datasets."""
         return self.data_dir / "artifacts"
+
+    @property
+    def artifact_cache_dir(self) -> Path:
+        """Folder of the S3 backend's verified local copies (bounded by artifact_cache_bytes)."""
+        return self.data_dir / "artifact-cache"
+
+    @property
+    def work_dir(self) -> Path:
+        """Folder of this host's work in progress (uploads being checked, meta-training runs)."""
+        return self.data_dir / "work"
 
     @property
     def sqlalchemy_url(self) -> str:

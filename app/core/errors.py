@@ -88,3 +88,21 @@ class ServiceUnavailable(ProblemError):
     def __init__(self, detail: str, *, retry_after: int = 2, **kwargs: Any) -> None:
         super().__init__(detail, **kwargs)
         self.headers.setdefault("Retry-After", str(retry_after))
+
+
+class StorageUnavailable(ServiceUnavailable):
+    """The artifact store (S3) did not answer, or answered with a server error (503).
+
+    The detail never names the bucket, endpoint or key; those go to the log.
+    """
+
+    code = "storage_unavailable"
+
+    def __init__(
+        self,
+        detail: str = "the artifact storage is not reachable right now; try again shortly",
+        *,
+        retry_after: int = 5,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(detail, retry_after=retry_after, **kwargs)

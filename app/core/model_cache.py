@@ -71,8 +71,10 @@ class ModelCache:
             return cached
         metrics.CACHE_MISSES.labels("initialization").inc()
         try:
-            self.store.verify(f"{row.artifact_key}/weights.safetensors", row.sha256)
-            init = ml.Initialization.load(self.store.path(row.artifact_key), device=self.device)
+            folder = self.store.local_tree(
+                row.artifact_key, expected={"weights.safetensors": row.sha256}
+            )
+            init = ml.Initialization.load(folder, device=self.device)
         except (ArtifactCorrupt, ml.CheckpointError) as exc:
             log.error("initialization %s is unreadable: %s", row.version, exc)
             # Nothing the caller can redo fixes it: the operator restores or rolls back.
@@ -116,7 +118,7 @@ class ModelCache:
             return cached
         metrics.CACHE_MISSES.labels("adapted").inc()
         try:
-            path = self.store.verify(row.weights_key, row.sha256)
+            path = self.store.local_file(row.weights_key, row.sha256)
             model = ml.AdaptedModel.load(path, init, device=self.device)
         except (ArtifactCorrupt, ml.CheckpointError) as exc:
             # The file's name and the reader's message go to the log only.

@@ -13,6 +13,7 @@ from app.core.config import Settings
 from app.core.db import make_engine, make_session_factory
 from app.core.model_cache import ModelCache, default_device
 from app.core.storage import ArtifactStore
+from app.core.storage_local import LocalArtifactStore
 from app.core.threads import serving_threads, torch_default
 
 
@@ -28,15 +29,14 @@ class Runtime:
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
-        """Connect to the database and open the artifact store (no queries are run)."""
+        """Connect to the database and open the artifact store (no queries or requests are run)."""
         if settings.torch_threads is not None:
             import torch
 
             torch_default()  # remembered before it is changed (meta-training falls back to it)
             torch.set_num_threads(settings.torch_threads)
         engine = make_engine(settings)
-        store = ArtifactStore(settings.artifact_dir)
-        store.root.mkdir(parents=True, exist_ok=True)
+        store = open_store(settings)
         cache = ModelCache(
             store,
             settings.adapted_cache_bytes,
@@ -55,3 +55,14 @@ class Runtime:
     def close(self) -> None:
         """Release database connections."""
         self.engine.dispose()
+
+
+def open_store(settings: Settings) -> ArtifactStore:
+    """The artifact store the settings name: the local folder, or the S3 bucket."""
+    if settings.artifact_backend == "s3":
+        # Imported here: the embedded default never loads boto3.
+        from app.core.storage_s3 import S3ArtifactStore
+
+        return S3ArtifactStore.from_settings(settings)
+    settings.artifact_dir.mkdir(parents=True, exist_ok=True)
+    return LocalArtifactStore(settings.artifact_dir)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import stat
 import uuid
 import zipfile
@@ -21,21 +20,11 @@ from app.core.config import Settings
 from app.core.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, ServiceUnavailable
 from app.core.images import check_image
 from app.core.runtime import Runtime
-from app.core.storage import fsync_dirs, make_parents
+from app.core.storage import dataset_key, dataset_prefix
 from app.models import Dataset, Job
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _CHUNK = 1 << 20
-
-
-def dataset_prefix(dataset_id: uuid.UUID) -> str:
-    """Folder of one dataset in the artifact store."""
-    return f"datasets/{dataset_id}"
-
-
-def dataset_key(dataset_id: uuid.UUID) -> str:
-    """Key of a dataset's zip."""
-    return f"{dataset_prefix(dataset_id)}/dataset.zip"
 
 
 @dataclass(frozen=True)
@@ -218,8 +207,6 @@ def _copy_capped(source: IO[bytes], target: Path, limit: int) -> tuple[int, str]
                 )
             digest.update(chunk)
             out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
     return size, digest.hexdigest()
 
 
@@ -247,14 +234,13 @@ def create_dataset(
     dataset_id = uuid.uuid4()
     store = runtime.store
     key = dataset_key(dataset_id)
-    final = store.path(key)
-    staging = final.with_name(".upload.tmp")
+    # Received and checked on this host; the store gets it whole once it is accepted.
+    staging = runtime.settings.work_dir / "uploads" / f"{dataset_id}.zip"
     try:
-        changed = make_parents(final)
+        staging.parent.mkdir(parents=True, exist_ok=True)
         size, sha256 = _copy_capped(source, staging, runtime.settings.max_dataset_bytes)
         summary = check_dataset_zip(staging, settings=runtime.settings, min_classes=min_classes)
-        staging.replace(final)
-        fsync_dirs([final.parent, *changed])
+        store.put_file(key, staging, sha256)
         row = Dataset(
             id=dataset_id,
             tenant_id=tenant_id,
@@ -286,6 +272,8 @@ def create_dataset(
         session.rollback()
         store.delete_tree(dataset_prefix(dataset_id))
         raise
+    finally:
+        staging.unlink(missing_ok=True)
     return row
 
 

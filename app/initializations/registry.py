@@ -141,8 +141,9 @@ def register_initialization_folder(
     weights_sha = sha256_file(folder / "weights.safetensors")
     version = folder_version(init.metadata, weights_sha, source)
     key = initialization_key(version)
-    store.copy_tree_in(folder, key)
-    store.verify(f"{key}/weights.safetensors", weights_sha)
+    store.put_tree(key, folder)
+    # Read back: what the row will name must be what was registered.
+    store.local_file(f"{key}/weights.safetensors", weights_sha)
     now = utcnow()
     row = Initialization(
         version=version,

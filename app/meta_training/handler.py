@@ -21,6 +21,7 @@ import logging
 import math
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ def _without_paths(message: str, dataset_path: Path) -> str:
 
 
 def run_folder(job_id: uuid.UUID) -> str:
-    """Artifact key of a meta-training job's folder (checkpoint, curve, result)."""
+    """A meta-training job's folder (checkpoint, curve, result), in the worker's work_dir."""
     return f"jobs/{job_id}/run"
 
 
@@ -123,12 +124,14 @@ def split_fixed(units: ml.ImageDataset, held: list[str]) -> tuple[ml.ImageDatase
 
 @dataclass
 class _Data:
-    path: Path
+    fetch: Callable[[], Path]
     details: dict[str, Any]
 
     def load(self, config: Any) -> _Split:
         """Train and validation parts at a model config's size and mode (the same split always)."""
-        data = ml.load_dataset(self.path, config)
+        # Fetched (and checked) at each load: a remote store's local copy may have been evicted
+        # while the run trained.
+        data = ml.load_dataset(self.fetch(), config)
         held, by = validation_groups_of(self.details, data)
         units = _units(data, by)
         train, val = split_fixed(units, held)
@@ -310,8 +313,10 @@ def _register(
     card = {**init.metadata, "metrics": metrics.get("validation_detail") or {}}
     (staged / "README.md").write_text(comparison_card(card, metrics.get("promotion")))
     key = initialization_key(version)
-    runtime.store.copy_tree_in(staged, key)
-    sha = sha256_file(runtime.store.path(f"{key}/weights.safetensors"))
+    runtime.store.put_tree(key, staged)
+    sha = sha256_file(staged / "weights.safetensors")
+    # Read back: the row names what the store holds, not what this worker meant to write.
+    runtime.store.local_file(f"{key}/weights.safetensors", sha)
     now = utcnow()
     row = Initialization(
         version=version,
@@ -365,6 +370,8 @@ class _Run:
     params: dict[str, Any]
     detail: dict[str, Any]
     dataset_details: dict[str, Any]
+    dataset_key: str
+    dataset_sha256: str
     dataset_path: Path
     start_row: Initialization | None
 
@@ -395,7 +402,9 @@ def _read_job(runtime: Runtime, claim: Claim) -> _Run | Outcome:
             params=dict(job.params),
             detail=dict(job.progress_detail or {}),
             dataset_details=dict(dataset.details or {}),
-            dataset_path=runtime.store.verify(dataset.artifact_key, dataset.sha256),
+            dataset_key=dataset.artifact_key,
+            dataset_sha256=dataset.sha256,
+            dataset_path=runtime.store.local_file(dataset.artifact_key, dataset.sha256),
             start_row=start_row,
         )
 
@@ -576,11 +585,14 @@ def run_meta_train(runtime: Runtime, claim: Claim, heartbeat: Heartbeat) -> Outc
         return run
     reporter = _Reporter(heartbeat, run.detail)
     reporter.stage("loading")
-    folder = runtime.store.path(run_folder(claim.job_id))
+    # A working folder on this host; what the run makes is put into the store when it ends.
+    folder = runtime.settings.work_dir / run_folder(claim.job_id)
     device = runtime.models.device
     start = runtime.models.initialization(run.start_row) if run.start_row is not None else None
     cfg = train_config(run.params, start)
-    data = _Data(run.dataset_path, run.dataset_details)
+    data = _Data(
+        lambda: runtime.store.local_file(run.dataset_key, run.dataset_sha256), run.dataset_details
+    )
     split = _load_split(data, cfg.model if start is None else start.config, cfg.ways[1],
                         run.dataset_path)  # fmt: skip
     trainer = ml.MetaTrainer(cfg, split.train, split.val, folder, start=start, device=device)

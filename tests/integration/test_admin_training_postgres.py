@@ -203,7 +203,8 @@ def test_killed_worker_resumes_from_checkpoint_and_cancel_stops_it(
         timeout=120,
     )
     train_worker.kill()
-    state_file = runtime_of(client).store.path(f"jobs/{run['id']}/run/state.json")
+    # The run folder is the worker's working folder (the same data dir as the API here).
+    state_file = runtime_of(client).settings.work_dir / f"jobs/{run['id']}/run/state.json"
     checkpointed = json.loads(state_file.read_text())["iteration"]
     assert checkpointed >= 6
     train_worker.start()

@@ -19,7 +19,7 @@ import fewshot.batched
 import fewshot.fast
 from app.core import ml
 from app.core import threads as torch_threads
-from app.core.storage import ArtifactStore
+from app.core.storage_local import LocalArtifactStore
 from app.jobs import runner as runner
 from app.jobs.dispatch import InProcessDispatcher
 from app.main import create_app
@@ -213,7 +213,7 @@ def test_meta_training_keeps_torch_default_unless_set() -> None:
 def test_put_many_renames_into_place_and_leaves_nothing_on_failure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = ArtifactStore(tmp_path / "store")
+    store = LocalArtifactStore(tmp_path / "store")
     store.put_many({"t/a/x.png": b"one", "t/a/y.png": b"two", "t/b/z.png": b"three"})
     assert store.read_bytes("t/a/x.png") == b"one"
     assert store.read_bytes("t/b/z.png") == b"three"
@@ -226,7 +226,7 @@ def test_put_many_renames_into_place_and_leaves_nothing_on_failure(
     def broken_fsync(_fd: int) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("app.core.storage.os.fsync", broken_fsync)
+    monkeypatch.setattr("app.core.storage_local.os.fsync", broken_fsync)
     with pytest.raises(OSError):
         store.put_many({"t/c/x.png": b"new", "t/a/x.png": b"changed"})
     assert store.read_bytes("t/a/x.png") == b"one"
@@ -270,7 +270,7 @@ def test_the_model_cache_counts_each_models_objects_not_only_its_tensors(tmp_pat
     x = torch.rand(2, 1, 28, 28)
     models = [fewshot.adapt(init, x, ["a", "b"], mode="head") for _ in range(4)]
     budget = 2 * (models[0].nbytes + MODEL_OVERHEAD_BYTES)
-    cache = ModelCache(ArtifactStore(tmp_path), max_bytes=budget, device="cpu")
+    cache = ModelCache(LocalArtifactStore(tmp_path), max_bytes=budget, device="cpu")
     ids = [uuid.uuid4() for _ in models]
     for model_id, model in zip(ids, models, strict=True):
         cache.put_adapted(model_id, model)

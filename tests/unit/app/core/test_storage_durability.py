@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.core.storage import ArtifactStore
+from app.core.storage_local import LocalArtifactStore
 
 
 def test_put_bytes_syncs_the_file_its_folder_and_the_new_folders_above(
     tmp_path: Path, fsynced: list[str]
 ) -> None:
-    store = ArtifactStore(tmp_path / "store")
+    store = LocalArtifactStore(tmp_path / "store")
     (tmp_path / "store").mkdir()
     store.put_bytes("a/b/c.bin", b"data")
     root = (tmp_path / "store").resolve()
@@ -22,7 +22,7 @@ def test_put_bytes_syncs_the_file_its_folder_and_the_new_folders_above(
 
 
 def test_put_many_syncs_each_folder_once(tmp_path: Path, fsynced: list[str]) -> None:
-    store = ArtifactStore(tmp_path)
+    store = LocalArtifactStore(tmp_path)
     store.put_many({f"t/s/{i}.png": bytes([i]) for i in range(5)})
     root = tmp_path.resolve()
     folders = [path for path in fsynced if Path(path).is_dir()]
@@ -37,9 +37,9 @@ def test_a_copied_tree_is_synced_before_it_is_renamed_into_place(
     (source / "inner").mkdir(parents=True)
     (source / "weights.bin").write_bytes(b"w")
     (source / "inner" / "meta.json").write_bytes(b"{}")
-    store = ArtifactStore(tmp_path / "store")
+    store = LocalArtifactStore(tmp_path / "store")
     (tmp_path / "store").mkdir()
-    store.copy_tree_in(source, "initializations/v1")
+    store.put_tree("initializations/v1", source)
     root = (tmp_path / "store").resolve()
     assert (root / "initializations/v1/inner/meta.json").read_bytes() == b"{}"
     names = [Path(path).name for path in fsynced]
