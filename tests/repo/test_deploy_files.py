@@ -102,6 +102,51 @@ def test_required_variables_are_in_env_example_and_created_by_the_docs() -> None
     assert ".env" in (REPO / ".dockerignore").read_text().split()
 
 
+def _default(value: str) -> str:
+    """The default of a `${NAME:-default}` value (the value itself when it has none)."""
+    found = re.fullmatch(r"\$\{\w+:-(.*)\}", value)
+    return found.group(1) if found else value
+
+
+def test_artifacts_live_in_the_compose_s3_server_and_no_folder_is_shared() -> None:
+    services = _compose("docker-compose.yml")["services"]
+    seaweed = services["seaweedfs"]
+    assert seaweed["image"].startswith("chrislusf/seaweedfs:")
+    flags = dict(f.removeprefix("-").split("=", 1) for f in seaweed["command"][1:])
+    assert seaweed["command"][0] == "mini" and flags["master.telemetry"] == "false"
+    assert "ports" not in seaweed, "the S3 server is for the compose network only"
+    apps = ("api", "worker", "trainer", "migrate")
+    for name in apps:
+        env = _env(services[name])
+        assert env["MAML_SERVE_ARTIFACT_BACKEND"] == "s3", name
+        assert _default(env["MAML_SERVE_S3_BUCKET"]) == _default(flags["bucket"])
+        assert _default(env["MAML_SERVE_S3_ENDPOINT_URL"]) == f"http://seaweedfs:{flags['s3.port']}"
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key] == _env(seaweed)[key], f"{name}: {key} differs from the server's"
+        if name != "migrate":
+            assert services[name]["depends_on"]["seaweedfs"]["condition"] == "service_healthy"
+    settings = Settings(
+        artifact_backend="s3",
+        s3_bucket=_default(flags["bucket"]),
+        s3_endpoint_url=_default(_env(services["api"])["MAML_SERVE_S3_ENDPOINT_URL"]),
+    )
+    assert settings.artifact_backend == "s3"
+    # Each named volume belongs to one service: the API and the workers meet only in PostgreSQL,
+    # Redis and the bucket.
+    owners: dict[str, list[str]] = {}
+    for name, service in services.items():
+        for volume in service.get("volumes") or []:
+            source = str(volume).split(":", 1)[0]
+            if not source.startswith((".", "/", "$")):
+                owners.setdefault(source, []).append(name)
+    assert {v: o for v, o in owners.items() if len(o) > 1} == {}
+    assert "artifacts" not in _compose("docker-compose.yml")["volumes"]
+    example = (REPO / ".env.example").read_text()
+    text = (REPO / "docker-compose.yml").read_text()
+    for variable in set(re.findall(r"\$\{(\w*S3\w*):-", text)):
+        assert variable in example, f".env.example does not mention {variable}"
+
+
 def test_gpu_override_gives_the_workers_a_cuda_build_and_the_gpus() -> None:
     base = _compose("docker-compose.yml")["services"]
     override = _compose("docker-compose.gpu.yml")["services"]
