@@ -21,6 +21,8 @@ ACCESS_KEY = "maml-serve-test"
 SECRET_KEY = "maml-serve-test-secret"
 BUCKET = "maml-serve-test"
 REGION = "us-east-1"
+# An object of the server's own, read back to tell that it serves reads.
+PROBE = ".ready/probe"
 # Every listener `weed mini` opens, each given a free port (the filer's default 8888 often clashes).
 _PORTS = (
     "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
@@ -62,6 +64,7 @@ class SeaweedFS:
     bucket: str = BUCKET
     ports: dict[str, int] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
+    probed: bool = False
 
     def __post_init__(self) -> None:
         if not self.ports:
@@ -86,7 +89,11 @@ class SeaweedFS:
         ]  # fmt: skip
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start the server and wait until the bucket answers."""
+        """Start the server and wait until an object written before (or now) reads back.
+
+        After a restart the S3 gateway answers before the volumes have registered again;
+        reading an old object waits for that too.
+        """
         (self.folder / "data").mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **aws_environment()}
         with (self.folder / "weed.log").open("ab") as log:
@@ -98,6 +105,10 @@ class SeaweedFS:
         while True:
             try:
                 client.head_bucket(Bucket=self.bucket)
+                if not self.probed:
+                    client.put_object(Bucket=self.bucket, Key=PROBE, Body=b"ready")
+                    self.probed = True
+                client.get_object(Bucket=self.bucket, Key=PROBE)["Body"].read()
                 return
             except Exception as exc:
                 if self.process.poll() is not None or time.monotonic() > deadline:

@@ -16,7 +16,13 @@ from sqlalchemy.orm import Session
 from app.core import metrics, ml
 from app.core.images import decode_stored
 from app.core.runtime import Runtime
-from app.core.storage import ArtifactCorrupt, adapted_weights_key, sha256_bytes, task_prefix
+from app.core.storage import (
+    ArtifactCorrupt,
+    adapted_weights_key,
+    delete_owned,
+    sha256_bytes,
+    task_prefix,
+)
 from app.jobs import state
 from app.jobs.heartbeat import Heartbeat
 from app.jobs.runner import PermanentJobError
@@ -170,7 +176,7 @@ def _forget_if_task_deleted(runtime: Runtime, session: Session, task_id: uuid.UU
     if session.scalar(select(Task.id).where(Task.id == task_id)) is not None:
         return False
     log.info("task %s was deleted while adapting; its files are removed", task_id)
-    runtime.store.delete_tree(task_prefix(task_id))
+    delete_owned(runtime.store, task_prefix(task_id))
     return True
 
 

@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from app.core.errors import ProblemError
+from app.core.errors import ProblemError, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,15 @@ class ArtifactStore(Protocol):
     def iter_objects(self, prefix: str) -> Iterator[StoredObject]:
         """Every object under `prefix`, with its size and last change."""
         ...
+
+
+def delete_owned(store: ArtifactStore, prefix: str) -> None:
+    """Delete the objects of a row that is gone (or never committed); while the store is
+    unavailable they are left, logged, for `maml-serve storage sweep` to reclaim."""
+    try:
+        store.delete_tree(prefix)
+    except StorageUnavailable:
+        log.warning("artifact store unavailable: %s left for the orphan sweep", prefix)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -36,6 +37,8 @@ from app.core.storage_cache import LocalCopies
 
 log = logging.getLogger(__name__)
 
+# PUTs in flight at once for a support set's images (a round trip each).
+PARALLEL_PUTS = 8
 # S3's own bound on ListObjectsV2 pages and DeleteObjects batches.
 MAX_PAGE = 1000
 # Files above this go up in parts of this size, several at a time (checkpoints, datasets).
@@ -122,9 +125,15 @@ class S3ArtifactStore:
         return sha256
 
     def put_many(self, items: Mapping[str, bytes]) -> None:
-        """Write content-addressed keys, each only if absent (If-None-Match: *)."""
-        for key, data in items.items():
-            self._put_new(key, data)
+        """Write content-addressed keys, each only if absent (If-None-Match: *), several at once."""
+        if len(items) <= 1:
+            for key, data in items.items():
+                self._put_new(key, data)
+            return
+        with ThreadPoolExecutor(min(len(items), PARALLEL_PUTS)) as pool:
+            # Every PUT is waited for; the first error, if any, is raised after.
+            for done in [pool.submit(self._put_new, k, d) for k, d in items.items()]:
+                done.result()
 
     def put_file(self, key: str, path: Path, sha256: str | None = None) -> str:
         """Upload a file (in parts above 16 MiB, visible once the upload completes); its sha256."""
@@ -146,8 +155,8 @@ class S3ArtifactStore:
             if path.stat().st_size <= MULTIPART_BYTES:
                 self._put_new(key, path.read_bytes())
             elif self.head(key) is None:
-                # Too large for one conditional PUT: a concurrent upload of the same folder
-                # writes the same bytes.
+                # Uploaded in parts from the file, which cannot be made conditional: a
+                # concurrent registration of the same folder writes the same bytes.
                 self.put_file(key, path)
 
     def _put_new(self, key: str, data: bytes) -> None:
@@ -170,9 +179,8 @@ class S3ArtifactStore:
     def read_bytes(self, key: str, sha256: str | None = None) -> bytes:
         """The object's bytes, checked against `sha256` when one is given."""
         with self._answers("get", key):
-            data: bytes = self.client.get_object(Bucket=self.bucket, Key=self._name(key))[
-                "Body"
-            ].read()
+            answer = self.client.get_object(Bucket=self.bucket, Key=self._name(key))
+            data: bytes = answer["Body"].read()
         if sha256 is not None and sha256_bytes(data) != sha256:
             raise corrupt(key)
         return data

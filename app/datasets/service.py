@@ -20,7 +20,7 @@ from app.core.config import Settings
 from app.core.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, ServiceUnavailable
 from app.core.images import check_image
 from app.core.runtime import Runtime
-from app.core.storage import dataset_key, dataset_prefix
+from app.core.storage import dataset_key, dataset_prefix, delete_owned
 from app.models import Dataset, Job
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -263,14 +263,14 @@ def create_dataset(
         session.commit()
     except IntegrityError:
         session.rollback()
-        store.delete_tree(dataset_prefix(dataset_id))
+        delete_owned(store, dataset_prefix(dataset_id))
         raise Conflict(
             f"a dataset named {name!r} exists already; choose another name",
             code="dataset_name_taken",
         ) from None
     except BaseException:
         session.rollback()
-        store.delete_tree(dataset_prefix(dataset_id))
+        delete_owned(store, dataset_prefix(dataset_id))
         raise
     finally:
         staging.unlink(missing_ok=True)
@@ -332,4 +332,4 @@ def delete_dataset(*, session: Session, runtime: Runtime, dataset: Dataset) -> N
     # Finished runs and versions keep their record of the dataset (name in params, id set null).
     session.delete(dataset)
     session.commit()
-    runtime.store.delete_tree(dataset_prefix(dataset_id))
+    delete_owned(runtime.store, dataset_prefix(dataset_id))

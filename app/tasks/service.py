@@ -18,10 +18,7 @@ from app.core.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailab
 from app.core.pagination import Page, paginate
 from app.core.runtime import Runtime
 from app.core.schemas import ErrorInfo
-from app.core.storage import (
-    support_image_key,
-    task_prefix,
-)
+from app.core.storage import delete_owned, support_image_key, task_prefix
 from app.initializations import registry
 from app.jobs import service as jobs
 from app.jobs import state
@@ -111,7 +108,7 @@ def create_task(
         session.commit()
     except IntegrityError:
         session.rollback()
-        runtime.store.delete_tree(task_prefix(task_id))
+        delete_owned(runtime.store, task_prefix(task_id))
         if idempotency_key is not None:
             earlier = jobs.find_idempotent_job(
                 session=session, tenant_id=tenant_id, key=idempotency_key
@@ -121,7 +118,7 @@ def create_task(
         raise
     except BaseException:
         session.rollback()
-        runtime.store.delete_tree(task_prefix(task_id))
+        delete_owned(runtime.store, task_prefix(task_id))
         raise
 
     def discard() -> None:
@@ -129,7 +126,7 @@ def create_task(
         session.rollback()
         session.execute(delete(Task).where(Task.id == task_id))
         session.commit()
-        runtime.store.delete_tree(task_prefix(task_id))
+        delete_owned(runtime.store, task_prefix(task_id))
 
     jobs.send(dispatcher, job, discard=discard)
     return task, job
@@ -237,7 +234,7 @@ def delete_task(*, session: Session, runtime: Runtime, task: Task) -> None:
     )
     session.delete(task)
     session.commit()
-    runtime.store.delete_tree(task_prefix(task.id))
+    delete_owned(runtime.store, task_prefix(task.id))
     runtime.models.forget(model_ids)
 
 

@@ -6,10 +6,10 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from fastapi.testclient import TestClient
@@ -24,6 +24,8 @@ from app.core.storage_sweep import sweep_orphans
 from app.models import utcnow
 from tests.helpers import create_ready_task, make_settings, runtime_of
 from tests.seaweedfs import SeaweedFS, aws_environment
+
+T = TypeVar("T")
 
 
 def s3_store(
@@ -62,6 +64,18 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
         return LocalArtifactStore(tmp_path / "store")
     request.getfixturevalue("aws_env")
     return s3_store(request.getfixturevalue("s3_server"), tmp_path / "cache", page_size=7)
+
+
+def recovered(attempt: Callable[[], T], timeout: float = 30) -> T:
+    """The first result of `attempt` once the store serves again (StorageUnavailable until then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return attempt()
+        except StorageUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.25)
 
 
 def tamper(store: ArtifactStore, key: str, data: bytes) -> None:
@@ -248,7 +262,7 @@ def test_an_unreachable_server_is_a_503_within_seconds_and_then_recovers(
                 assert secret not in error.detail
     finally:
         s3_server.start()
-    assert store.read_bytes("tasks/t/models/m.safetensors", sha) == b"weights"
+    assert recovered(lambda: store.read_bytes("tasks/t/models/m.safetensors", sha)) == b"weights"
 
 
 def test_a_frozen_server_is_a_503_too_not_a_hang(
@@ -279,7 +293,7 @@ def test_a_frozen_server_is_a_503_too_not_a_hang(
         assert time.monotonic() - started < 10
     finally:
         s3_server.process.send_signal(signal.SIGCONT)
-    assert quick.read_bytes("tasks/t/models/m.safetensors", sha) == b"weights"
+    assert recovered(lambda: quick.read_bytes("tasks/t/models/m.safetensors", sha)) == b"weights"
 
 
 def test_migration_copies_a_local_store_verifies_it_and_is_idempotent(
@@ -406,8 +420,11 @@ def test_the_api_answers_503_with_retry_after_while_s3_is_down(
     client = s3_client_app
     headers = create_key(client, "acme")
     task = create_ready_task(client, headers)
+    deleted = create_ready_task(client, headers, ["x", "y"])
     runtime = runtime_of(client)
+    store = runtime.store
     assert not (runtime.settings.data_dir / "artifacts").exists()
+    assert store.exists(f"tasks/{deleted['id']}/support")
     # Only what the memory cache does not hold needs the store.
     runtime.models.forget([uuid.UUID(task["adapted_model"]["id"])])
     s3_server.stop()
@@ -424,10 +441,26 @@ def test_the_api_answers_503_with_retry_after_while_s3_is_down(
             body = response.json()
             assert body["code"] == "storage_unavailable"
             assert s3_server.bucket not in body["detail"] and "127.0.0.1" not in body["detail"]
+        # The row goes; its objects wait for the sweep.
+        gone = client.delete(f"/v1/tasks/{deleted['id']}", headers=headers)
+        assert gone.status_code == 204
     finally:
         s3_server.start()
-    predicted = client.post(
-        f"/v1/tasks/{task['id']}/predictions", headers=headers, files=query_files(2)
-    )
+
+    def predict() -> Any:
+        answer = client.post(
+            f"/v1/tasks/{task['id']}/predictions", headers=headers, files=query_files(2)
+        )
+        if answer.status_code == 503:
+            raise StorageUnavailable()
+        return answer
+
+    predicted = recovered(predict)
     assert predicted.status_code == 200, predicted.text
+    assert store.exists(f"tasks/{deleted['id']}/support")
+    later = utcnow() + timedelta(hours=2)
+    swept = sweep_orphans(store, runtime.sessions, grace=timedelta(hours=1), now=later)
+    assert f"tasks/{deleted['id']}" in swept.deleted
+    assert not store.exists(f"tasks/{deleted['id']}")
     assert client.delete(f"/v1/tasks/{task['id']}", headers=headers).status_code == 204
+    assert not store.exists(f"tasks/{task['id']}")
