@@ -63,7 +63,8 @@ class PretrainConfig:
     val_ways: int = 5
     val_within_group: bool = False
     # "photo": crops, flips, colour jitter; "handwriting": affine warps and stroke width
-    # (fewshot.handwriting), with `rotation_classes` making 4 classes of each by 90-degree turns.
+    # (fewshot.handwriting), with `rotation_classes` making 4 classes of each by 90-degree turns;
+    # "none": the images as they are.
     augmentation: str = "photo"
     rotation_classes: bool = False
     seed: int = 0
@@ -95,6 +96,8 @@ def augment(images: Tensor, cfg: PretrainConfig, generator: torch.Generator) -> 
     """uint8 images [B, C, H, W] -> augmented float [B, C, S, S] by cfg.augmentation."""
     if cfg.augmentation == "handwriting":
         return augment_handwriting(images, HandwritingAugment(), generator)
+    if cfg.augmentation == "none":
+        return images.float().div_(255.0)
     return augment_photo(images, cfg, generator)
 
 

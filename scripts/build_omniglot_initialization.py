@@ -112,6 +112,13 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not pre:  # meta-trained from an initialization: the stage's curve alone
+        fig, right = plt.subplots(1, 1, figsize=(6, 4))
+        _meta_panel(right, meta, keys)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 4))
     epochs = [p["epoch"] for p in pre]
     left.plot(epochs, [p["loss"] for p in pre])
@@ -122,23 +129,28 @@ def plot(
     middle.set_xlabel("pre-training epoch")
     middle.set_ylabel("% on held-out alphabets (prototypes)")
     middle.legend()
-    episodes = [p["episode"] for p in meta]
-    for key in keys:
-        right.plot(episodes, [100 * p[key] for p in meta], marker="o", label=key)
-    right.set_xlabel("meta-stage episode")
-    right.set_ylabel("% on held-out alphabets (prototypes)")
-    right.legend()
+    _meta_panel(right, meta, keys)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def _meta_panel(axes: Any, meta: list[dict[str, Any]], keys: tuple[str, str]) -> None:
+    episodes = [p["episode"] for p in meta]
+    for key in keys:
+        axes.plot(episodes, [100 * p[key] for p in meta], marker="o", label=key)
+    axes.set_xlabel("meta-stage episode")
+    axes.set_ylabel("% on held-out alphabets (prototypes, 0 steps)")
+    axes.legend()
+
+
 def parse_args() -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--run", required=True, help="pre-training run folder (maml-serve pretrain)"
-    )
+    start = parser.add_mutually_exclusive_group(required=True)
+    start.add_argument("--run", help="pre-training run folder (maml-serve pretrain)")
+    start.add_argument("--init", help="or an initialization folder to meta-train further")
+    parser.add_argument("--work", help="the meta stage's folder (default: RUN/meta)")
     parser.add_argument("--data", required=True, help="the Omniglot background set (zip/folder)")
     parser.add_argument("--baseline", required=True, help="the version to beat (folder)")
     parser.add_argument("--out", required=True)
@@ -148,6 +160,10 @@ def parse_args() -> argparse.Namespace:
         "--meta-minutes", type=float, help="stop the stage after this long (resume later)"
     )
     parser.add_argument("--meta-lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--step-lr-factor", type=float, default=1.0, help="step sizes' lr / lr")
+    parser.add_argument("--augmentation", choices=("handwriting", "none"), default="handwriting")
+    parser.add_argument("--within-fraction", type=float, default=0.5)
     parser.add_argument("--inner-steps", type=int, default=10)
     parser.add_argument(
         "--step-size", type=float, default=0.1, help="per-class loss: x N of a mean's"
@@ -158,7 +174,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--episodes", type=int, default=1000, help="evaluation episodes per shape")
     parser.add_argument("--compare-episodes", type=int, default=400)
     parser.add_argument("--unknown-episodes", type=int, default=60, help="per calibrated shape")
-    parser.add_argument("--report-episodes", type=int, default=100, help="unknown report, per shape")
+    parser.add_argument(
+        "--report-episodes", type=int, default=100, help="unknown report, per shape"
+    )
     parser.add_argument("--pretrain-command", default="", help="recorded in the card")
     return parser.parse_args()
 
@@ -167,19 +185,32 @@ def main() -> int:
     """Meta-train (or resume), evaluate, compare, calibrate and write the initialization."""
     args = parse_args()
     baseline = Initialization.load(args.baseline)  # before --out may overwrite it
-    init = serving_recipe(best_initialization(args.run), args)
-    pre = init.metadata.pop("pretraining")
-    pre_cfg = PretrainConfig.from_dict(pre["config"])
+    if args.run:
+        init = serving_recipe(best_initialization(args.run), args)
+        pre: dict[str, Any] | None = init.metadata.pop("pretraining")
+        pre_cfg = PretrainConfig.from_dict(pre["config"])
+        parent = None
+    else:
+        start = Initialization.load(args.init)
+        parent = start.version
+        init = serving_recipe(start, args)
+        init.metadata = {}
+        pre = None
+        pre_cfg = PretrainConfig(
+            model=init.config, augmentation=args.augmentation, val_ways=20, val_within_group=True
+        )
+    work = Path(args.work) if args.work else Path(args.run) / "meta"
     full = load_dataset(args.data, init.config)
     train_groups = [g for g in full.group_names if g not in VALIDATION_GROUPS]
     train, val = full.subset_groups(train_groups), full.subset_groups(VALIDATION_GROUPS)
     cfg = MetaStageConfig(
         episodes=args.meta_episodes, ways=20, shots=(1, 5), queries=5, lr=args.meta_lr,
-        val_every=250, within_group_fraction=0.5, rotations=True, inner_steps=args.inner_steps,
-        inner_step_size=args.step_size,
+        weight_decay=args.weight_decay, step_size_lr_factor=args.step_lr_factor,
+        val_every=250, within_group_fraction=args.within_fraction, rotations=True,
+        inner_steps=args.inner_steps, inner_step_size=args.step_size,
         max_seconds=args.meta_minutes * 60 if args.meta_minutes else None,
     )  # fmt: skip
-    stage = MetaStage(init, train, val, cfg, pre_cfg, Path(args.run) / "meta")
+    stage = MetaStage(init, train, val, cfg, pre_cfg, work)
     bar = tqdm(total=cfg.episodes, initial=stage.episode, unit="episode", desc="meta stage")
     done = stage.run(
         on_validate=lambda p: print(json.dumps(p), flush=True),
@@ -220,11 +251,17 @@ def main() -> int:
         shape_name(w, k, False): timing(init, val, w, k)
         for w, k in ((5, 1), (5, 5), (20, 1), (20, 5))
     }
-    minutes = pre["minutes"] + meta_info["minutes"]
+    minutes = (pre["minutes"] if pre else 0.0) + meta_info["minutes"]
+    start_note = (
+        f"pre-training: {len(pre['curve'])} epochs ({pre['minutes']:.0f} min), best at epoch "
+        f"{pre['best']['epoch']}"
+        if pre
+        else f"started from {parent}"
+    )
     init.metadata = {
         "version": args.version,
         "domain": "handwritten characters",
-        "parent_version": None,
+        "parent_version": parent,
         "command": " && ".join(
             c for c in (args.pretrain_command, shlex.join(["python", *sys.argv])) if c
         ),
@@ -236,8 +273,7 @@ def main() -> int:
         "wall_time_s": round(60 * minutes),
         "iterations": meta_info["best"]["episode"],
         "note": (
-            f"Pretrain -> meta-train -> adapt. Pre-training: {len(pre['curve'])} epochs "
-            f"({pre['minutes']:.0f} min), best at epoch {pre['best']['epoch']}; meta stage: "
+            f"Meta-train -> adapt; {start_note}; meta stage: "
             f"{cfg.episodes} episodes ({meta_info['minutes']:.0f} min), best at episode "
             f"{meta_info['best']['episode']}. Served: {args.inner_steps} head steps on the support set "
             f"and its {args.shift_views}-pixel shifted views, the loop trained through."
@@ -248,14 +284,18 @@ def main() -> int:
         "promotion": verdict.to_dict(),
         "unknown": calibration.to_dict(),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "pretraining": {"config": pre["config"], "best": pre["best"], "minutes": pre["minutes"]},
+        "pretraining": (
+            {"config": pre["config"], "best": pre["best"], "minutes": pre["minutes"]}
+            if pre
+            else None
+        ),
         "meta_stage": {k: v for k, v in meta_info.items() if k != "curve"},
     }
     out = Path(args.out)
     init.save(out)
-    curve = {"pretraining": pre["curve"], "meta_stage": meta_info["curve"]}
+    curve = {"pretraining": pre["curve"] if pre else [], "meta_stage": meta_info["curve"]}
     (out / "curve.json").write_text(json.dumps(curve, indent=1))
-    plot(pre["curve"], meta_info["curve"], pre_cfg.score_keys, out / "curve.png")
+    plot(curve["pretraining"], meta_info["curve"], pre_cfg.score_keys, out / "curve.png")
     card = render_model_card(init.metadata)
     card += "\n## Single-task adaptation (as served, this machine)\n\n"
     card += "| task | adapt p50 | adapted model |\n|---|---|---|\n"

@@ -51,7 +51,10 @@ def test_p_values_are_ranks_among_in_task_scores_per_shot_count() -> None:
     assert calibration.p_values(raw[:1], shots[:1], 3).tolist() == pytest.approx([0.25])
     assert calibration.p_values(torch.tensor([-8.5]), shots[:1], 30).tolist() == [0.5]
     again = UnknownCalibration.from_dict(calibration.to_dict())
-    assert again.scores_by_shape == calibration.scores_by_shape and again.threshold == DEFAULT_THRESHOLD == 0.01
+    assert (
+        again.scores_by_shape == calibration.scores_by_shape
+        and again.threshold == DEFAULT_THRESHOLD == 0.01
+    )
 
 
 def test_predict_scores_flags_below_threshold_and_is_batch_independent() -> None:
