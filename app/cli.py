@@ -90,6 +90,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_queues(value: str) -> list[str]:
+    """The queues a worker consumes; "predict" (older deployments) is dropped with a notice."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if "predict" in names:
+        sys.stderr.write(
+            "worker: the predict queue is gone (predictions run in the API processes); ignored\n"
+        )
+    return [name for name in names if name != "predict"]
+
+
 def _worker(args: argparse.Namespace) -> int:
     # Prefork children run the jobs; the metrics server in the parent must see their values.
     _share_metrics(2 if args.pool == "prefork" else 1)
@@ -102,7 +112,11 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
     from worker.celery_app import celery_app
 
-    argv = ["worker", "-Q", args.queues, "--pool", args.pool, "--loglevel", args.log_level]
+    queues = worker_queues(args.queues)
+    if not queues:
+        sys.stderr.write("worker: no queue to consume (choose from adapt,train)\n")
+        return 2
+    argv = ["worker", "-Q", ",".join(queues), "--pool", args.pool, "--loglevel", args.log_level]
     if args.concurrency:
         argv += ["--concurrency", str(args.concurrency)]
     celery_app.worker_main(argv)
@@ -465,9 +479,7 @@ def build_parser(core: bool = True) -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     worker = sub.add_parser("worker", help="run a Celery worker (needs MAML_SERVE_BROKER_URL)")
-    worker.add_argument(
-        "--queues", default="adapt,predict", help="comma-separated: adapt,predict,train"
-    )
+    worker.add_argument("--queues", default="adapt", help="comma-separated: adapt,train")
     worker.add_argument("--pool", default="solo", help="Celery pool; solo runs one job at a time")
     worker.add_argument("--concurrency", type=int, default=None)
     worker.add_argument("--log-level", default="INFO")

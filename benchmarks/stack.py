@@ -223,10 +223,10 @@ PREFETCH = int(os.environ.get("MAML_SERVE_BENCH_PREFETCH", "16"))
 
 
 def start_worker(env: dict[str, str], index: int) -> subprocess.Popen[bytes]:
-    """A Celery worker process (solo pool) on the adapt and predict queues."""
+    """A Celery worker process (solo pool) on the adapt queue."""
     return subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-         "-Q", "adapt,predict", "--pool", "solo", "--loglevel", "WARNING",
+         "-Q", "adapt", "--pool", "solo", "--loglevel", "WARNING",
          "--without-gossip", "--without-mingle", "--without-heartbeat",
          "--prefetch-multiplier", str(PREFETCH), "-n", f"bench{index}-{secrets.token_hex(2)}@%h"],
         env=env, cwd=ROOT,

@@ -51,7 +51,9 @@ KINDS: dict[str, Kind] = {
         ),
     )
 }
-QUEUES = ("adapt", "predict", "train")
+# Predictions run in the API processes, next to the decoded images and the byte-bounded model
+# cache (docs/operations/scale-out.md); workers take adaptations and meta-training only.
+QUEUES = ("adapt", "train")
 
 
 def kind_of(name: str) -> Kind | None:

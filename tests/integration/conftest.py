@@ -157,11 +157,11 @@ def _environment(settings: Settings) -> dict[str, str]:
 def celery_worker(
     production_settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Path]:
-    """A real `celery worker` process on the adapt and predict queues; yields its log file."""
+    """A real `celery worker` process on the adapt queue; yields its log file."""
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     command = [
         sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "-Q", "adapt,predict", "--pool", "solo", "--loglevel", "INFO",
+        "-Q", "adapt", "--pool", "solo", "--loglevel", "INFO",
         "--without-gossip", "--without-mingle",
     ]  # fmt: skip
     with log.open("w") as out:

@@ -28,8 +28,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 @pytest.fixture(scope="module")
 def adapt_worker(fault_stack: FaultStack) -> Iterator[Worker]:
-    """One worker on the adapt and predict queues."""
-    worker = fault_stack.worker("adapt,predict", "services")
+    """One worker on the adapt queue."""
+    worker = fault_stack.worker("adapt", "services")
     worker.start()
     yield worker
     # The stack outlives this module: a worker left on the adapt queue would take the next

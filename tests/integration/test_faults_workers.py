@@ -115,9 +115,9 @@ def test_sigterm_three_times_during_meta_training_spends_no_attempt(
 
 @pytest.fixture(scope="module")
 def workers(fault_stack: FaultStack) -> Iterator[dict[str, Worker]]:
-    """Two adapt workers, and one on the predict queue whose reaper outlives every kill."""
+    """Two adapt workers, and one on the train queue whose reaper outlives every kill."""
     started = {
-        "reaper": fault_stack.worker("predict", "reaper"),
+        "reaper": fault_stack.worker("train", "reaper"),
         "a": fault_stack.worker("adapt", "adapt-a"),
         "b": fault_stack.worker("adapt", "adapt-b"),
     }

@@ -84,7 +84,7 @@ def s3_stack(
         **s3_server.settings_env(prefix),
         "MAML_SERVE_DATA_DIR": str(folder / "worker"),
     }
-    worker = Worker(env, "adapt,predict", folder / "worker.log")
+    worker = Worker(env, "adapt", folder / "worker.log")
     try:
         with pytest.MonkeyPatch.context() as patch:
             for name, value in s3_server.settings_env(prefix).items():

@@ -56,7 +56,7 @@ def test_parser_has_the_service_commands() -> None:
     parser = build_parser()
     args = parser.parse_args(["serve", "--host", "0.0.0.0", "--port", "9000"])
     assert (args.host, args.port) == ("0.0.0.0", 9000)
-    assert parser.parse_args(["worker"]).queues == "adapt,predict"
+    assert parser.parse_args(["worker"]).queues == "adapt"
 
 
 def test_help_runs_as_a_script() -> None:
@@ -69,3 +69,13 @@ def test_help_runs_as_a_script() -> None:
     )
     for command in ("serve", "worker", "keys", "migrate"):
         assert command in result.stdout
+
+
+def test_an_old_predict_queue_is_dropped_from_a_workers_queues(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from app.cli import worker_queues
+
+    assert worker_queues("adapt, predict,train") == ["adapt", "train"]
+    assert "predict queue is gone" in capsys.readouterr().err
+    assert worker_queues("predict") == []

@@ -46,7 +46,7 @@ def test_within_group_episodes_draw_one_group() -> None:
     data = _data(8, 0)
     rng = np.random.default_rng(0)
     for _ in range(5):
-        sx, sy, qx, qy = episode(data, rng, 3, 2, 1, within_group=True)
+        sx, sy, qx, _ = episode(data, rng, 3, 2, 1, within_group=True)
         assert sx.shape[0] == 6 and qx.shape[0] == 3 and sy.tolist() == [0, 0, 1, 1, 2, 2]
 
 
