@@ -217,10 +217,9 @@ class MetaStage:
         params[HEAD_SCALE] = self.log_scale.detach().clone()
         step_sizes = {k: v.clone() for k, v in init.step_sizes.items()}
         if self.cfg.inner_steps > 0:
-            # Only the head's sizes were trained: a caller who asks for full adaptation of this
-            # initialization gets the default step size on the backbone.
+            # Only the head's sizes were trained; the backbone's stay as the initialization set them.
             learned = raw_step_sizes(self.step_sizes().detach(), init.config.step_size_transform)
-            step_sizes = {HEAD_WEIGHT: learned.clone(), HEAD_BIAS: learned.clone()}
+            step_sizes[HEAD_WEIGHT], step_sizes[HEAD_BIAS] = learned.clone(), learned.clone()
         return Initialization(
             config=init.config, params=params, step_sizes=step_sizes, metadata=dict(init.metadata)
         )

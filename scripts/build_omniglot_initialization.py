@@ -40,6 +40,7 @@ from fewshot.openset import calibrate_unknown, unknown_report
 from fewshot.pretrain import PretrainConfig, best_initialization
 from fewshot.promotion import compare_initializations
 
+BACKBONE_STEP = 1e-3
 VALIDATION_GROUPS = ["Arcadian", "Cyrillic", "Early_Aramaic", "Latin", "Sanskrit"]
 # (ways, shots, within-alphabet, queries per class): the card's shapes; Lake et al. 2015's runs
 # are within-alphabet 20-way 1-shot with one query per class.
@@ -79,7 +80,13 @@ def serving_recipe(init: Initialization, args: argparse.Namespace) -> Initializa
         step_candidates=(),
     )
     raw = raw_step_sizes(torch.full((args.inner_steps,), args.step_size), "softplus")
-    step_sizes = {HEAD_WEIGHT: raw.clone(), HEAD_BIAS: raw.clone()}
+    # Served in head mode; a caller who asks for full adaptation moves the backbone only a
+    # little (under the per-class loss a backbone step of the head's size would wreck it).
+    tiny = raw_step_sizes(torch.full((args.inner_steps,), BACKBONE_STEP), "softplus")
+    step_sizes = {
+        name: (raw if name in (HEAD_WEIGHT, HEAD_BIAS) else tiny).clone()
+        for name in [*init.step_sizes, HEAD_WEIGHT, HEAD_BIAS]
+    }
     return Initialization(config, init.params, step_sizes, dict(init.metadata))
 
 
