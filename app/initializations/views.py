@@ -41,7 +41,7 @@ _ROLLBACK_PROBLEMS = problem_responses(
     codes={
         409: (
             "no_previous_version",
-            "omniglot-conv4-v1 is the first version ever promoted; there is nothing to roll "
+            "omniglot-conv4-v2 is the first version ever promoted; there is nothing to roll "
             "back to",
         )
     },
@@ -54,7 +54,7 @@ _ROLLBACK_VERSION_PROBLEMS = problem_responses(
     codes={
         409: (
             "not_active",
-            "omniglot-conv4-v1 is not the active version (omniglot-conv4-v2 is); only the active "
+            "omniglot-conv4-v2 is not the active version (omniglot-conv4-v3 is); only the active "
             "version can be rolled back",
         )
     },

@@ -56,7 +56,7 @@ class PredictionResult(BaseModel):
                     "adapted_model_id": ADAPTED_MODEL_ID,
                     "request_id": REQUEST_ID,
                     "predictions": [_PREDICTION],
-                    "unknown_threshold": 0.05,
+                    "unknown_threshold": 0.01,
                     "unknown_threshold_source": "initialization",
                 }
             ]
