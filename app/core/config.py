@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     # The S3 backend keeps verified local copies of what it reads as files (initializations,
     # adapted weights, datasets) in data_dir, at most this many bytes (least recently used go).
     artifact_cache_bytes: int = Field(default=2 * 1024 * 1024 * 1024, gt=0)
+    # A job that finds the artifact store unavailable keeps its claim (its lease renewed, its
+    # attempt not spent, its row's progress_detail saying so) and runs again after 1, 2, 4, 8,
+    # then every 10 s, for at most this long in all; then the attempt fails like any other
+    # error (code storage_unavailable once the attempts are spent). 0: no waiting.
+    storage_wait_seconds: float = Field(default=300.0, ge=0)
     # Mixed into the hash of every API key; changing it invalidates all keys.
     api_key_pepper: SecretStr = SecretStr(DEFAULT_KEY_PEPPER)
 

@@ -67,6 +67,11 @@ JOB_HAND_BACKS = Counter(
     "maml_serve_job_hand_backs_total", "Jobs handed back at shutdown (no attempt spent).", ["kind"]
 )
 RESENDS = Counter("maml_serve_job_resends_total", "Job messages re-sent by the reaper.", ["kind"])
+STORAGE_WAITS = Counter(
+    "maml_serve_job_storage_waits_total",
+    "Runs of a job put off because the artifact store was unavailable (claim kept).",
+    ["kind"],
+)
 LEASE_EXPIRIES = Counter(
     "maml_serve_job_lease_expiries_total",
     "Running jobs found with an expired lease, by what the reaper did.",

@@ -2,18 +2,27 @@
 
 Celery tasks and the in-process executor both call `run_job`. A message that arrives twice, or
 after a crash, finds the job finished (or held by a live worker) and does nothing.
+
+Transient failures: a database that cannot be reached to claim the job sends the message again
+later (no attempt counted); an artifact store that is unavailable (StorageUnavailable) is
+waited for while the claim is kept (`run_waiting_for_storage`); any other error spends the
+attempt and the job is retried with backoff until its attempts are spent.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
+from app.core import metrics
+from app.core.errors import StorageUnavailable
 from app.core.runtime import Runtime
 from app.jobs import state
 from app.jobs.batch import batching_of, claim_more, ended_in_batch, run_batch
@@ -65,6 +74,103 @@ def stopping(runtime: Runtime) -> bool:
 
 Handler = Callable[[Runtime, Claim, Heartbeat], Outcome]
 
+# Seconds between runs of a job that found the artifact store unavailable: these, then the last
+# one again until storage_wait_seconds are spent.
+STORAGE_BACKOFF = (1.0, 2.0, 4.0, 8.0, 10.0)
+WAITING_FOR_STORAGE = "waiting_for_storage"
+
+
+def storage_backoff(waits: int) -> float:
+    """Seconds before the next run of a job that has already waited `waits` times for storage."""
+    return STORAGE_BACKOFF[min(waits, len(STORAGE_BACKOFF) - 1)]
+
+
+def run_waiting_for_storage(
+    runtime: Runtime,
+    claimed: Claim,
+    heartbeat: Heartbeat,
+    run: Callable[[], Outcome],
+    error: StorageUnavailable | None = None,
+) -> Outcome:
+    """`run()` the claimed job (unless `error` says its first run already failed) and, while
+    the artifact store is unavailable, run it again after a backoff.
+
+    The worker keeps the claim meanwhile: the heartbeat renews the lease, so no other worker
+    takes the job over and no attempt is spent, and the job's progress_detail says that it
+    waits for storage and when it runs again. (Celery's countdown is not used for this: it
+    becomes an ETA on the sending worker's clock, which another worker reads on its own.)
+    After storage_wait_seconds in all the last StorageUnavailable is raised, to be handled
+    like any other error; a shutdown hands the job back, a cancel request ends it, and a lost
+    lease (another worker took over) ends this run.
+    """
+    limit = runtime.settings.storage_wait_seconds
+    started = time.monotonic()
+    waits = 0
+    while True:
+        if error is None:
+            try:
+                return run()
+            except StorageUnavailable as exc:
+                error = exc
+        delay = storage_backoff(waits)
+        waited = time.monotonic() - started
+        if waited + delay > limit:
+            raise error
+        waits += 1
+        metrics.STORAGE_WAITS.labels(claimed.kind).inc()
+        log.warning(
+            "job %s: the artifact store is unavailable; running it again in %g s "
+            "(wait %d, %.1f s so far)",
+            claimed.job_id, delay, waits, waited,
+        )  # fmt: skip
+        _note_waiting(runtime, heartbeat, waits=waits, waited=waited, delay=delay)
+        stopped = _pause(runtime, claimed, heartbeat, delay)
+        if stopped is not None:
+            return stopped
+        error = None
+
+
+def _note_waiting(
+    runtime: Runtime, heartbeat: Heartbeat, *, waits: int, waited: float, delay: float
+) -> None:
+    """Say in the job's progress_detail that it waits for the artifact store (with a renewal)."""
+    from app.models import Job
+
+    try:
+        with runtime.sessions() as session:
+            detail = session.scalar(
+                select(Job.progress_detail).where(Job.id == heartbeat.claim.job_id)
+            )
+            session.commit()
+        note = {"waits": waits, "waited_seconds": round(waited, 1), "next_run_in_seconds": delay}
+        heartbeat.update(
+            progress_detail={**(detail or {}), "stage": WAITING_FOR_STORAGE, "storage": note}
+        )
+    except OperationalError:
+        # The heartbeat keeps the lease; the note is only information.
+        log.warning("job %s: could not note the wait for storage", heartbeat.claim.job_id)
+
+
+def _pause(
+    runtime: Runtime, claimed: Claim, heartbeat: Heartbeat, seconds: float
+) -> Outcome | None:
+    """Sleep `seconds` unless the job must stop: None when the wait ran out, else its outcome
+    (HandBack raised at a shutdown)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if heartbeat.lost:
+            return Outcome("skipped")
+        if heartbeat.cancelled:
+            with runtime.sessions() as session:
+                state.end_fenced(
+                    session, claimed, "cancelled", progress_detail={"stage": "cancelled"}
+                )
+            return Outcome("done")
+        if stopping(runtime):
+            raise HandBack()
+        time.sleep(min(left, 0.2))
+    return None
+
 
 def run_job(runtime: Runtime, job_id: uuid.UUID) -> Outcome:
     """Deliver one job: claim it, run its handler under a heartbeat, record how it ended."""
@@ -100,7 +206,9 @@ def run_job(runtime: Runtime, job_id: uuid.UUID) -> Outcome:
                 "unknown_job_kind", f"no runner for jobs of kind {claimed.kind!r}"
             )
         handler: Handler = handler_of(kind)
-        return handler(runtime, claimed, heartbeat)
+        return run_waiting_for_storage(
+            runtime, claimed, heartbeat, lambda: handler(runtime, claimed, heartbeat)
+        )
     except HandBack:
         with runtime.sessions() as session:
             state.hand_back(session, claimed)
@@ -118,18 +226,25 @@ def run_job(runtime: Runtime, job_id: uuid.UUID) -> Outcome:
         with runtime.sessions() as session:
             job_max = _max_attempts(session, job_id, settings.job_max_attempts)
             if claimed.attempt >= job_max:
-                state.fail(
-                    session,
-                    job_id,
-                    attempt=claimed.attempt,
-                    code="internal_error",
-                    message=f"the job failed on every attempt; last error: {type(exc).__name__}",
-                )
+                state.fail(session, job_id, attempt=claimed.attempt, **_last_error(exc))
                 return Outcome("failed")
             state.release(session, claimed)
         return Outcome("retry", retry_in=float(2**claimed.attempt))
     finally:
         heartbeat.close()
+
+
+def _last_error(exc: BaseException) -> dict[str, str]:
+    """The code and message of a job that failed on every attempt, the last one with `exc`."""
+    if isinstance(exc, StorageUnavailable):
+        return {
+            "code": exc.code,
+            "message": "the artifact store stayed unavailable on every attempt; try again later",
+        }
+    return {
+        "code": "internal_error",
+        "message": f"the job failed on every attempt; last error: {type(exc).__name__}",
+    }
 
 
 def end_run(
@@ -139,6 +254,20 @@ def end_run(
     job_id = claimed.job_id
     if isinstance(result, Outcome):
         return result
+    kind = kind_of(claimed.kind)
+    if isinstance(result, StorageUnavailable) and kind is not None:
+        # Waited for on its own, as a lone run of the job would be.
+        handler: Handler = handler_of(kind)
+        try:
+            return run_waiting_for_storage(
+                runtime,
+                claimed,
+                heartbeat,
+                lambda: handler(runtime, claimed, heartbeat),
+                error=result,
+            )
+        except Exception as exc:
+            result = exc
     if isinstance(result, HandBack):
         with runtime.sessions() as session:
             state.hand_back(session, claimed)
@@ -156,13 +285,7 @@ def end_run(
     try:
         with runtime.sessions() as session:
             if claimed.attempt >= _max_attempts(session, job_id, runtime.settings.job_max_attempts):
-                state.fail(
-                    session,
-                    job_id,
-                    attempt=claimed.attempt,
-                    code="internal_error",
-                    message=f"the job failed on every attempt; last error: {type(result).__name__}",
-                )
+                state.fail(session, job_id, attempt=claimed.attempt, **_last_error(result))
                 return Outcome("failed")
             state.release(session, claimed)
     except OperationalError:

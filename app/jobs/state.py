@@ -9,7 +9,9 @@
 Each transition is one conditional UPDATE. A claim counts an attempt and takes a lease; every
 later transition of that run names the attempt it claimed with (the fence), so a worker that
 was presumed dead and replaced can no longer change the job. A task's status follows from its
-jobs in `sync_task_status`, called by the transitions that end an adapt job.
+jobs in `sync_task_status`, called by the transitions that end an adapt job. Every time a
+transition writes or compares (leases above all) is the database's (app.jobs.clock), never the
+worker's own clock, which may be minutes off.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from sqlalchemy.orm import Session
 
 from app.core import metrics
 from app.core.config import Settings
+from app.jobs import clock
 from app.jobs.kinds import KINDS, kind_of
-from app.models import AdaptedModel, Job, Task, UTCDateTime, utcnow
+from app.models import AdaptedModel, Job, Task, UTCDateTime
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +113,7 @@ def claim(session: Session, job_id: uuid.UUID, settings: Settings) -> Claim | Ou
     A job held by a live worker is left alone (the reaper re-sends it if that worker dies); a
     job whose attempts are spent is failed. The common case is one UPDATE ... RETURNING.
     """
-    now = utcnow()
+    now = clock.now(session)
     worker = worker_name()
     leases = {
         f"lease_{kind.name}": now + timedelta(seconds=kind.lease_seconds(settings))
@@ -186,7 +189,7 @@ def claim_queued(
     """
     if not job_ids:
         return []
-    now = utcnow()
+    now = clock.now(session)
     now_param = bindparam("now", now, type_=UTCDateTime())
     worker = worker_name()
     rows = session.execute(
@@ -219,7 +222,7 @@ def claim_queued(
 
 def renew(session: Session, claim: Claim, settings: Settings, **values: Any) -> bool:
     """Extend the lease (and write progress values); False once another attempt took over."""
-    now = utcnow()
+    now = clock.now(session)
     lease = lease_seconds(settings, claim.kind)
     result = session.execute(
         update(Job)
@@ -246,7 +249,7 @@ def hand_back(session: Session, claim: Claim) -> bool:
             attempts=Job.attempts - 1,
             lease_expires_at=None,
             claimed_by=None,
-            updated_at=utcnow(),
+            updated_at=clock.now(session),
         )
         .execution_options(synchronize_session=False)
     )
@@ -260,7 +263,9 @@ def release(session: Session, claim: Claim) -> bool:
     result = session.execute(
         update(Job)
         .where(*_fenced(claim))
-        .values(state="queued", lease_expires_at=None, claimed_by=None, updated_at=utcnow())
+        .values(
+            state="queued", lease_expires_at=None, claimed_by=None, updated_at=clock.now(session)
+        )
         .execution_options(synchronize_session=False)
     )
     session.commit()
@@ -297,7 +302,7 @@ def _end(session: Session, job_id: uuid.UUID, where: list[Any], state: str, **va
     Rows the caller added to the transaction are committed with the change, or rolled back
     when it is refused.
     """
-    now = utcnow()
+    now = clock.now(session)
     # RETURNING gives what the task's status and the metrics need without another query.
     ended = session.execute(
         update(Job)
@@ -338,7 +343,7 @@ def fail_exhausted(session: Session, job_id: uuid.UUID) -> bool:
     where = [
         Job.state == "running",
         Job.attempts >= Job.max_attempts,
-        Job.lease_expires_at < utcnow(),
+        Job.lease_expires_at < clock.now(session),
     ]
     return _end(
         session,
@@ -360,7 +365,7 @@ def end_fenced(session: Session, claim: Claim, state: str, **values: Any) -> boo
 
 def cancel(session: Session, job: Job) -> bool:
     """Cancel a queued job now, or ask the worker of a running one to stop; False if it ended."""
-    now = utcnow()
+    now = clock.now(session)
     session.execute(
         update(Job)
         .where(Job.id == job.id, Job.state.in_(ACTIVE_STATES), Job.cancel_requested_at.is_(None))
@@ -393,7 +398,7 @@ def cancel(session: Session, job: Job) -> bool:
 
 def fail_all_exhausted(session: Session) -> list[uuid.UUID]:
     """Fail every running job whose lease ran out with no attempt left; returns their ids."""
-    now = utcnow()
+    now = clock.now(session)
     ids = list(
         session.scalars(
             select(Job.id).where(
@@ -412,7 +417,7 @@ def take_abandoned(session: Session, settings: Settings) -> list[tuple[uuid.UUID
     Marks them sent (one conditional UPDATE, so concurrent reapers never take the same job) and
     returns (id, kind).
     """
-    now = utcnow()
+    now = clock.now(session)
     taken: list[tuple[uuid.UUID, str]] = []
     for kind in KINDS.values():
         threshold = now - timedelta(seconds=kind.lease_seconds(settings))
@@ -444,7 +449,7 @@ def take_unsent(
     """
     if limit is not None and limit <= 0:
         return []
-    now = utcnow()
+    now = clock.now(session)
     taken: list[tuple[uuid.UUID, str]] = []
     for kind in KINDS.values():
         if kind.queue != queue:
@@ -484,7 +489,7 @@ def take_unsent(
 
 def sync_task_status(session: Session, task_id: uuid.UUID) -> None:
     """Set a task's status from its rows: ready with a model, adapting with a live job, else failed."""
-    session.execute(_sync_statement(), {"task_id": task_id, "now": utcnow()})
+    session.execute(_sync_statement(), {"task_id": task_id, "now": clock.now(session)})
 
 
 @functools.cache
@@ -525,4 +530,6 @@ def _after_end(
         sync_task_status(session, task_id)
     metrics.JOBS_FINISHED.labels(kind, state).inc()
     if started_at is not None:
-        metrics.JOB_DURATION.labels(kind, state).observe((utcnow() - started_at).total_seconds())
+        metrics.JOB_DURATION.labels(kind, state).observe(
+            (clock.now(session) - started_at).total_seconds()
+        )
