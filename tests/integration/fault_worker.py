@@ -3,15 +3,29 @@
 Before each adapt job the hook prints one line (so a test counts computations from the log)
 and sleeps for the seconds written in $FAULT_DELAY_FILE (0 when absent) per job: a slow job on
 demand. Both the one-job handler and the batch handler (several claimed jobs per pass) are hooked.
+
+Under libfaketime (a worker host whose clock is off, FAKETIME set) `time.sleep` waits on an event
+instead: libfaketime 0.9.10 answers EINVAL to the absolute monotonic clock_nanosleep that
+CPython's sleep makes when the monotonic clock is left unfaked (FAKETIME_DONT_FAKE_MONOTONIC).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+if os.environ.get("FAKETIME"):
+
+    def _sleep(seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("sleep length must be non-negative")
+        threading.Event().wait(seconds)
+
+    time.sleep = _sleep  # type: ignore[assignment]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import socket
@@ -152,12 +153,18 @@ class Redis:
 
 
 class Worker:
-    """A `maml-serve worker` subprocess (through fault_worker.py) that a test may kill."""
+    """A `maml-serve worker` subprocess (through fault_worker.py) that a test may kill.
 
-    def __init__(self, env: Mapping[str, str], queues: str, log: Path) -> None:
+    It runs in `cwd` (the repository by default; a host's own folder in the shared-nothing suite).
+    """
+
+    def __init__(
+        self, env: Mapping[str, str], queues: str, log: Path, cwd: Path | None = None
+    ) -> None:
         self.env = dict(env)
         self.queues = queues
         self.log = log
+        self.cwd = cwd or ROOT
         self.process: subprocess.Popen[bytes] | None = None
         self._offset = 0
 
@@ -167,7 +174,7 @@ class Worker:
         command = [sys.executable, str(LAUNCHER), "--queues", self.queues, "--log-level", "INFO"]
         with self.log.open("a") as out:
             self.process = subprocess.Popen(
-                command, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT
+                command, cwd=self.cwd, env=self.env, stdout=out, stderr=subprocess.STDOUT
             )
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -238,15 +245,43 @@ def wait_for(condition, timeout: float, every: float = 0.05):  # type: ignore[no
         time.sleep(every)
 
 
+def faketime_library() -> str | None:
+    """libfaketime's multi-threaded library (Debian's `faketime` package), when installed."""
+    for folder in ("/usr/lib/*/faketime", "/usr/lib/faketime", "/usr/local/lib/faketime"):
+        found = sorted(glob.glob(f"{folder}/libfaketimeMT.so.1"))
+        if found:
+            return found[0]
+    return None
+
+
+def shifted_clock(offset: str) -> dict[str, str]:
+    """Environment that runs a process with its wall clock off by `offset` ("-5m", "+300s").
+
+    Through libfaketime (LD_PRELOAD); the monotonic clock is left as it is, as on a host whose
+    clock is simply wrong.
+    """
+    library = faketime_library()
+    if library is None:
+        raise RuntimeError("libfaketime is not installed (apt-get install faketime)")
+    return {
+        "LD_PRELOAD": library,
+        "FAKETIME": offset,
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        # The name libfaketime before 0.9.8 reads.
+        "DONT_FAKE_MONOTONIC": "1",
+    }
+
+
 @contextmanager
 def serve_processes(
-    env: Mapping[str, str], port: int, log: Path, workers: int = 2
+    env: Mapping[str, str], port: int, log: Path, workers: int = 2, cwd: Path | None = None
 ) -> Iterator[str]:
-    """`maml-serve serve --workers N` started, its base URL while it runs, stopped after."""
+    """`maml-serve serve --workers N` started (in `cwd`, else the repository), its base URL
+    while it runs, stopped after."""
     with log.open("w") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve", "--workers", str(workers), "--port", str(port)],
-            cwd=ROOT, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
+            cwd=cwd or ROOT, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
