@@ -27,8 +27,9 @@ from fewshot.inner import (
     effective_step_sizes,
     embed,
     predict_logits_batched,
+    support_views,
 )
-from fewshot.stepchoice import choose_head_steps, chooses_steps
+from fewshot.stepchoice import chooses_steps, served_head_steps
 from fewshot.unknown import (
     UNKNOWN_LABEL,
     UnknownCalibration,
@@ -401,13 +402,15 @@ def adapt(
     if chosen:
         effective = effective_step_sizes(sizes, recipe.transform)
         floats = {k: [float(v) for v in t.reshape(-1).tolist()] for k, t in effective.items()}
+        shift = init.config.inner_shift_views
         with torch.no_grad():
             features = embed(module, meta, x)
-        steps = choose_head_steps(
-            features, y, len(classes), meta[HEAD_SCALE], floats,
-            init.config.step_candidates, default, recipe,
-            single_example_steps=init.config.single_example_steps,
-        )  # fmt: skip
+            views = None
+            if init.config.support_fit_guard and shift > 0:
+                views = embed(module, meta, support_views(x, y, shift)[0])
+        steps = served_head_steps(
+            init.config, features, views, y, len(classes), meta[HEAD_SCALE], floats, default
+        )
     fast = adapt_params(
         module,
         meta,

@@ -71,6 +71,10 @@ class ModelConfig:
     # With step_candidates: the head steps of a task where some class has a single example, so
     # nothing can be held out to choose by (0: the prototype read-out).
     single_example_steps: int = 0
+    # Head mode: a task whose served steps would misclassify a support image that the prototype
+    # read-out classifies right keeps 0 steps (adaptation never makes the support fit worse; e.g.
+    # shifted views of textures that are not characters pull the head off its classes).
+    support_fit_guard: bool = False
 
     @property
     def final_side(self) -> int:

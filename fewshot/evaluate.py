@@ -186,7 +186,7 @@ def evaluate(
         )  # fmt: skip
         scores = {-1: served, 0: zero_scores}
         steps_key = -1
-        steps = max(init.config.step_candidates)
+        steps = max(init.config.step_candidates or (init.config.inner_steps,))
     else:
         steps = init.config.inner_steps if steps is None else steps
         steps_list = [steps] if steps == 0 else [steps, 0]

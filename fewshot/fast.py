@@ -41,7 +41,7 @@ from fewshot.inner import (
     soft_targets,
     support_views,
 )
-from fewshot.stepchoice import choose_head_steps, chooses_steps, step_sizes_at
+from fewshot.stepchoice import chooses_steps, served_head_steps, step_sizes_at
 from fewshot.unknown import calibration_of, class_prototypes
 
 
@@ -206,14 +206,23 @@ def adapt_fast_with_embeddings(
     module = shared_module(init.config)
     features: Tensor | None = None
     if chosen:
+        shift = init.config.inner_shift_views
         with torch.inference_mode():
             features = embed(module, prepared.meta, x)
+            views = None
+            if init.config.support_fit_guard and shift > 0:
+                views = embed(module, prepared.meta, support_views(x, y, shift)[0])
         sizes = prepared.sizes if step_size is None else {}
-        steps = choose_head_steps(
-            features, y, len(classes), prepared.meta[HEAD_SCALE], sizes,
-            init.config.step_candidates, default, InnerRecipe.from_config(init.config),
-            single_example_steps=init.config.single_example_steps,
-        )  # fmt: skip
+        steps = served_head_steps(
+            init.config,
+            features,
+            views,
+            y,
+            len(classes),
+            prepared.meta[HEAD_SCALE],
+            sizes,
+            default,
+        )
     params, features, initial = adapt_params_fast(
         module,
         prepared,

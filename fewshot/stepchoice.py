@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fewshot.config import AdaptMode
+from fewshot.config import AdaptMode, ModelConfig
 from fewshot.head import head_logits, prototype_head
 from fewshot.initialization import Initialization
 from fewshot.inner import HEAD_BIAS, HEAD_WEIGHT, InnerRecipe, head_grads, soft_targets
@@ -24,7 +24,69 @@ from fewshot.inner import HEAD_BIAS, HEAD_WEIGHT, InnerRecipe, head_grads, soft_
 
 def chooses_steps(init: Initialization, mode: AdaptMode, steps: int | None) -> bool:
     """Whether a task's head steps are chosen from its support set (none named, head mode)."""
-    return steps is None and mode == "head" and bool(init.config.step_candidates)
+    config = init.config
+    return (
+        steps is None
+        and mode == "head"
+        and (bool(config.step_candidates) or config.support_fit_guard)
+    )
+
+
+def keeps_support_fit(
+    features: Tensor,
+    y: Tensor,
+    n_way: int,
+    log_scale: Tensor,
+    sizes: dict[str, list[float]],
+    steps: int,
+    default_step_size: float,
+    recipe: InnerRecipe,
+    views: tuple[Tensor, Tensor] | None,
+) -> bool:
+    """Whether `steps` served head steps still classify every support image [S, D] the
+    prototype head classifies right (the steps fit `views`, as served)."""
+    path = head_path(
+        features, y, n_way, log_scale, sizes, steps, default_step_size, recipe, views=views
+    )
+    before = head_logits(features, *path[0], log_scale).argmax(dim=1) == y
+    after = head_logits(features, *path[-1], log_scale).argmax(dim=1) == y
+    return bool((after | ~before).all())
+
+
+def served_head_steps(
+    config: ModelConfig,
+    features: Tensor,
+    view_features: Tensor | None,
+    y: Tensor,
+    n_way: int,
+    log_scale: Tensor,
+    sizes: dict[str, list[float]],
+    default_step_size: float,
+) -> int:
+    """A head-mode task's steps: chosen on held-out folds (config.step_candidates) or the
+    initialization's, then 0 if config.support_fit_guard finds they spoil the support fit.
+
+    features: [S, D] support embeddings under the initialization; view_features: those of its
+    shifted views ([5S, D], unshifted first) when the recipe fits views, else None.
+    """
+    recipe = InnerRecipe.from_config(config)
+    with torch.inference_mode():
+        if config.step_candidates:
+            steps = choose_head_steps(
+                features, y, n_way, log_scale, sizes, config.step_candidates,
+                default_step_size, recipe, single_example_steps=config.single_example_steps,
+            )  # fmt: skip
+        else:
+            steps = config.inner_steps
+        if steps > 0 and config.support_fit_guard:
+            views = None
+            if view_features is not None:
+                views = (view_features, y.repeat(view_features.shape[0] // y.shape[0]))
+            fits = keeps_support_fit(
+                features, y, n_way, log_scale, sizes, steps, default_step_size, recipe, views
+            )
+            steps = steps if fits else 0
+    return steps
 
 
 def step_sizes_at(

@@ -78,6 +78,7 @@ def serving_recipe(init: Initialization, args: argparse.Namespace) -> Initializa
         inner_loss_per_class=True,
         step_size_transform="softplus",
         step_candidates=(),
+        support_fit_guard=True,
     )
     raw = raw_step_sizes(torch.full((args.inner_steps,), args.step_size), "softplus")
     # Served in head mode; a caller who asks for full adaptation moves the backbone only a
@@ -149,6 +150,27 @@ def _meta_panel(axes: Any, meta: list[dict[str, Any]], keys: tuple[str, str]) ->
     axes.set_xlabel("meta-stage episode")
     axes.set_ylabel("% on held-out alphabets (prototypes, 0 steps)")
     axes.legend()
+
+
+def model_card(metadata: dict[str, Any], baseline: str) -> str:
+    """The card: fewshot's, then adaptation timings and the paired comparison with `baseline`."""
+    card = render_model_card(metadata)
+    card += "\n## Single-task adaptation (as served, this machine)\n\n"
+    card += "| task | adapt p50 | adapted model |\n|---|---|---|\n"
+    for name, t in metadata["timings"].items():
+        card += f"| {name} | {t['adapt_ms_p50']:.1f} ms | {t['model_bytes'] / 1024:.0f} KiB |\n"
+    verdict = metadata["promotion"]
+    card += f"\n## Against {baseline} (same episodes, paired)\n\n"
+    card += "| task | this version | baseline | difference |\n|---|---|---|---|\n"
+    for c in verdict["comparisons"]:
+        card += (
+            f"| {shape_name(c['ways'], c['shots'], c['within_group'])} | "
+            f"{100 * c['candidate']:.2f}% | {100 * c['active']:.2f}% | "
+            f"{100 * c['difference']:+.2f} ± {100 * c['ci95']:.2f} |\n"
+        )
+    decision = "promote" if verdict["promote"] else "keep the baseline"
+    card += f"\nVerdict: {decision} ({'; '.join(verdict['reasons'])})\n"
+    return card + "\n![training curve](curve.png)\n"
 
 
 def parse_args() -> argparse.Namespace:
@@ -303,20 +325,7 @@ def main() -> int:
     curve = {"pretraining": pre["curve"] if pre else [], "meta_stage": meta_info["curve"]}
     (out / "curve.json").write_text(json.dumps(curve, indent=1))
     plot(curve["pretraining"], meta_info["curve"], pre_cfg.score_keys, out / "curve.png")
-    card = render_model_card(init.metadata)
-    card += "\n## Single-task adaptation (as served, this machine)\n\n"
-    card += "| task | adapt p50 | adapted model |\n|---|---|---|\n"
-    for name, t in timings.items():
-        card += f"| {name} | {t['adapt_ms_p50']:.1f} ms | {t['model_bytes'] / 1024:.0f} KiB |\n"
-    card += f"\n## Against {baseline.version} (same episodes, paired)\n\n"
-    card += "| task | this version | baseline | difference |\n|---|---|---|---|\n"
-    for c in verdict.comparisons:
-        card += (
-            f"| {shape_name(c.ways, c.shots, c.within_group)} | {100 * c.candidate:.2f}% | "
-            f"{100 * c.active:.2f}% | {100 * c.difference:+.2f} ± {100 * c.ci95:.2f} |\n"
-        )
-    card += f"\nVerdict: {'promote' if verdict.promote else 'keep the baseline'} ({'; '.join(verdict.reasons)})\n"
-    card += "\n![training curve](curve.png)\n"
+    card = model_card(init.metadata, baseline.version)
     (out / "README.md").write_text(card)
     print(json.dumps({"written": str(out), "promote": verdict.promote}), flush=True)
     return 0 if verdict.promote else 4

@@ -70,7 +70,7 @@ def test_compose_services_run_real_commands_with_real_settings() -> None:
     assert _parses(services["migrate"]["command"]).command == "migrate"
     assert _parses(services["api"]["command"]).command == "serve"
     worker = _parses(services["worker"]["command"])
-    assert set(worker.queues.split(",")) == {"adapt", "predict"}
+    assert set(worker.queues.split(",")) == {"adapt"}
     trainer = _parses(services["trainer"]["command"])
     assert trainer.queues == "train" and trainer.pool == "solo"
     # The trainer's limit is the meta-training one; the adapt limit belongs to the adapt worker.
