@@ -21,18 +21,10 @@ import torch
 from tqdm import tqdm
 
 from fewshot.data import load_dataset
-from fewshot.evaluate import evaluate
+from fewshot.evaluate import CARD_SHAPES, evaluate, shape_name
 from fewshot.initialization import Initialization
 from fewshot.openset import unknown_report
 from fewshot.unknown import calibration_of
-
-SHAPES = (
-    (5, 1, False, 5),
-    (5, 5, False, 5),
-    (20, 1, False, 5),
-    (20, 5, False, 5),
-    (20, 1, True, 1),
-)
 
 
 def main() -> int:
@@ -52,8 +44,8 @@ def main() -> int:
     data = load_dataset(args.data, init.config).subset_groups(groups)
     out: dict[str, object] = {"version": init.version, "groups": groups, "shapes": {}}
     shapes: dict[str, object] = {}
-    for ways, shots, within, queries in SHAPES:
-        name = f"{ways}-way {shots}-shot" + (" within-alphabet" if within else "")
+    for ways, shots, within, queries in CARD_SHAPES:
+        name = shape_name(ways, shots, within)
         start = time.perf_counter()
         with tqdm(total=args.episodes, desc=name, file=sys.stderr) as bar:
             result = evaluate(

@@ -19,6 +19,21 @@ from fewshot.inner import InnerRecipe
 from fewshot.stepchoice import chooses_steps
 from fewshot.vmapped import query_logits
 
+# The model card's task shapes for grouped data: (ways, shots, within one group, queries per
+# class); Lake et al. 2015's runs are within-alphabet 20-way 1-shot with one query per class.
+CARD_SHAPES = (
+    (5, 1, False, 5),
+    (5, 5, False, 5),
+    (20, 1, False, 5),
+    (20, 5, False, 5),
+    (20, 1, True, 1),
+)
+
+
+def shape_name(ways: int, shots: int, within_group: bool = False) -> str:
+    """A task shape's name in cards and reports, e.g. "20-way 1-shot within-alphabet"."""
+    return f"{ways}-way {shots}-shot" + (" within-alphabet" if within_group else "")
+
 
 @dataclass
 class EvalResult:

@@ -94,13 +94,15 @@ def adapt_params_fast(
     recipe: InnerRecipe,
     learned_step_sizes: bool = True,
     embedded: Tensor | None = None,
+    embedded_views: Tensor | None = None,
 ) -> tuple[Params, Tensor, Tensor]:
     """adapt_params(..., differentiable=False) for one task, plus reusable support embeddings.
 
     Returns the adapted parameters (detached), the support images' embeddings [S, D] under the
     adapted backbone when they are known without another pass (head mode; else an empty
     tensor), and their embeddings [S, D] under the initialization (the first step's).
-    `embedded`: those embeddings when the caller has them (head mode then skips the trunk).
+    `embedded`: those embeddings when the caller has them (head mode then skips the trunk);
+    `embedded_views`: likewise for the shifted support views' embeddings [5S, D].
     """
     meta = prepared.meta
     sizes = prepared.sizes if learned_step_sizes else {}
@@ -113,7 +115,11 @@ def adapt_params_fast(
         with torch.inference_mode():
             features = embed(module, meta, x) if embedded is None else embedded
             weight, bias = prototype_head(features, onehot)
-            loss_features = embed(module, meta, loss_x) if recipe.shift_views > 0 else features
+            loss_features = features
+            if recipe.shift_views > 0:
+                loss_features = (
+                    embed(module, meta, loss_x) if embedded_views is None else embedded_views
+                )
             names = [HEAD_WEIGHT, HEAD_BIAS]
             for t in range(steps):
                 g_weight, g_bias = head_grads(
@@ -205,11 +211,11 @@ def adapt_fast_with_embeddings(
     x, y = support_x.to(target), y.to(target)
     module = shared_module(init.config)
     features: Tensor | None = None
+    views: Tensor | None = None
     if chosen:
         shift = init.config.inner_shift_views
         with torch.inference_mode():
             features = embed(module, prepared.meta, x)
-            views = None
             if init.config.support_fit_guard and shift > 0:
                 views = embed(module, prepared.meta, support_views(x, y, shift)[0])
         sizes = prepared.sizes if step_size is None else {}
@@ -235,6 +241,7 @@ def adapt_fast_with_embeddings(
         recipe=InnerRecipe.from_config(init.config),
         learned_step_sizes=step_size is None,
         embedded=features if mode == "head" else None,
+        embedded_views=views if mode == "head" else None,
     )
     model = finished_model(init, module, params, x, y, classes, mode, steps, features)
     return model, initial

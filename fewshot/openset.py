@@ -16,6 +16,7 @@ import torch
 from fewshot.adapted import adapt
 from fewshot.episodes import EpisodeSampler
 from fewshot.errors import EpisodeError
+from fewshot.evaluate import shape_name
 from fewshot.unknown import CALIBRATION_SHOTS, DEFAULT_THRESHOLD, UnknownCalibration
 
 if TYPE_CHECKING:
@@ -146,8 +147,7 @@ def unknown_report(
 
         kept = ~flagged(found.in_task)
         correct = np.array(found.in_task_correct)
-        name = f"{ways}-way {shots}-shot" + (" within-alphabet" if within else "")
-        report[name] = {
+        report[shape_name(ways, shots, within)] = {
             "threshold": t,
             "in_task_kept": float(kept.mean()),
             "in_task_accuracy": float((kept & correct).mean()),

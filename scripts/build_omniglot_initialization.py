@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from fewshot.card import render_model_card
 from fewshot.data import ImageDataset, load_dataset
-from fewshot.evaluate import evaluate
+from fewshot.evaluate import CARD_SHAPES, evaluate, shape_name
 from fewshot.fast import adapt_fast
 from fewshot.initialization import Initialization
 from fewshot.inner import HEAD_BIAS, HEAD_WEIGHT, raw_step_sizes
@@ -42,26 +42,13 @@ from fewshot.promotion import compare_initializations
 
 BACKBONE_STEP = 1e-3
 VALIDATION_GROUPS = ["Arcadian", "Cyrillic", "Early_Aramaic", "Latin", "Sanskrit"]
-# (ways, shots, within-alphabet, queries per class): the card's shapes; Lake et al. 2015's runs
-# are within-alphabet 20-way 1-shot with one query per class.
-SHAPES = (
-    (5, 1, False, 5),
-    (5, 5, False, 5),
-    (20, 1, False, 5),
-    (20, 5, False, 5),
-    (20, 1, True, 1),
-)
+
 TARGETS = {
     "20-way 1-shot": 0.95,
     "20-way 1-shot within-alphabet": 0.90,
     "5-way 1-shot": 0.985,
     "20-way 5-shot": 0.985,
 }
-
-
-def shape_name(ways: int, shots: int, within: bool) -> str:
-    """The card's name of a task shape."""
-    return f"{ways}-way {shots}-shot" + (" within-alphabet" if within else "")
 
 
 def serving_recipe(init: Initialization, args: argparse.Namespace) -> Initialization:
@@ -253,7 +240,7 @@ def main() -> int:
     meta_info = init.metadata.pop("meta_stage")
 
     metrics: dict[str, Any] = {}
-    for ways, shots, within, queries in SHAPES:
+    for ways, shots, within, queries in CARD_SHAPES:
         name = shape_name(ways, shots, within)
         with tqdm(total=args.episodes, desc=name, file=sys.stderr) as progress:
             result = evaluate(
@@ -264,7 +251,7 @@ def main() -> int:
         print(json.dumps({name: metrics[name]}), flush=True)
 
     baseline_val = load_dataset(args.data, baseline.config).subset_groups(VALIDATION_GROUPS)
-    shapes = [(w, k, within) for w, k, within, _ in SHAPES]
+    shapes = [(w, k, within) for w, k, within, _ in CARD_SHAPES]
     verdict = compare_initializations(
         init, baseline, val, shapes, episodes=args.compare_episodes, min_episodes=args.compare_episodes,
         active_validation=baseline_val,

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import pytest
 from fastapi.testclient import TestClient
@@ -24,7 +24,7 @@ from app.core.config import Settings
 from app.core.migrate import upgrade
 from app.main import create_app
 from tests.helpers import make_settings, shipped_init_dir
-from tests.integration.faults import Postgres, Redis, Worker
+from tests.integration.faults import FAULT_SETTINGS, Postgres, Redis, Worker
 
 POSTGRES_URL = os.environ.get(
     "MAML_SERVE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -195,20 +195,6 @@ def production_client(production_settings: Settings, celery_worker: Path) -> Ite
 
 
 # --- the fault suite's private stack ----------------------------------------------------------
-
-# Short leases and timeouts so every fault resolves in seconds.
-FAULT_SETTINGS: dict[str, Any] = {
-    "job_lease_seconds": 3.0,
-    "train_lease_seconds": 3.0,
-    "job_max_attempts": 3,
-    "database_connect_timeout_seconds": 2,
-    "database_statement_timeout_seconds": 2.0,
-    "database_pool_timeout_seconds": 2.0,
-    "broker_timeout_seconds": 1.0,
-    "readiness_timeout_seconds": 1.0,
-    "worker_heartbeat_seconds": 1.0,
-    "torch_threads": 1,
-}
 
 
 @dataclass

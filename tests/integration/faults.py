@@ -17,6 +17,20 @@ from typing import Any
 
 import pytest
 
+# Short leases and timeouts so every fault resolves in seconds.
+FAULT_SETTINGS: dict[str, Any] = {
+    "job_lease_seconds": 3.0,
+    "train_lease_seconds": 3.0,
+    "job_max_attempts": 3,
+    "database_connect_timeout_seconds": 2,
+    "database_statement_timeout_seconds": 2.0,
+    "database_pool_timeout_seconds": 2.0,
+    "broker_timeout_seconds": 1.0,
+    "readiness_timeout_seconds": 1.0,
+    "worker_heartbeat_seconds": 1.0,
+    "torch_threads": 1,
+}
+
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = Path(__file__).with_name("fault_worker.py")
 PG_VERSION = "15"

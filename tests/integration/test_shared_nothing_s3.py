@@ -41,6 +41,7 @@ from tests.integration.conftest import (
     unavailable,
 )
 from tests.integration.faults import (
+    FAULT_SETTINGS,
     Redis,
     Worker,
     computations,
@@ -55,20 +56,9 @@ from tests.seaweedfs import SeaweedFS, weed_binary
 # A hang (a missing timeout) fails the test instead of blocking the run.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-LEASE = 3.0
-# Short leases and timeouts, so that every fault resolves in seconds (as in the fault suite).
-SETTINGS: dict[str, Any] = {
-    "job_lease_seconds": LEASE,
-    "train_lease_seconds": LEASE,
-    "job_max_attempts": 3,
-    "database_connect_timeout_seconds": 2,
-    "database_statement_timeout_seconds": 2.0,
-    "database_pool_timeout_seconds": 2.0,
-    "broker_timeout_seconds": 1.0,
-    "readiness_timeout_seconds": 1.0,
-    "worker_heartbeat_seconds": 1.0,
-    "torch_threads": 1,
-}
+# The fault suite's short leases and timeouts, so that every fault resolves in seconds.
+SETTINGS: dict[str, Any] = dict(FAULT_SETTINGS)
+LEASE = float(SETTINGS["job_lease_seconds"])
 # The reapers look for stale jobs every half lease (app.jobs.reaper.interval).
 REAPER_INTERVAL = LEASE / 2
 # The worker hosts' clocks, where libfaketime can set them: one behind, one ahead.
