@@ -178,7 +178,9 @@ class MetaStage:
         """Query cross-entropy [] under the served head for one episode of float images."""
         ways = int(sy.max()) + 1
         views_x, views_y = support_views(sx, sy, self.recipe.shift_views)
-        features = self.module(torch.cat([views_x, qx]))
+        bf16 = self.augment_cfg.precision == "bf16"
+        with torch.autocast(sx.device.type, torch.bfloat16, enabled=bf16):
+            features = self.module(torch.cat([views_x, qx])).float()
         fv, fq = features[: views_x.shape[0]], features[views_x.shape[0] :]
         fs = fv[: sx.shape[0]]  # the unshifted support comes first
         steps = self.cfg.inner_steps

@@ -67,6 +67,9 @@ class PretrainConfig:
     # "none": the images as they are.
     augmentation: str = "photo"
     rotation_classes: bool = False
+    # "bf16": forward passes under CPU/GPU autocast (AMX/tensor cores: ~2x faster here);
+    # weights, optimizer state and the loss stay float32.
+    precision: str = "fp32"
     seed: int = 0
     max_seconds: float | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -345,9 +348,9 @@ class Pretrainer:
             lr = lr_at(cfg, self.epoch * steps + i, steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss = F.cross_entropy(
-                self.classifier(self.backbone(x)), y, label_smoothing=cfg.label_smoothing
-            )
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
+                logits = self.classifier(self.backbone(x))
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             self.optimizer.step()

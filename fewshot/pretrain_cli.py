@@ -54,6 +54,15 @@ def add_pretrain_subcommand(sub: Any) -> None:
     pre.add_argument(
         "--val-groups", nargs="+", help="with one --data: hold out these groups for validation"
     )
+    pre.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: autocast forward passes (about 2x faster on CPUs with AMX or AVX512-BF16)",
+    )
+    pre.add_argument(
+        "--crop-aspect", type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=("MIN", "MAX")
+    )
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     pre.set_defaults(handler=run_pretrain)
@@ -82,7 +91,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
         jitter=args.jitter, crop_area=tuple(args.crop_area), val_episodes=args.val_episodes,
         seed=args.seed, model=model, val_ways=args.val_ways,
         val_within_group=args.val_within_group, augmentation=args.augmentation,
-        rotation_classes=args.rotation_classes,
+        rotation_classes=args.rotation_classes, precision=args.precision,
+        crop_aspect=tuple(args.crop_aspect),
         max_seconds=args.max_minutes * 60 if args.max_minutes else None,
     )  # fmt: skip
     train = load_dataset(args.data, model)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from fewshot.backbone import Conv4, fold_batch_norm
@@ -74,3 +76,30 @@ def test_a_run_resumes_where_it_stopped_and_exports_a_folded_initialization(
     assert init.config.norm == "none"
     features = init.module().forward_with(init.params, torch.rand(2, 3, 16, 16))
     assert features.shape == (2, model.feature_dim)
+
+
+def test_bf16_training_runs_in_autocast_and_keeps_float32_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = ModelConfig(**{**PHOTO.to_dict(), "norm": "batch"})
+    cfg = PretrainConfig(
+        model=model, epochs=1, batch_size=16, val_episodes=5, val_queries=2, precision="bf16"
+    )
+    trainer = Pretrainer(_tiny_data(6, 16, 0), _tiny_data(5, 8, 1), cfg, tmp_path)
+    seen: list[torch.dtype] = []
+    classify = trainer.classifier.forward
+
+    def spy(features: torch.Tensor) -> torch.Tensor:
+        logits = classify(features)
+        seen.append(logits.dtype)
+        return logits
+
+    monkeypatch.setattr(trainer.classifier, "forward", spy)
+    before = {k: v.clone() for k, v in trainer.backbone.state_dict().items()}
+    loss = trainer.train_epoch()
+    assert seen and all(d == torch.bfloat16 for d in seen), seen
+    assert math.isfinite(loss)
+    after = trainer.backbone.state_dict()
+    assert all(v.dtype in (torch.float32, torch.int64) for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert PretrainConfig.from_dict(cfg.to_dict()).precision == "bf16"
