@@ -126,7 +126,9 @@ class AdaptedModel:
             raise EpisodeError(f"threshold must be within [0, 1], got {threshold}")
         device = next(iter(self.params.values())).device
         module = shared_module(self.config)
-        parts = [embed(module, self.params, part) for part in torch.split(x.to(device), 1024)]
+        # At most 2048 views per pass: activation memory stays bounded whatever the view count.
+        per_pass = max(1, 2048 // module.view_count)
+        parts = [embed(module, self.params, part) for part in torch.split(x.to(device), per_pass)]
         return self.scores_of_features(torch.cat(parts), threshold)
 
     @torch.no_grad()

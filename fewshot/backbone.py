@@ -13,6 +13,25 @@ from torch import Tensor, nn
 from fewshot.config import ModelConfig
 
 
+def resize_matrix(size: int, crop: int) -> Tensor:
+    """[size, crop] matrix M with M @ v the bilinear resize of a length-`crop` signal to `size`."""
+    eye = torch.eye(crop).view(crop, 1, crop)
+    rows = F.interpolate(eye, size=size, mode="linear", align_corners=False)  # [crop, 1, size]
+    return rows.view(crop, size).T.contiguous()
+
+
+def five_crops(x: Tensor, fraction: float) -> list[Tensor]:
+    """The centre and four corner crops of images [..., H, W] (`fraction` of each side),
+    each resized back to [..., H, W] by separable bilinear interpolation (vmap-safe matmuls)."""
+    height, width = x.shape[-2], x.shape[-1]
+    ch, cw = round(height * fraction), round(width * fraction)
+    rh = resize_matrix(height, ch).to(x.dtype)
+    rw = resize_matrix(width, cw).to(x.dtype)
+    oh, ow = height - ch, width - cw
+    corners = [(oh // 2, ow // 2), (0, 0), (0, ow), (oh, 0), (oh, ow)]
+    return [rh @ x[..., a : a + ch, b : b + cw] @ rw.T for a, b in corners]
+
+
 class Conv4(nn.Module):
     """Four [conv3x3, GroupNorm, ReLU, downsample] blocks, then a read-out (mean or flatten).
 
@@ -30,6 +49,7 @@ class Conv4(nn.Module):
         self.readout = config.readout
         self.feature_norm = config.feature_norm
         self.mirror_average = config.mirror_average
+        self.crop_views = config.crop_views
         for block in range(config.depth):
             layers.append(nn.Conv2d(channels, config.width, 3, stride=stride, padding=1))
             if config.norm == "group":
@@ -47,19 +67,28 @@ class Conv4(nn.Module):
         """Embed images [B, C, H, W] into [B, config.feature_dim]."""
         return self._read_out(self.blocks(self._views(x)))
 
+    @property
+    def view_count(self) -> int:
+        """How many views of each image are embedded and averaged (1: the image alone)."""
+        return (6 if self.crop_views > 0 else 1) * (2 if self.mirror_average else 1)
+
     def _views(self, x: Tensor) -> Tensor:
-        # With mirror_average each image also goes through as its mirror image: [2B, C, H, W].
-        return torch.cat([x, x.flip(-1)], dim=-4) if self.mirror_average else x
+        # Images [B, C, H, W] -> their views stacked view-major: [V * B, C, H, W].
+        views = [x]
+        if self.crop_views > 0:
+            views += five_crops(x, self.crop_views)
+        if self.mirror_average:
+            views += [v.flip(-1) for v in views]
+        return torch.cat(views, dim=-4) if len(views) > 1 else x
 
     def _read_out(self, maps: Tensor) -> Tensor:
         out = maps.flatten(-3) if self.readout == "flatten" else maps.mean(dim=(-2, -1))
         if self.feature_norm == "l2":
             out = F.normalize(out, dim=-1)
-        if self.mirror_average:
-            # The mean of an image's and its mirror image's embeddings: a function of that one
-            # image, so predictions stay independent of the rest of the batch.
-            half = out.shape[-2] // 2
-            out = 0.5 * (out[..., :half, :] + out[..., half:, :])
+        if self.view_count > 1:
+            # The mean of an image's views' embeddings: a function of that one image, so
+            # predictions stay independent of the rest of the batch.
+            out = out.unflatten(-2, (self.view_count, -1)).mean(dim=-3)
             if self.feature_norm == "l2":
                 out = F.normalize(out, dim=-1)
         return out

@@ -52,7 +52,8 @@ def channel_means(module: Conv4, images: Tensor, chunk: int = 512) -> Tensor:
         s = maps.sum(dim=(0, 2, 3))
         sums = s if sums is None else sums + s
         total = total + maps.shape[0] * maps.shape[2] * maps.shape[3]
-    assert sums is not None
+    if sums is None:
+        raise ValueError("channel_means needs at least one image")
     return sums / total
 
 

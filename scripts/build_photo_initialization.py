@@ -29,7 +29,7 @@ import torch
 from fewshot.card import render_model_card
 from fewshot.centering import centred
 from fewshot.data import load_dataset
-from fewshot.evaluate import evaluate
+from fewshot.evaluate import evaluate_head_cached
 from fewshot.fast import adapt_fast
 from fewshot.initialization import Initialization
 from fewshot.inner import HEAD_BIAS, HEAD_WEIGHT
@@ -41,14 +41,19 @@ TARGETS = {"5-way 1-shot": 0.50, "5-way 5-shot": 0.68}
 
 
 def serving_recipe(
-    init: Initialization, head_step_size: float, candidates: list[int], temperature: float
+    init: Initialization,
+    head_step_size: float,
+    candidates: list[int],
+    temperature: float,
+    crop_views: float = 0.0,
 ) -> None:
-    """Photos: mirror-averaged embeddings, centre-crop, the head adapted with chosen steps."""
+    """Photos: mirror- (and crop-) averaged embeddings, centre-crop, the head adapted with chosen steps."""
     init.config = dataclasses.replace(
         init.config,
         domain="photos",
         resize="center_crop",
         mirror_average=True,
+        crop_views=crop_views,
         default_mode="head",
         step_candidates=tuple(candidates),
         inner_steps=max(candidates),
@@ -127,6 +132,18 @@ def main() -> int:
     parser.add_argument("--inner-temperature", type=float, default=0.5)
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--pretrain-command", default="", help="recorded in the card")
+    parser.add_argument(
+        "--crop-views",
+        type=float,
+        default=0.0,
+        help="serve five crops of this side fraction beside each image (applied after the meta stage)",
+    )
+    parser.add_argument(
+        "--steps-min-shots", type=int, default=0, help="tasks with fewer shots keep 0 steps"
+    )
+    parser.add_argument(
+        "--per-class-loss", action="store_true", help="head steps on the per-class support loss"
+    )
     parser.add_argument("--meta-dir", help="the meta stage's folder (default: the run folder)")
     parser.add_argument(
         "--center",
@@ -159,9 +176,18 @@ def main() -> int:
         if args.center:
             # The stage moves the mean a little: centre its result again.
             init = centred(init, sample)
+    init.config = dataclasses.replace(
+        init.config,
+        crop_views=args.crop_views,
+        steps_min_shots=args.steps_min_shots,
+        inner_loss_per_class=args.per_class_loss,
+    )
     metrics: dict[str, Any] = {}
     for ways, shots in SHAPES:
-        result = evaluate(init, val, ways=ways, shots=shots, queries=15, episodes=args.episodes)
+        # Head mode: each image embedded once (exact; 12 views an image make per-episode passes slow).
+        result = evaluate_head_cached(
+            init, val, ways=ways, shots=shots, queries=15, episodes=args.episodes, seed=shots
+        )
         metrics[f"{ways}-way {shots}-shot"] = result.to_dict()
         print(json.dumps({f"{ways}w{shots}s": result.to_dict()}), flush=True)
     timings = {f"5-way {k}-shot": timing(init, val, k) for _, k in SHAPES}

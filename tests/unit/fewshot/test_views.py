@@ -1,0 +1,52 @@
+"""Test-time views: five crops and mirror images averaged into one embedding per image."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from fewshot.backbone import Conv4, five_crops
+from fewshot.config import ModelConfig
+from fewshot.initialization import Initialization
+
+CONFIG = ModelConfig(
+    in_channels=3, image_size=20, width=8, norm="none", pooling="maxpool", readout="flatten",
+    final_relu=False, feature_norm="l2", mirror_average=True, crop_views=0.9,
+)  # fmt: skip
+
+
+def test_five_crops_are_bilinear_resizes_of_the_centre_and_corners() -> None:
+    x = torch.rand(2, 3, 20, 20)
+    crops = five_crops(x, 0.9)
+    side = 18
+    boxes = [(1, 1), (0, 0), (0, 2), (2, 0), (2, 2)]
+    for crop, (a, b) in zip(crops, boxes, strict=True):
+        want = F.interpolate(
+            x[..., a : a + side, b : b + side], size=(20, 20), mode="bilinear", align_corners=False
+        )
+        assert torch.allclose(crop, want, atol=1e-5)
+
+
+def test_an_embedding_is_the_mean_of_its_views_and_independent_of_the_batch() -> None:
+    init = Initialization.random(CONFIG, seed=1)
+    module = init.module()
+    x = torch.rand(4, 3, 20, 20)
+    got = module.forward_with(init.params, x)
+    plain = Conv4(dataclasses.replace(CONFIG, mirror_average=False, crop_views=0.0))
+    views = [x, *five_crops(x, 0.9)]
+    views += [v.flip(-1) for v in views]
+    each = torch.stack([plain.forward_with(init.params, v) for v in views])
+    want = F.normalize(each.mean(dim=0), dim=-1)
+    assert module.view_count == 12
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(module.forward_with(init.params, x[1:2]), got[1:2], atol=1e-5)
+    without = Conv4(dataclasses.replace(CONFIG, crop_views=0.0)).forward_with(init.params, x)
+    assert not torch.allclose(got, without, atol=1e-3), "the crops changed nothing"
+
+
+def test_old_configs_load_without_crop_views() -> None:
+    data = CONFIG.to_dict()
+    del data["crop_views"]
+    assert ModelConfig.from_dict(data).crop_views == 0.0
