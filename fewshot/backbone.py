@@ -88,7 +88,7 @@ class Conv4(nn.Module):
         if self.view_count > 1:
             # The mean of an image's views' embeddings: a function of that one image, so
             # predictions stay independent of the rest of the batch.
-            out = out.unflatten(-2, (self.view_count, -1)).mean(dim=-3)
+            out = out.reshape(*out.shape[:-2], self.view_count, -1, out.shape[-1]).mean(dim=-3)
             if self.feature_norm == "l2":
                 out = F.normalize(out, dim=-1)
         return out

@@ -298,7 +298,9 @@ def evaluate_head_cached(
     default = init.config.inner_step_size
     rng = np.random.default_rng(seed)
     by_class = [torch.nonzero(dataset.targets == c).flatten() for c in range(len(dataset.classes))]
-    served, zero, chosen = [], [], []
+    served: list[float] = []
+    zero: list[float] = []
+    chosen: list[int] = []
     for _ in range(episodes):
         classes = rng.choice(len(by_class), ways, replace=False)
         picks = [by_class[c][rng.permutation(len(by_class[c]))[: shots + queries]] for c in classes]
@@ -315,7 +317,7 @@ def evaluate_head_cached(
         chosen.append(steps)
     accuracy, ci = mean_ci95(served)
     zero_acc, zero_ci = mean_ci95(zero)
-    gain, gain_ci = mean_ci95(np.array(served) - np.array(zero))
+    gain, gain_ci = mean_ci95([a - b for a, b in zip(served, zero, strict=True)])
     return EvalResult(
         accuracy=accuracy, ci95=ci, episodes=episodes, ways=ways, shots=shots, queries=queries,
         mode="head", steps=max(init.config.step_candidates or (init.config.inner_steps,)),
