@@ -71,14 +71,14 @@ def served_head_steps(
     """
     recipe = InnerRecipe.from_config(config)
     with torch.inference_mode():
-        if config.step_candidates:
+        shots = int(torch.bincount(y, minlength=n_way).min())
+        if config.step_candidates and 1 < shots < config.steps_min_shots:
+            steps = 0  # too few shots to choose by: no held-out folds are run
+        elif config.step_candidates:
             steps = choose_head_steps(
                 features, y, n_way, log_scale, sizes, config.step_candidates,
                 default_step_size, recipe, single_example_steps=config.single_example_steps,
             )  # fmt: skip
-            shots = int(torch.bincount(y, minlength=n_way).min())
-            if 1 < shots < config.steps_min_shots:
-                steps = 0
         else:
             steps = config.inner_steps
         if steps > 0 and config.support_fit_guard:
