@@ -20,6 +20,20 @@ def resize_matrix(size: int, crop: int) -> Tensor:
     return rows.view(crop, size).T.contiguous()
 
 
+def shifted_copies(x: Tensor, radius: int) -> list[Tensor]:
+    """Images [..., H, W] shifted by every offset (dy, dx) in [-radius, radius]^2 other than
+    (0, 0), row-major, with zero fill: (2r + 1)^2 - 1 tensors [..., H, W] (vmap-safe slices)."""
+    height, width = x.shape[-2], x.shape[-1]
+    padded = F.pad(x, (radius, radius, radius, radius))
+    offsets = range(-radius, radius + 1)
+    return [
+        padded[..., radius + dy : radius + dy + height, radius + dx : radius + dx + width]
+        for dy in offsets
+        for dx in offsets
+        if (dy, dx) != (0, 0)
+    ]
+
+
 def five_crops(x: Tensor, fraction: float) -> list[Tensor]:
     """The centre and four corner crops of images [..., H, W] (`fraction` of each side),
     each resized back to [..., H, W] by separable bilinear interpolation (vmap-safe matmuls)."""
@@ -50,6 +64,7 @@ class Conv4(nn.Module):
         self.feature_norm = config.feature_norm
         self.mirror_average = config.mirror_average
         self.crop_views = config.crop_views
+        self.view_shift = config.view_shift
         for block in range(config.depth):
             layers.append(nn.Conv2d(channels, config.width, 3, stride=stride, padding=1))
             if config.norm == "group":
@@ -70,13 +85,16 @@ class Conv4(nn.Module):
     @property
     def view_count(self) -> int:
         """How many views of each image are embedded and averaged (1: the image alone)."""
-        return (6 if self.crop_views > 0 else 1) * (2 if self.mirror_average else 1)
+        shifts = (2 * self.view_shift + 1) ** 2
+        return shifts * (6 if self.crop_views > 0 else 1) * (2 if self.mirror_average else 1)
 
     def _views(self, x: Tensor) -> Tensor:
         # Images [B, C, H, W] -> their views stacked view-major: [V * B, C, H, W].
         views = [x]
+        if self.view_shift > 0:
+            views += shifted_copies(x, self.view_shift)
         if self.crop_views > 0:
-            views += five_crops(x, self.crop_views)
+            views += [c for v in views for c in five_crops(v, self.crop_views)]
         if self.mirror_average:
             views += [v.flip(-1) for v in views]
         return torch.cat(views, dim=-4) if len(views) > 1 else x

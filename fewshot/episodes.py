@@ -83,6 +83,34 @@ class EpisodeSampler:
         picks = rng.choice(pool.size * multiplier, size=ways, replace=False)
         return np.stack([pool[picks % pool.size], picks // pool.size], axis=1)
 
+    def _draw(
+        self, rng: np.random.Generator, tasks: int, ways: int, per_class: int
+    ) -> tuple[Tensor, np.ndarray]:
+        # Dataset indices [T*N, K+Q] of each task's classes' images, and each class's turns.
+        chosen = np.concatenate([self._classes(rng, ways, per_class) for _ in range(tasks)])
+        classes, turns = chosen[:, 0], chosen[:, 1]
+        scores = rng.random((classes.size, self.table.shape[1]))
+        scores[self.table[classes] < 0] = np.inf
+        columns = np.argsort(scores, axis=1)[:, :per_class]
+        index = np.take_along_axis(self.table[classes], columns, axis=1)
+        return torch.from_numpy(index).to(self.device), turns
+
+    def sample_indices(
+        self, rng: np.random.Generator, tasks: int, ways: int, shots: int, queries: int
+    ) -> tuple[Tensor, Tensor]:
+        """The dataset indices of the tasks sample() draws from the same rng state: support
+        [T, N*K] and query [T, N*Q] (images unrotated and unshifted, so no rotations or shift)."""
+        if self.rotations or self.shift > 0:
+            raise EpisodeError("indices name the images as stored: no rotations or shifts")
+        if ways < 2 or shots < 1 or queries < 1:
+            raise EpisodeError(
+                f"need ways >= 2, shots >= 1, queries >= 1; got {ways}, {shots}, {queries}"
+            )
+        index, _ = self._draw(rng, tasks, ways, shots + queries)
+        index = index.view(tasks, ways, shots + queries)
+        support = index[:, :, :shots].reshape(tasks, ways * shots)
+        return support, index[:, :, shots:].reshape(tasks, ways * queries)
+
     def sample(
         self, rng: np.random.Generator, tasks: int, ways: int, shots: int, queries: int
     ) -> EpisodeBatch:
@@ -92,14 +120,7 @@ class EpisodeSampler:
                 f"need ways >= 2, shots >= 1, queries >= 1; got {ways}, {shots}, {queries}"
             )
         per_class = shots + queries
-        chosen = np.concatenate([self._classes(rng, ways, per_class) for _ in range(tasks)])
-        classes, turns = chosen[:, 0], chosen[:, 1]
-        scores = rng.random((classes.size, self.table.shape[1]))
-        scores[self.table[classes] < 0] = np.inf
-        columns = np.argsort(scores, axis=1)[:, :per_class]
-        index = torch.from_numpy(np.take_along_axis(self.table[classes], columns, axis=1)).to(
-            self.device
-        )
+        index, turns = self._draw(rng, tasks, ways, per_class)
         images = self.images[index]  # [T*N, K+Q, C, H, W]
         if self.rotations:
             turns_t = torch.from_numpy(turns).to(self.device)

@@ -268,53 +268,69 @@ def evaluate_head_cached(
     queries: int = 15,
     episodes: int = 600,
     seed: int = 0,
+    batch: int = 16,
+    within_group: bool = False,
+    on_progress: Callable[[int], object] | None = None,
 ) -> EvalResult:
     """evaluate() for a head-mode initialization, with each image embedded once for all episodes.
 
-    Head mode adapts no backbone layer, so an image's embedding is the same in every task: the
-    served computation (prototype head, steps chosen per task from the support set, closed-form
-    head steps) on cached embeddings [n, D] gives the served accuracy up to float rounding, at a
-    fraction of the cost when an image is embedded as many views.
+    Head mode adapts no backbone layer, so an image's embedding (and those of its shifted
+    support views, which shift each image on its own) is the same in every task: the served
+    computation (prototype head, steps chosen per task, the support-fit guard, closed-form head
+    steps) on cached embeddings gives the served accuracy up to float rounding, on the episodes
+    evaluate() draws from `seed`, at a fraction of the cost when an image is embedded as many views.
     """
     from fewshot.fast import prepare
     from fewshot.head import head_logits
-    from fewshot.inner import HEAD_SCALE, InnerRecipe
+    from fewshot.inner import HEAD_SCALE, InnerRecipe, support_views
     from fewshot.stepchoice import head_path, served_head_steps
 
     if init.config.default_mode != "head":
         raise ValueError("evaluate_head_cached serves head-mode initializations only")
     module = init.module()
+    shift = init.config.inner_shift_views
+    copies = 5 if shift > 0 else 1
     with torch.inference_mode():
-        per_pass = max(1, 2048 // module.view_count)
-        features = torch.cat(
-            [
-                module.forward_with(init.params, part.float().div(255.0))
-                for part in torch.split(dataset.images, per_pass)
-            ]
-        )
+        per_pass = max(1, 2048 // (module.view_count * copies))
+        parts = []
+        for part in torch.split(dataset.images, per_pass):
+            x = part.float().div(255.0)
+            x = support_views(x, torch.zeros(len(x), dtype=torch.long), shift)[0]
+            parts.append(module.forward_with(init.params, x).view(copies, len(part), -1))
+        # [copies, n, D]: each image, then (with shift views) its four shifted copies.
+        embedded = torch.cat(parts, dim=1)
+    features = embedded[0]
     sizes = prepare(init, torch.device("cpu")).sizes
     log_scale = init.params[HEAD_SCALE]
     recipe = InnerRecipe.from_config(init.config)
     default = init.config.inner_step_size
+    sampler = EpisodeSampler(dataset, within_group=within_group)
     rng = np.random.default_rng(seed)
-    by_class = [torch.nonzero(dataset.targets == c).flatten() for c in range(len(dataset.classes))]
     served: list[float] = []
     zero: list[float] = []
     chosen: list[int] = []
-    for _ in range(episodes):
-        classes = rng.choice(len(by_class), ways, replace=False)
-        picks = [by_class[c][rng.permutation(len(by_class[c]))[: shots + queries]] for c in classes]
-        support = torch.cat([p[:shots] for p in picks])
-        query = torch.cat([p[shots:] for p in picks])
-        sy = torch.arange(ways).repeat_interleave(shots)
-        qy = torch.arange(ways).repeat_interleave(queries)
-        fs, fq = features[support], features[query]
-        steps = served_head_steps(init.config, fs, None, sy, ways, log_scale, sizes, default)
-        path = head_path(fs, sy, ways, log_scale, sizes, steps, default, recipe)
-        for out, (weight, bias) in ((zero, path[0]), (served, path[-1])):
-            logits = head_logits(fq, weight, bias, log_scale)
-            out.append(float((logits.argmax(1) == qy).float().mean()))
-        chosen.append(steps)
+    remaining = episodes
+    with torch.inference_mode():
+        while remaining > 0:
+            tasks = min(batch, remaining)
+            supports, query_sets = sampler.sample_indices(rng, tasks, ways, shots, queries)
+            sy = torch.arange(ways).repeat_interleave(shots)
+            qy = torch.arange(ways).repeat_interleave(queries)
+            for support, query in zip(supports, query_sets, strict=True):
+                fs, fq = features[support], features[query]
+                views = embedded[:, support].reshape(-1, fs.shape[1]) if shift > 0 else None
+                steps = served_head_steps(
+                    init.config, fs, views, sy, ways, log_scale, sizes, default
+                )
+                fitted = (views, sy.repeat(copies)) if views is not None else None
+                path = head_path(fs, sy, ways, log_scale, sizes, steps, default, recipe, fitted)
+                for out, (weight, bias) in ((zero, path[0]), (served, path[-1])):
+                    logits = head_logits(fq, weight, bias, log_scale)
+                    out.append(float((logits.argmax(1) == qy).float().mean()))
+                chosen.append(steps)
+            remaining -= tasks
+            if on_progress is not None:
+                on_progress(tasks)
     accuracy, ci = mean_ci95(served)
     zero_acc, zero_ci = mean_ci95(zero)
     gain, gain_ci = mean_ci95([a - b for a, b in zip(served, zero, strict=True)])

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from fewshot.card import render_model_card
 from fewshot.data import ImageDataset, load_dataset
-from fewshot.evaluate import CARD_SHAPES, evaluate, shape_name
+from fewshot.evaluate import CARD_SHAPES, evaluate_head_cached, shape_name
 from fewshot.fast import adapt_fast
 from fewshot.initialization import Initialization
 from fewshot.inner import HEAD_BIAS, HEAD_WEIGHT, raw_step_sizes
@@ -66,6 +66,7 @@ def serving_recipe(init: Initialization, args: argparse.Namespace) -> Initializa
         step_size_transform="softplus",
         step_candidates=(),
         support_fit_guard=True,
+        view_shift=args.view_shift,
     )
     raw = raw_step_sizes(torch.full((args.inner_steps,), args.step_size), "softplus")
     # Served in head mode; a caller who asks for full adaptation moves the backbone only a
@@ -170,7 +171,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="the Omniglot background set (zip/folder)")
     parser.add_argument("--baseline", required=True, help="the version to beat (folder)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--version", default="omniglot-conv4-v3")
+    parser.add_argument("--version", default="omniglot-conv4-v4")
     parser.add_argument("--meta-episodes", type=int, default=3000)
     parser.add_argument(
         "--meta-minutes", type=float, help="stop the stage after this long (resume later)"
@@ -187,6 +188,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.25)
     parser.add_argument("--smoothing", type=float, default=0.1)
     parser.add_argument("--shift-views", type=int, default=2)
+    parser.add_argument(
+        "--view-shift", type=int, default=0, help="test-time views: shifts up to this many px"
+    )
     parser.add_argument("--episodes", type=int, default=1000, help="evaluation episodes per shape")
     parser.add_argument("--compare-episodes", type=int, default=400)
     parser.add_argument("--unknown-episodes", type=int, default=60, help="per calibrated shape")
@@ -243,7 +247,8 @@ def main() -> int:
     for ways, shots, within, queries in CARD_SHAPES:
         name = shape_name(ways, shots, within)
         with tqdm(total=args.episodes, desc=name, file=sys.stderr) as progress:
-            result = evaluate(
+            # Head mode: scored on embeddings cached per image, equal to serving (a test checks).
+            result = evaluate_head_cached(
                 init, val, ways=ways, shots=shots, queries=queries, episodes=args.episodes,
                 seed=2024, within_group=within, on_progress=progress.update,
             )  # fmt: skip
@@ -292,7 +297,13 @@ def main() -> int:
             f"Meta-train -> adapt; {start_note}; meta stage: "
             f"{cfg.episodes} episodes ({meta_info['minutes']:.0f} min), best at episode "
             f"{meta_info['best']['episode']}. Served: {args.inner_steps} head steps on the support set "
-            f"and its {args.shift_views}-pixel shifted views, the loop trained through."
+            f"and its {args.shift_views}-pixel shifted views, the loop trained through"
+            + (
+                f"; each image embedded as the mean of its {(2 * args.view_shift + 1) ** 2} "
+                f"copies shifted by up to {args.view_shift} px."
+                if args.view_shift
+                else "."
+            )
         ),
         "metrics": metrics,
         "targets": TARGETS,

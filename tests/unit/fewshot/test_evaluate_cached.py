@@ -4,50 +4,61 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
+import pytest
 import torch
 
 from fewshot.config import ModelConfig
 from fewshot.data import ImageDataset
-from fewshot.evaluate import evaluate_head_cached
-from fewshot.fast import adapt_fast
+from fewshot.evaluate import evaluate, evaluate_head_cached
 from fewshot.initialization import Initialization
 
+PHOTO = ModelConfig(
+    in_channels=3, image_size=16, width=8, norm="none", pooling="maxpool", readout="flatten",
+    final_relu=False, feature_norm="l2", mirror_average=True, crop_views=0.9,
+    default_mode="head", step_candidates=(0, 5, 10), inner_steps=10, inner_step_size=0.5,
+    inner_temperature=0.5,
+)  # fmt: skip
+# Handwriting's serving recipe: test-time shifted views, head steps fitted on the support set's
+# shifted copies, and the support-fit guard.
+HANDWRITING = ModelConfig(
+    in_channels=1, image_size=12, width=8, view_shift=1, default_mode="head", inner_steps=5,
+    inner_step_size=2.0, inner_temperature=0.25, inner_shift_views=2, inner_loss_per_class=True,
+    support_fit_guard=True,
+)  # fmt: skip
 
-def test_cached_scores_equal_served_adaptation_episode_by_episode() -> None:
-    config = ModelConfig(
-        in_channels=3, image_size=16, width=8, norm="none", pooling="maxpool", readout="flatten",
-        final_relu=False, feature_norm="l2", mirror_average=True, crop_views=0.9,
-        default_mode="head", step_candidates=(0, 5, 10), inner_steps=10, inner_step_size=0.5,
-        inner_temperature=0.5,
-    )  # fmt: skip
-    init = Initialization.random(config, seed=2)
+
+def _data(channels: int, side: int) -> ImageDataset:
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (6 * 12, 3, 16, 16), dtype=torch.uint8, generator=generator)
-    targets = torch.arange(6).repeat_interleave(12)
-    data = ImageDataset(images, targets, [f"c{i}" for i in range(6)], [""] * 6)
-    ways, shots, queries, episodes = 3, 4, 5, 4
-    result = evaluate_head_cached(
-        init, data, ways=ways, shots=shots, queries=queries, episodes=episodes, seed=5
+    images = torch.randint(
+        0, 256, (6 * 12, channels, side, side), dtype=torch.uint8, generator=generator
     )
-    rng = np.random.default_rng(5)
-    by_class = [torch.nonzero(targets == c).flatten() for c in range(6)]
-    served = []
-    for _ in range(episodes):
-        classes = rng.choice(6, ways, replace=False)
-        picks = [by_class[c][rng.permutation(12)[: shots + queries]] for c in classes]
-        sx = torch.cat([images[p[:shots]] for p in picks]).float() / 255
-        qx = torch.cat([images[p[shots:]] for p in picks]).float() / 255
-        labels = [str(i) for i in range(ways) for _ in range(shots)]
-        model = adapt_fast(init, sx, labels)
-        truth = [str(i) for i in range(ways) for _ in range(queries)]
-        served.append(np.mean([a == b for a, b in zip(model.predict(qx), truth, strict=True)]))
-    assert abs(result.accuracy - float(np.mean(served))) < 1e-6
-    assert result.chosen_steps_mean is not None
-    full = dataclasses.replace(config, default_mode="full")
-    try:
-        evaluate_head_cached(dataclasses.replace(init, config=full), data, ways=3, shots=1)
-    except ValueError as exc:
-        assert "head-mode" in str(exc)
-    else:
-        raise AssertionError("a full-mode initialization was scored as head mode")
+    # Class-dependent brightness, so the prototypes are better than chance and steps matter.
+    images = (images // 2 + torch.arange(6).repeat_interleave(12).view(-1, 1, 1, 1) * 20).to(
+        torch.uint8
+    )
+    return ImageDataset(
+        images,
+        torch.arange(6).repeat_interleave(12),
+        [f"c{i}" for i in range(6)],
+        ["a", "a", "a", "b", "b", "b"],
+    )
+
+
+@pytest.mark.parametrize("config", [PHOTO, HANDWRITING], ids=["photo", "handwriting"])
+@pytest.mark.parametrize("within", [False, True], ids=["any", "within-group"])
+def test_cached_scores_equal_served_adaptation(config: ModelConfig, within: bool) -> None:
+    init = Initialization.random(config, seed=2)
+    data = _data(config.in_channels, config.image_size)
+    shape = dict(ways=3, shots=4, queries=5, episodes=6, seed=5, within_group=within)
+    cached = evaluate_head_cached(init, data, **shape)  # type: ignore[arg-type]
+    served = evaluate(init, data, **shape)  # type: ignore[arg-type]
+    assert cached.accuracy == pytest.approx(served.accuracy, abs=1e-6)
+    assert cached.accuracy_0_steps == pytest.approx(served.accuracy_0_steps, abs=1e-6)
+    assert cached.chosen_steps_mean == pytest.approx(served.chosen_steps_mean)
+
+
+def test_full_mode_initializations_are_refused() -> None:
+    full = dataclasses.replace(PHOTO, default_mode="full")
+    init = Initialization.random(full, seed=2)
+    with pytest.raises(ValueError, match="head-mode"):
+        evaluate_head_cached(init, _data(3, 16), ways=3, shots=1)

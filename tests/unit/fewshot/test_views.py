@@ -50,3 +50,27 @@ def test_old_configs_load_without_crop_views() -> None:
     data = CONFIG.to_dict()
     del data["crop_views"]
     assert ModelConfig.from_dict(data).crop_views == 0.0
+
+
+def test_shifted_views_average_every_offset_within_the_radius() -> None:
+    config = ModelConfig(in_channels=1, image_size=12, width=8, view_shift=1)
+    init = Initialization.random(config, seed=3)
+    module = init.module()
+    x = torch.rand(3, 1, 12, 12)
+    got = module.forward_with(init.params, x)
+    plain = Conv4(dataclasses.replace(config, view_shift=0))
+    padded = F.pad(x, (1, 1, 1, 1))
+    copies = [
+        padded[..., 1 + dy : 13 + dy, 1 + dx : 13 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+    ]
+    want = torch.stack([plain.forward_with(init.params, c) for c in copies]).mean(dim=0)
+    assert module.view_count == 9
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(module.forward_with(init.params, x[2:]), got[2:], atol=1e-5)
+    assert not torch.allclose(got, plain.forward_with(init.params, x), atol=1e-4)
+
+
+def test_old_configs_load_without_view_shift() -> None:
+    data = ModelConfig().to_dict()
+    del data["view_shift"]
+    assert ModelConfig.from_dict(data).view_shift == 0
