@@ -259,7 +259,7 @@ def evaluate_shapes(
     return out
 
 
-def evaluate_head_cached(
+def head_cached_scores(
     init: Initialization,
     dataset: ImageDataset,
     *,
@@ -271,8 +271,9 @@ def evaluate_head_cached(
     batch: int = 16,
     within_group: bool = False,
     on_progress: Callable[[int], object] | None = None,
-) -> EvalResult:
-    """evaluate() for a head-mode initialization, with each image embedded once for all episodes.
+) -> tuple[list[float], list[float], list[int]]:
+    """Per-episode accuracy as served, at 0 steps, and the steps chosen (as served_scores),
+    for a head-mode initialization, with each image embedded once for all episodes.
 
     Head mode adapts no backbone layer, so an image's embedding (and those of its shifted
     support views, which shift each image on its own) is the same in every task: the served
@@ -331,6 +332,27 @@ def evaluate_head_cached(
             remaining -= tasks
             if on_progress is not None:
                 on_progress(tasks)
+    return served, zero, chosen
+
+
+def evaluate_head_cached(
+    init: Initialization,
+    dataset: ImageDataset,
+    *,
+    ways: int,
+    shots: int,
+    queries: int = 15,
+    episodes: int = 600,
+    seed: int = 0,
+    batch: int = 16,
+    within_group: bool = False,
+    on_progress: Callable[[int], object] | None = None,
+) -> EvalResult:
+    """evaluate() for a head-mode initialization on embeddings cached per image (head_cached_scores)."""
+    served, zero, chosen = head_cached_scores(
+        init, dataset, ways=ways, shots=shots, queries=queries, episodes=episodes, seed=seed,
+        batch=batch, within_group=within_group, on_progress=on_progress,
+    )  # fmt: skip
     accuracy, ci = mean_ci95(served)
     zero_acc, zero_ci = mean_ci95(zero)
     gain, gain_ci = mean_ci95([a - b for a, b in zip(served, zero, strict=True)])
