@@ -211,24 +211,33 @@ def evaluate(
             within_group=within_group, device=device, sampler=sampler, on_progress=on_progress,
         )  # fmt: skip
         steps_key, chosen = steps, []
-    accuracy, ci = mean_ci95(scores[steps_key])
-    zero, zero_ci = mean_ci95(scores[0])
-    gain, gain_ci = mean_ci95(np.array(scores[steps_key]) - np.array(scores[0]))
-    return EvalResult(
-        accuracy=accuracy,
-        ci95=ci,
-        episodes=len(scores[steps_key]),
-        ways=ways,
-        shots=shots,
-        queries=queries,
-        mode=mode,
+    return paired_result(
+        scores[steps_key], scores[0], chosen, ways=ways, shots=shots, queries=queries, mode=mode,
         steps=steps,
-        accuracy_0_steps=zero,
-        ci95_0_steps=zero_ci,
-        adaptation_gain=gain,
-        adaptation_gain_ci95=gain_ci,
+    )  # fmt: skip
+
+
+def paired_result(
+    served: Sequence[float],
+    zero: Sequence[float],
+    chosen: Sequence[int],
+    *,
+    ways: int,
+    shots: int,
+    queries: int,
+    mode: AdaptMode,
+    steps: int,
+) -> EvalResult:
+    """An EvalResult from per-episode accuracy as served and at 0 steps on the same episodes."""
+    accuracy, ci = mean_ci95(served)
+    zero_acc, zero_ci = mean_ci95(zero)
+    gain, gain_ci = mean_ci95(np.array(served) - np.array(zero))
+    return EvalResult(
+        accuracy=accuracy, ci95=ci, episodes=len(served), ways=ways, shots=shots,
+        queries=queries, mode=mode, steps=steps, accuracy_0_steps=zero_acc, ci95_0_steps=zero_ci,
+        adaptation_gain=gain, adaptation_gain_ci95=gain_ci,
         chosen_steps_mean=float(np.mean(chosen)) if chosen else None,
-    )
+    )  # fmt: skip
 
 
 def evaluate_shapes(
@@ -353,12 +362,7 @@ def evaluate_head_cached(
         init, dataset, ways=ways, shots=shots, queries=queries, episodes=episodes, seed=seed,
         batch=batch, within_group=within_group, on_progress=on_progress,
     )  # fmt: skip
-    accuracy, ci = mean_ci95(served)
-    zero_acc, zero_ci = mean_ci95(zero)
-    gain, gain_ci = mean_ci95([a - b for a, b in zip(served, zero, strict=True)])
-    return EvalResult(
-        accuracy=accuracy, ci95=ci, episodes=episodes, ways=ways, shots=shots, queries=queries,
-        mode="head", steps=max(init.config.step_candidates or (init.config.inner_steps,)),
-        accuracy_0_steps=zero_acc, ci95_0_steps=zero_ci, adaptation_gain=gain,
-        adaptation_gain_ci95=gain_ci, chosen_steps_mean=float(np.mean(chosen)),
-    )  # fmt: skip
+    steps = max(init.config.step_candidates or (init.config.inner_steps,))
+    return paired_result(
+        served, zero, chosen, ways=ways, shots=shots, queries=queries, mode="head", steps=steps
+    )
