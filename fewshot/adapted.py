@@ -126,10 +126,8 @@ class AdaptedModel:
             raise EpisodeError(f"threshold must be within [0, 1], got {threshold}")
         device = next(iter(self.params.values())).device
         module = shared_module(self.config)
-        # At most 2048 views per pass: activation memory stays bounded whatever the view count.
-        per_pass = max(1, 2048 // module.view_count)
-        parts = [embed(module, self.params, part) for part in torch.split(x.to(device), per_pass)]
-        return self.scores_of_features(torch.cat(parts), threshold)
+        # Conv4 embeds multi-view images a few at a time (VIEWS_PER_PASS): memory stays bounded.
+        return self.scores_of_features(embed(module, self.params, x.to(device)), threshold)
 
     @torch.no_grad()
     def scores_of_features(

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from fewshot.backbone import Conv4, five_crops
+from fewshot.backbone import VIEWS_PER_PASS, Conv4, five_crops
 from fewshot.config import ModelConfig
 from fewshot.initialization import Initialization
 
@@ -74,3 +74,15 @@ def test_old_configs_load_without_view_shift() -> None:
     data = ModelConfig().to_dict()
     del data["view_shift"]
     assert ModelConfig.from_dict(data).view_shift == 0
+
+
+def test_a_large_multi_view_batch_is_embedded_in_passes_with_the_same_result() -> None:
+    config = ModelConfig(in_channels=1, image_size=12, width=8, view_shift=1)
+    init = Initialization.random(config, seed=4)
+    module = init.module()
+    x = torch.rand(40, 1, 12, 12)  # 360 views: several passes of VIEWS_PER_PASS
+    assert 40 * module.view_count > VIEWS_PER_PASS
+    whole = module.forward_with(init.params, x)
+    one_by_one = torch.cat([module.forward_with(init.params, x[i : i + 1]) for i in range(40)])
+    assert whole.shape == (40, config.feature_dim)
+    assert torch.allclose(whole, one_by_one, atol=1e-5)
