@@ -145,7 +145,8 @@ class AdaptedModel:
         prototypes = (
             self.prototypes if self.prototypes is not None else self.params[HEAD_WEIGHT] / 2
         )
-        raw, nearest = raw_scores(features, prototypes.to(features.dtype).to(device))
+        relative = self.config.unknown_distance == "relative"
+        raw, nearest = raw_scores(features, prototypes.to(features.dtype).to(device), relative)
         raw, nearest = raw.cpu(), nearest.cpu()
         if self.unknown is not None:
             counts = torch.tensor(self.class_counts or [1] * len(self.labels))

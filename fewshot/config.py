@@ -13,6 +13,7 @@ StepSizeTransform = Literal["identity", "softplus"]
 Readout = Literal["mean", "flatten"]
 FeatureNorm = Literal["none", "l2"]
 Resize = Literal["stretch", "center_crop"]
+UnknownDistance = Literal["relative", "absolute"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,10 @@ class ModelConfig:
     # read-out classifies right keeps 0 steps (adaptation never makes the support fit worse; e.g.
     # shifted views of textures that are not characters pull the head off its classes).
     support_fit_guard: bool = False
+    # The "unknown" score's distance to the nearest prototype (fewshot.unknown.raw_scores):
+    # "relative" divides it by the task's mean distance between prototypes; "absolute" does not,
+    # so tasks of alike classes (one alphabet) keep their calibrated share of genuine queries.
+    unknown_distance: UnknownDistance = "relative"
 
     @property
     def final_side(self) -> int:

@@ -74,6 +74,7 @@ def serving_recipe(init: Initialization, args: argparse.Namespace) -> Initializa
         step_candidates=(),
         support_fit_guard=True,
         view_shift=args.view_shift,
+        unknown_distance=args.unknown_distance,
     )
     raw = raw_step_sizes(torch.full((args.inner_steps,), args.step_size), "softplus")
     # Served in head mode; a caller who asks for full adaptation moves the backbone only a
@@ -235,6 +236,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--view-shift", type=int, default=0, help="test-time views: shifts up to this many px"
     )
+    parser.add_argument(
+        "--unknown-distance", choices=("relative", "absolute"), default="absolute",
+        help="the unknown score's distance (ModelConfig.unknown_distance)",
+    )  # fmt: skip
     parser.add_argument("--episodes", type=int, default=1000, help="evaluation episodes per shape")
     parser.add_argument("--compare-episodes", type=int, default=400)
     parser.add_argument("--unknown-episodes", type=int, default=60, help="per calibrated shape")

@@ -40,6 +40,38 @@ def test_raw_score_is_minus_nearest_distance_over_prototype_spread() -> None:
     assert torch.equal(class_prototypes(feats, labels, 2), torch.tensor([[2.0, 0.0], [5.0, 5.0]]))
 
 
+def test_absolute_raw_score_ignores_how_alike_the_tasks_classes_are() -> None:
+    features = torch.tensor([[0.0, -1.0], [3.0, 4.0]])
+    far_apart = torch.tensor([[0.0, 0.0], [30.0, 40.0]])
+    alike = torch.tensor([[0.0, 0.0], [0.3, 0.4]])
+    raw_far, _ = raw_scores(features, far_apart, relative=False)
+    raw_alike, nearest = raw_scores(features, alike, relative=False)
+    assert torch.allclose(raw_far, torch.tensor([-1.0, -5.0]))
+    assert torch.allclose(raw_alike, torch.tensor([-1.0, -4.5]))
+    assert nearest.tolist() == [0, 1]
+    relative, _ = raw_scores(features[:1], alike)
+    assert torch.allclose(relative, torch.tensor([-2.0])), "the relative score divides by 0.5"
+
+
+def test_models_score_with_their_configs_distance() -> None:
+    from fewshot.backbone import shared_module
+    from fewshot.inner import embed
+
+    init = _float_init()
+    config = dataclasses.replace(init.config, unknown_distance="absolute")
+    absolute = dataclasses.replace(init, config=config)
+    support = random_images(6, init.config, seed=1, dtype=torch.float32)
+    labels = ["a", "a", "b", "b", "c", "c"]
+    queries = random_images(4, init.config, seed=2, dtype=torch.float32)
+    model = fewshot.adapt(absolute, support, labels, steps=0)
+    assert model.prototypes is not None
+    features = embed(shared_module(config), model.params, queries)
+    want = -torch.cdist(features.double(), model.prototypes.double()).min(dim=1).values
+    assert torch.allclose(model.predict_scores(queries).raw, want.float(), atol=1e-5)
+    relative = fewshot.adapt(init, support, labels, steps=0).predict_scores(queries).raw
+    assert not torch.allclose(relative, want.float(), atol=1e-5)
+
+
 def test_p_values_are_ranks_among_in_task_scores_per_shot_count() -> None:
     calibration = UnknownCalibration(
         {(5, 1): [-3.0, -2.0, -1.0], (5, 5): [-0.5, -0.4, -0.3], (20, 1): [-9.0, -8.0, -7.0]}
