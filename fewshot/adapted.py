@@ -126,7 +126,7 @@ class AdaptedModel:
             raise EpisodeError(f"threshold must be within [0, 1], got {threshold}")
         device = next(iter(self.params.values())).device
         module = shared_module(self.config)
-        # Conv4 embeds multi-view images a few at a time (VIEWS_PER_PASS): memory stays bounded.
+        # Conv4 embeds multi-view images a few at a time (ACTIVATIONS_PER_PASS): memory stays bounded.
         return self.scores_of_features(embed(module, self.params, x.to(device)), threshold)
 
     @torch.no_grad()

@@ -20,10 +20,10 @@ def resize_matrix(size: int, crop: int) -> Tensor:
     return rows.view(crop, size).T.contiguous()
 
 
-# Views embedded per pass when an image is read as several views: a few hundred activation maps
-# stay in cache (2.7x faster for 9-view handwriting, ~1.5x for 12-view photos than 2048 a pass),
-# and activation memory stays bounded whatever the batch.
-VIEWS_PER_PASS = 128
+# First-layer activations (floats) per pass when an image is read as several views: a few MB of
+# maps stay in cache, so a pass of a few images beats one of thousands of views (2-3x for 9-view
+# handwriting and 12-view photos: benchmarks/bench_views.py), and memory stays bounded.
+ACTIVATIONS_PER_PASS = 1_000_000
 
 
 def shifted_copies(x: Tensor, radius: int) -> list[Tensor]:
@@ -66,11 +66,13 @@ class Conv4(nn.Module):
         layers: list[nn.Module] = []
         channels = config.in_channels
         stride = 2 if config.pooling == "stride" else 1
+        self.stride = stride
         self.readout = config.readout
         self.feature_norm = config.feature_norm
         self.mirror_average = config.mirror_average
         self.crop_views = config.crop_views
         self.view_shift = config.view_shift
+        self.image_size, self.width = config.image_size, config.width
         for block in range(config.depth):
             layers.append(nn.Conv2d(channels, config.width, 3, stride=stride, padding=1))
             if config.norm == "group":
@@ -87,6 +89,12 @@ class Conv4(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Embed images [B, C, H, W] into [B, config.feature_dim]."""
         return self._read_out(self.blocks(self._views(x)))
+
+    @property
+    def first_map_size(self) -> int:
+        """Floats in one view's first feature map (width x side^2, before any pooling)."""
+        side = self.image_size if self.stride == 1 else (self.image_size + 1) // 2
+        return self.width * side * side
 
     @property
     def view_count(self) -> int:
@@ -124,7 +132,7 @@ class Conv4(nn.Module):
         swapping the module's parameters on every call, which dominates small-task adaptation.
         Works under torch.func.grad and vmap.
         """
-        per_pass = max(1, VIEWS_PER_PASS // self.view_count)
+        per_pass = max(1, ACTIVATIONS_PER_PASS // (self.view_count * self.first_map_size))
         if self.view_count > 1 and x.shape[0] > per_pass:
             return torch.cat([self._forward_views(params, p) for p in torch.split(x, per_pass)])
         return self._forward_views(params, x)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from fewshot.backbone import VIEWS_PER_PASS, Conv4, five_crops
+import fewshot.backbone as backbone
+from fewshot.backbone import Conv4, five_crops
 from fewshot.config import ModelConfig
 from fewshot.initialization import Initialization
 
@@ -76,13 +78,25 @@ def test_old_configs_load_without_view_shift() -> None:
     assert ModelConfig.from_dict(data).view_shift == 0
 
 
-def test_a_large_multi_view_batch_is_embedded_in_passes_with_the_same_result() -> None:
+def test_a_large_multi_view_batch_is_embedded_in_passes_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     config = ModelConfig(in_channels=1, image_size=12, width=8, view_shift=1)
     init = Initialization.random(config, seed=4)
     module = init.module()
-    x = torch.rand(40, 1, 12, 12)  # 360 views: several passes of VIEWS_PER_PASS
-    assert 40 * module.view_count > VIEWS_PER_PASS
+    assert module.first_map_size == 8 * 6 * 6  # stride-2 first convolution
+    # A budget of four images' views a pass: 13 images take four passes, the last of one image.
+    monkeypatch.setattr(
+        backbone, "ACTIVATIONS_PER_PASS", 4 * module.view_count * module.first_map_size
+    )
+    passes: list[int] = []
+    forward_views = module._forward_views
+    monkeypatch.setattr(
+        module, "_forward_views", lambda p, x: passes.append(len(x)) or forward_views(p, x)
+    )
+    x = torch.rand(13, 1, 12, 12)
     whole = module.forward_with(init.params, x)
-    one_by_one = torch.cat([module.forward_with(init.params, x[i : i + 1]) for i in range(40)])
-    assert whole.shape == (40, config.feature_dim)
+    assert passes == [4, 4, 4, 1]
+    one_by_one = torch.cat([forward_views(init.params, x[i : i + 1]) for i in range(13)])
+    assert whole.shape == (13, config.feature_dim)
     assert torch.allclose(whole, one_by_one, atol=1e-5)
