@@ -84,9 +84,14 @@ class EpisodeSampler:
         return np.stack([pool[picks % pool.size], picks // pool.size], axis=1)
 
     def _draw(
-        self, rng: np.random.Generator, tasks: int, ways: int, per_class: int
+        self, rng: np.random.Generator, tasks: int, ways: int, shots: int, queries: int
     ) -> tuple[Tensor, np.ndarray]:
         # Dataset indices [T*N, K+Q] of each task's classes' images, and each class's turns.
+        if ways < 2 or shots < 1 or queries < 1:
+            raise EpisodeError(
+                f"need ways >= 2, shots >= 1, queries >= 1; got {ways}, {shots}, {queries}"
+            )
+        per_class = shots + queries
         chosen = np.concatenate([self._classes(rng, ways, per_class) for _ in range(tasks)])
         classes, turns = chosen[:, 0], chosen[:, 1]
         scores = rng.random((classes.size, self.table.shape[1]))
@@ -102,11 +107,7 @@ class EpisodeSampler:
         [T, N*K] and query [T, N*Q] (images unrotated and unshifted, so no rotations or shift)."""
         if self.rotations or self.shift > 0:
             raise EpisodeError("indices name the images as stored: no rotations or shifts")
-        if ways < 2 or shots < 1 or queries < 1:
-            raise EpisodeError(
-                f"need ways >= 2, shots >= 1, queries >= 1; got {ways}, {shots}, {queries}"
-            )
-        index, _ = self._draw(rng, tasks, ways, shots + queries)
+        index, _ = self._draw(rng, tasks, ways, shots, queries)
         index = index.view(tasks, ways, shots + queries)
         support = index[:, :, :shots].reshape(tasks, ways * shots)
         return support, index[:, :, shots:].reshape(tasks, ways * queries)
@@ -115,12 +116,8 @@ class EpisodeSampler:
         self, rng: np.random.Generator, tasks: int, ways: int, shots: int, queries: int
     ) -> EpisodeBatch:
         """Draw `tasks` tasks of `ways` classes with `shots` support and `queries` query images each."""
-        if ways < 2 or shots < 1 or queries < 1:
-            raise EpisodeError(
-                f"need ways >= 2, shots >= 1, queries >= 1; got {ways}, {shots}, {queries}"
-            )
         per_class = shots + queries
-        index, turns = self._draw(rng, tasks, ways, per_class)
+        index, turns = self._draw(rng, tasks, ways, shots, queries)
         images = self.images[index]  # [T*N, K+Q, C, H, W]
         if self.rotations:
             turns_t = torch.from_numpy(turns).to(self.device)

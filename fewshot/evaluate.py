@@ -301,9 +301,9 @@ def head_cached_scores(
     shift = init.config.inner_shift_views
     copies = 5 if shift > 0 else 1
     with torch.inference_mode():
-        per_pass = max(1, 2048 // (module.view_count * copies))
         parts = []
-        for part in torch.split(dataset.images, per_pass):
+        # Parts of 256 images bound the float copies of the inputs; Conv4 bounds the activations.
+        for part in torch.split(dataset.images, 256):
             x = part.float().div(255.0)
             x = support_views(x, torch.zeros(len(x), dtype=torch.long), shift)[0]
             parts.append(module.forward_with(init.params, x).view(copies, len(part), -1))
