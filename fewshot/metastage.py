@@ -7,6 +7,11 @@ views (fewshot.stepchoice.head_path, differentiated through; Proto-MAML's head-o
 Triantafillou et al. 2020, with learned per-step sizes as in MAML++, Antoniou et al. 2019).
 So what is trained is what serves. The run checkpoints every `checkpoint_every_s` seconds into
 its folder (safetensors + JSON, no pickles) and the same call resumes it.
+
+With `average_every` > 0 the stage's result is the running mean of its weights taken every
+`average_every` episodes from `average_from` on (stochastic weight averaging, Izmailov et al.
+2018): the episodic loss is noisy enough that single snapshots differ by a point on validation,
+and picking the best of them on validation flatters it.
 """
 
 from __future__ import annotations
@@ -67,6 +72,9 @@ class MetaStageConfig:
     step_size_lr_factor: float = 1.0
     # Gradient norm clip: one diverging inner loop must not throw the backbone away.
     clip_norm: float = 10.0
+    # Weight averaging: 0 keeps the best validated snapshot instead.
+    average_every: int = 0
+    average_from: int = 0
     checkpoint_every_s: float = 180.0
     max_seconds: float | None = None
     seed: int = 0
@@ -162,6 +170,8 @@ class MetaStage:
         self.curve: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.losses: list[float] = []
+        self.average: dict[str, Tensor] | None = None
+        self.averaged = 0
         if (self.out_dir / META_CHECKPOINT_STATE).exists():
             self._resume()
 
@@ -212,11 +222,26 @@ class MetaStage:
         self.optimizer.step()
         return float(loss.detach())
 
-    def snapshot(self) -> Initialization:
-        """The current weights as an Initialization whose head steps are the learned ones."""
-        init = self.init
+    def weights(self) -> dict[str, Tensor]:
+        """The backbone's current weights and the head's log-scale, detached copies."""
         params = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         params[HEAD_SCALE] = self.log_scale.detach().clone()
+        return params
+
+    def accumulate(self) -> None:
+        """Fold the current weights into the running mean (weight averaging)."""
+        current = self.weights()
+        self.averaged += 1
+        if self.average is None:
+            self.average = current
+            return
+        for k, v in current.items():
+            self.average[k] += (v - self.average[k]) / self.averaged
+
+    def snapshot(self, params: dict[str, Tensor] | None = None) -> Initialization:
+        """The current (or given) weights as an Initialization whose head steps are the learned ones."""
+        init = self.init
+        params = self.weights() if params is None else {k: v.clone() for k, v in params.items()}
         step_sizes = {k: v.clone() for k, v in init.step_sizes.items()}
         if self.cfg.inner_steps > 0:
             # Only the head's sizes were trained; the backbone's stay as the initialization set them.
@@ -234,7 +259,20 @@ class MetaStage:
         point.update(validation_scores(self.module, self.val, self.augment_cfg))
         point["step_sizes"] = [round(float(v), 4) for v in self.step_sizes().detach()]
         self.losses = []
+        if self.average is not None:
+            averaged = Conv4(self.init.config)
+            averaged.load_state_dict({k: v for k, v in self.average.items() if k != HEAD_SCALE})
+            scores = validation_scores(averaged, self.val, self.augment_cfg)
+            point.update({f"average_{k}": v for k, v in scores.items()})
+            point["averaged"] = self.averaged
         self.curve.append(point)
+        if self.cfg.average_every > 0:
+            # The average is the result, whatever its validation score: no selection on val.
+            if self.average is not None:
+                prefixed = {k: point[f"average_{k}"] for k in self.keys}
+                self.best = {"score": sum(prefixed.values()), **point}
+                self.snapshot(self.average).save(self.out_dir / "meta-best")
+            return point
         score = sum(point[k] for k in self.keys)
         if self.best is None or score > self.best["score"]:
             self.best = {"score": score, **point}
@@ -249,6 +287,8 @@ class MetaStage:
         tensors["log_scale"] = self.log_scale.detach().clone()
         tensors["raw_steps"] = self.raw_steps.detach().clone()
         tensors["torch_rng"] = self.generator.get_state()
+        for k, v in (self.average or {}).items():
+            tensors[f"average.{k}"] = v.contiguous()
         params = [*self.module.parameters(), self.log_scale, self.raw_steps]
         for i, p in enumerate(params):
             buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
@@ -263,6 +303,7 @@ class MetaStage:
             "curve": self.curve,
             "best": self.best,
             "losses": self.losses,
+            "averaged": self.averaged,
             "numpy_rng": self.rng.bit_generator.state,
             "config": asdict(self.cfg),
         }
@@ -291,6 +332,11 @@ class MetaStage:
         self.curve = list(state["curve"])
         self.best = state["best"]
         self.losses = list(state["losses"])
+        self.averaged = int(state.get("averaged", 0))
+        average = {
+            k.removeprefix("average."): v for k, v in tensors.items() if k.startswith("average.")
+        }
+        self.average = average or None
 
     def run(
         self,
@@ -314,6 +360,9 @@ class MetaStage:
             loss = self.train_episode()
             self.episode += 1
             self.losses.append(loss)
+            every = cfg.average_every
+            if every > 0 and self.episode >= cfg.average_from and self.episode % every == 0:
+                self.accumulate()
             if on_episode is not None:
                 on_episode(self.episode, loss)
             if self.episode % cfg.val_every == 0 or self.episode == cfg.episodes:

@@ -69,35 +69,65 @@ def serving_recipe(
 
 
 def plot(curve: list[dict[str, Any]], meta: list[dict[str, Any]], path: Path) -> None:
-    """Pre-training loss and validation accuracy per epoch (and the meta stage's, if any)."""
+    """Pre-training loss and validation accuracy per epoch, and the meta stage's per episode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3 if meta else 2, figsize=(15 if meta else 10, 4))
+    left, middle = axes[0], axes[1]
     epochs = [p["epoch"] for p in curve]
     left.plot(epochs, [p["loss"] for p in curve], label="train loss (label-smoothed CE)")
     left.set_xlabel("pre-training epoch")
     left.legend()
     for key in ("val_5w1s", "val_5w5s"):
-        right.plot(epochs, [100 * p[key] for p in curve], marker=".", label=f"{key} (prototypes)")
+        middle.plot(epochs, [100 * p[key] for p in curve], marker=".", label=f"{key} (prototypes)")
+    middle.set_xlabel("pre-training epoch")
+    middle.set_ylabel("% on 16 validation classes")
+    middle.legend()
     if meta:
-        x0 = epochs[-1] if epochs else 0
-        span = max(1, max(p["episode"] for p in meta))
+        right = axes[2]
+        episodes = [p["episode"] for p in meta]
         for key in ("val_5w1s", "val_5w5s"):
-            right.plot(
-                [x0 + 5 * p["episode"] / span for p in meta],
-                [100 * p[key] for p in meta],
-                marker="o",
-                label=f"{key}, meta stage (mirror)",
-            )
-    right.set_xlabel("epoch (meta stage drawn after)")
-    right.set_ylabel("% on 16 validation classes")
-    right.legend()
+            right.plot(episodes, [100 * p[key] for p in meta], marker=".", label=f"{key} snapshot")
+            averaged = [p for p in meta if f"average_{key}" in p]
+            if averaged:
+                right.plot(
+                    [p["episode"] for p in averaged],
+                    [100 * p[f"average_{key}"] for p in averaged],
+                    marker="o",
+                    label=f"{key} weight average",
+                )
+        right.set_xlabel("meta-stage episode (prototypes, mirror views)")
+        right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def continued(folder: str) -> tuple[Initialization, dict[str, Any], dict[str, Any]]:
+    """A built photo initialization ready for more meta stage, its pre-training record and its own.
+
+    The served crop views are switched off for training (the builder sets them again after).
+    """
+    init = Initialization.load(folder)
+    meta = init.metadata
+    curves = json.loads((Path(folder) / "curve.json").read_text())
+    pre = {
+        **meta["pretraining"],
+        "curve": curves["pretraining"],
+        "minutes": meta["wall_time_s"] / 60,
+    }
+    parent = {
+        "version": meta["version"],
+        "command": meta["command"],
+        "meta_stage": meta["meta_stage"],
+        "curve": curves["meta_stage"],
+    }
+    init.config = dataclasses.replace(init.config, crop_views=0.0)
+    init.metadata = {}
+    return init, pre, parent
 
 
 def timing(init: Initialization, data: Any, shots: int, repeats: int = 20) -> dict[str, float]:
@@ -121,7 +151,13 @@ def timing(init: Initialization, data: Any, shots: int, repeats: int = 20) -> di
 def main() -> int:
     """Build, evaluate and write the photo initialization."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="pre-training run folder")
+    start = parser.add_mutually_exclusive_group(required=True)
+    start.add_argument("--run", help="pre-training run folder")
+    start.add_argument(
+        "--from-init",
+        help="continue the meta stage from this built photo initialization (its pre-training and "
+        "meta-stage record carry over)",
+    )
     parser.add_argument("--train-data", required=True)
     parser.add_argument("--val-data", required=True)
     parser.add_argument("--out", required=True)
@@ -145,6 +181,13 @@ def main() -> int:
         "--per-class-loss", action="store_true", help="head steps on the per-class support loss"
     )
     parser.add_argument("--meta-dir", help="the meta stage's folder (default: the run folder)")
+    parser.add_argument("--meta-seed", type=int, default=0, help="the meta stage's episode seed")
+    parser.add_argument(
+        "--average-every",
+        type=int,
+        default=0,
+        help="serve the mean of the meta stage's weights taken every N episodes (0: best snapshot)",
+    )
     parser.add_argument(
         "--center",
         action="store_true",
@@ -152,10 +195,16 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    init = best_initialization(args.run)
+    parent: dict[str, Any] | None = None
+    if args.from_init:
+        init, pre, parent = continued(args.from_init)
+        if not args.meta_dir:
+            parser.error("--from-init needs --meta-dir for the meta stage's checkpoints")
+    else:
+        init = best_initialization(args.run)
+        pre = init.metadata.pop("pretraining")
     serving_recipe(init, args.head_step_size, args.candidates, args.inner_temperature)
     val = load_dataset(args.val_data, init.config)
-    pre = init.metadata.pop("pretraining")
     meta_info: dict[str, Any] | None = None
     meta_minutes = 0.0
     train = load_dataset(args.train_data, init.config)
@@ -165,7 +214,9 @@ def main() -> int:
         init = centred(init, sample)
     if args.meta_episodes > 0:
         started = time.monotonic()
-        cfg = MetaStageConfig(episodes=args.meta_episodes)
+        cfg = MetaStageConfig(
+            episodes=args.meta_episodes, seed=args.meta_seed, average_every=args.average_every
+        )
         init = meta_stage(
             init, train, val, cfg, PretrainConfig.from_dict(pre["config"]),
             args.meta_dir or args.run,
@@ -194,18 +245,28 @@ def main() -> int:
     out = Path(args.out)
     centring = init.metadata.get("centring")
     minutes = pre["minutes"] + meta_minutes
+    # The commands that built the starting point come first, so the card's command rebuilds it.
+    earlier = [parent["command"]] if parent is not None else [args.pretrain_command]
+    stage_note = (
+        f"{args.meta_episodes} episodes ({meta_minutes:.0f} min"
+        + (f", weights averaged every {args.average_every}" if args.average_every else "")
+        + ")"
+        if meta_info
+        else "none"
+    )
+    if parent is not None:
+        stage_note = f"{parent['version']}'s, then " + stage_note
     init.metadata = {
         "version": args.version,
         "domain": "photos",
-        "command": args.pretrain_command + " && " + shlex.join(["python", *sys.argv]),
+        "command": " && ".join([*earlier, shlex.join(["python", *sys.argv])]),
         "data": "mini-ImageNet (Ravi & Larochelle split): trained on the 64 train classes, "
         "chosen and scored on the 16 validation classes (the 20 test classes never seen)",
         "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}",
         "wall_time_s": round(60 * minutes),
-        "note": f"pre-training: best of {len(pre['curve'])} epochs at epoch {pre['best']['epoch']} "
-        f"({pre['minutes']:.0f} min); meta stage: "
-        + (f"{args.meta_episodes} episodes ({meta_minutes:.0f} min)" if meta_info else "none"),
+        "note": f"pre-training: best of {len(pre['curve'])} epochs at epoch {pre['best']['epoch']}; "
+        f"meta stage: {stage_note}; {minutes:.0f} min of training in all",
         "metrics": metrics,
         "targets": TARGETS,
         "timings": timings,
@@ -214,8 +275,17 @@ def main() -> int:
         "meta_stage": meta_info,
         "centring": centring,
     }
+    if parent is not None:
+        init.metadata["parent_version"] = parent["version"]
+        init.metadata["parent_meta_stage"] = parent["meta_stage"]
     init.save(out)
-    curve = {"pretraining": pre["curve"], "meta_stage": (meta_info or {}).get("curve", [])}
+    meta_curve = (meta_info or {}).get("curve", [])
+    if parent is not None:
+        # The parent's stage up to the weights it kept, then this continuation.
+        kept = int(parent["meta_stage"]["best"]["episode"])
+        before = [p for p in parent["curve"] if p["episode"] <= kept]
+        meta_curve = before + [{**p, "episode": kept + p["episode"]} for p in meta_curve]
+    curve = {"pretraining": pre["curve"], "meta_stage": meta_curve}
     (out / "curve.json").write_text(json.dumps(curve, indent=1))
     plot(curve["pretraining"], curve["meta_stage"], out / "curve.png")
     card = render_model_card(init.metadata)

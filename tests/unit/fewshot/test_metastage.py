@@ -78,3 +78,47 @@ def test_a_stage_whose_steps_differ_from_the_served_ones_is_refused(tmp_path: Pa
     with pytest.raises(ValueError, match="inner_steps"):
         MetaStage(init, _data(8, 0), _data(6, 1), MetaStageConfig(inner_steps=2),
                   PretrainConfig(model=MODEL), tmp_path)  # fmt: skip
+
+
+def _averaging_stage(tmp_path: Path, episodes: int) -> MetaStage:
+    stage = _stage(tmp_path, episodes)
+    stage.cfg.average_every = 2
+    return stage
+
+
+def test_weight_averaging_serves_the_mean_of_its_snapshots_and_resumes(tmp_path: Path) -> None:
+    from fewshot.inner import HEAD_SCALE
+
+    stage = _averaging_stage(tmp_path / "a", 6)
+    snapshots = []
+    stage.validate()
+    while stage.episode < 6:
+        stage.train_episode()
+        stage.episode += 1
+        if stage.episode % 2 == 0:
+            stage.accumulate()
+            snapshots.append(stage.weights())
+    mean = {k: torch.stack([s[k] for s in snapshots]).mean(0) for k in snapshots[0]}
+    assert stage.average is not None and stage.averaged == 3
+    for k, v in mean.items():
+        assert torch.allclose(stage.average[k], v, atol=1e-6), k
+    # The stage's result is the average, even where a snapshot validated better.
+    stage.validate()
+    served = stage.best_initialization()
+    assert torch.allclose(served.params[HEAD_SCALE], mean[HEAD_SCALE], atol=1e-6)
+    conv = next(k for k in mean if k.endswith("weight"))
+    assert torch.allclose(served.params[conv], mean[conv], atol=1e-6)
+    assert not torch.allclose(served.params[conv], snapshots[-1][conv])
+    assert all(f"average_{k}" in stage.curve[-1] for k in stage.keys)
+
+    # Stopped part-way, the same call resumes the running mean where it stopped.
+    straight = _averaging_stage(tmp_path / "b", 6)
+    assert straight.run() is True
+    half = _averaging_stage(tmp_path / "c", 6)
+    half.cfg.episodes = 4
+    assert half.run() is True
+    resumed = _averaging_stage(tmp_path / "c", 6)
+    assert resumed.averaged == 2 and resumed.run() is True
+    assert straight.average is not None and resumed.average is not None
+    for k, v in straight.average.items():
+        assert torch.allclose(resumed.average[k], v, atol=1e-6), k
