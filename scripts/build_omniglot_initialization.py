@@ -223,6 +223,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--meta-lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument(
+        "--average-every",
+        type=int,
+        default=0,
+        help="serve the mean of the meta stage's weights taken every N episodes (0: best snapshot)",
+    )
+    parser.add_argument("--meta-seed", type=int, default=0, help="the meta stage's episode seed")
     parser.add_argument("--step-lr-factor", type=float, default=1.0, help="step sizes' lr / lr")
     parser.add_argument("--augmentation", choices=("handwriting", "none"), default="handwriting")
     parser.add_argument("--within-fraction", type=float, default=0.5)
@@ -256,8 +263,9 @@ def main() -> int:
     baseline = Initialization.load(args.baseline)  # before --out may overwrite it
     if args.run:
         init = serving_recipe(best_initialization(args.run), args)
-        pre: dict[str, Any] | None = init.metadata.pop("pretraining")
-        pre_cfg = PretrainConfig.from_dict(pre["config"])
+        pretraining: dict[str, Any] = init.metadata.pop("pretraining")
+        pre: dict[str, Any] | None = pretraining
+        pre_cfg = PretrainConfig.from_dict(pretraining["config"])
         parent = None
     else:
         start = Initialization.load(args.init)
@@ -277,6 +285,7 @@ def main() -> int:
         weight_decay=args.weight_decay, step_size_lr_factor=args.step_lr_factor,
         val_every=250, within_group_fraction=args.within_fraction, rotations=True,
         inner_steps=args.inner_steps, inner_step_size=args.step_size,
+        average_every=args.average_every, seed=args.meta_seed,
         max_seconds=args.meta_minutes * 60 if args.meta_minutes else None,
     )  # fmt: skip
     stage = MetaStage(init, train, val, cfg, pre_cfg, work)
