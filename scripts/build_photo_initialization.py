@@ -183,6 +183,12 @@ def main() -> int:
     parser.add_argument("--meta-dir", help="the meta stage's folder (default: the run folder)")
     parser.add_argument("--meta-seed", type=int, default=0, help="the meta stage's episode seed")
     parser.add_argument(
+        "--val-every",
+        type=int,
+        default=250,
+        help="validate the meta stage every N episodes (the weights do not depend on it)",
+    )
+    parser.add_argument(
         "--average-every",
         type=int,
         default=0,
@@ -215,7 +221,10 @@ def main() -> int:
     if args.meta_episodes > 0:
         started = time.monotonic()
         cfg = MetaStageConfig(
-            episodes=args.meta_episodes, seed=args.meta_seed, average_every=args.average_every
+            episodes=args.meta_episodes,
+            seed=args.meta_seed,
+            average_every=args.average_every,
+            val_every=args.val_every,
         )
         init = meta_stage(
             init, train, val, cfg, PretrainConfig.from_dict(pre["config"]),
