@@ -19,7 +19,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -63,12 +63,13 @@ class NaiveClassifier(nn.Module):
     def __init__(self, backbone: Conv4, log_scale: float) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.blocks[0].out_channels, WAYS)
+        self.head = nn.Linear(cast(nn.Conv2d, backbone.blocks[0]).out_channels, WAYS)
         self.log_scale = log_scale
 
     def forward(self, x: Tensor) -> Tensor:
         """Scaled logits."""
-        return float(np.exp(self.log_scale)) * self.head(self.backbone(x))
+        scores: Tensor = self.head(self.backbone(x))
+        return float(np.exp(self.log_scale)) * scores
 
 
 def naive_adapt(
@@ -189,7 +190,7 @@ def per_task_loop_step(
             for name, g in zip(names, grads, strict=True):
                 fast[name] = fast[name] - sizes[name][step] * g
         query = F.cross_entropy(logits(module, fast, batch.query_x[t]), batch.query_y[t])
-        (query / tasks).backward()  # type: ignore[no-untyped-call]
+        (query / tasks).backward()
 
 
 def bench_meta_training(

@@ -29,7 +29,7 @@ _lock = threading.Lock()
 READY: list[tuple[str, str]] = []  # (task id, job id) of tasks known to be ready
 
 
-class ServiceUser(HttpUser):
+class ServiceUser(HttpUser):  # type: ignore[misc]
     """One client of the API with its own key's tasks."""
 
     wait_time = between(0.05, 0.2)
@@ -56,20 +56,20 @@ class ServiceUser(HttpUser):
                 with _lock:
                     READY.append(pair)
 
-    @task(35)
+    @task(35)  # type: ignore[untyped-decorator]
     def get_task(self) -> None:
         """GET /v1/tasks/{id}."""
         task_id, _ = random.choice(self.own or READY)
         self._get(f"/v1/tasks/{task_id}", "GET /v1/tasks/{id}")
 
-    @task(35)
+    @task(35)  # type: ignore[untyped-decorator]
     def get_job(self) -> None:
         """GET /v1/jobs/{id}."""
         _, job_id = random.choice(self.own or READY)
         if job_id:
             self._get(f"/v1/jobs/{job_id}", "GET /v1/jobs/{id}")
 
-    @task(20)
+    @task(20)  # type: ignore[untyped-decorator]
     def predict(self) -> None:
         """POST 16 query images to a ready task."""
         with _lock:
@@ -85,7 +85,7 @@ class ServiceUser(HttpUser):
             if response.status_code != 200:
                 response.failure(f"status {response.status_code}")
 
-    @task(10)
+    @task(10)  # type: ignore[untyped-decorator]
     def create(self) -> None:
         """POST a new 5-way 1-shot task (no wait)."""
         self._create(wait=False)
@@ -96,7 +96,7 @@ class ServiceUser(HttpUser):
                 response.failure(f"status {response.status_code}")
 
 
-class Ramp(LoadTestShape):
+class Ramp(LoadTestShape):  # type: ignore[misc]
     """1 -> N users over the ramp, then N until the end; statistics reset after the warm-up."""
 
     users = int(os.environ.get("MAML_SERVE_BENCH_USERS", "64"))
@@ -112,7 +112,7 @@ class Ramp(LoadTestShape):
 
     def tick(self) -> tuple[int, float] | None:
         """The user count and spawn rate now, or None to stop."""
-        elapsed = float(self.get_run_time())  # type: ignore[no-untyped-call]
+        elapsed = float(self.get_run_time())
         if self.warmed_at is None and self._warm_up_over(elapsed):
             self.warmed_at = elapsed
             if self.runner is not None:
