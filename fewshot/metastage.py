@@ -266,12 +266,11 @@ class MetaStage:
             point.update({f"average_{k}": v for k, v in scores.items()})
             point["averaged"] = self.averaged
         self.curve.append(point)
-        if self.cfg.average_every > 0:
+        if self.average is not None:
             # The average is the result, whatever its validation score: no selection on val.
-            if self.average is not None:
-                prefixed = {k: point[f"average_{k}"] for k in self.keys}
-                self.best = {"score": sum(prefixed.values()), **point}
-                self.snapshot(self.average).save(self.out_dir / "meta-best")
+            prefixed = {k: point[f"average_{k}"] for k in self.keys}
+            self.best = {"score": sum(prefixed.values()), **point}
+            self.snapshot(self.average).save(self.out_dir / "meta-best")
             return point
         score = sum(point[k] for k in self.keys)
         if self.best is None or score > self.best["score"]:
