@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 REPORT_SHAPES = ((5, 1), (5, 5), (20, 1), (20, 5))
 
 
-def _device(name: str) -> str:
+def resolve_device(name: str) -> str:
+    """A torch device name: "auto" is cuda when present, else cpu; others pass through."""
     import torch
 
     if name == "auto":
@@ -195,7 +196,7 @@ def run_train(args: argparse.Namespace) -> int:
     from fewshot.training import MetaTrainer
     from fewshot.unknown import calibration_of
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model = ModelConfig(pooling=args.pooling)
     data = load_dataset(args.data, model)
     train, val = split_groups(data, args.holdout_groups, seed=args.seed)
@@ -278,7 +279,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from fewshot.initialization import Initialization, shipped_initialization_path
     from fewshot.promotion import trained_groups
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     try:
         init = Initialization.load(args.init or shipped_initialization_path())
         data = load_dataset(args.data, init.config)

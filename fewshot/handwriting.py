@@ -48,14 +48,14 @@ def warp(x: Tensor, aug: HandwritingAugment, generator: torch.Generator) -> Tens
     theta[:, 1, 1] = cos
     theta[:, 0, 2] = _uniform(n, -2 * aug.shift, 2 * aug.shift, generator)
     theta[:, 1, 2] = _uniform(n, -2 * aug.shift, 2 * aug.shift, generator)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def stroke_width(x: Tensor, aug: HandwritingAugment, generator: torch.Generator) -> Tensor:
     """Thicker or thinner strokes: each image [B, C, S, S] blended with its dilation or erosion."""
     n = x.shape[0]
-    amount = _uniform(n, -aug.thin, aug.thicken, generator).view(n, 1, 1, 1)
+    amount = _uniform(n, -aug.thin, aug.thicken, generator).view(n, 1, 1, 1).to(x.device)
     dilated = F.max_pool2d(x, 3, stride=1, padding=1)
     eroded = -F.max_pool2d(-x, 3, stride=1, padding=1)
     target = torch.where(amount >= 0, dilated, eroded)
@@ -72,7 +72,7 @@ def augment_handwriting(
 
 def rotate_as_classes(x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Rotate each image [B, C, S, S] by k * 90 degrees (k random) and relabel it 4 y + k."""
-    k = torch.randint(0, 4, (x.shape[0],), generator=generator)
+    k = torch.randint(0, 4, (x.shape[0],), generator=generator).to(x.device)
     out = x.clone()
     for turn in range(1, 4):
         picked = k == turn

@@ -78,6 +78,9 @@ class MetaStageConfig:
     checkpoint_every_s: float = 180.0
     max_seconds: float | None = None
     seed: int = 0
+    # Where the episodes train ("cpu", "cuda"); episodes are drawn and augmented from the same
+    # CPU random streams either way.
+    device: str = "cpu"
 
 
 def episode(
@@ -142,14 +145,16 @@ class MetaStage:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
+        self.device = torch.device(cfg.device)
         self.module = Conv4(init.config)
         self.module.load_state_dict(
             {k: v for k, v in init.params.items() if not k.startswith("head.")}
         )
-        self.log_scale = nn.Parameter(init.params[HEAD_SCALE].detach().clone())
+        self.module.to(self.device)
+        self.log_scale = nn.Parameter(init.params[HEAD_SCALE].detach().clone().to(self.device))
         start = torch.full((max(1, cfg.inner_steps),), cfg.inner_step_size)
         # Softplus keeps every learned step size positive.
-        self.raw_steps = nn.Parameter(raw_step_sizes(start, "softplus"))
+        self.raw_steps = nn.Parameter(raw_step_sizes(start, "softplus").to(self.device))
         self.optimizer = torch.optim.SGD(
             [
                 {"params": list(self.module.parameters()), "weight_decay": cfg.weight_decay},
@@ -213,7 +218,8 @@ class MetaStage:
             self.train, self.rng, cfg.ways, shots, cfg.queries,
             within_group=within, rotations=cfg.rotations,
         )  # fmt: skip
-        x = augment(torch.cat([sx, qx]), self.augment_cfg, self.generator)
+        x = augment(torch.cat([sx, qx]).to(self.device), self.augment_cfg, self.generator)
+        sy, qy = sy.to(self.device), qy.to(self.device)
         loss = self.loss(x[: sx.shape[0]], sy, x[sx.shape[0] :], qy)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
@@ -224,8 +230,8 @@ class MetaStage:
 
     def weights(self) -> dict[str, Tensor]:
         """The backbone's current weights and the head's log-scale, detached copies."""
-        params = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-        params[HEAD_SCALE] = self.log_scale.detach().clone()
+        params = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        params[HEAD_SCALE] = self.log_scale.detach().cpu().clone()
         return params
 
     def accumulate(self) -> None:
@@ -245,7 +251,8 @@ class MetaStage:
         step_sizes = {k: v.clone() for k, v in init.step_sizes.items()}
         if self.cfg.inner_steps > 0:
             # Only the head's sizes were trained; the backbone's stay as the initialization set them.
-            learned = raw_step_sizes(self.step_sizes().detach(), init.config.step_size_transform)
+            sizes = self.step_sizes().detach().cpu()
+            learned = raw_step_sizes(sizes, init.config.step_size_transform)
             step_sizes[HEAD_WEIGHT], step_sizes[HEAD_BIAS] = learned.clone(), learned.clone()
         return Initialization(
             config=init.config, params=params, step_sizes=step_sizes, metadata=dict(init.metadata)
@@ -262,6 +269,7 @@ class MetaStage:
         if self.average is not None:
             averaged = Conv4(self.init.config)
             averaged.load_state_dict({k: v for k, v in self.average.items() if k != HEAD_SCALE})
+            averaged.to(self.device)
             scores = validation_scores(averaged, self.val, self.augment_cfg)
             point.update({f"average_{k}": v for k, v in scores.items()})
             point["averaged"] = self.averaged
@@ -281,10 +289,11 @@ class MetaStage:
     def checkpoint(self) -> None:
         """Weights, momentum, random states and the curve, each file written atomically."""
         tensors = {
-            f"module.{k}": v.detach().contiguous() for k, v in self.module.state_dict().items()
+            f"module.{k}": v.detach().cpu().contiguous()
+            for k, v in self.module.state_dict().items()
         }
-        tensors["log_scale"] = self.log_scale.detach().clone()
-        tensors["raw_steps"] = self.raw_steps.detach().clone()
+        tensors["log_scale"] = self.log_scale.detach().cpu().clone()
+        tensors["raw_steps"] = self.raw_steps.detach().cpu().clone()
         tensors["torch_rng"] = self.generator.get_state()
         for k, v in (self.average or {}).items():
             tensors[f"average.{k}"] = v.contiguous()
@@ -292,7 +301,7 @@ class MetaStage:
         for i, p in enumerate(params):
             buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
-                tensors[f"momentum.{i}"] = buf.contiguous()
+                tensors[f"momentum.{i}"] = buf.cpu().contiguous()
         tmp = self.out_dir / (META_CHECKPOINT + ".tmp")
         save_file(tensors, str(tmp))
         tmp.replace(self.out_dir / META_CHECKPOINT)
@@ -324,7 +333,7 @@ class MetaStage:
         for i, p in enumerate(params):
             buf = tensors.get(f"momentum.{i}")
             if buf is not None:
-                self.optimizer.state[p]["momentum_buffer"] = buf.clone()
+                self.optimizer.state[p]["momentum_buffer"] = buf.to(self.device).clone()
         self.rng.bit_generator.state = state["numpy_rng"]
         self.episode = int(state["episode"])
         self.seconds = float(state["seconds"])

@@ -72,6 +72,9 @@ class PretrainConfig:
     precision: str = "fp32"
     seed: int = 0
     max_seconds: float | None = None
+    # Where the backbone trains ("cpu", "cuda"); augmentation runs there too, its random draws
+    # on the CPU generator, so a run's episodes are the same on either.
+    device: str = "cpu"
     model: ModelConfig = field(default_factory=ModelConfig)
 
     @property
@@ -113,7 +116,7 @@ def augment_photo(images: Tensor, cfg: PretrainConfig, generator: torch.Generato
     x = images.float().div_(255.0)
 
     def uniform(low: float, high: float) -> Tensor:
-        return torch.rand(batch, generator=generator) * (high - low) + low
+        return (torch.rand(batch, generator=generator) * (high - low) + low).to(x.device)
 
     area = uniform(*cfg.crop_area)
     log_aspect = uniform(math.log(cfg.crop_aspect[0]), math.log(cfg.crop_aspect[1]))
@@ -122,10 +125,10 @@ def augment_photo(images: Tensor, cfg: PretrainConfig, generator: torch.Generato
     height = torch.sqrt(area / aspect).clamp(max=1.0)
     cx = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - width)
     cy = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - height)
-    flip = torch.ones(batch)
+    flip = torch.ones(batch, device=x.device)
     if cfg.flip:
-        flip = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(batch, 2, 3)
+        flip = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0).to(x.device)
+    theta = torch.zeros(batch, 2, 3, device=x.device)
     theta[:, 0, 0] = width * flip
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = height
@@ -165,7 +168,10 @@ class CosineClassifier(nn.Module):
 def embed_all(backbone: Conv4, images: Tensor, chunk: int = 512) -> Tensor:
     """Embeddings [n, D] of uint8 images [n, C, H, W] at full view (no augmentation)."""
     backbone.eval()
-    parts = [backbone(part.float().div_(255.0)) for part in torch.split(images, chunk)]
+    device = next(backbone.parameters()).device
+    parts = [
+        backbone(part.to(device).float().div_(255.0)).cpu() for part in torch.split(images, chunk)
+    ]
     return torch.cat(parts)
 
 
@@ -245,9 +251,15 @@ class Pretrainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         # channels_last runs the CPU convolutions ~15% faster here.
-        self.backbone = Conv4(cfg.model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.device = torch.device(cfg.device)
+        self.backbone = Conv4(cfg.model).to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
         classes = len(train.classes) * (4 if cfg.rotation_classes else 1)
-        self.classifier = CosineClassifier(cfg.model.feature_dim, classes, cfg.scale_init)
+        self.classifier = CosineClassifier(cfg.model.feature_dim, classes, cfg.scale_init).to(
+            self.device
+        )
+        # The training images live where the model does (Omniglot: ~35 MB at 42 px).
+        self.images = train.images.to(self.device)
+        self.targets = train.targets.to(self.device)
         decay: list[nn.Parameter] = []
         no_decay: list[nn.Parameter] = []
         for module in (self.backbone, self.classifier):
@@ -280,11 +292,11 @@ class Pretrainer:
 
     def checkpoint(self) -> None:
         """Write weights, momentum buffers and the JSON state, each atomically."""
-        tensors = {k: v.detach().contiguous() for k, v in self._named().items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self._named().items()}
         for name, p in self._params():
             buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
-                tensors[f"momentum.{name}"] = buf.contiguous()
+                tensors[f"momentum.{name}"] = buf.cpu().contiguous()
         tmp = self.out_dir / (CHECKPOINT_FILE + ".tmp")
         save_file(tensors, str(tmp))
         tmp.replace(self.out_dir / CHECKPOINT_FILE)
@@ -319,7 +331,7 @@ class Pretrainer:
         for name, p in self._params():
             buf = tensors.get(f"momentum.{name}")
             if buf is not None:
-                self.optimizer.state[p]["momentum_buffer"] = buf.clone()
+                self.optimizer.state[p]["momentum_buffer"] = buf.to(self.device).clone()
         self.epoch = int(state["epoch"])
         self.best = state["best"]
         self.curve = list(state["curve"])
@@ -339,9 +351,9 @@ class Pretrainer:
         self.backbone.train()
         total = 0.0
         for i in range(steps):
-            index = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            x = augment(self.train.images[index], cfg, generator)
-            y = self.train.targets[index]
+            index = order[i * cfg.batch_size : (i + 1) * cfg.batch_size].to(self.device)
+            x = augment(self.images[index], cfg, generator)
+            y = self.targets[index]
             if cfg.rotation_classes:
                 x, y = rotate_as_classes(x, y, generator)
             x = x.contiguous(memory_format=torch.channels_last)
@@ -380,7 +392,7 @@ class Pretrainer:
             score = sum(point[k] for k in self.cfg.score_keys)
             if self.best is None or score > self.best["score"]:
                 self.best = {"epoch": self.epoch, "score": score, **point}
-                tensors = {k: v.detach().contiguous() for k, v in self._named().items()}
+                tensors = {k: v.detach().cpu().contiguous() for k, v in self._named().items()}
                 tmp = self.out_dir / (BEST_FILE + ".tmp")
                 save_file(tensors, str(tmp))
                 tmp.replace(self.out_dir / BEST_FILE)

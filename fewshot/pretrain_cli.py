@@ -64,6 +64,7 @@ def add_pretrain_subcommand(sub: Any) -> None:
         "--crop-aspect", type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=("MIN", "MAX")
     )
     pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when present)")
     pre.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     pre.set_defaults(handler=run_pretrain)
 
@@ -73,6 +74,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from fewshot.cli import resolve_device
     from fewshot.config import ModelConfig
     from fewshot.data import load_dataset
     from fewshot.pretrain import PretrainConfig, Pretrainer
@@ -92,7 +94,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
         seed=args.seed, model=model, val_ways=args.val_ways,
         val_within_group=args.val_within_group, augmentation=args.augmentation,
         rotation_classes=args.rotation_classes, precision=args.precision,
-        crop_aspect=tuple(args.crop_aspect),
+        crop_aspect=tuple(args.crop_aspect), device=resolve_device(args.device),
         max_seconds=args.max_minutes * 60 if args.max_minutes else None,
     )  # fmt: skip
     train = load_dataset(args.data, model)

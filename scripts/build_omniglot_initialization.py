@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from fewshot.card import render_model_card
+from fewshot.cli import resolve_device
 from fewshot.data import ImageDataset, load_dataset
 from fewshot.evaluate import CARD_SHAPES, evaluate_head_cached, head_cached_scores, shape_name
 from fewshot.fast import adapt_fast
@@ -229,7 +230,13 @@ def parse_args() -> argparse.Namespace:
         default=0,
         help="serve the mean of the meta stage's weights taken every N episodes (0: best snapshot)",
     )
+    parser.add_argument(
+        "--average-from", type=int, default=0, help="the first episode the average takes"
+    )
     parser.add_argument("--meta-seed", type=int, default=0, help="the meta stage's episode seed")
+    parser.add_argument("--meta-ways", type=int, default=20, help="classes per training episode")
+    parser.add_argument("--val-every", type=int, default=250, help="validate every N episodes")
+    parser.add_argument("--device", default="cpu", help="the meta stage's: cpu, cuda or auto")
     parser.add_argument("--step-lr-factor", type=float, default=1.0, help="step sizes' lr / lr")
     parser.add_argument("--augmentation", choices=("handwriting", "none"), default="handwriting")
     parser.add_argument("--within-fraction", type=float, default=0.5)
@@ -281,11 +288,12 @@ def main() -> int:
     train_groups = [g for g in full.group_names if g not in VALIDATION_GROUPS]
     train, val = full.subset_groups(train_groups), full.subset_groups(VALIDATION_GROUPS)
     cfg = MetaStageConfig(
-        episodes=args.meta_episodes, ways=20, shots=(1, 5), queries=5, lr=args.meta_lr,
-        weight_decay=args.weight_decay, step_size_lr_factor=args.step_lr_factor,
-        val_every=250, within_group_fraction=args.within_fraction, rotations=True,
+        episodes=args.meta_episodes, ways=args.meta_ways, shots=(1, 5), queries=5,
+        lr=args.meta_lr, weight_decay=args.weight_decay, step_size_lr_factor=args.step_lr_factor,
+        val_every=args.val_every, within_group_fraction=args.within_fraction, rotations=True,
         inner_steps=args.inner_steps, inner_step_size=args.step_size,
-        average_every=args.average_every, seed=args.meta_seed,
+        average_every=args.average_every, average_from=args.average_from, seed=args.meta_seed,
+        device=resolve_device(args.device),
         max_seconds=args.meta_minutes * 60 if args.meta_minutes else None,
     )  # fmt: skip
     stage = MetaStage(init, train, val, cfg, pre_cfg, work)

@@ -28,6 +28,7 @@ import torch
 
 from fewshot.card import render_model_card
 from fewshot.centering import centred
+from fewshot.cli import resolve_device
 from fewshot.data import load_dataset
 from fewshot.evaluate import evaluate_head_cached
 from fewshot.fast import adapt_fast
@@ -188,6 +189,7 @@ def main() -> int:
         default=250,
         help="validate the meta stage every N episodes (the weights do not depend on it)",
     )
+    parser.add_argument("--device", default="cpu", help="the meta stage's: cpu, cuda or auto")
     parser.add_argument(
         "--average-every",
         type=int,
@@ -225,6 +227,7 @@ def main() -> int:
             seed=args.meta_seed,
             average_every=args.average_every,
             val_every=args.val_every,
+            device=resolve_device(args.device),
         )
         init = meta_stage(
             init, train, val, cfg, PretrainConfig.from_dict(pre["config"]),
