@@ -251,6 +251,11 @@ def parse_args() -> argparse.Namespace:
         "--view-shift", type=int, default=0, help="test-time views: shifts up to this many px"
     )
     parser.add_argument(
+        "--stage-view-shift",
+        type=int,
+        help="the meta stage's own views (default: --view-shift); serving takes --view-shift",
+    )
+    parser.add_argument(
         "--unknown-distance", choices=("relative", "absolute"), default="absolute",
         help="the unknown score's distance (ModelConfig.unknown_distance)",
     )  # fmt: skip
@@ -296,6 +301,9 @@ def main() -> int:
         device=resolve_device(args.device),
         max_seconds=args.meta_minutes * 60 if args.meta_minutes else None,
     )  # fmt: skip
+    if args.stage_view_shift is not None:
+        # Views multiply the stage's compute; the served embedding takes its own below.
+        init.config = dataclasses.replace(init.config, view_shift=args.stage_view_shift)
     stage = MetaStage(init, train, val, cfg, pre_cfg, work)
     bar = tqdm(total=cfg.episodes, initial=stage.episode, unit="episode", desc="meta stage")
     done = stage.run(
@@ -307,6 +315,7 @@ def main() -> int:
         print("meta stage stopped at its time limit: run the same command to resume", flush=True)
         return 3
     init = stage.best_initialization()
+    init.config = dataclasses.replace(init.config, view_shift=args.view_shift)
     meta_info = init.metadata.pop("meta_stage")
 
     metrics: dict[str, Any] = {}
