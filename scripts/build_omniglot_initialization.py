@@ -237,6 +237,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--meta-ways", type=int, default=20, help="classes per training episode")
     parser.add_argument("--val-every", type=int, default=250, help="validate every N episodes")
     parser.add_argument("--device", default="cpu", help="the meta stage's: cpu, cuda or auto")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     parser.add_argument("--step-lr-factor", type=float, default=1.0, help="step sizes' lr / lr")
     parser.add_argument("--augmentation", choices=("handwriting", "none"), default="handwriting")
     parser.add_argument("--within-fraction", type=float, default=0.5)
@@ -272,6 +273,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     """Meta-train (or resume), evaluate, compare, calibrate and write the initialization."""
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     baseline = Initialization.load(args.baseline)  # before --out may overwrite it
     if args.run:
         init = serving_recipe(best_initialization(args.run), args)
