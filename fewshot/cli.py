@@ -9,21 +9,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fewshot.devices import resolve_device
+
 if TYPE_CHECKING:
     from fewshot.data import ImageDataset
     from fewshot.initialization import Initialization
 
 # torch and the core load inside the handlers, so `maml-serve --help` stays fast.
 REPORT_SHAPES = ((5, 1), (5, 5), (20, 1), (20, 5))
-
-
-def resolve_device(name: str) -> str:
-    """A torch device name: "auto" is cuda when present, else cpu; others pass through."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def add_subcommands(sub: Any) -> None:

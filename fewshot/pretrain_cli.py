@@ -74,9 +74,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from fewshot.cli import resolve_device
     from fewshot.config import ModelConfig
     from fewshot.data import load_dataset
+    from fewshot.devices import resolve_device
     from fewshot.pretrain import PretrainConfig, Pretrainer
 
     if args.threads:

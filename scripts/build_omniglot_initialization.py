@@ -30,8 +30,8 @@ import torch
 from tqdm import tqdm
 
 from fewshot.card import render_model_card
-from fewshot.cli import resolve_device
 from fewshot.data import ImageDataset, load_dataset
+from fewshot.devices import resolve_device
 from fewshot.evaluate import CARD_SHAPES, evaluate_head_cached, head_cached_scores, shape_name
 from fewshot.fast import adapt_fast
 from fewshot.initialization import Initialization

@@ -28,8 +28,8 @@ import torch
 
 from fewshot.card import render_model_card
 from fewshot.centering import centred
-from fewshot.cli import resolve_device
 from fewshot.data import load_dataset
+from fewshot.devices import resolve_device
 from fewshot.evaluate import evaluate_head_cached
 from fewshot.fast import adapt_fast
 from fewshot.initialization import Initialization
