@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from fewshot.config import AdaptMode
 from fewshot.data import ImageDataset
@@ -268,32 +269,10 @@ def evaluate_shapes(
     return out
 
 
-def head_cached_scores(
-    init: Initialization,
-    dataset: ImageDataset,
-    *,
-    ways: int,
-    shots: int,
-    queries: int = 15,
-    episodes: int = 600,
-    seed: int = 0,
-    batch: int = 16,
-    within_group: bool = False,
-    on_progress: Callable[[int], object] | None = None,
-) -> tuple[list[float], list[float], list[int]]:
-    """Per-episode accuracy as served, at 0 steps, and the steps chosen (as served_scores),
-    for a head-mode initialization, with each image embedded once for all episodes.
-
-    Head mode adapts no backbone layer, so an image's embedding (and those of its shifted
-    support views, which shift each image on its own) is the same in every task: the served
-    computation (prototype head, steps chosen per task, the support-fit guard, closed-form head
-    steps) on cached embeddings gives the served accuracy up to float rounding, on the episodes
-    evaluate() draws from `seed`, at a fraction of the cost when an image is embedded as many views.
-    """
-    from fewshot.fast import prepare
-    from fewshot.head import head_logits
-    from fewshot.inner import HEAD_SCALE, InnerRecipe, support_views
-    from fewshot.stepchoice import head_path, served_head_steps
+def head_embeddings(init: Initialization, dataset: ImageDataset) -> Tensor:
+    """Every image of `dataset` embedded under a head-mode `init`: [copies, n, D], each image
+    first, then (when the recipe fits shifted support views) its four shifted copies."""
+    from fewshot.inner import support_views
 
     if init.config.default_mode != "head":
         raise ValueError("evaluate_head_cached serves head-mode initializations only")
@@ -307,8 +286,42 @@ def head_cached_scores(
             x = part.float().div(255.0)
             x = support_views(x, torch.zeros(len(x), dtype=torch.long), shift)[0]
             parts.append(module.forward_with(init.params, x).view(copies, len(part), -1))
-        # [copies, n, D]: each image, then (with shift views) its four shifted copies.
-        embedded = torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1)
+
+
+def head_cached_scores(
+    init: Initialization,
+    dataset: ImageDataset,
+    *,
+    ways: int,
+    shots: int,
+    queries: int = 15,
+    episodes: int = 600,
+    seed: int = 0,
+    batch: int = 16,
+    within_group: bool = False,
+    on_progress: Callable[[int], object] | None = None,
+    embedded: Tensor | None = None,
+) -> tuple[list[float], list[float], list[int]]:
+    """Per-episode accuracy as served, at 0 steps, and the steps chosen (as served_scores),
+    for a head-mode initialization, with each image embedded once for all episodes.
+
+    Head mode adapts no backbone layer, so an image's embedding (and those of its shifted
+    support views, which shift each image on its own) is the same in every task: the served
+    computation (prototype head, steps chosen per task, the support-fit guard, closed-form head
+    steps) on cached embeddings gives the served accuracy up to float rounding, on the episodes
+    evaluate() draws from `seed`, at a fraction of the cost when an image is embedded as many views.
+    `embedded`: head_embeddings(init, dataset), when already computed (several shapes share it).
+    """
+    from fewshot.fast import prepare
+    from fewshot.head import head_logits
+    from fewshot.inner import HEAD_SCALE, InnerRecipe
+    from fewshot.stepchoice import head_path, served_head_steps
+
+    if embedded is None:
+        embedded = head_embeddings(init, dataset)
+    shift = init.config.inner_shift_views
+    copies = embedded.shape[0]
     features = embedded[0]
     sizes = prepare(init, torch.device("cpu")).sizes
     log_scale = init.params[HEAD_SCALE]
@@ -356,11 +369,12 @@ def evaluate_head_cached(
     batch: int = 16,
     within_group: bool = False,
     on_progress: Callable[[int], object] | None = None,
+    embedded: Tensor | None = None,
 ) -> EvalResult:
     """evaluate() for a head-mode initialization on embeddings cached per image (head_cached_scores)."""
     served, zero, chosen = head_cached_scores(
         init, dataset, ways=ways, shots=shots, queries=queries, episodes=episodes, seed=seed,
-        batch=batch, within_group=within_group, on_progress=on_progress,
+        batch=batch, within_group=within_group, on_progress=on_progress, embedded=embedded,
     )  # fmt: skip
     steps = max(init.config.step_candidates or (init.config.inner_steps,))
     return paired_result(

@@ -32,7 +32,13 @@ from tqdm import tqdm
 from fewshot.card import render_model_card
 from fewshot.data import ImageDataset, load_dataset
 from fewshot.devices import resolve_device
-from fewshot.evaluate import CARD_SHAPES, evaluate_head_cached, head_cached_scores, shape_name
+from fewshot.evaluate import (
+    CARD_SHAPES,
+    evaluate_head_cached,
+    head_cached_scores,
+    head_embeddings,
+    shape_name,
+)
 from fewshot.fast import adapt_fast
 from fewshot.initialization import Initialization
 from fewshot.inner import HEAD_BIAS, HEAD_WEIGHT, raw_step_sizes
@@ -94,17 +100,23 @@ def compare_served(
     validation: ImageDataset,
     active_validation: ImageDataset,
     episodes: int,
+    candidate_embedded: torch.Tensor | None = None,
 ) -> PromotionVerdict:
     """fewshot.promotion's paired rule on served head-mode accuracy, embeddings cached per image
     (the vmapped scorer re-embeds every view at every step: hours for 9-view handwriting)."""
     comparisons = []
+    pairs = [(candidate, validation), (active, active_validation)]
+    embedded = [
+        candidate_embedded if candidate_embedded is not None else head_embeddings(*pairs[0]),
+        head_embeddings(*pairs[1]),
+    ]
     for ways, shots, within, _ in CARD_SHAPES:
         scores = [
             head_cached_scores(
                 init, data, ways=ways, shots=shots, queries=5, episodes=episodes, seed=2024,
-                within_group=within,
+                within_group=within, embedded=cached,
             )[0]
-            for init, data in ((candidate, validation), (active, active_validation))
+            for (init, data), cached in zip(pairs, embedded, strict=True)
         ]  # fmt: skip
         difference, ci = paired_difference(scores[0], scores[1])
         comparisons.append(
@@ -322,19 +334,23 @@ def main() -> int:
     meta_info = init.metadata.pop("meta_stage")
 
     metrics: dict[str, Any] = {}
+    embedded = head_embeddings(init, val)  # once: every shape's episodes read the same images
     for ways, shots, within, queries in CARD_SHAPES:
         name = shape_name(ways, shots, within)
         with tqdm(total=args.episodes, desc=name, file=sys.stderr) as progress:
             # Head mode: scored on embeddings cached per image, equal to serving (a test checks).
             result = evaluate_head_cached(
                 init, val, ways=ways, shots=shots, queries=queries, episodes=args.episodes,
-                seed=2024, within_group=within, on_progress=progress.update,
+                seed=2024, within_group=within, on_progress=progress.update, embedded=embedded,
             )  # fmt: skip
         metrics[name] = result.to_dict()
         print(json.dumps({name: metrics[name]}), flush=True)
 
     baseline_val = load_dataset(args.data, baseline.config).subset_groups(VALIDATION_GROUPS)
-    decision = compare_served(init, baseline, val, baseline_val, args.compare_episodes)
+    decision = compare_served(
+        init, baseline, val, baseline_val, args.compare_episodes, candidate_embedded=embedded
+    )
+    del embedded
     print(json.dumps({"promotion": decision.to_dict()}), flush=True)
 
     calibration = calibrate_unknown(init, val, episodes=args.unknown_episodes)
