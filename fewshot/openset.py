@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from fewshot.episodes import EpisodeSampler
 from fewshot.errors import EpisodeError
@@ -47,14 +48,27 @@ def open_set_scores(
     seed: int = 0,
     steps: int | None = None,
     within_group: bool = False,
+    embedded: Tensor | None = None,
 ) -> OpenSetScores:
     """Adapt (served steps) to `episodes` tasks of `ways` classes and score queries of those
-    classes, of `ways` other classes of `dataset` (out of task), a blank and a noise image."""
+    classes, of `ways` other classes of `dataset` (out of task), a blank and a noise image.
+
+    `embedded` (fewshot.evaluate.head_embeddings of a head-mode `init`): the same tasks scored
+    on embeddings computed once per image, equal to serving up to float rounding.
+    """
 
     sampler = EpisodeSampler(dataset, within_group=within_group)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     out = OpenSetScores(shots=shots)
+    if embedded is not None:
+        cached = CachedHead(init, embedded, steps)
+        for _ in range(episodes):
+            support, query = sampler.sample_indices(rng, 1, 2 * ways, shots, queries)
+            shape = dataset.images.shape[1:]
+            odd = torch.cat([torch.zeros(1, *shape), torch.rand((1, *shape), generator=generator)])
+            cached.score(out, ways, shots, queries, support[0], query[0], odd)
+        return out
     labels = [str(k) for k in range(ways)]
     for _ in range(episodes):
         batch = sampler.sample(rng, 1, 2 * ways, shots, queries)  # half the classes stay unseen
@@ -77,6 +91,71 @@ def open_set_scores(
     return out
 
 
+class CachedHead:
+    """open_set_scores' served adaptation and scoring on cached embeddings (head mode only)."""
+
+    def __init__(self, init: Initialization, embedded: Tensor, steps: int | None) -> None:
+        from fewshot.fast import prepare
+        from fewshot.inner import HEAD_SCALE, InnerRecipe
+
+        if init.config.default_mode != "head":
+            raise ValueError("cached open-set scores serve head-mode initializations only")
+        self.init, self.embedded, self.steps = init, embedded, steps
+        self.sizes = prepare(init, torch.device("cpu")).sizes
+        self.log_scale = init.params[HEAD_SCALE]
+        self.recipe = InnerRecipe.from_config(init.config)
+        self.module = init.module()
+
+    @torch.inference_mode()
+    def score(
+        self,
+        out: OpenSetScores,
+        ways: int,
+        shots: int,
+        queries: int,
+        support: Tensor,
+        query: Tensor,
+        odd: Tensor,
+    ) -> None:
+        """Adapt to the first `ways` of the drawn classes; append the scores of `query` and of
+        the blank and noise images `odd` [2, C, H, W] to `out`."""
+        from fewshot.head import head_logits
+        from fewshot.stepchoice import head_path, served_head_steps
+        from fewshot.unknown import class_prototypes, raw_scores
+
+        config = self.init.config
+        drawn_y = torch.arange(2 * ways).repeat_interleave(shots)
+        qy = torch.arange(2 * ways).repeat_interleave(queries)
+        keep = drawn_y < ways
+        index, sy = support[keep], drawn_y[keep]
+        features = self.embedded[0]
+        fs = features[index]
+        copies = self.embedded.shape[0]
+        views = self.embedded[:, index].reshape(-1, fs.shape[1]) if copies > 1 else None
+        default = config.inner_step_size
+        steps = self.steps
+        if steps is None:
+            steps = served_head_steps(
+                config, fs, views, sy, ways, self.log_scale, self.sizes, default
+            )
+        fitted = (views, sy.repeat(copies)) if views is not None else None
+        weight, bias = head_path(
+            fs, sy, ways, self.log_scale, self.sizes, steps, default, self.recipe, fitted
+        )[-1]
+        odd_features = self.module.forward_with(self.init.params, odd).to(features.dtype)
+        queried = torch.cat([features[query], odd_features])
+        predicted = head_logits(queried, weight, bias, self.log_scale).argmax(dim=1)
+        prototypes = class_prototypes(fs, sy, ways)
+        raw, _ = raw_scores(queried, prototypes, config.unknown_distance == "relative")
+        n = query.shape[0]
+        inside = qy < ways
+        out.in_task += raw[:n][inside].tolist()
+        out.in_task_correct += (predicted[:n][inside] == qy[inside]).tolist()
+        out.out_of_task += raw[:n][~inside].tolist()
+        out.blank.append(float(raw[n]))
+        out.noise.append(float(raw[n + 1]))
+
+
 def calibrate_unknown(
     init: Initialization,
     dataset: ImageDataset,
@@ -87,6 +166,7 @@ def calibrate_unknown(
     queries: int = 5,
     seed: int = 77,
     threshold: float = DEFAULT_THRESHOLD,
+    embedded: Tensor | None = None,
 ) -> UnknownCalibration:
     """Calibrate the "unknown" score of `init` on held-out `dataset` (e.g. validation groups).
 
@@ -100,7 +180,7 @@ def calibrate_unknown(
             try:
                 found = open_set_scores(
                     init, dataset, ways=n, shots=k, episodes=episodes, queries=queries,
-                    seed=seed + 1000 * k + n,
+                    seed=seed + 1000 * k + n, embedded=embedded,
                 )  # fmt: skip
             except EpisodeError:
                 continue
@@ -125,6 +205,7 @@ def unknown_report(
     seed: int = 4242,
     threshold: float | None = None,
     within_group_shapes: Sequence[tuple[int, int]] = (),
+    embedded: Tensor | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per shape at `threshold` (default: the calibration's): kept in-task share, in-task accuracy
     (correct and kept), out-of-task share flagged unknown, blank and noise share flagged.
@@ -139,6 +220,7 @@ def unknown_report(
         found = open_set_scores(
             init, dataset, ways=ways, shots=shots, episodes=episodes,
             seed=seed + ways + shots + (1000 if within else 0), within_group=within,
+            embedded=embedded,
         )  # fmt: skip
 
         def flagged(values: list[float], shots: int = shots, ways: int = ways) -> np.ndarray:

@@ -350,14 +350,15 @@ def main() -> int:
     decision = compare_served(
         init, baseline, val, baseline_val, args.compare_episodes, candidate_embedded=embedded
     )
-    del embedded
     print(json.dumps({"promotion": decision.to_dict()}), flush=True)
 
-    calibration = calibrate_unknown(init, val, episodes=args.unknown_episodes)
+    calibration = calibrate_unknown(init, val, episodes=args.unknown_episodes, embedded=embedded)
     calibration.details["groups"] = VALIDATION_GROUPS
     calibration.details["report"] = unknown_report(
-        init, val, calibration, episodes=args.report_episodes, within_group_shapes=((20, 1),)
-    )
+        init, val, calibration, episodes=args.report_episodes, within_group_shapes=((20, 1),),
+        embedded=embedded,
+    )  # fmt: skip
+    del embedded
     timings = {
         shape_name(w, k, False): timing(init, val, w, k)
         for w, k in ((5, 1), (5, 5), (20, 1), (20, 5))

@@ -30,11 +30,12 @@ from fewshot.card import render_model_card
 from fewshot.centering import centred
 from fewshot.data import load_dataset
 from fewshot.devices import resolve_device
-from fewshot.evaluate import evaluate_head_cached
+from fewshot.evaluate import evaluate_head_cached, head_embeddings
 from fewshot.fast import adapt_fast
 from fewshot.initialization import Initialization
 from fewshot.inner import HEAD_BIAS, HEAD_WEIGHT
 from fewshot.metastage import MetaStageConfig, meta_stage
+from fewshot.openset import calibrate_unknown, unknown_report
 from fewshot.pretrain import PretrainConfig, best_initialization
 
 SHAPES = ((5, 1), (5, 5), (5, 20))
@@ -197,6 +198,15 @@ def main() -> int:
         help="serve the mean of the meta stage's weights taken every N episodes (0: best snapshot)",
     )
     parser.add_argument(
+        "--shift-views",
+        type=int,
+        default=0,
+        help="head steps also fit the support shifted by this many pixels (0: the support alone)",
+    )
+    parser.add_argument(
+        "--unknown-episodes", type=int, default=60, help="'unknown' calibration tasks per shape"
+    )
+    parser.add_argument(
         "--center",
         action="store_true",
         help="centre embeddings on the training classes' mean (before and after the meta stage)",
@@ -244,15 +254,28 @@ def main() -> int:
         crop_views=args.crop_views,
         steps_min_shots=args.steps_min_shots,
         inner_loss_per_class=args.per_class_loss,
+        inner_shift_views=args.shift_views,
     )
     metrics: dict[str, Any] = {}
+    # Head mode: each image embedded once (exact; 12 views an image make per-episode passes slow).
+    embedded = head_embeddings(init, val)
     for ways, shots in SHAPES:
-        # Head mode: each image embedded once (exact; 12 views an image make per-episode passes slow).
         result = evaluate_head_cached(
-            init, val, ways=ways, shots=shots, queries=15, episodes=args.episodes, seed=shots
-        )
+            init, val, ways=ways, shots=shots, queries=15, episodes=args.episodes, seed=shots,
+            embedded=embedded,
+        )  # fmt: skip
         metrics[f"{ways}-way {shots}-shot"] = result.to_dict()
         print(json.dumps({f"{ways}w{shots}s": result.to_dict()}), flush=True)
+    # 5-way only: a calibration task needs twice its ways in classes (16 here).
+    calibration = calibrate_unknown(
+        init, val, ways=(5,), episodes=args.unknown_episodes, embedded=embedded
+    )
+    calibration.details["report"] = unknown_report(
+        init, val, calibration, shapes=[(w, k) for w, k in SHAPES], episodes=100,
+        embedded=embedded,
+    )  # fmt: skip
+    del embedded
+    print(json.dumps({"unknown": calibration.details["report"]}), flush=True)
     timings = {f"5-way {k}-shot": timing(init, val, k) for _, k in SHAPES}
     out = Path(args.out)
     centring = init.metadata.get("centring")
@@ -286,6 +309,7 @@ def main() -> int:
         "pretraining": {"config": pre["config"], "best": pre["best"]},
         "meta_stage": meta_info,
         "centring": centring,
+        "unknown": calibration.to_dict(),
     }
     if parent is not None:
         init.metadata["parent_version"] = parent["version"]

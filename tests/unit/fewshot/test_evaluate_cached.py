@@ -9,8 +9,9 @@ import torch
 
 from fewshot.config import ModelConfig
 from fewshot.data import ImageDataset
-from fewshot.evaluate import evaluate, evaluate_head_cached
+from fewshot.evaluate import evaluate, evaluate_head_cached, head_embeddings
 from fewshot.initialization import Initialization
+from fewshot.openset import open_set_scores
 
 PHOTO = ModelConfig(
     in_channels=3, image_size=16, width=8, norm="none", pooling="maxpool", readout="flatten",
@@ -62,3 +63,22 @@ def test_full_mode_initializations_are_refused() -> None:
     init = Initialization.random(full, seed=2)
     with pytest.raises(ValueError, match="head-mode"):
         evaluate_head_cached(init, _data(3, 16), ways=3, shots=1)
+
+
+# Initialization seeds whose served head steps change some in-task answers on these episodes.
+@pytest.mark.parametrize(
+    ("config", "seed"), [(PHOTO, 3), (HANDWRITING, 4)], ids=["photo", "handwriting"]
+)
+def test_cached_open_set_scores_equal_served_adaptation(config: ModelConfig, seed: int) -> None:
+    """The "unknown" calibration's scores on cached embeddings are those of served models."""
+    init = Initialization.random(config, seed=seed)
+    data = _data(config.in_channels, config.image_size)
+    shape = dict(ways=3, shots=4, queries=3, episodes=5, seed=11)
+    served = open_set_scores(init, data, **shape)  # type: ignore[arg-type]
+    cached = open_set_scores(init, data, **shape, embedded=head_embeddings(init, data))  # type: ignore[arg-type]
+    assert len(cached.in_task) == len(served.in_task) == 5 * 3 * 3
+    unadapted = open_set_scores(init, data, **shape, steps=0)  # type: ignore[arg-type]
+    assert unadapted.in_task_correct != served.in_task_correct  # the steps are exercised
+    assert cached.in_task_correct == served.in_task_correct
+    for field in ("in_task", "out_of_task", "blank", "noise"):
+        assert getattr(cached, field) == pytest.approx(getattr(served, field), abs=1e-4), field
