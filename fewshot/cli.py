@@ -337,6 +337,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     """Calibrate the unknown score on held-out groups; store it (and its report) in the metadata."""
     from fewshot.data import load_dataset
     from fewshot.errors import FewShotError
+    from fewshot.evaluate import head_embeddings
     from fewshot.initialization import Initialization, shipped_initialization_path
     from fewshot.openset import calibrate_unknown, unknown_report
     from fewshot.promotion import overlapping_groups
@@ -347,6 +348,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         init = Initialization.load(folder)
         data = load_dataset(args.data, init.config)
         groups = args.groups or init.metadata.get("validation_groups")
+        if not groups and data.group_names == [""]:
+            groups = [""]  # an ungrouped held-out set (e.g. mini-ImageNet's val zip): all of it
         if not groups:
             raise FewShotError(
                 "no --groups given and the initialization records no validation_groups"
@@ -360,13 +363,18 @@ def run_calibrate(args: argparse.Namespace) -> int:
         if overlap:
             raise FewShotError(f"{init.version} was meta-trained on {', '.join(overlap)}")
         held = data.subset_groups(groups)
+        # Head mode adapts no backbone layer: each image is embedded once for every task.
+        embedded = head_embeddings(init, held) if init.config.default_mode == "head" else None
         calibration = calibrate_unknown(
-            init, held, episodes=args.episodes, threshold=args.threshold
+            init, held, episodes=args.episodes, threshold=args.threshold, embedded=embedded
+        )
+        report = unknown_report(
+            init, held, calibration, episodes=args.report_episodes, embedded=embedded
         )
         calibration.details = {
             **calibration.details,
-            "groups": sorted(groups),
-            "report": unknown_report(init, held, calibration, episodes=args.report_episodes),
+            "groups": sorted(g for g in groups if g),
+            "report": report,
         }
     except (FewShotError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -212,16 +212,20 @@ def unknown_report(
 
     `within_group_shapes`: shapes also reported with every class of a task, and the out-of-task
     classes, from one group (Lake et al.'s within-alphabet runs), named "... within-alphabet".
+    Shapes the data cannot supply are left out.
     """
     t = calibration.threshold if threshold is None else threshold
     report: dict[str, dict[str, float]] = {}
     todo = [(w, k, False) for w, k in shapes] + [(w, k, True) for w, k in within_group_shapes]
     for ways, shots, within in todo:
-        found = open_set_scores(
-            init, dataset, ways=ways, shots=shots, episodes=episodes,
-            seed=seed + ways + shots + (1000 if within else 0), within_group=within,
-            embedded=embedded,
-        )  # fmt: skip
+        try:
+            found = open_set_scores(
+                init, dataset, ways=ways, shots=shots, episodes=episodes,
+                seed=seed + ways + shots + (1000 if within else 0), within_group=within,
+                embedded=embedded,
+            )  # fmt: skip
+        except EpisodeError:
+            continue  # a shape the data cannot supply (twice its ways in classes)
 
         def flagged(values: list[float], shots: int = shots, ways: int = ways) -> np.ndarray:
             raw = torch.tensor(values, dtype=torch.float32)

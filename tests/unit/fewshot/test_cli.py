@@ -14,7 +14,7 @@ import torch
 
 import fewshot
 from fewshot.cli import main
-from tests.fewshot_helpers import tiny_init, write_image_folder, zip_folder
+from tests.fewshot_helpers import TINY, tiny_init, write_image_folder, zip_folder
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -127,3 +127,22 @@ def test_evaluate_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     missing = ["evaluate", "--data", str(tmp_path / "nowhere"), "--ways", "2", "--shots", "1"]
     assert main(missing) == 2
     assert capsys.readouterr().err.strip().startswith("error: dataset ")
+
+
+def test_calibrate_takes_an_ungrouped_held_out_set_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """mini-ImageNet's val zip has no groups: `calibrate` uses all of it and reports the shapes
+    it can supply (5-way needs 10 classes; 20-way is left out), on cached head embeddings."""
+    import dataclasses
+
+    head = dataclasses.replace(TINY, default_mode="head", inner_steps=3)
+    tiny_init(head, dtype=torch.float32).save(tmp_path / "init")
+    write_image_folder(tmp_path / "val", classes=10, images=10)
+    args = ["calibrate", "--data", str(tmp_path / "val"), "--init", str(tmp_path / "init")]
+    assert main([*args, "--episodes", "3", "--report-episodes", "2"]) == 0
+    unknown = fewshot.Initialization.load(tmp_path / "init").metadata["unknown"]
+    assert set(unknown["scores_by_shape"]) == {"5x1", "5x2", "5x3", "5x5"}
+    assert set(unknown["details"]["report"]) == {"5-way 1-shot", "5-way 5-shot"}
+    assert unknown["details"]["groups"] == []
+    assert "5-way 1-shot" in capsys.readouterr().out
