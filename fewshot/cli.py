@@ -348,8 +348,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
         init = Initialization.load(folder)
         data = load_dataset(args.data, init.config)
         groups = args.groups or init.metadata.get("validation_groups")
-        if not groups and data.group_names == [""]:
-            groups = [""]  # an ungrouped held-out set (e.g. mini-ImageNet's val zip): all of it
+        if not groups and len(data.group_names) == 1:
+            # A held-out set of one group or none (mini-ImageNet's val zip: "val"): all of it.
+            groups = data.group_names
         if not groups:
             raise FewShotError(
                 "no --groups given and the initialization records no validation_groups"

@@ -272,6 +272,11 @@ def parse_args() -> argparse.Namespace:
         "--unknown-distance", choices=("relative", "absolute"), default="absolute",
         help="the unknown score's distance (ModelConfig.unknown_distance)",
     )  # fmt: skip
+    parser.add_argument(
+        "--serve-shift-views",
+        type=int,
+        help="served head steps' shifted support views (default: --shift-views, the stage's)",
+    )
     parser.add_argument("--episodes", type=int, default=1000, help="evaluation episodes per shape")
     parser.add_argument("--compare-episodes", type=int, default=400)
     parser.add_argument("--unknown-episodes", type=int, default=60, help="per calibrated shape")
@@ -330,7 +335,11 @@ def main() -> int:
         print("meta stage stopped at its time limit: run the same command to resume", flush=True)
         return 3
     init = stage.best_initialization()
-    init.config = dataclasses.replace(init.config, view_shift=args.view_shift)
+    served_shift = args.shift_views if args.serve_shift_views is None else args.serve_shift_views
+    # Each shifted support copy costs a support pass at adaptation time; serving may drop them.
+    init.config = dataclasses.replace(
+        init.config, view_shift=args.view_shift, inner_shift_views=served_shift
+    )
     meta_info = init.metadata.pop("meta_stage")
 
     metrics: dict[str, Any] = {}
@@ -387,8 +396,13 @@ def main() -> int:
         "note": (
             f"Meta-train -> adapt; {start_note}; meta stage: "
             f"{cfg.episodes} episodes ({meta_info['minutes']:.0f} min), best at episode "
-            f"{meta_info['best']['episode']}. Served: {args.inner_steps} head steps on the support set "
-            f"and its {args.shift_views}-pixel shifted views, the loop trained through"
+            f"{meta_info['best']['episode']}. Served: {args.inner_steps} head steps on the support set"
+            + (
+                f" and its {served_shift}-pixel shifted views, the loop trained through"
+                if served_shift == args.shift_views
+                else f" ({f'{served_shift}-pixel' if served_shift else 'no'} shifted views; the "
+                f"stage trained through {args.shift_views}-pixel ones)"
+            )
             + (
                 f"; each image embedded as the mean of its {(2 * args.view_shift + 1) ** 2} "
                 f"copies shifted by up to {args.view_shift} px."

@@ -41,7 +41,8 @@ def test_loader_reads_the_official_zip(
     assert len(omniglot.classes) == 964
     assert len(omniglot.group_names) == 30
     assert len(omniglot) == 19280
-    assert omniglot.images.shape == (19280, 1, 28, 28)
+    size = shipped.config.image_size
+    assert omniglot.images.shape == (19280, 1, size, size)
     assert torch.bincount(omniglot.targets).tolist() == [20] * 964
     assert {"Latin", "Greek", "Japanese_(hiragana)"} <= set(omniglot.group_names)
     assert omniglot.classes[0].startswith(omniglot.groups[0] + "/character")
