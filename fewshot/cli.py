@@ -163,7 +163,17 @@ def _add_calibrate(sub: Any) -> None:
     )
     cal.add_argument("--episodes", type=int, default=60, help="tasks per shot count and way count")
     cal.add_argument("--report-episodes", type=int, default=50, help="tasks per reported shape")
-    cal.add_argument("--threshold", type=float, default=0.05, help="default p-value threshold")
+    cal.add_argument(
+        "--threshold",
+        type=float,
+        default=0.01,
+        help="default p-value threshold (0: 'unknown' only where a request or task asks)",
+    )
+    cal.add_argument(
+        "--report-threshold",
+        type=float,
+        help="the report's threshold (default: --threshold, or 0.01 where that is 0)",
+    )
     cal.add_argument("--out", help="write the calibrated initialization here (default: in place)")
     cal.set_defaults(handler=run_calibrate)
 
@@ -341,7 +351,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from fewshot.initialization import Initialization, shipped_initialization_path
     from fewshot.openset import calibrate_unknown, unknown_report
     from fewshot.promotion import overlapping_groups
-    from fewshot.unknown import METADATA_KEY
+    from fewshot.unknown import DEFAULT_THRESHOLD, METADATA_KEY
 
     folder = Path(args.init) if args.init else shipped_initialization_path()
     try:
@@ -369,9 +379,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
         calibration = calibrate_unknown(
             init, held, episodes=args.episodes, threshold=args.threshold, embedded=embedded
         )
+        shown = args.report_threshold
+        if shown is None:
+            shown = args.threshold or DEFAULT_THRESHOLD
         report = unknown_report(
-            init, held, calibration, episodes=args.report_episodes, embedded=embedded
-        )
+            init, held, calibration, episodes=args.report_episodes, embedded=embedded,
+            threshold=shown,
+        )  # fmt: skip
         calibration.details = {
             **calibration.details,
             "groups": sorted(g for g in groups if g),

@@ -140,8 +140,12 @@ def test_calibrate_takes_an_ungrouped_held_out_set_whole(
     tiny_init(head, dtype=torch.float32).save(tmp_path / "init")
     write_image_folder(tmp_path / "val", classes=10, images=10)
     args = ["calibrate", "--data", str(tmp_path / "val"), "--init", str(tmp_path / "init")]
-    assert main([*args, "--episodes", "3", "--report-episodes", "2"]) == 0
+    # Off by default (0), reported at the threshold a caller would ask for.
+    shown = ["--threshold", "0", "--report-threshold", "0.05"]
+    assert main([*args, "--episodes", "3", "--report-episodes", "2", *shown]) == 0
     unknown = fewshot.Initialization.load(tmp_path / "init").metadata["unknown"]
+    assert unknown["threshold"] == 0.0
+    assert {r["threshold"] for r in unknown["details"]["report"].values()} == {0.05}
     assert set(unknown["scores_by_shape"]) == {"5x1", "5x2", "5x3", "5x5"}
     assert set(unknown["details"]["report"]) == {"5-way 1-shot", "5-way 5-shot"}
     assert unknown["details"]["groups"] == []
