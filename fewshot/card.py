@@ -58,9 +58,16 @@ def render_model_card(metadata: dict[str, Any]) -> str:
     report = ((metadata.get("unknown") or {}).get("details") or {}).get("report") or {}
     if report:
         threshold = (metadata.get("unknown") or {}).get("threshold")
+        shown = next(iter(report.values())).get("threshold", threshold)
+        heading = (
+            f"at the default threshold (p-value {threshold})"
+            if shown == threshold
+            else f"at p-value {shown} on request (the default is {threshold}"
+            + (": 'unknown' is off unless a request or task asks)" if not threshold else ")")
+        )
         lines += [
             "",
-            f'## "None of these" at the default threshold (p-value {threshold})',
+            f'## "None of these" {heading}',
             "",
             "Per task: share of in-task queries kept, in-task accuracy counting 'unknown' as an "
             "error (and without the unknown decision), share of queries from classes outside the "

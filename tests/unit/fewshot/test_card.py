@@ -31,3 +31,18 @@ def test_card_has_zero_steps_targets_and_unknown_sections() -> None:
     assert "| 5-way 5-shot | >= 99.7% | not measured | not met |" in card
     assert "| 20-way 1-shot | 95.0% | 90.0% | 94.0% | 80.0% | 100% | 100% | 100 |" in card
     assert "- **Training groups**: A, B" in card
+    assert '"None of these" at the default threshold (p-value 0.05)' in card
+
+
+def test_card_says_when_unknown_is_off_by_default() -> None:
+    """A photo initialization ships its calibration at threshold 0, reported at 0.05."""
+    report = {
+        "threshold": 0.05, "in_task_kept": 0.96, "in_task_accuracy": 0.49,
+        "in_task_accuracy_without_unknown": 0.5, "out_of_task_flagged": 0.1,
+        "blank_flagged": 0.5, "noise_flagged": 0.3, "episodes": 100,
+    }  # fmt: skip
+    card = render_model_card(
+        {"unknown": {"threshold": 0.0, "details": {"report": {"5-way 1-shot": report}}}}
+    )
+    assert '"None of these" at p-value 0.05 on request (the default is 0.0: ' in card
+    assert "'unknown' is off unless a request or task asks" in card
