@@ -289,6 +289,46 @@ def head_embeddings(init: Initialization, dataset: ImageDataset) -> Tensor:
         return torch.cat(parts, dim=1)
 
 
+class CachedHeads:
+    """Served head-mode adaptation on embeddings cached per image (head_embeddings): the
+    prototype head, steps chosen per task, the support-fit guard and the closed-form head steps,
+    as fewshot.fast.adapt_fast computes them, without embedding anything again."""
+
+    def __init__(self, init: Initialization, embedded: Tensor) -> None:
+        from fewshot.fast import prepare
+        from fewshot.inner import HEAD_SCALE
+
+        if init.config.default_mode != "head":
+            raise ValueError("evaluate_head_cached serves head-mode initializations only")
+        self.config = init.config
+        self.embedded = embedded
+        self.features = embedded[0]
+        self.sizes = prepare(init, torch.device("cpu")).sizes
+        self.log_scale = init.params[HEAD_SCALE]
+        self.recipe = InnerRecipe.from_config(init.config)
+
+    def path(
+        self, index: Tensor, y: Tensor, ways: int, steps: int | None = None
+    ) -> tuple[list[tuple[Tensor, Tensor]], int]:
+        """Head (weight [N, D], bias [N]) after 0..steps served steps on the support images
+        `index` [S] labelled `y` [S], and the steps (`steps`, else chosen as served)."""
+        from fewshot.stepchoice import head_path, served_head_steps
+
+        fs = self.features[index]
+        copies = self.embedded.shape[0]
+        views = self.embedded[:, index].reshape(-1, fs.shape[1]) if copies > 1 else None
+        default = self.config.inner_step_size
+        if steps is None:
+            steps = served_head_steps(
+                self.config, fs, views, y, ways, self.log_scale, self.sizes, default
+            )
+        fitted = (views, y.repeat(copies)) if views is not None else None
+        path = head_path(
+            fs, y, ways, self.log_scale, self.sizes, steps, default, self.recipe, fitted
+        )
+        return path, steps
+
+
 def head_cached_scores(
     init: Initialization,
     dataset: ImageDataset,
@@ -308,25 +348,14 @@ def head_cached_scores(
 
     Head mode adapts no backbone layer, so an image's embedding (and those of its shifted
     support views, which shift each image on its own) is the same in every task: the served
-    computation (prototype head, steps chosen per task, the support-fit guard, closed-form head
-    steps) on cached embeddings gives the served accuracy up to float rounding, on the episodes
-    evaluate() draws from `seed`, at a fraction of the cost when an image is embedded as many views.
+    computation (CachedHeads) on cached embeddings gives the served accuracy up to float
+    rounding, on the episodes evaluate() draws from `seed`, at a fraction of the cost when an
+    image is embedded as many views.
     `embedded`: head_embeddings(init, dataset), when already computed (several shapes share it).
     """
-    from fewshot.fast import prepare
     from fewshot.head import head_logits
-    from fewshot.inner import HEAD_SCALE, InnerRecipe
-    from fewshot.stepchoice import head_path, served_head_steps
 
-    if embedded is None:
-        embedded = head_embeddings(init, dataset)
-    shift = init.config.inner_shift_views
-    copies = embedded.shape[0]
-    features = embedded[0]
-    sizes = prepare(init, torch.device("cpu")).sizes
-    log_scale = init.params[HEAD_SCALE]
-    recipe = InnerRecipe.from_config(init.config)
-    default = init.config.inner_step_size
+    heads = CachedHeads(init, head_embeddings(init, dataset) if embedded is None else embedded)
     sampler = EpisodeSampler(dataset, within_group=within_group)
     rng = np.random.default_rng(seed)
     served: list[float] = []
@@ -340,15 +369,10 @@ def head_cached_scores(
             sy = torch.arange(ways).repeat_interleave(shots)
             qy = torch.arange(ways).repeat_interleave(queries)
             for support, query in zip(supports, query_sets, strict=True):
-                fs, fq = features[support], features[query]
-                views = embedded[:, support].reshape(-1, fs.shape[1]) if shift > 0 else None
-                steps = served_head_steps(
-                    init.config, fs, views, sy, ways, log_scale, sizes, default
-                )
-                fitted = (views, sy.repeat(copies)) if views is not None else None
-                path = head_path(fs, sy, ways, log_scale, sizes, steps, default, recipe, fitted)
+                path, steps = heads.path(support, sy, ways)
+                fq = heads.features[query]
                 for out, (weight, bias) in ((zero, path[0]), (served, path[-1])):
-                    logits = head_logits(fq, weight, bias, log_scale)
+                    logits = head_logits(fq, weight, bias, heads.log_scale)
                     out.append(float((logits.argmax(1) == qy).float().mean()))
                 chosen.append(steps)
             remaining -= tasks

@@ -16,11 +16,12 @@ from torch import Tensor
 
 from fewshot.episodes import EpisodeSampler
 from fewshot.errors import EpisodeError
-from fewshot.evaluate import shape_name
+from fewshot.evaluate import CachedHeads, shape_name
 from fewshot.fast import adapt_fast
 from fewshot.unknown import CALIBRATION_SHOTS, DEFAULT_THRESHOLD, UnknownCalibration
 
 if TYPE_CHECKING:
+    from fewshot.backbone import Conv4
     from fewshot.data import ImageDataset
     from fewshot.initialization import Initialization
 
@@ -62,12 +63,16 @@ def open_set_scores(
     generator = torch.Generator().manual_seed(seed)
     out = OpenSetScores(shots=shots)
     if embedded is not None:
-        cached = CachedHead(init, embedded, steps)
-        for _ in range(episodes):
-            support, query = sampler.sample_indices(rng, 1, 2 * ways, shots, queries)
-            shape = dataset.images.shape[1:]
-            odd = torch.cat([torch.zeros(1, *shape), torch.rand((1, *shape), generator=generator)])
-            cached.score(out, ways, shots, queries, support[0], query[0], odd)
+        heads, module = CachedHeads(init, embedded), init.module()
+        shape = dataset.images.shape[1:]
+        with torch.inference_mode():
+            for _ in range(episodes):
+                support, query = sampler.sample_indices(rng, 1, 2 * ways, shots, queries)
+                odd = torch.cat(
+                    [torch.zeros(1, *shape), torch.rand((1, *shape), generator=generator)]
+                )
+                drawn = (support[0], query[0])
+                _score_cached(heads, module, init, out, ways, shots, queries, drawn, odd, steps)
         return out
     labels = [str(k) for k in range(ways)]
     for _ in range(episodes):
@@ -91,69 +96,43 @@ def open_set_scores(
     return out
 
 
-class CachedHead:
-    """open_set_scores' served adaptation and scoring on cached embeddings (head mode only)."""
+def _score_cached(
+    heads: CachedHeads,
+    module: Conv4,
+    init: Initialization,
+    out: OpenSetScores,
+    ways: int,
+    shots: int,
+    queries: int,
+    drawn: tuple[Tensor, Tensor],
+    odd: Tensor,
+    steps: int | None,
+) -> None:
+    """open_set_scores' step on cached embeddings: adapt to the first `ways` of the drawn
+    classes (support and query indices `drawn`); score the queries and the blank and noise
+    images `odd` [2, C, H, W] into `out`."""
+    from fewshot.head import head_logits
+    from fewshot.unknown import class_prototypes, raw_scores
 
-    def __init__(self, init: Initialization, embedded: Tensor, steps: int | None) -> None:
-        from fewshot.fast import prepare
-        from fewshot.inner import HEAD_SCALE, InnerRecipe
-
-        if init.config.default_mode != "head":
-            raise ValueError("cached open-set scores serve head-mode initializations only")
-        self.init, self.embedded, self.steps = init, embedded, steps
-        self.sizes = prepare(init, torch.device("cpu")).sizes
-        self.log_scale = init.params[HEAD_SCALE]
-        self.recipe = InnerRecipe.from_config(init.config)
-        self.module = init.module()
-
-    @torch.inference_mode()
-    def score(
-        self,
-        out: OpenSetScores,
-        ways: int,
-        shots: int,
-        queries: int,
-        support: Tensor,
-        query: Tensor,
-        odd: Tensor,
-    ) -> None:
-        """Adapt to the first `ways` of the drawn classes; append the scores of `query` and of
-        the blank and noise images `odd` [2, C, H, W] to `out`."""
-        from fewshot.head import head_logits
-        from fewshot.stepchoice import head_path, served_head_steps
-        from fewshot.unknown import class_prototypes, raw_scores
-
-        config = self.init.config
-        drawn_y = torch.arange(2 * ways).repeat_interleave(shots)
-        qy = torch.arange(2 * ways).repeat_interleave(queries)
-        keep = drawn_y < ways
-        index, sy = support[keep], drawn_y[keep]
-        features = self.embedded[0]
-        fs = features[index]
-        copies = self.embedded.shape[0]
-        views = self.embedded[:, index].reshape(-1, fs.shape[1]) if copies > 1 else None
-        default = config.inner_step_size
-        steps = self.steps
-        if steps is None:
-            steps = served_head_steps(
-                config, fs, views, sy, ways, self.log_scale, self.sizes, default
-            )
-        fitted = (views, sy.repeat(copies)) if views is not None else None
-        weight, bias = head_path(
-            fs, sy, ways, self.log_scale, self.sizes, steps, default, self.recipe, fitted
-        )[-1]
-        odd_features = self.module.forward_with(self.init.params, odd).to(features.dtype)
-        queried = torch.cat([features[query], odd_features])
-        predicted = head_logits(queried, weight, bias, self.log_scale).argmax(dim=1)
-        prototypes = class_prototypes(fs, sy, ways)
-        raw, _ = raw_scores(queried, prototypes, config.unknown_distance == "relative")
-        n = query.shape[0]
-        inside = qy < ways
-        out.in_task += raw[:n][inside].tolist()
-        out.in_task_correct += (predicted[:n][inside] == qy[inside]).tolist()
-        out.out_of_task += raw[:n][~inside].tolist()
-        out.blank.append(float(raw[n]))
-        out.noise.append(float(raw[n + 1]))
+    support, query = drawn
+    drawn_y = torch.arange(2 * ways).repeat_interleave(shots)
+    qy = torch.arange(2 * ways).repeat_interleave(queries)
+    keep = drawn_y < ways
+    index, sy = support[keep], drawn_y[keep]
+    path, _ = heads.path(index, sy, ways, steps)
+    weight, bias = path[-1]
+    odd_features = module.forward_with(init.params, odd).to(heads.features.dtype)
+    queried = torch.cat([heads.features[query], odd_features])
+    predicted = head_logits(queried, weight, bias, heads.log_scale).argmax(dim=1)
+    prototypes = class_prototypes(heads.features[index], sy, ways)
+    raw, _ = raw_scores(queried, prototypes, init.config.unknown_distance == "relative")
+    n = query.shape[0]
+    inside = qy < ways
+    out.in_task += raw[:n][inside].tolist()
+    out.in_task_correct += (predicted[:n][inside] == qy[inside]).tolist()
+    out.out_of_task += raw[:n][~inside].tolist()
+    out.blank.append(float(raw[n]))
+    out.noise.append(float(raw[n + 1]))
 
 
 def calibrate_unknown(
