@@ -26,6 +26,7 @@ from fewshot.inner import (
     adapt_params,
     effective_step_sizes,
     embed,
+    embed_with_norms,
     predict_logits_batched,
     support_views,
 )
@@ -48,7 +49,8 @@ class PredictionScores:
     probabilities [B, N] (columns in `labels` order, as predict_proba); score [B] the calibrated
     familiarity (a conformal p-value in [0, 1]; nan when the model is not calibrated); raw [B]
     the uncalibrated familiarity; known [B] score >= threshold; labels: the most probable label,
-    or "unknown" where not known; threshold: the one applied.
+    or "unknown" where not known; threshold: the one applied; norms [B] the embeddings' norms
+    before normalisation (fewshot.unknown's norm check).
     """
 
     probabilities: Tensor
@@ -57,6 +59,8 @@ class PredictionScores:
     known: Tensor
     labels: list[str]
     threshold: float
+    # Pre-normalisation embedding norms [B] (the norm check's input), when they were computed.
+    norms: Tensor | None = None
 
 
 ADAPTED_FORMAT = "maml-serve/adapted-model/v1"
@@ -127,13 +131,15 @@ class AdaptedModel:
         device = next(iter(self.params.values())).device
         module = shared_module(self.config)
         # Conv4 embeds multi-view images a few at a time (ACTIVATIONS_PER_PASS): memory stays bounded.
-        return self.scores_of_features(embed(module, self.params, x.to(device)), threshold)
+        features, norms = embed_with_norms(module, self.params, x.to(device))
+        return self.scores_of_features(features, threshold, norms)
 
     @torch.no_grad()
     def scores_of_features(
-        self, features: Tensor, threshold: float | None = None
+        self, features: Tensor, threshold: float | None = None, norms: Tensor | None = None
     ) -> PredictionScores:
-        """predict_scores from query embeddings [B, D] under this model's backbone."""
+        """predict_scores from query embeddings [B, D] under this model's backbone and their
+        pre-normalisation norms [B] (without them, no norm check)."""
         if threshold is not None and not (0.0 <= threshold <= 1.0):
             raise EpisodeError(f"threshold must be within [0, 1], got {threshold}")
         device = next(iter(self.params.values())).device
@@ -148,9 +154,10 @@ class AdaptedModel:
         relative = self.config.unknown_distance == "relative"
         raw, nearest = raw_scores(features, prototypes.to(features.dtype).to(device), relative)
         raw, nearest = raw.cpu(), nearest.cpu()
+        norms = None if norms is None else norms.float().cpu()
         if self.unknown is not None:
             counts = torch.tensor(self.class_counts or [1] * len(self.labels))
-            score = self.unknown.p_values(raw, counts[nearest], len(self.labels))
+            score = self.unknown.p_values(raw, counts[nearest], len(self.labels), norms)
         else:
             score = torch.full_like(raw, float("nan"))
         applied = (self.unknown_threshold or 0.0) if threshold is None else threshold
@@ -160,7 +167,7 @@ class AdaptedModel:
             self.labels[i] if ok else UNKNOWN_LABEL
             for i, ok in zip(best, known.tolist(), strict=True)
         ]
-        return PredictionScores(probabilities, score, raw, known, labels, applied)
+        return PredictionScores(probabilities, score, raw, known, labels, applied, norms)
 
     def save(
         self, path: str | Path, *, with_calibration: bool = True, with_backbone: bool = True

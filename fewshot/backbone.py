@@ -88,7 +88,7 @@ class Conv4(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Embed images [B, C, H, W] into [B, config.feature_dim]."""
-        return self._read_out(self.blocks(self._views(x)))
+        return self._read_out(self.blocks(self._views(x)))[0]
 
     @property
     def first_map_size(self) -> int:
@@ -113,17 +113,20 @@ class Conv4(nn.Module):
             views += [v.flip(-1) for v in views]
         return torch.cat(views, dim=-4) if len(views) > 1 else x
 
-    def _read_out(self, maps: Tensor) -> Tensor:
+    def _read_out(self, maps: Tensor) -> tuple[Tensor, Tensor]:
+        # (embeddings [B, D], their norms before any normalisation [B], averaged over views)
         out = maps.flatten(-3) if self.readout == "flatten" else maps.mean(dim=(-2, -1))
+        norms = out.norm(dim=-1)
         if self.feature_norm == "l2":
             out = F.normalize(out, dim=-1)
         if self.view_count > 1:
             # The mean of an image's views' embeddings: a function of that one image, so
             # predictions stay independent of the rest of the batch.
             out = out.reshape(*out.shape[:-2], self.view_count, -1, out.shape[-1]).mean(dim=-3)
+            norms = norms.reshape(*norms.shape[:-1], self.view_count, -1).mean(dim=-2)
             if self.feature_norm == "l2":
                 out = F.normalize(out, dim=-1)
-        return out
+        return out, norms
 
     def forward_with(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """forward() with `params` (same names) in place of the module's own weights.
@@ -132,12 +135,19 @@ class Conv4(nn.Module):
         swapping the module's parameters on every call, which dominates small-task adaptation.
         Works under torch.func.grad and vmap.
         """
+        return self.forward_with_norms(params, x)[0]
+
+    def forward_with_norms(self, params: Mapping[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+        """forward_with's embeddings [B, D] and their norms [B] before normalisation (the mean
+        over an image's views): how strongly the trunk responds, which the unit-length
+        embedding hides (fewshot.unknown's familiarity check reads it)."""
         per_pass = max(1, ACTIVATIONS_PER_PASS // (self.view_count * self.first_map_size))
         if self.view_count > 1 and x.shape[0] > per_pass:
-            return torch.cat([self._forward_views(params, p) for p in torch.split(x, per_pass)])
+            parts = [self._forward_views(params, p) for p in torch.split(x, per_pass)]
+            return torch.cat([f for f, _ in parts]), torch.cat([n for _, n in parts])
         return self._forward_views(params, x)
 
-    def _forward_views(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    def _forward_views(self, params: Mapping[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
         x = self._views(x)
         for index, layer in enumerate(self.blocks):
             prefix = f"blocks.{index}."

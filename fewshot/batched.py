@@ -38,6 +38,7 @@ from fewshot.inner import (
     adapt_params,
     backbone_names,
     embed,
+    embed_with_norms,
     soft_targets,
     support_views,
 )
@@ -257,7 +258,7 @@ def predict_many(
     batch statistics), so its probabilities do not depend on the others.
     """
     with torch.inference_mode():
-        features = embed_many(models, images, chunk=chunk)
+        features = [f for f, _ in embed_many(models, images, chunk=chunk)]
         out = []
         for model, feature in zip(models, features, strict=True):
             p = model.params
@@ -279,20 +280,21 @@ def predict_many_scores(
     with torch.inference_mode():
         features = embed_many(models, images, chunk=chunk)
     return [
-        model.scores_of_features(feature.clone(), threshold)
-        for model, feature, threshold in zip(models, features, thresholds, strict=True)
+        model.scores_of_features(feature.clone(), threshold, norms.clone())
+        for model, (feature, norms), threshold in zip(models, features, thresholds, strict=True)
     ]
 
 
 def embed_many(
     models: Sequence[AdaptedModel], images: Sequence[Tensor], *, chunk: int = 64
-) -> list[Tensor]:
-    """Query embeddings [B_i, D] of each model's images under its backbone (see predict_many)."""
+) -> list[tuple[Tensor, Tensor]]:
+    """Query embeddings [B_i, D] of each model's images under its backbone and their norms
+    before normalisation [B_i] (see predict_many)."""
     if len(models) != len(images):
         raise ValueError("one batch of images per model")
     for model, x in zip(models, images, strict=True):
         _check_images(x, model.config, "query")
-    features: list[Tensor | None] = [None] * len(models)
+    features: list[tuple[Tensor, Tensor] | None] = [None] * len(models)
     shared: dict[tuple[object, ...], list[int]] = {}
     stacked: dict[object, list[int]] = {}
     alone: list[int] = []
@@ -337,25 +339,26 @@ def _shared_backbone(
     models: Sequence[AdaptedModel],
     images: Sequence[Tensor],
     group: list[int],
-    features: list[Tensor | None],
+    features: list[tuple[Tensor, Tensor] | None],
     chunk: int,
 ) -> None:
     """Embed the images of models with one backbone together, in passes of `chunk` images."""
     first = models[group[0]]
     module = shared_module(first.config)
     x = torch.cat([images[i] for i in group]).to(_device(first))
-    embedded = torch.cat([embed(module, first.params, part) for part in torch.split(x, chunk)])
-    for i, part in zip(
-        group, torch.split(embedded, [images[i].shape[0] for i in group]), strict=True
-    ):
-        features[i] = part
+    parts = [embed_with_norms(module, first.params, part) for part in torch.split(x, chunk)]
+    sizes = [images[i].shape[0] for i in group]
+    embedded = torch.split(torch.cat([f for f, _ in parts]), sizes)
+    norms = torch.split(torch.cat([n for _, n in parts]), sizes)
+    for i, feature, norm in zip(group, embedded, norms, strict=True):
+        features[i] = (feature, norm)
 
 
 def _stacked_backbones(
     models: Sequence[AdaptedModel],
     images: Sequence[Tensor],
     group: list[int],
-    features: list[Tensor | None],
+    features: list[tuple[Tensor, Tensor] | None],
     chunk: int,
 ) -> None:
     """Embed each model's images under its own backbone, one pass vmapped over the models."""
@@ -373,9 +376,10 @@ def _stacked_backbones(
             rows.append((i, part))
     params = {name: torch.stack([models[i].params[name] for i, _ in rows]) for name in names}
     x = torch.stack([part for _, part in rows]).to(device)
-    embedded = vmap(lambda p, xs: embed(module, p, xs))(params, x)
-    pieces: dict[int, list[Tensor]] = {}
-    for (i, _), row in zip(rows, embedded, strict=True):
-        pieces.setdefault(i, []).append(row)
+    embedded, norms = vmap(lambda p, xs: embed_with_norms(module, p, xs))(params, x)
+    pieces: dict[int, list[tuple[Tensor, Tensor]]] = {}
+    for (i, _), row, norm in zip(rows, embedded, norms, strict=True):
+        pieces.setdefault(i, []).append((row, norm))
     for i, parts in pieces.items():
-        features[i] = torch.cat(parts)[: images[i].shape[0]]
+        n = images[i].shape[0]
+        features[i] = (torch.cat([f for f, _ in parts])[:n], torch.cat([m for _, m in parts])[:n])

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fewshot.unknown import NORM_SHARE
+
 
 def render_model_card(metadata: dict[str, Any]) -> str:
     """Markdown for an initialization's metadata (command, data, wall time, hardware, metrics)."""
@@ -71,7 +73,8 @@ def render_model_card(metadata: dict[str, Any]) -> str:
             "",
             "Per task: share of in-task queries kept, in-task accuracy counting 'unknown' as an "
             "error (and without the unknown decision), share of queries from classes outside the "
-            "task flagged 'unknown', and of blank and uniform-noise images.",
+            "task flagged 'unknown', and of blank and uniform-noise images."
+            + _norm_check_sentence(metadata.get("unknown") or {}),
             "",
             "| task | in-task kept | in-task accuracy | without unknown | out-of-task flagged "
             "| blank flagged | noise flagged | episodes |",
@@ -86,6 +89,17 @@ def render_model_card(metadata: dict[str, Any]) -> str:
             )
     lines += ["", "Weights: `weights.safetensors`; architecture and metadata: `config.json`.", ""]
     return "\n".join(lines)
+
+
+def _norm_check_sentence(unknown: dict[str, Any]) -> str:
+    norms = unknown.get("norms")
+    if not isinstance(norms, list) or not norms:
+        return ""
+    return (
+        f" The score combines the distance to the nearest prototype with a norm check: the "
+        f"embedding's norm before normalisation, ranked among {len(norms)} held-out norms "
+        f"({min(norms):.2f} to {max(norms):.2f}); {NORM_SHARE:.0%} of the threshold goes to it."
+    )
 
 
 def write_model_card(folder: str | Path, metadata: dict[str, Any]) -> Path:

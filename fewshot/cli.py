@@ -174,6 +174,12 @@ def _add_calibrate(sub: Any) -> None:
         type=float,
         help="the report's threshold (default: --threshold, or 0.01 where that is 0)",
     )
+    cal.add_argument(
+        "--no-norm-check",
+        dest="norm_check",
+        action="store_false",
+        help="score by prototype distance alone (default: with the pre-normalisation norm check)",
+    )
     cal.add_argument("--out", help="write the calibrated initialization here (default: in place)")
     cal.set_defaults(handler=run_calibrate)
 
@@ -377,8 +383,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
         # Head mode adapts no backbone layer: each image is embedded once for every task.
         embedded = head_embeddings(init, held) if init.config.default_mode == "head" else None
         calibration = calibrate_unknown(
-            init, held, episodes=args.episodes, threshold=args.threshold, embedded=embedded
-        )
+            init, held, episodes=args.episodes, threshold=args.threshold, embedded=embedded,
+            norm_check=args.norm_check,
+        )  # fmt: skip
         shown = args.report_threshold
         if shown is None:
             shown = args.threshold or DEFAULT_THRESHOLD

@@ -106,6 +106,17 @@ def embed(module: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
     return out
 
 
+def embed_with_norms(
+    module: nn.Module, params: Mapping[str, Tensor], x: Tensor
+) -> tuple[Tensor, Tensor]:
+    """embed's [B, D] and each embedding's norm before normalisation [B] (Conv4; for other
+    modules the norm of what they return)."""
+    if isinstance(module, Conv4):
+        return module.forward_with_norms(params, x)
+    features = embed(module, params, x)
+    return features, features.norm(dim=-1)
+
+
 def logits(module: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
     """Class logits [B, N] of images [B, C, H, W] under adapted parameters (with a head)."""
     features = embed(module, params, x)

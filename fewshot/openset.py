@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class OpenSetScores:
-    """Per-episode raw scores of in-task queries, out-of-task queries, blank and noise images."""
+    """Per-episode raw scores of in-task queries, out-of-task queries, blank and noise images,
+    and (`norms`) each one's pre-normalisation embedding norm, in the same order."""
 
     shots: int
     in_task: list[float] = field(default_factory=list)
@@ -36,6 +37,27 @@ class OpenSetScores:
     out_of_task: list[float] = field(default_factory=list)
     blank: list[float] = field(default_factory=list)
     noise: list[float] = field(default_factory=list)
+    norms: dict[str, list[float]] = field(
+        default_factory=lambda: {"in_task": [], "out_of_task": [], "blank": [], "noise": []}
+    )
+
+    def p_values(self, calibration: UnknownCalibration, kind: str, ways: int) -> Tensor:
+        """The calibrated scores [n] of one kind ("in_task", "out_of_task", "blank", "noise")."""
+        raw = torch.tensor(getattr(self, kind), dtype=torch.float32)
+        norms = torch.tensor(self.norms[kind], dtype=torch.float32)
+        known = norms if len(norms) == len(raw) else None  # None: a path without norms
+        return calibration.p_values(raw, torch.full((len(raw),), self.shots), ways, known)
+
+
+def embedding_norms(init: Initialization, dataset: ImageDataset) -> Tensor:
+    """Pre-normalisation embedding norms [n] of every image of `dataset` under `init`'s backbone."""
+    module = init.module()
+    with torch.inference_mode():
+        parts = [
+            module.forward_with_norms(init.params, part.float().div(255.0))[1]
+            for part in torch.split(dataset.images, 256)
+        ]
+    return torch.cat(parts)
 
 
 def open_set_scores(
@@ -50,12 +72,14 @@ def open_set_scores(
     steps: int | None = None,
     within_group: bool = False,
     embedded: Tensor | None = None,
+    norms: Tensor | None = None,
 ) -> OpenSetScores:
     """Adapt (served steps) to `episodes` tasks of `ways` classes and score queries of those
     classes, of `ways` other classes of `dataset` (out of task), a blank and a noise image.
 
     `embedded` (fewshot.evaluate.head_embeddings of a head-mode `init`): the same tasks scored
-    on embeddings computed once per image, equal to serving up to float rounding.
+    on embeddings computed once per image, equal to serving up to float rounding; `norms`
+    (embedding_norms of the same images) saves computing them again.
     """
 
     sampler = EpisodeSampler(dataset, within_group=within_group)
@@ -64,6 +88,7 @@ def open_set_scores(
     out = OpenSetScores(shots=shots)
     if embedded is not None:
         heads, module = CachedHeads(init, embedded), init.module()
+        norms = embedding_norms(init, dataset) if norms is None else norms
         shape = dataset.images.shape[1:]
         with torch.inference_mode():
             for _ in range(episodes):
@@ -72,7 +97,9 @@ def open_set_scores(
                     [torch.zeros(1, *shape), torch.rand((1, *shape), generator=generator)]
                 )
                 drawn = (support[0], query[0])
-                _score_cached(heads, module, init, out, ways, shots, queries, drawn, odd, steps)
+                _score_cached(
+                    heads, module, init, out, ways, shots, queries, drawn, odd, steps, norms
+                )
         return out
     labels = [str(k) for k in range(ways)]
     for _ in range(episodes):
@@ -93,7 +120,18 @@ def open_set_scores(
         out.out_of_task += scores.raw[:n][~inside].tolist()
         out.blank.append(float(scores.raw[n]))
         out.noise.append(float(scores.raw[n + 1]))
+        if scores.norms is not None:
+            _add_norms(out, scores.norms, inside)
     return out
+
+
+def _add_norms(out: OpenSetScores, norms: Tensor, inside: Tensor) -> None:
+    # norms [n + 2]: the n queries (`inside` [n] marks in-task ones), then blank and noise.
+    n = inside.shape[0]
+    out.norms["in_task"] += norms[:n][inside].tolist()
+    out.norms["out_of_task"] += norms[:n][~inside].tolist()
+    out.norms["blank"].append(float(norms[n]))
+    out.norms["noise"].append(float(norms[n + 1]))
 
 
 def _score_cached(
@@ -107,10 +145,11 @@ def _score_cached(
     drawn: tuple[Tensor, Tensor],
     odd: Tensor,
     steps: int | None,
+    norms: Tensor,
 ) -> None:
     """open_set_scores' step on cached embeddings: adapt to the first `ways` of the drawn
     classes (support and query indices `drawn`); score the queries and the blank and noise
-    images `odd` [2, C, H, W] into `out`."""
+    images `odd` [2, C, H, W] into `out`; `norms` [n] the dataset's embedding_norms."""
     from fewshot.head import head_logits
     from fewshot.unknown import class_prototypes, raw_scores
 
@@ -121,7 +160,8 @@ def _score_cached(
     index, sy = support[keep], drawn_y[keep]
     path, _ = heads.path(index, sy, ways, steps)
     weight, bias = path[-1]
-    odd_features = module.forward_with(init.params, odd).to(heads.features.dtype)
+    odd_features, odd_norms = module.forward_with_norms(init.params, odd)
+    odd_features = odd_features.to(heads.features.dtype)
     queried = torch.cat([heads.features[query], odd_features])
     predicted = head_logits(queried, weight, bias, heads.log_scale).argmax(dim=1)
     prototypes = class_prototypes(heads.features[index], sy, ways)
@@ -133,6 +173,7 @@ def _score_cached(
     out.out_of_task += raw[:n][~inside].tolist()
     out.blank.append(float(raw[n]))
     out.noise.append(float(raw[n + 1]))
+    _add_norms(out, torch.cat([norms[query].float(), odd_norms.float()]), inside)
 
 
 def calibrate_unknown(
@@ -146,20 +187,24 @@ def calibrate_unknown(
     seed: int = 77,
     threshold: float = DEFAULT_THRESHOLD,
     embedded: Tensor | None = None,
+    norm_check: bool = True,
 ) -> UnknownCalibration:
     """Calibrate the "unknown" score of `init` on held-out `dataset` (e.g. validation groups).
 
-    `episodes` tasks per (ways, shots); shapes the data cannot supply are skipped.
-    Store the result with `init.metadata["unknown"] = calibration.to_dict()`.
+    `episodes` tasks per (ways, shots); shapes the data cannot supply are skipped. With
+    `norm_check`, the pre-normalisation norms of every image of `dataset` are kept for
+    fewshot.unknown's norm check. Store the result with
+    `init.metadata["unknown"] = calibration.to_dict()`.
     """
 
+    norms = embedding_norms(init, dataset) if norm_check or embedded is not None else None
     table: dict[tuple[int, int], list[float]] = {}
     for k in shots:
         for n in ways:
             try:
                 found = open_set_scores(
                     init, dataset, ways=n, shots=k, episodes=episodes, queries=queries,
-                    seed=seed + 1000 * k + n, embedded=embedded,
+                    seed=seed + 1000 * k + n, embedded=embedded, norms=norms,
                 )  # fmt: skip
             except EpisodeError:
                 continue
@@ -168,7 +213,8 @@ def calibrate_unknown(
     if not table:
         raise ValueError("the calibration data cannot supply any task shape")
     counts = {f"{w}x{k}": len(v) for (w, k), v in table.items()}
-    full = UnknownCalibration(scores_by_shape=table, threshold=threshold)
+    held_out = sorted(norms.tolist()) if norm_check and norms is not None else None
+    full = UnknownCalibration(scores_by_shape=table, threshold=threshold, norms=held_out)
     compressed = full.compressed()
     compressed.details = {"calibration_queries": counts}
     return compressed
@@ -194,6 +240,7 @@ def unknown_report(
     Shapes the data cannot supply are left out.
     """
     t = calibration.threshold if threshold is None else threshold
+    norms = embedding_norms(init, dataset) if embedded is not None else None
     report: dict[str, dict[str, float]] = {}
     todo = [(w, k, False) for w, k in shapes] + [(w, k, True) for w, k in within_group_shapes]
     for ways, shots, within in todo:
@@ -201,26 +248,24 @@ def unknown_report(
             found = open_set_scores(
                 init, dataset, ways=ways, shots=shots, episodes=episodes,
                 seed=seed + ways + shots + (1000 if within else 0), within_group=within,
-                embedded=embedded,
+                embedded=embedded, norms=norms,
             )  # fmt: skip
         except EpisodeError:
             continue  # a shape the data cannot supply (twice its ways in classes)
 
-        def flagged(values: list[float], shots: int = shots, ways: int = ways) -> np.ndarray:
-            raw = torch.tensor(values, dtype=torch.float32)
-            p = calibration.p_values(raw, torch.full((len(values),), shots), ways)
-            return np.asarray((p < t).numpy())
+        def flagged(kind: str, found: OpenSetScores = found, ways: int = ways) -> np.ndarray:
+            return np.asarray((found.p_values(calibration, kind, ways) < t).numpy())
 
-        kept = ~flagged(found.in_task)
+        kept = ~flagged("in_task")
         correct = np.array(found.in_task_correct)
         report[shape_name(ways, shots, within)] = {
             "threshold": t,
             "in_task_kept": float(kept.mean()),
             "in_task_accuracy": float((kept & correct).mean()),
             "in_task_accuracy_without_unknown": float(correct.mean()),
-            "out_of_task_flagged": float(flagged(found.out_of_task).mean()),
-            "blank_flagged": float(flagged(found.blank).mean()),
-            "noise_flagged": float(flagged(found.noise).mean()),
+            "out_of_task_flagged": float(flagged("out_of_task").mean()),
+            "blank_flagged": float(flagged("blank").mean()),
+            "noise_flagged": float(flagged("noise").mean()),
             "episodes": float(episodes),
         }
     return report

@@ -15,6 +15,14 @@ score is at most this image's.
 With threshold t, about (1 - t) of genuine queries are kept; the default t = 0.01 keeps ~99%:
 "unknown" by default only when an image is less familiar than all but 1% of genuine queries, so
 a closed-set user loses little accuracy to it (a caller asks for a stricter t per request).
+
+Norm check (calibrations that hold `norms`): the embedding's norm before normalisation (how
+strongly the trunk responds to the image) has a narrow range over genuine images; a blank or
+noise image can sit near a prototype on the unit sphere while its norm lies far outside that
+range (the width-128 Omniglot trunk: characters 14.2-35.1, blank 13.8, noise 88-98). Its
+two-sided conformal p-value is combined with the distance's by a weighted Bonferroni rule,
+p = min(1, p_distance / (1 - w), p_norm / w) with w = NORM_SHARE, so a threshold t still keeps
+at least (1 - t) of genuine queries: a share (1 - w) of t is spent on distance, w on the norm.
 """
 
 from __future__ import annotations
@@ -34,6 +42,11 @@ UNKNOWN_LABEL = "unknown"
 DEFAULT_THRESHOLD = 0.01
 CALIBRATION_SHOTS = (1, 2, 3, 5)
 METADATA_KEY = "unknown"
+# The share of a threshold spent on the norm check (the rest on the prototype distance).
+NORM_SHARE = 0.2
+# At most this many held-out norms are stored (quantiles beyond it): enough to resolve the norm
+# check's p-values at the default threshold (NORM_SHARE * 0.01 needs > 1,000 points).
+NORM_POINTS = 4001
 
 
 def class_prototypes(features: Tensor, labels: Tensor, n_way: int) -> Tensor:
@@ -76,6 +89,8 @@ class UnknownCalibration:
     scores_by_shape: dict[tuple[int, int], list[float]]
     threshold: float = DEFAULT_THRESHOLD
     details: dict[str, Any] = field(default_factory=dict)
+    # Sorted pre-normalisation embedding norms of held-out genuine images (None: no norm check).
+    norms: list[float] | None = None
 
     def table(self, ways: int, shots: int) -> list[float]:
         """The in-task scores of the calibrated way count and then shot count nearest below."""
@@ -84,14 +99,34 @@ class UnknownCalibration:
         shot_keys = sorted(k for v, k in self.scores_by_shape if v == w)
         return self.scores_by_shape[(w, _nearest_below(shot_keys, shots))]
 
-    def p_values(self, raw: Tensor, shots: Tensor, ways: int = 5) -> Tensor:
+    def p_values(
+        self, raw: Tensor, shots: Tensor, ways: int = 5, norms: Tensor | None = None
+    ) -> Tensor:
         """Calibrated scores [B] in [0, 1] for raw scores [B] in a `ways`-way task whose nearest
-        classes have `shots` [B] support images."""
+        classes have `shots` [B] support images; with `norms` [B] (pre-normalisation embedding
+        norms) and a calibration that holds norms, combined with the norm check."""
         out = torch.empty(raw.shape[0], dtype=torch.float32)
         for i, (value, count) in enumerate(zip(raw.tolist(), shots.tolist(), strict=True)):
             table = self.table(ways, int(count))
             # (rank + 1) / (n + 1): the conformal p-value, never exactly 0.
             out[i] = (bisect.bisect_right(table, value) + 1) / (len(table) + 1)
+        if self.norms is None or norms is None:
+            return out
+        return torch.minimum(
+            torch.ones_like(out),
+            torch.minimum(out / (1 - NORM_SHARE), self.norm_p_values(norms) / NORM_SHARE),
+        )
+
+    def norm_p_values(self, norms: Tensor) -> Tensor:
+        """Two-sided conformal p-values [B] of norms [B] among the calibrated ones (1 without)."""
+        if self.norms is None:
+            return torch.ones(norms.shape[0], dtype=torch.float32)
+        table, n = self.norms, len(self.norms)
+        out = torch.empty(norms.shape[0], dtype=torch.float32)
+        for i, value in enumerate(norms.tolist()):
+            below = bisect.bisect_right(table, value)
+            above = n - bisect.bisect_left(table, value)
+            out[i] = min(1.0, 2 * (min(below, above) + 1) / (n + 1))
         return out
 
     def compressed(self, points: int = 401) -> UnknownCalibration:
@@ -102,16 +137,21 @@ class UnknownCalibration:
             else list(v)
             for shape, v in self.scores_by_shape.items()
         }
-        return UnknownCalibration(tables, self.threshold, dict(self.details))
+        norms = self.norms
+        if norms is not None and len(norms) > NORM_POINTS:
+            norms = np.quantile(np.asarray(norms), np.linspace(0, 1, NORM_POINTS)).tolist()
+        return UnknownCalibration(tables, self.threshold, dict(self.details), norms)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict stored in an initialization's metadata under "unknown"."""
         return {
-            "score": "conformal p-value of -min prototype distance (ModelConfig.unknown_distance)",
+            "score": "conformal p-value of -min prototype distance (ModelConfig.unknown_distance)"
+            + (", with the pre-normalisation norm check" if self.norms is not None else ""),
             "threshold": self.threshold,
             "scores_by_shape": {
                 f"{w}x{k}": [round(v, 5) for v in vs] for (w, k), vs in self.scores_by_shape.items()
             },
+            **({"norms": [round(v, 4) for v in self.norms]} if self.norms is not None else {}),
             **({"details": self.details} if self.details else {}),
         }
 
@@ -124,10 +164,14 @@ class UnknownCalibration:
             table[(ways, shots)] = sorted(float(v) for v in values)
         if not table or any(not vs for vs in table.values()):
             raise ValueError("an unknown-calibration table is empty")
+        norms = data.get("norms")
+        if norms is not None and (not isinstance(norms, list) or not norms):
+            raise ValueError("an unknown-calibration norm table is empty")
         return cls(
             scores_by_shape=table,
             threshold=float(data.get("threshold", DEFAULT_THRESHOLD)),
             details=dict(data.get("details", {})),
+            norms=None if norms is None else sorted(float(v) for v in norms),
         )
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 from fastapi.testclient import TestClient
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from tests.data_paths import OMNIGLOT_ZIP
 
@@ -21,13 +21,22 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def class_images(seed: int, count: int) -> list[bytes]:
-    """`count` noisy copies of one random binary pattern (a learnable class)."""
+    """`count` hand-drawn-like copies of one random character: 2-3 strokes of 2-3 points, each
+    copy with its points moved by up to 0.7 px (a learnable class; blank- or noise-like images
+    would be "unknown" to the shipped handwriting initialization's norm check)."""
     rng = np.random.default_rng(seed)
-    pattern = rng.random((28, 28)) > 0.7
+    strokes = [
+        rng.uniform(4, 24, size=(int(rng.integers(2, 4)), 2))
+        for _ in range(int(rng.integers(2, 4)))
+    ]
     images = []
     for _ in range(count):
-        flips = rng.random((28, 28)) < 0.05
-        images.append(_png(((pattern ^ flips) == 0).astype(np.uint8) * 255))
+        canvas = Image.new("L", (28, 28), 255)
+        draw = ImageDraw.Draw(canvas)
+        for points in strokes:
+            moved = points + rng.uniform(-0.7, 0.7, size=points.shape)
+            draw.line([(float(x), float(y)) for x, y in moved], fill=0, width=2)
+        images.append(_png(np.asarray(canvas, dtype=np.uint8)))
     return images
 
 

@@ -73,7 +73,7 @@ _READY = {
     "checks": {
         "database": True,
         "broker": True,
-        "initialization": "omniglot-conv4-v4",
+        "initialization": "omniglot-conv4-v5",
         "workers": True,
         "queues_without_workers": [],
     },

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.core.schemas import KEY_ID, WHEN
 
 _VERSION: dict[str, Any] = {
-    "version": "omniglot-conv4-v4",
+    "version": "omniglot-conv4-v5",
     "status": "ready",
     "source": "shipped",
     "scope": "global",
@@ -19,12 +19,12 @@ _VERSION: dict[str, Any] = {
     "is_global_default": True,
     "is_domain_default": True,
     "is_tenant_default": False,
-    "config": {"in_channels": 1, "image_size": 28, "width": 64, "inner_steps": 10},
-    "metrics": {"val_5w1s": 0.962, "val_20w1s": 0.874},
+    "config": {"in_channels": 1, "image_size": 42, "width": 128, "inner_steps": 10},
+    "metrics": {"val_5w1s": 0.983, "val_20w1s": 0.943},
     "sha256": "b5d7f9a1c3e5a7b9d1f3a5c7e9b1d3f5a7c9e1b3d5f7a9c1e3b5d7f9a1c3e5a7",
-    "parent_version": "omniglot-conv4-v3",
+    "parent_version": "omniglot-conv4-v4",
     "promoted_at": WHEN,
-    "created_at": "2026-11-28T09:30:00Z",
+    "created_at": "2026-12-06T15:30:00Z",
 }
 
 
@@ -34,7 +34,7 @@ class PromotionResult(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"active_version": "omniglot-conv4-v4", "previous_version": "omniglot-conv4-v3"}
+                {"active_version": "omniglot-conv4-v5", "previous_version": "omniglot-conv4-v4"}
             ]
         }
     )
@@ -75,8 +75,8 @@ class PromotionList(BaseModel):
                     "items": [
                         {
                             "action": "promote",
-                            "version": "omniglot-conv4-v4",
-                            "previous_version": "omniglot-conv4-v3",
+                            "version": "omniglot-conv4-v5",
+                            "previous_version": "omniglot-conv4-v4",
                             "actor": f"key:{KEY_ID}",
                             "scope": "tenant",
                             "tenant": None,
@@ -134,10 +134,10 @@ class InitializationList(BaseModel):
             "examples": [
                 {
                     "items": [_VERSION],
-                    "active_version": "omniglot-conv4-v4",
-                    "global_version": "omniglot-conv4-v4",
+                    "active_version": "omniglot-conv4-v5",
+                    "global_version": "omniglot-conv4-v5",
                     "domain_versions": {
-                        "handwritten characters": "omniglot-conv4-v4",
+                        "handwritten characters": "omniglot-conv4-v5",
                         "photos": "photos-conv4-v3",
                     },
                 }

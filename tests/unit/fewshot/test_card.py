@@ -46,3 +46,15 @@ def test_card_says_when_unknown_is_off_by_default() -> None:
     )
     assert '"None of these" at p-value 0.05 on request (the default is 0.0: ' in card
     assert "'unknown' is off unless a request or task asks" in card
+    assert "norm check" not in card
+
+
+def test_card_describes_the_norm_check_when_calibrated_with_norms() -> None:
+    report = {
+        "threshold": 0.01, "in_task_kept": 0.99, "in_task_accuracy": 0.9,
+        "in_task_accuracy_without_unknown": 0.91, "out_of_task_flagged": 0.6,
+        "blank_flagged": 1.0, "noise_flagged": 1.0, "episodes": 100,
+    }  # fmt: skip
+    unknown = {"threshold": 0.01, "norms": [14.2, 20.0, 35.1], "details": {"report": {"x": report}}}
+    card = render_model_card({"unknown": unknown})
+    assert "ranked among 3 held-out norms (14.20 to 35.10); 20% of the threshold" in card

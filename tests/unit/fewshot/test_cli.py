@@ -150,3 +150,7 @@ def test_calibrate_takes_an_ungrouped_held_out_set_whole(
     assert set(unknown["details"]["report"]) == {"5-way 1-shot", "5-way 5-shot"}
     assert unknown["details"]["groups"] == []
     assert "5-way 1-shot" in capsys.readouterr().out
+    # The norm check's table: one norm per held-out image (10 classes x 10), unless turned off.
+    assert len(unknown["norms"]) == 100 and unknown["norms"] == sorted(unknown["norms"])
+    assert main([*args, "--episodes", "3", "--report-episodes", "2", "--no-norm-check"]) == 0
+    assert "norms" not in fewshot.Initialization.load(tmp_path / "init").metadata["unknown"]

@@ -12,7 +12,7 @@ from fewshot.backbone import Conv4
 from fewshot.batched import adapt_many, predict_many
 from fewshot.config import AdaptMode
 from fewshot.fast import adapt_fast
-from fewshot.inner import embed
+from fewshot.inner import embed, embed_with_norms
 from tests.fewshot_helpers import TINY, random_images, tiny_init
 
 LABELS = ["a", "b", "c", "a", "c", "c"]  # unbalanced: 2, 1 and 3 shots
@@ -139,11 +139,14 @@ def test_stacked_backbones_pass_equals_each_model_alone() -> None:
         for i in range(3)
     ]
     images = [random_images(n, seed=50 + n, dtype=torch.float32) for n in (5, 1, 3)]
-    features: list[torch.Tensor | None] = [None] * 3
+    features: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * 3
     _stacked_backbones(models, images, [0, 1, 2], features, chunk=2)
-    for model, x, feature in zip(models, images, features, strict=True):
-        assert feature is not None
-        torch.testing.assert_close(feature, embed(Conv4(TINY), model.params, x), atol=1e-5, rtol=0)
+    for model, x, found in zip(models, images, features, strict=True):
+        assert found is not None
+        alone = embed_with_norms(Conv4(TINY), model.params, x)
+        torch.testing.assert_close(found[0], alone[0], atol=1e-5, rtol=0)
+        # The norms before normalisation too (the "unknown" norm check reads them).
+        torch.testing.assert_close(found[1], alone[1], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["full", "head"])

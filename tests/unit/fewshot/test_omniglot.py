@@ -89,12 +89,11 @@ def test_the_default_unknown_threshold_flags_no_more_genuine_queries_than_calibr
             shipped, validation, ways=ways, shots=shots, episodes=24, queries=5, seed=99,
             within_group=within,
         )  # fmt: skip
-        raw = torch.tensor(found.in_task)
-        p = calibration.p_values(raw, torch.full((len(raw),), shots), ways)
+        p = found.p_values(calibration, "in_task", ways)  # with the norm check where calibrated
         flagged = float((p < calibration.threshold).float().mean())
         # 1% expected; the bound allows 3 binomial standard errors on >= 600 queries.
-        bound = calibration.threshold + 3 * (calibration.threshold / len(raw)) ** 0.5
+        bound = calibration.threshold + 3 * (calibration.threshold / len(p)) ** 0.5
         assert flagged <= bound, f"{ways}-way {shots}-shot: {flagged:.3%} of genuine flagged"
-        for odd in (found.blank, found.noise):
-            q = calibration.p_values(torch.tensor(odd), torch.full((len(odd),), shots), ways)
-            assert float((q < calibration.threshold).float().mean()) == 1.0
+        for odd in ("blank", "noise"):
+            q = found.p_values(calibration, odd, ways)
+            assert float((q < calibration.threshold).float().mean()) == 1.0, odd

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 import fewshot
 from fewshot.fast import adapt_fast
+from fewshot.inner import effective_step_sizes, raw_step_sizes
 from tests.fewshot_helpers import TINY, random_images, tiny_init
 
 # Head steps far too large for these features, fitted on shifted views of random textures:
@@ -29,20 +31,35 @@ def _served(
     return model.steps, model.predict_proba(x).argmax(dim=1) == TRUTH
 
 
+def _textures(seed: int, count: int) -> list[np.ndarray]:
+    """`count` noisy copies (5% of pixels flipped) of one random binary texture, 28 x 28."""
+    rng = np.random.default_rng(seed)
+    pattern = rng.random((28, 28)) > 0.7
+    return [
+        ((pattern ^ (rng.random((28, 28)) < 0.05)) == 0).astype(np.uint8) * 255
+        for _ in range(count)
+    ]
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
 def test_steps_that_spoil_the_support_fit_fall_back_to_zero(fast: bool) -> None:
-    """The shipped handwriting initialization on random binary textures (not characters): its
-    steps on 2-pixel shifted views would pull every support image onto one class."""
-    import io
-
+    """The shipped handwriting initialization on random binary textures (not characters), its
+    head steps fitted on 2-pixel shifted support views at 5x their learned step sizes: they
+    pull every support image onto one class. (At its own step sizes they keep these textures
+    apart with or without the shifted views.)"""
     from PIL import Image
 
     from fewshot.images import preprocess_images
-    from tests.admin_data import class_images
 
     shipped = fewshot.Initialization.load(fewshot.shipped_initialization_path())
     assert shipped.config.support_fit_guard
-    images = [Image.open(io.BytesIO(d)) for seed in (1, 2, 3) for d in class_images(seed, 2)]
+    transform = shipped.config.step_size_transform
+    effective = effective_step_sizes(shipped.step_sizes, transform)
+    assert effective, "the shipped initialization learns its step sizes"
+    # Steps 5x the learned size on views shifted by 2 pixels: a real case where they overshoot.
+    wild = {name: raw_step_sizes(5 * value, transform) for name, value in effective.items()}
+    shipped = replace(shipped, config=replace(shipped.config, inner_shift_views=2), step_sizes=wild)
+    images = [Image.fromarray(t) for seed in (1, 2, 3) for t in _textures(seed, 2)]
     x = preprocess_images(images, shipped.config)
     labels = ["alpha", "alpha", "beta", "beta", "gamma", "gamma"]
     truth = torch.tensor([0, 0, 1, 1, 2, 2])

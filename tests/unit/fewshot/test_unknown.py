@@ -11,6 +11,7 @@ import torch
 import fewshot
 from fewshot.unknown import (
     DEFAULT_THRESHOLD,
+    NORM_SHARE,
     UnknownCalibration,
     class_prototypes,
     raw_scores,
@@ -89,6 +90,55 @@ def test_p_values_are_ranks_among_in_task_scores_per_shot_count() -> None:
     )
 
 
+def test_norm_p_values_are_two_sided_ranks_combined_by_weighted_bonferroni() -> None:
+    calibration = UnknownCalibration({(5, 1): [-3.0, -2.0, -1.0]}, norms=[1.0, 2.0, 3.0, 4.0])
+    norms = torch.tensor([0.5, 1.0, 2.5, 4.0, 9.0])
+    # 2 (rank on the nearer side + 1) / (n + 1), at most 1.
+    assert calibration.norm_p_values(norms).tolist() == pytest.approx([0.4, 0.8, 1.0, 0.8, 0.4])
+    raw = torch.full((5,), -1.5)  # distance p-value 0.75
+    # min(1, p_distance / (1 - w), p_norm / w): here the distance's term, 0.75 / 0.8.
+    combined = calibration.p_values(raw, torch.ones(5, dtype=torch.long), 5, norms)
+    assert combined.tolist() == pytest.approx([0.9375] * 5)
+    wide = dataclasses.replace(calibration, norms=[float(v) for v in range(1, 20)])
+    outside = torch.tensor([0.5, 10.0, 30.0])  # norm p-values 0.1, 1, 0.1
+    combined = wide.p_values(raw[:3], torch.ones(3, dtype=torch.long), 5, outside)
+    assert combined.tolist() == pytest.approx([0.1 / NORM_SHARE, 0.9375, 0.1 / NORM_SHARE])
+    # Without norms (older calibrations, or a caller that has none) the distance alone.
+    assert calibration.p_values(raw, torch.ones(5, dtype=torch.long)).tolist() == [0.75] * 5
+    again = UnknownCalibration.from_dict(calibration.to_dict())
+    assert again.norms == calibration.norms
+    assert UnknownCalibration.from_dict({**calibration.to_dict(), "norms": None}).norms is None
+    with pytest.raises(ValueError):
+        UnknownCalibration.from_dict({**calibration.to_dict(), "norms": []})
+
+
+def test_the_norm_check_flags_images_outside_the_calibrated_norm_range() -> None:
+    """A calibration whose norms span two of the three support images' (1200 points): at the
+    default threshold a query is "unknown" exactly when its norm lies outside that range or its
+    distance is below the distance's share of the threshold; the third support image, its own
+    prototype, is flagged by its norm alone."""
+    init = _calibrated(_float_init())
+    support = random_images(3, TINY, dtype=torch.float32)
+    model = fewshot.adapt(init, support, ["a", "b", "c"])
+    assert model.unknown is not None
+    support_norms = model.predict_scores(support).norms
+    assert support_norms is not None
+    order = support_norms.argsort()
+    kept, odd = order[:2], int(order[2])
+    span = sorted(support_norms[kept].tolist() * 600)
+    model.unknown = dataclasses.replace(model.unknown, norms=span)
+    queries = torch.cat([support, random_images(12, TINY, 9, dtype=torch.float32)])
+    scores = model.predict_scores(queries)
+    assert scores.norms is not None
+    low, high = span[0], span[-1]
+    outside = (scores.norms < low) | (scores.norms > high)
+    distance_p = model.unknown.p_values(scores.raw, torch.ones(15, dtype=torch.long), 3)
+    far = distance_p < DEFAULT_THRESHOLD * (1 - NORM_SHARE)
+    assert scores.known.tolist() == (~(outside | far)).tolist()
+    assert bool(scores.known[kept].all()) and not bool(scores.known[odd])
+    assert bool(outside[3:].any()) and not bool(outside[3:].all()), "both sides exercised"
+
+
 def test_predict_scores_flags_below_threshold_and_is_batch_independent() -> None:
     init = _calibrated(_float_init())
     support = random_images(3, TINY, dtype=torch.float32)
@@ -104,8 +154,14 @@ def test_predict_scores_flags_below_threshold_and_is_batch_independent() -> None
         alone = model.predict_scores(queries[i : i + 1])
         assert torch.allclose(alone.score, batch.score[i : i + 1])
         assert alone.labels == batch.labels[i : i + 1]
-    # A 1-shot support image is its prototype: the most familiar thing there is (p-value 1).
-    assert batch.score[:3].tolist() == [1.0, 1.0, 1.0] and bool(batch.known[:3].all())
+    # A 1-shot support image is its prototype: the most familiar distance there is (p-value 1);
+    # its score is the norm check's alone (NORM_SHARE of the threshold).
+    distance_p = model.unknown.p_values(batch.raw, torch.ones(8, dtype=torch.long), 3)
+    assert distance_p[:3].tolist() == [1.0, 1.0, 1.0]
+    assert batch.norms is not None
+    norm_p = model.unknown.norm_p_values(batch.norms)
+    want = torch.minimum(distance_p / (1 - NORM_SHARE), norm_p / NORM_SHARE).clamp(max=1.0)
+    assert torch.allclose(batch.score, want)
     assert batch.raw[:3].abs().max() < 1e-5 and bool((batch.raw[3:] < 0).all())
     assert model.predict_scores(queries, threshold=0.0).labels.count("unknown") == 0
     assert model.predict_scores(queries, threshold=1.0).labels[3:] == ["unknown"] * 5
@@ -176,7 +232,8 @@ def test_shipped_initialization_flags_blank_and_noise_images() -> None:
     queries = torch.cat([images[i * 20 + 1 : i * 20 + 3] for i in range(5)])
     model = fewshot.adapt(init, support, [labels[i * 20] for i in range(5)])
     generator = torch.Generator().manual_seed(0)
-    odd = torch.cat([torch.zeros(1, 1, 28, 28), torch.rand((2, 1, 28, 28), generator=generator)])
+    shape = (1, init.config.image_size, init.config.image_size)
+    odd = torch.cat([torch.zeros(1, *shape), torch.rand((2, *shape), generator=generator)])
     scores = model.predict_scores(torch.cat([queries, odd]))
     assert scores.labels[-3:] == ["unknown"] * 3, scores.score[-3:]
     assert sum(label != "unknown" for label in scores.labels[:-3]) >= 8, scores.score

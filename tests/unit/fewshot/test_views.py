@@ -97,6 +97,10 @@ def test_a_large_multi_view_batch_is_embedded_in_passes_with_the_same_result(
     x = torch.rand(13, 1, 12, 12)
     whole = module.forward_with(init.params, x)
     assert passes == [4, 4, 4, 1]
-    one_by_one = torch.cat([forward_views(init.params, x[i : i + 1]) for i in range(13)])
+    one_by_one = torch.cat([forward_views(init.params, x[i : i + 1])[0] for i in range(13)])
     assert whole.shape == (13, config.feature_dim)
     assert torch.allclose(whole, one_by_one, atol=1e-5)
+    # The norms before normalisation (the "unknown" norm check) come out of the same passes.
+    norms = module.forward_with_norms(init.params, x)[1]
+    alone = torch.cat([forward_views(init.params, x[i : i + 1])[1] for i in range(13)])
+    assert norms.shape == (13,) and torch.allclose(norms, alone, atol=1e-5)
