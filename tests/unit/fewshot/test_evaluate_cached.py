@@ -82,3 +82,6 @@ def test_cached_open_set_scores_equal_served_adaptation(config: ModelConfig, see
     assert cached.in_task_correct == served.in_task_correct
     for field in ("in_task", "out_of_task", "blank", "noise"):
         assert getattr(cached, field) == pytest.approx(getattr(served, field), abs=1e-4), field
+        # The norm check's input, one per score, the same on both paths.
+        assert len(cached.norms[field]) == len(getattr(served, field))
+        assert cached.norms[field] == pytest.approx(served.norms[field], rel=1e-4), field
