@@ -353,7 +353,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     """Calibrate the unknown score on held-out groups; store it (and its report) in the metadata."""
     from fewshot.data import load_dataset
     from fewshot.errors import FewShotError
-    from fewshot.evaluate import head_embeddings
+    from fewshot.evaluate import head_embeddings_and_norms
     from fewshot.initialization import Initialization, shipped_initialization_path
     from fewshot.openset import calibrate_unknown, unknown_report
     from fewshot.promotion import overlapping_groups
@@ -381,17 +381,21 @@ def run_calibrate(args: argparse.Namespace) -> int:
             raise FewShotError(f"{init.version} was meta-trained on {', '.join(overlap)}")
         held = data.subset_groups(groups)
         # Head mode adapts no backbone layer: each image is embedded once for every task.
-        embedded = head_embeddings(init, held) if init.config.default_mode == "head" else None
+        embedded, norms = (
+            head_embeddings_and_norms(init, held)
+            if init.config.default_mode == "head"
+            else (None, None)
+        )
         calibration = calibrate_unknown(
             init, held, episodes=args.episodes, threshold=args.threshold, embedded=embedded,
-            norm_check=args.norm_check,
+            norm_check=args.norm_check, norms=norms,
         )  # fmt: skip
         shown = args.report_threshold
         if shown is None:
             shown = args.threshold or DEFAULT_THRESHOLD
         report = unknown_report(
             init, held, calibration, episodes=args.report_episodes, embedded=embedded,
-            threshold=shown,
+            norms=norms, threshold=shown,
         )  # fmt: skip
         calibration.details = {
             **calibration.details,

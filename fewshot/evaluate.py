@@ -272,6 +272,12 @@ def evaluate_shapes(
 def head_embeddings(init: Initialization, dataset: ImageDataset) -> Tensor:
     """Every image of `dataset` embedded under a head-mode `init`: [copies, n, D], each image
     first, then (when the recipe fits shifted support views) its four shifted copies."""
+    return head_embeddings_and_norms(init, dataset)[0]
+
+
+def head_embeddings_and_norms(init: Initialization, dataset: ImageDataset) -> tuple[Tensor, Tensor]:
+    """head_embeddings [copies, n, D] and each image's embedding norm before normalisation [n]
+    (fewshot.unknown's norm check), from the same pass."""
     from fewshot.inner import support_views
 
     if init.config.default_mode != "head":
@@ -280,13 +286,15 @@ def head_embeddings(init: Initialization, dataset: ImageDataset) -> Tensor:
     shift = init.config.inner_shift_views
     copies = 5 if shift > 0 else 1
     with torch.inference_mode():
-        parts = []
+        parts, norms = [], []
         # Parts of 256 images bound the float copies of the inputs; Conv4 bounds the activations.
         for part in torch.split(dataset.images, 256):
             x = part.float().div(255.0)
             x = support_views(x, torch.zeros(len(x), dtype=torch.long), shift)[0]
-            parts.append(module.forward_with(init.params, x).view(copies, len(part), -1))
-        return torch.cat(parts, dim=1)
+            features, norm = module.forward_with_norms(init.params, x)
+            parts.append(features.view(copies, len(part), -1))
+            norms.append(norm.view(copies, len(part))[0])  # the image itself, not its copies
+        return torch.cat(parts, dim=1), torch.cat(norms)
 
 
 class CachedHeads:

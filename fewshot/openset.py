@@ -188,16 +188,19 @@ def calibrate_unknown(
     threshold: float = DEFAULT_THRESHOLD,
     embedded: Tensor | None = None,
     norm_check: bool = True,
+    norms: Tensor | None = None,
 ) -> UnknownCalibration:
     """Calibrate the "unknown" score of `init` on held-out `dataset` (e.g. validation groups).
 
     `episodes` tasks per (ways, shots); shapes the data cannot supply are skipped. With
     `norm_check`, the pre-normalisation norms of every image of `dataset` are kept for
-    fewshot.unknown's norm check. Store the result with
+    fewshot.unknown's norm check (`norms`: embedding_norms of `dataset` when the caller has
+    them, e.g. from fewshot.evaluate.head_embeddings_and_norms). Store the result with
     `init.metadata["unknown"] = calibration.to_dict()`.
     """
 
-    norms = embedding_norms(init, dataset) if norm_check or embedded is not None else None
+    if norms is None and (norm_check or embedded is not None):
+        norms = embedding_norms(init, dataset)
     table: dict[tuple[int, int], list[float]] = {}
     for k in shots:
         for n in ways:
@@ -231,6 +234,7 @@ def unknown_report(
     threshold: float | None = None,
     within_group_shapes: Sequence[tuple[int, int]] = (),
     embedded: Tensor | None = None,
+    norms: Tensor | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per shape at `threshold` (default: the calibration's): kept in-task share, in-task accuracy
     (correct and kept), out-of-task share flagged unknown, blank and noise share flagged.
@@ -240,7 +244,8 @@ def unknown_report(
     Shapes the data cannot supply are left out.
     """
     t = calibration.threshold if threshold is None else threshold
-    norms = embedding_norms(init, dataset) if embedded is not None else None
+    if norms is None and embedded is not None:
+        norms = embedding_norms(init, dataset)
     report: dict[str, dict[str, float]] = {}
     todo = [(w, k, False) for w, k in shapes] + [(w, k, True) for w, k in within_group_shapes]
     for ways, shots, within in todo:

@@ -37,6 +37,7 @@ from fewshot.evaluate import (
     evaluate_head_cached,
     head_cached_scores,
     head_embeddings,
+    head_embeddings_and_norms,
     shape_name,
 )
 from fewshot.fast import adapt_fast
@@ -343,7 +344,8 @@ def main() -> int:
     meta_info = init.metadata.pop("meta_stage")
 
     metrics: dict[str, Any] = {}
-    embedded = head_embeddings(init, val)  # once: every shape's episodes read the same images
+    # Once: every shape's episodes, the comparison and the calibration read the same images.
+    embedded, norms = head_embeddings_and_norms(init, val)
     for ways, shots, within, queries in CARD_SHAPES:
         name = shape_name(ways, shots, within)
         with tqdm(total=args.episodes, desc=name, file=sys.stderr) as progress:
@@ -361,11 +363,13 @@ def main() -> int:
     )
     print(json.dumps({"promotion": decision.to_dict()}), flush=True)
 
-    calibration = calibrate_unknown(init, val, episodes=args.unknown_episodes, embedded=embedded)
+    calibration = calibrate_unknown(
+        init, val, episodes=args.unknown_episodes, embedded=embedded, norms=norms
+    )
     calibration.details["groups"] = VALIDATION_GROUPS
     calibration.details["report"] = unknown_report(
         init, val, calibration, episodes=args.report_episodes, within_group_shapes=((20, 1),),
-        embedded=embedded,
+        embedded=embedded, norms=norms,
     )  # fmt: skip
     del embedded
     timings = {

@@ -30,7 +30,7 @@ from fewshot.card import render_model_card
 from fewshot.centering import centred
 from fewshot.data import load_dataset
 from fewshot.devices import resolve_device
-from fewshot.evaluate import evaluate_head_cached, head_embeddings
+from fewshot.evaluate import evaluate_head_cached, head_embeddings_and_norms
 from fewshot.fast import adapt_fast
 from fewshot.initialization import Initialization
 from fewshot.inner import HEAD_BIAS, HEAD_WEIGHT
@@ -258,7 +258,7 @@ def main() -> int:
     )
     metrics: dict[str, Any] = {}
     # Head mode: each image embedded once (exact; 12 views an image make per-episode passes slow).
-    embedded = head_embeddings(init, val)
+    embedded, norms = head_embeddings_and_norms(init, val)
     for ways, shots in SHAPES:
         result = evaluate_head_cached(
             init, val, ways=ways, shots=shots, queries=15, episodes=args.episodes, seed=shots,
@@ -268,11 +268,11 @@ def main() -> int:
         print(json.dumps({f"{ways}w{shots}s": result.to_dict()}), flush=True)
     # 5-way only: a calibration task needs twice its ways in classes (16 here).
     calibration = calibrate_unknown(
-        init, val, ways=(5,), episodes=args.unknown_episodes, embedded=embedded
+        init, val, ways=(5,), episodes=args.unknown_episodes, embedded=embedded, norms=norms
     )
     calibration.details["report"] = unknown_report(
         init, val, calibration, shapes=[(w, k) for w, k in SHAPES], episodes=100,
-        embedded=embedded,
+        embedded=embedded, norms=norms,
     )  # fmt: skip
     del embedded
     print(json.dumps({"unknown": calibration.details["report"]}), flush=True)

@@ -34,15 +34,19 @@ def test_card_has_zero_steps_targets_and_unknown_sections() -> None:
     assert '"None of these" at the default threshold (p-value 0.05)' in card
 
 
-def test_card_says_when_unknown_is_off_by_default() -> None:
-    """A photo initialization ships its calibration at threshold 0, reported at 0.05."""
-    report = {
-        "threshold": 0.05, "in_task_kept": 0.96, "in_task_accuracy": 0.49,
+def _report(threshold: float) -> dict[str, float]:
+    """One shape's "unknown" report row at `threshold`."""
+    return {
+        "threshold": threshold, "in_task_kept": 0.96, "in_task_accuracy": 0.49,
         "in_task_accuracy_without_unknown": 0.5, "out_of_task_flagged": 0.1,
         "blank_flagged": 0.5, "noise_flagged": 0.3, "episodes": 100,
     }  # fmt: skip
+
+
+def test_card_says_when_unknown_is_off_by_default() -> None:
+    """A photo initialization ships its calibration at threshold 0, reported at 0.05."""
     card = render_model_card(
-        {"unknown": {"threshold": 0.0, "details": {"report": {"5-way 1-shot": report}}}}
+        {"unknown": {"threshold": 0.0, "details": {"report": {"5-way 1-shot": _report(0.05)}}}}
     )
     assert '"None of these" at p-value 0.05 on request (the default is 0.0: ' in card
     assert "'unknown' is off unless a request or task asks" in card
@@ -50,11 +54,7 @@ def test_card_says_when_unknown_is_off_by_default() -> None:
 
 
 def test_card_describes_the_norm_check_when_calibrated_with_norms() -> None:
-    report = {
-        "threshold": 0.01, "in_task_kept": 0.99, "in_task_accuracy": 0.9,
-        "in_task_accuracy_without_unknown": 0.91, "out_of_task_flagged": 0.6,
-        "blank_flagged": 1.0, "noise_flagged": 1.0, "episodes": 100,
-    }  # fmt: skip
-    unknown = {"threshold": 0.01, "norms": [14.2, 20.0, 35.1], "details": {"report": {"x": report}}}
+    report = {"x": _report(0.01)}
+    unknown = {"threshold": 0.01, "norms": [14.2, 20.0, 35.1], "details": {"report": report}}
     card = render_model_card({"unknown": unknown})
     assert "ranked among 3 held-out norms (14.20 to 35.10); 20% of the threshold" in card

@@ -9,9 +9,14 @@ import torch
 
 from fewshot.config import ModelConfig
 from fewshot.data import ImageDataset
-from fewshot.evaluate import evaluate, evaluate_head_cached, head_embeddings
+from fewshot.evaluate import (
+    evaluate,
+    evaluate_head_cached,
+    head_embeddings,
+    head_embeddings_and_norms,
+)
 from fewshot.initialization import Initialization
-from fewshot.openset import open_set_scores
+from fewshot.openset import embedding_norms, open_set_scores
 
 PHOTO = ModelConfig(
     in_channels=3, image_size=16, width=8, norm="none", pooling="maxpool", readout="flatten",
@@ -75,7 +80,11 @@ def test_cached_open_set_scores_equal_served_adaptation(config: ModelConfig, see
     data = _data(config.in_channels, config.image_size)
     shape = dict(ways=3, shots=4, queries=3, episodes=5, seed=11)
     served = open_set_scores(init, data, **shape)  # type: ignore[arg-type]
-    cached = open_set_scores(init, data, **shape, embedded=head_embeddings(init, data))  # type: ignore[arg-type]
+    # One pass gives the embeddings and the norm check's norms of the images (not their copies).
+    embedded, norms = head_embeddings_and_norms(init, data)
+    assert torch.equal(embedded, head_embeddings(init, data))
+    assert torch.allclose(norms, embedding_norms(init, data), rtol=1e-5)
+    cached = open_set_scores(init, data, **shape, embedded=embedded, norms=norms)  # type: ignore[arg-type]
     assert len(cached.in_task) == len(served.in_task) == 5 * 3 * 3
     unadapted = open_set_scores(init, data, **shape, steps=0)  # type: ignore[arg-type]
     assert unadapted.in_task_correct != served.in_task_correct  # the steps are exercised
