@@ -42,6 +42,7 @@ from fewshot.inner import (
     soft_targets,
     support_views,
 )
+from fewshot.nuisance import initial_head
 from fewshot.stepchoice import step_sizes_at
 from fewshot.unknown import calibration_of, class_prototypes
 
@@ -219,6 +220,8 @@ def _head_group(
             loss_y = y.repeat(1, views)
         else:
             loss_features, loss_y = features, y
+        if recipe.whitens:
+            weight, bias = initial_head(features, onehot, loss_features, recipe.nuisance_shrinkage)
         targets = soft_targets(loss_y, n_way, recipe.label_smoothing, x.dtype)
         factor = torch.exp(log_scale) * recipe.temperature / loss_features.shape[1]
         if recipe.per_class:

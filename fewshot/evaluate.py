@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -123,6 +123,14 @@ def episode_scores(
     return scores
 
 
+def prototype_read_out(init: Initialization) -> Initialization:
+    """`init` without fewshot.nuisance's whitening: at 0 steps, the prototype read-out that
+    adaptation is measured against (the same object when it has none)."""
+    if init.config.nuisance_shrinkage >= 1.0:
+        return init
+    return replace(init, config=replace(init.config, nuisance_shrinkage=1.0))
+
+
 def served_scores(
     init: Initialization,
     dataset: ImageDataset,
@@ -139,8 +147,11 @@ def served_scores(
     on_progress: Callable[[int], object] | None = None,
 ) -> tuple[list[float], list[float], list[int]]:
     """Per-episode accuracy as served (fewshot.fast.adapt_fast, steps chosen per task), at 0
-    steps, and the steps chosen, on the episodes episode_scores draws from `seed`."""
+    steps (the prototype read-out), and the steps chosen, on the episodes episode_scores draws
+    from `seed`."""
     from fewshot.fast import adapt_fast
+
+    plain = prototype_read_out(init)
 
     sampler = sampler or EpisodeSampler(dataset, within_group=within_group, device=device)
     rng = np.random.default_rng(seed)
@@ -155,9 +166,9 @@ def served_scores(
             for t in range(tasks):
                 labels = [str(int(v)) for v in b.support_y[t]]
                 truth = b.query_y[t]
-                for steps, out in ((None, served), (0, zero)):
+                for source, steps, out in ((init, None, served), (plain, 0, zero)):
                     model = adapt_fast(
-                        init, b.support_x[t], labels, mode="head", steps=steps, device=device
+                        source, b.support_x[t], labels, mode="head", steps=steps, device=device
                     )
                     predicted = model.predict_proba(b.query_x[t]).argmax(dim=1)
                     names = torch.tensor([int(model.labels[i]) for i in predicted.tolist()])
@@ -351,8 +362,8 @@ def head_cached_scores(
     on_progress: Callable[[int], object] | None = None,
     embedded: Tensor | None = None,
 ) -> tuple[list[float], list[float], list[int]]:
-    """Per-episode accuracy as served, at 0 steps, and the steps chosen (as served_scores),
-    for a head-mode initialization, with each image embedded once for all episodes.
+    """Per-episode accuracy as served, at 0 steps (the prototype read-out), and the steps
+    chosen (as served_scores), for a head-mode initialization, each image embedded once.
 
     Head mode adapts no backbone layer, so an image's embedding (and those of its shifted
     support views, which shift each image on its own) is the same in every task: the served
@@ -361,7 +372,7 @@ def head_cached_scores(
     image is embedded as many views.
     `embedded`: head_embeddings(init, dataset), when already computed (several shapes share it).
     """
-    from fewshot.head import head_logits
+    from fewshot.head import head_logits, prototype_head
 
     heads = CachedHeads(init, head_embeddings(init, dataset) if embedded is None else embedded)
     sampler = EpisodeSampler(dataset, within_group=within_group)
@@ -379,7 +390,9 @@ def head_cached_scores(
             for support, query in zip(supports, query_sets, strict=True):
                 path, steps = heads.path(support, sy, ways)
                 fq = heads.features[query]
-                for out, (weight, bias) in ((zero, path[0]), (served, path[-1])):
+                fs = heads.features[support]
+                read_out = prototype_head(fs, torch.nn.functional.one_hot(sy, ways).to(fs.dtype))
+                for out, (weight, bias) in ((zero, read_out), (served, path[-1])):
                     logits = head_logits(fq, weight, bias, heads.log_scale)
                     out.append(float((logits.argmax(1) == qy).float().mean()))
                 chosen.append(steps)

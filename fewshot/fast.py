@@ -26,7 +26,7 @@ from torch import Tensor
 from fewshot.adapted import AdaptedModel, check_adapt_args, shares_backbone
 from fewshot.backbone import Conv4, shared_module
 from fewshot.config import AdaptMode
-from fewshot.head import head_logits, prototype_head
+from fewshot.head import head_logits
 from fewshot.initialization import Initialization
 from fewshot.inner import (
     HEAD_BIAS,
@@ -41,6 +41,7 @@ from fewshot.inner import (
     soft_targets,
     support_views,
 )
+from fewshot.nuisance import initial_head
 from fewshot.stepchoice import chooses_steps, served_head_steps, step_sizes_at
 from fewshot.unknown import calibration_of, class_prototypes
 
@@ -114,12 +115,17 @@ def adapt_params_fast(
     if mode == "head" or steps == 0:
         with torch.inference_mode():
             features = embed(module, meta, x) if embedded is None else embedded
-            weight, bias = prototype_head(features, onehot)
             loss_features = features
             if recipe.shift_views > 0:
                 loss_features = (
                     embed(module, meta, loss_x) if embedded_views is None else embedded_views
                 )
+            weight, bias = initial_head(
+                features,
+                onehot,
+                loss_features if recipe.whitens else None,
+                recipe.nuisance_shrinkage,
+            )
             names = [HEAD_WEIGHT, HEAD_BIAS]
             for t in range(steps):
                 g_weight, g_bias = head_grads(
@@ -151,7 +157,8 @@ def adapt_params_fast(
                 # The unshifted support comes first in loss_x: its embeddings under the meta
                 # parameters are the prototypes' (adapt_params computes them in a separate pass).
                 initial = features[:count].detach()
-                weight, bias = prototype_head(initial, onehot)
+                whitened = features.detach() if recipe.whitens else None
+                weight, bias = initial_head(initial, onehot, whitened, recipe.nuisance_shrinkage)
                 leaves[HEAD_WEIGHT] = weight.requires_grad_(True)
                 leaves[HEAD_BIAS] = bias.requires_grad_(True)
                 fast.update(leaves)

@@ -17,7 +17,8 @@ from torch.func import functional_call, grad
 
 from fewshot.backbone import Conv4
 from fewshot.config import AdaptMode, ModelConfig, StepSizeTransform
-from fewshot.head import head_logits, prototype_head
+from fewshot.head import head_logits
+from fewshot.nuisance import initial_head
 
 HEAD_WEIGHT = "head.weight"
 HEAD_BIAS = "head.bias"
@@ -38,6 +39,7 @@ class InnerRecipe:
     shift_views: int = 0
     transform: StepSizeTransform = "identity"
     per_class: bool = False
+    nuisance_shrinkage: float = 1.0
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> InnerRecipe:
@@ -48,7 +50,13 @@ class InnerRecipe:
             shift_views=config.inner_shift_views,
             transform=config.step_size_transform,
             per_class=config.inner_loss_per_class,
+            nuisance_shrinkage=config.nuisance_shrinkage,
         )
+
+    @property
+    def whitens(self) -> bool:
+        """Whether the head starts from fewshot.nuisance's discriminant (needs shifted views)."""
+        return self.shift_views > 0 and self.nuisance_shrinkage < 1.0
 
 
 PLAIN = InnerRecipe()
@@ -188,19 +196,20 @@ def adapt_params(
     With `differentiable=False` (serving one task) the result is detached and the steps use
     plain reverse-mode autograd, which skips torch.func's per-op wrapping; not for vmap.
     `recipe` sets the support loss (temperature, label smoothing, shifted views) and whether
-    the stored step sizes pass through softplus; the head starts from the plain support's prototypes.
+    the stored step sizes pass through softplus; the head starts from the plain support's
+    prototypes (or, when `recipe.whitens`, fewshot.nuisance's discriminant of them).
     """
     onehot = F.one_hot(support_y, n_way).to(support_x.dtype)
+    loss_x, loss_y = support_views(support_x, support_y, recipe.shift_views)
+    fits_views = recipe.shift_views > 0 and mode == "head" and steps > 0
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
         features = embed(module, meta, support_x)
-        weight, bias = prototype_head(features, onehot)
+        views = embed(module, meta, loss_x) if fits_views or recipe.whitens else None
+        weight, bias = initial_head(
+            features, onehot, views if recipe.whitens else None, recipe.nuisance_shrinkage
+        )
         step_sizes = effective_step_sizes(step_sizes, recipe.transform) if steps > 0 else {}
-    loss_x, loss_y = support_views(support_x, support_y, recipe.shift_views)
-    if recipe.shift_views > 0 and mode == "head" and steps > 0:
-        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-            loss_features = embed(module, meta, loss_x)
-    else:
-        loss_features = features
+    loss_features = views if fits_views and views is not None else features
     fast: Params = {**meta, HEAD_WEIGHT: weight, HEAD_BIAS: bias}
     if not differentiable:
         fast = {name: value.detach() for name, value in fast.items()}

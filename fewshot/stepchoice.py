@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fewshot.config import AdaptMode, ModelConfig
-from fewshot.head import head_logits, prototype_head
+from fewshot.head import head_logits
 from fewshot.initialization import Initialization
 from fewshot.inner import HEAD_BIAS, HEAD_WEIGHT, InnerRecipe, head_grads, soft_targets
+from fewshot.nuisance import initial_head
 
 
 def chooses_steps(init: Initialization, mode: AdaptMode, steps: int | None) -> bool:
@@ -125,14 +126,16 @@ def head_path(
 ) -> list[tuple[Tensor, Tensor]]:
     """Head weights [N, D] and bias [N] after 0, 1, ..., `steps` served steps on features [S, D].
 
-    The head starts from the prototypes of `features`; the steps fit `views` (embeddings [V, D]
-    and labels [V], e.g. of the shifted support views) when given, else `features` itself.
+    The head starts from the prototypes of `features` (with views and `recipe.whitens`, from
+    fewshot.nuisance's discriminant); the steps fit `views` (embeddings [V, D] and labels [V],
+    the shifted support views, unshifted first) when given, else `features` itself.
     Plain tensor operations: differentiable in the features, log_scale and tensor step sizes.
     """
     onehot = F.one_hot(y, n_way).to(features.dtype)
     loss_features, loss_y = views if views is not None else (features, y)
     targets = soft_targets(loss_y, n_way, recipe.label_smoothing, features.dtype)
-    weight, bias = prototype_head(features, onehot)
+    whitened = loss_features if views is not None and recipe.whitens else None
+    weight, bias = initial_head(features, onehot, whitened, recipe.nuisance_shrinkage)
     path = [(weight, bias)]
     for t in range(steps):
         g_weight, g_bias = head_grads(

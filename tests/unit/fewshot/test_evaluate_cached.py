@@ -31,6 +31,8 @@ HANDWRITING = ModelConfig(
     inner_step_size=2.0, inner_temperature=0.25, inner_shift_views=2, inner_loss_per_class=True,
     support_fit_guard=True,
 )  # fmt: skip
+# Handwriting's recipe with the head started from fewshot.nuisance's discriminant.
+WHITENED = dataclasses.replace(HANDWRITING, nuisance_shrinkage=0.8)
 
 
 def _data(channels: int, side: int) -> ImageDataset:
@@ -50,7 +52,9 @@ def _data(channels: int, side: int) -> ImageDataset:
     )
 
 
-@pytest.mark.parametrize("config", [PHOTO, HANDWRITING], ids=["photo", "handwriting"])
+@pytest.mark.parametrize(
+    "config", [PHOTO, HANDWRITING, WHITENED], ids=["photo", "handwriting", "whitened"]
+)
 @pytest.mark.parametrize("within", [False, True], ids=["any", "within-group"])
 def test_cached_scores_equal_served_adaptation(config: ModelConfig, within: bool) -> None:
     init = Initialization.random(config, seed=2)

@@ -25,6 +25,10 @@ RECIPE = replace(
 )
 # The per-class support loss (summed over classes): the same paths must agree under it too.
 PER_CLASS = replace(RECIPE, inner_loss_per_class=True)
+# The head started from fewshot.nuisance's discriminant of the shifted views.
+WHITENED = replace(PER_CLASS, nuisance_shrinkage=0.7)
+CONFIGS = [TINY, RECIPE, PER_CLASS, WHITENED]
+CONFIG_IDS = ["plain", "recipe", "per-class", "whitened"]
 
 
 def _close(a: fewshot.AdaptedModel, b: fewshot.AdaptedModel, tol: float) -> None:
@@ -42,7 +46,7 @@ def _close(a: fewshot.AdaptedModel, b: fewshot.AdaptedModel, tol: float) -> None
 
 
 @pytest.mark.parametrize("mode", ["full", "head"])
-@pytest.mark.parametrize("config", [TINY, RECIPE, PER_CLASS], ids=["plain", "recipe", "per-class"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("steps", [0, 3])
 def test_fast_loop_equals_reference(
     mode: AdaptMode, config: fewshot.ModelConfig, steps: int
@@ -79,7 +83,7 @@ def test_fast_loop_float32_shipped() -> None:
 
 
 @pytest.mark.parametrize("mode", ["full", "head"])
-@pytest.mark.parametrize("config", [TINY, RECIPE, PER_CLASS], ids=["plain", "recipe", "per-class"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_batched_adaptation_equals_one_at_a_time(
     mode: AdaptMode, config: fewshot.ModelConfig
 ) -> None:
@@ -150,7 +154,7 @@ def test_stacked_backbones_pass_equals_each_model_alone() -> None:
 
 
 @pytest.mark.parametrize("mode", ["full", "head"])
-@pytest.mark.parametrize("config", [TINY, RECIPE, PER_CLASS], ids=["plain", "recipe", "per-class"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("steps", [0, 2])
 def test_embeddings_from_the_first_step_are_the_initializations(
     mode: AdaptMode, config: fewshot.ModelConfig, steps: int
