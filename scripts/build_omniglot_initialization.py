@@ -278,6 +278,11 @@ def parse_args() -> argparse.Namespace:
         type=int,
         help="served head steps' shifted support views (default: --shift-views, the stage's)",
     )
+    parser.add_argument(
+        "--nuisance-shrinkage", type=float, default=1.0,
+        help="served head starts as fewshot.nuisance's discriminant of the shifted support "
+        "views, shrunk toward the prototypes by this weight (1: the prototype head)",
+    )  # fmt: skip
     parser.add_argument("--episodes", type=int, default=1000, help="evaluation episodes per shape")
     parser.add_argument("--compare-episodes", type=int, default=400)
     parser.add_argument("--unknown-episodes", type=int, default=60, help="per calibrated shape")
@@ -338,8 +343,13 @@ def main() -> int:
     init = stage.best_initialization()
     served_shift = args.shift_views if args.serve_shift_views is None else args.serve_shift_views
     # Each shifted support copy costs a support pass at adaptation time; serving may drop them.
+    if args.nuisance_shrinkage < 1.0 and not served_shift:
+        raise SystemExit("--nuisance-shrinkage below 1 needs shifted support views")
     init.config = dataclasses.replace(
-        init.config, view_shift=args.view_shift, inner_shift_views=served_shift
+        init.config,
+        view_shift=args.view_shift,
+        inner_shift_views=served_shift,
+        nuisance_shrinkage=args.nuisance_shrinkage,
     )
     meta_info = init.metadata.pop("meta_stage")
 
@@ -406,6 +416,12 @@ def main() -> int:
                 if served_shift == args.shift_views
                 else f" ({f'{served_shift}-pixel' if served_shift else 'no'} shifted views; the "
                 f"stage trained through {args.shift_views}-pixel ones)"
+            )
+            + (
+                "; the head starts as a discriminant that discounts the directions those views "
+                f"move the embedding (shrinkage {args.nuisance_shrinkage})"
+                if args.nuisance_shrinkage < 1.0
+                else ""
             )
             + (
                 f"; each image embedded as the mean of its {(2 * args.view_shift + 1) ** 2} "
