@@ -23,7 +23,7 @@ def nuisance_head(
     features: Tensor, onehot: Tensor, offsets: Tensor, shrinkage: float
 ) -> tuple[Tensor, Tensor]:
     """Head weight [..., N, D] and bias [..., N] whose logits are -(f - c_k)^T P (f - c_k) up to
-    a per-row constant, P the inverse of shrinkage * I + (1 - shrinkage) * S.
+    a constant per query f, P the inverse of shrinkage * I + (1 - shrinkage) * S.
 
     features: [..., S, D] support embeddings; onehot: [..., S, N] class membership; offsets:
     [..., M, D] nuisance offsets (support_offsets); leading dimensions are tasks. S = D *

@@ -45,7 +45,8 @@ def keeps_support_fit(
     views: tuple[Tensor, Tensor] | None,
 ) -> bool:
     """Whether `steps` served head steps still classify every support image [S, D] the
-    prototype head classifies right (the steps fit `views`, as served)."""
+    task's initial head (prototypes, or their whitened discriminant) classifies right (the
+    steps fit `views`, as served)."""
     path = head_path(
         features, y, n_way, log_scale, sizes, steps, default_step_size, recipe, views=views
     )
