@@ -9,7 +9,7 @@ import torch
 
 import fewshot
 from fewshot.data import ImageDataset, load_dataset
-from fewshot.evaluate import evaluate, evaluate_head_cached
+from fewshot.evaluate import evaluate_head_cached, head_embeddings_and_norms
 from tests.data_paths import OMNIGLOT_ZIP
 
 
@@ -35,6 +35,21 @@ def omniglot(cache: pytest.MonkeyPatch, shipped: fewshot.Initialization) -> Imag
     return load_dataset(OMNIGLOT_ZIP, shipped.config)
 
 
+@pytest.fixture(scope="module")
+def validation(omniglot: ImageDataset, shipped: fewshot.Initialization) -> ImageDataset:
+    """The shipped initialization's held-out alphabets."""
+    return omniglot.subset_groups(shipped.metadata["validation_groups"])
+
+
+@pytest.fixture(scope="module")
+def embedded(
+    validation: ImageDataset, shipped: fewshot.Initialization
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every held-out image (and its shifted copies) embedded once, with its norm: the served
+    computation on cached embeddings equals serving (tests/unit/fewshot/test_evaluate_cached.py)."""
+    return head_embeddings_and_norms(shipped, validation)
+
+
 def test_loader_reads_the_official_zip(
     omniglot: ImageDataset, shipped: fewshot.Initialization
 ) -> None:
@@ -57,30 +72,33 @@ def test_loader_reads_the_official_zip(
 
 
 def test_shipped_initialization_is_more_accurate_with_more_shots(
-    omniglot: ImageDataset, shipped: fewshot.Initialization
+    validation: ImageDataset,
+    shipped: fewshot.Initialization,
+    embedded: tuple[torch.Tensor, torch.Tensor],
 ) -> None:
-    """5-way on the held-out validation alphabets: 5 shots beat 1 (more examples never hurt)."""
-    validation = omniglot.subset_groups(shipped.metadata["validation_groups"])
+    """5-way on the held-out validation alphabets, as served: 5 shots beat 1 (more examples
+    never hurt)."""
     assert len(validation.classes) > 100
-    results = {
-        shots: evaluate(
-            shipped, validation, ways=5, shots=shots, queries=2, episodes=100, seed=0, batch=4
-        )
-        for shots in (1, 5)
-    }
+    results = {}
+    for shots in (1, 5):
+        results[shots] = evaluate_head_cached(
+            shipped, validation, ways=5, shots=shots, queries=2, episodes=100, seed=0,
+            embedded=embedded[0],
+        )  # fmt: skip
     assert results[1].accuracy > 0.9, results[1]
     assert results[5].accuracy > results[1].accuracy, results
 
 
 def test_served_adaptation_beats_the_prototypes_within_one_alphabet(
-    omniglot: ImageDataset, shipped: fewshot.Initialization
+    validation: ImageDataset,
+    shipped: fewshot.Initialization,
+    embedded: tuple[torch.Tensor, torch.Tensor],
 ) -> None:
     """20-way 1-shot within one held-out alphabet, paired: the served head (whitened on the
     shifted views, then its steps) beats the prototype read-out (+1.9 points measured)."""
-    validation = omniglot.subset_groups(shipped.metadata["validation_groups"])
     result = evaluate_head_cached(
         shipped, validation, ways=20, shots=1, queries=5, episodes=100, seed=3,
-        within_group=True,
+        within_group=True, embedded=embedded[0],
     )  # fmt: skip
     assert result.adaptation_gain is not None and result.adaptation_gain_ci95 is not None
     assert result.adaptation_gain > 0.008, result
@@ -88,7 +106,9 @@ def test_served_adaptation_beats_the_prototypes_within_one_alphabet(
 
 
 def test_the_default_unknown_threshold_flags_no_more_genuine_queries_than_calibrated(
-    omniglot: ImageDataset, shipped: fewshot.Initialization
+    validation: ImageDataset,
+    shipped: fewshot.Initialization,
+    embedded: tuple[torch.Tensor, torch.Tensor],
 ) -> None:
     """Fresh held-out 5- and 20-way tasks, random and within one alphabet (Lake's runs): at the
     shipped default threshold at most ~1% of genuine queries are answered "unknown" (the
@@ -98,11 +118,10 @@ def test_the_default_unknown_threshold_flags_no_more_genuine_queries_than_calibr
 
     calibration = calibration_of(shipped)
     assert calibration is not None and calibration.threshold <= 0.01
-    validation = omniglot.subset_groups(shipped.metadata["validation_groups"])
     for ways, shots, within in ((5, 1, False), (20, 1, False), (5, 5, False), (20, 1, True)):
         found = open_set_scores(
             shipped, validation, ways=ways, shots=shots, episodes=24, queries=5, seed=99,
-            within_group=within,
+            within_group=within, embedded=embedded[0], norms=embedded[1],
         )  # fmt: skip
         p = found.p_values(calibration, "in_task", ways)  # with the norm check where calibrated
         flagged = float((p < calibration.threshold).float().mean())
