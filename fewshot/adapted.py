@@ -30,13 +30,16 @@ from fewshot.inner import (
     predict_logits_batched,
     support_views,
 )
+from fewshot.plda import PLDA
+from fewshot.plda import PREFIX as PLDA_PREFIX
 from fewshot.stepchoice import chooses_steps, served_head_steps
 from fewshot.unknown import (
     UNKNOWN_LABEL,
     UnknownCalibration,
     calibration_of,
     class_prototypes,
-    raw_scores,
+    familiarity,
+    plda_of,
 )
 
 HEAD_PROTOTYPES = "head.prototypes"
@@ -87,6 +90,8 @@ class AdaptedModel:
     # True when the backbone tensors are the initialization's own (head mode): they are neither
     # saved with the model nor counted in its bytes.
     backbone_shared: bool = False
+    # The initialization's PLDA model (ModelConfig.unknown_distance "plda"), shared, not owned.
+    plda: PLDA | None = None
 
     @property
     def unknown_threshold(self) -> float | None:
@@ -151,12 +156,17 @@ class AdaptedModel:
         prototypes = (
             self.prototypes if self.prototypes is not None else self.params[HEAD_WEIGHT] / 2
         )
-        relative = self.config.unknown_distance == "relative"
-        raw, nearest = raw_scores(features, prototypes.to(features.dtype).to(device), relative)
+        counts = torch.tensor(self.class_counts or [1] * len(self.labels))
+        raw, nearest = familiarity(
+            features,
+            prototypes.to(features.dtype).to(device),
+            counts.to(device),
+            self.config.unknown_distance,
+            self.plda,
+        )
         raw, nearest = raw.cpu(), nearest.cpu()
         norms = None if norms is None else norms.float().cpu()
         if self.unknown is not None:
-            counts = torch.tensor(self.class_counts or [1] * len(self.labels))
             score = self.unknown.p_values(raw, counts[nearest], len(self.labels), norms)
         else:
             score = torch.full_like(raw, float("nan"))
@@ -213,6 +223,8 @@ class AdaptedModel:
         }
         if self.prototypes is not None:
             tensors[HEAD_PROTOTYPES] = self.prototypes.detach().cpu().contiguous()
+        if self.plda is not None and with_calibration:
+            tensors.update(self.plda.to_tensors())
         return save(tensors, metadata=metadata)
 
     @classmethod
@@ -254,7 +266,11 @@ class AdaptedModel:
         expected[HEAD_WEIGHT] = (len(labels), config.feature_dim)
         expected[HEAD_BIAS] = (len(labels),)
         prototypes = tensors.pop(HEAD_PROTOTYPES, None)
+        stored = {k: tensors.pop(k) for k in list(tensors) if k.startswith(PLDA_PREFIX)}
         try:
+            plda = PLDA.from_tensors(stored)
+            if plda is None and init is not None:
+                plda = plda_of(init)
             counts = json.loads(meta["class_counts"]) if "class_counts" in meta else None
             unknown: UnknownCalibration | None
             if "unknown" in meta:
@@ -283,6 +299,7 @@ class AdaptedModel:
             class_counts=[int(c) for c in counts] if isinstance(counts, list) else None,
             unknown=unknown,
             backbone_shared=shared,
+            plda=plda,
         )
 
 
@@ -346,6 +363,7 @@ def open_set_fields(
             "class_counts": torch.bincount(y, minlength=n_way).tolist(),
             "unknown": calibration_of(init),
             "backbone_shared": shares_backbone(params, init),
+            "plda": plda_of(init),
         }
 
 

@@ -44,7 +44,7 @@ from fewshot.inner import (
 )
 from fewshot.nuisance import initial_head
 from fewshot.stepchoice import step_sizes_at
-from fewshot.unknown import calibration_of, class_prototypes
+from fewshot.unknown import calibration_of, class_prototypes, plda_of
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def _adapt_group(
             {**prepared.meta, **{name: value[t].clone() for name, value in adapted.items()}}
             for t in range(len(tasks))
         ]
-    calibration = calibration_of(init)
+    calibration, plda = calibration_of(init), plda_of(init)
     return [
         AdaptedModel(
             config=init.config,
@@ -180,6 +180,7 @@ def _adapt_group(
             class_counts=torch.bincount(task.y, minlength=n_way).tolist(),
             unknown=calibration,
             backbone_shared=shares_backbone(params[t], init),
+            plda=plda,
         )
         for t, task in enumerate(tasks)
     ]

@@ -13,7 +13,7 @@ StepSizeTransform = Literal["identity", "softplus"]
 Readout = Literal["mean", "flatten"]
 FeatureNorm = Literal["none", "l2"]
 Resize = Literal["stretch", "center_crop"]
-UnknownDistance = Literal["relative", "absolute"]
+UnknownDistance = Literal["relative", "absolute", "plda"]
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,8 @@ class ModelConfig:
     support_fit_guard: bool = False
     # The "unknown" score's distance to the nearest prototype (fewshot.unknown.raw_scores):
     # "relative" divides it by the task's mean distance between prototypes; "absolute" does not,
-    # so tasks of alike classes (one alphabet) keep their calibrated share of genuine queries.
+    # so tasks of alike classes (one alphabet) keep their calibrated share of genuine queries;
+    # "plda" scores by fewshot.plda's likelihood ratio (the initialization stores its model).
     unknown_distance: UnknownDistance = "relative"
 
     @property

@@ -43,7 +43,7 @@ from fewshot.inner import (
 )
 from fewshot.nuisance import initial_head
 from fewshot.stepchoice import chooses_steps, served_head_steps, step_sizes_at
-from fewshot.unknown import calibration_of, class_prototypes
+from fewshot.unknown import calibration_of, class_prototypes, plda_of
 
 
 @dataclass(frozen=True)
@@ -287,4 +287,5 @@ def finished_model(
         class_counts=torch.bincount(y, minlength=len(classes)).tolist(),
         unknown=calibration_of(init),
         backbone_shared=shares_backbone(params, init),
+        plda=plda_of(init),
     )

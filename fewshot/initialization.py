@@ -16,11 +16,13 @@ from fewshot.backbone import Conv4, init_backbone_params
 from fewshot.config import ModelConfig
 from fewshot.errors import CheckpointError
 from fewshot.inner import HEAD_BIAS, HEAD_SCALE, HEAD_WEIGHT
+from fewshot.plda import PLDA
 
 FORMAT = "maml-serve/initialization/v1"
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
 _STEP_PREFIX = "step_size."
+_UNKNOWN_PREFIX = "unknown."
 
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
@@ -52,6 +54,9 @@ class Initialization:
     params: dict[str, Tensor]
     step_sizes: dict[str, Tensor]
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Tensors of the "unknown" score fitted to these weights (fewshot.plda: names start with
+    # "unknown."); stored beside the weights, never passed to the backbone.
+    unknown_tensors: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
     def random(cls, config: ModelConfig | None = None, seed: int = 0) -> Initialization:
@@ -81,6 +86,7 @@ class Initialization:
             params={k: v.to(device) for k, v in self.params.items()},
             step_sizes={k: v.to(device) for k, v in self.step_sizes.items()},
             metadata=dict(self.metadata),
+            unknown_tensors={k: v.to(device) for k, v in self.unknown_tensors.items()},
         )
 
     def save(self, folder: str | Path) -> Path:
@@ -91,6 +97,7 @@ class Initialization:
         tensors.update(
             {_STEP_PREFIX + k: v.detach().cpu().contiguous() for k, v in self.step_sizes.items()}
         )
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in self.unknown_tensors.items()})
         tmp = folder / (WEIGHTS_FILE + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
         tmp.replace(folder / WEIGHTS_FILE)
@@ -114,7 +121,10 @@ class Initialization:
                 f"{folder / CONFIG_FILE}: unknown format {document.get('format')!r}"
             )
         config = ModelConfig.from_dict(document.get("model", {}))
-        params = {k: v for k, v in tensors.items() if not k.startswith(_STEP_PREFIX)}
+        unknown = {k: v for k, v in tensors.items() if k.startswith(_UNKNOWN_PREFIX)}
+        params = {
+            k: v for k, v in tensors.items() if not k.startswith(_STEP_PREFIX) and k not in unknown
+        }
         step_sizes = {
             k[len(_STEP_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_STEP_PREFIX)
         }
@@ -129,9 +139,19 @@ class Initialization:
                 if missing or extra
                 else f"{folder / WEIGHTS_FILE}: tensor shapes do not match its config"
             )
+        try:
+            plda = PLDA.from_tensors(unknown)
+        except ValueError as exc:
+            raise CheckpointError(f"{folder / WEIGHTS_FILE}: {exc}") from exc
+        if plda is not None and plda.mean.shape[0] != config.feature_dim:
+            raise CheckpointError(
+                f"{folder / WEIGHTS_FILE}: the PLDA model is for {plda.mean.shape[0]}-d "
+                f"embeddings, the backbone makes {config.feature_dim}-d ones"
+            )
         return cls(
             config=config,
             params=params,
             step_sizes=step_sizes,
             metadata=document.get("metadata", {}),
+            unknown_tensors=unknown,
         )

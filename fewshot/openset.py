@@ -18,12 +18,13 @@ from fewshot.episodes import EpisodeSampler
 from fewshot.errors import EpisodeError
 from fewshot.evaluate import CachedHeads, shape_name
 from fewshot.fast import adapt_fast
-from fewshot.unknown import CALIBRATION_SHOTS, DEFAULT_THRESHOLD, UnknownCalibration
+from fewshot.unknown import CALIBRATION_SHOTS, DEFAULT_THRESHOLD, UnknownCalibration, plda_of
 
 if TYPE_CHECKING:
     from fewshot.backbone import Conv4
     from fewshot.data import ImageDataset
     from fewshot.initialization import Initialization
+    from fewshot.plda import PLDA
 
 
 @dataclass
@@ -47,6 +48,23 @@ class OpenSetScores:
         norms = torch.tensor(self.norms[kind], dtype=torch.float32)
         known = norms if len(norms) == len(raw) else None  # None: a path without norms
         return calibration.p_values(raw, torch.full((len(raw),), self.shots), ways, known)
+
+
+def fit_unknown_plda(init: Initialization, dataset: ImageDataset, dim: int) -> PLDA:
+    """fewshot.plda's model fitted on `init`'s embeddings of every image of `dataset` (the
+    training classes, never the ones it is calibrated or scored on); store it with
+    `init.unknown_tensors = model.to_tensors()` before calibrating."""
+    from fewshot.plda import fit_plda
+
+    module = init.module()
+    with torch.inference_mode():
+        features = torch.cat(
+            [
+                module.forward_with(init.params, part.float().div(255.0))
+                for part in torch.split(dataset.images, 256)
+            ]
+        )
+    return fit_plda(features, dataset.targets, dim)
 
 
 def embedding_norms(init: Initialization, dataset: ImageDataset) -> Tensor:
@@ -87,7 +105,7 @@ def open_set_scores(
     generator = torch.Generator().manual_seed(seed)
     out = OpenSetScores(shots=shots)
     if embedded is not None:
-        heads, module = CachedHeads(init, embedded), init.module()
+        heads, module, plda = CachedHeads(init, embedded), init.module(), plda_of(init)
         norms = embedding_norms(init, dataset) if norms is None else norms
         shape = dataset.images.shape[1:]
         with torch.inference_mode():
@@ -98,7 +116,7 @@ def open_set_scores(
                 )
                 drawn = (support[0], query[0])
                 _score_cached(
-                    heads, module, init, out, ways, shots, queries, drawn, odd, steps, norms
+                    heads, module, init, out, ways, shots, queries, drawn, odd, steps, norms, plda
                 )
         return out
     labels = [str(k) for k in range(ways)]
@@ -146,12 +164,13 @@ def _score_cached(
     odd: Tensor,
     steps: int | None,
     norms: Tensor,
+    plda: PLDA | None,
 ) -> None:
     """open_set_scores' step on cached embeddings: adapt to the first `ways` of the drawn
     classes (support and query indices `drawn`); score the queries and the blank and noise
     images `odd` [2, C, H, W] into `out`; `norms` [n] the dataset's embedding_norms."""
     from fewshot.head import head_logits
-    from fewshot.unknown import class_prototypes, raw_scores
+    from fewshot.unknown import class_prototypes, familiarity
 
     support, query = drawn
     drawn_y = torch.arange(2 * ways).repeat_interleave(shots)
@@ -165,7 +184,8 @@ def _score_cached(
     queried = torch.cat([heads.features[query], odd_features])
     predicted = head_logits(queried, weight, bias, heads.log_scale).argmax(dim=1)
     prototypes = class_prototypes(heads.features[index], sy, ways)
-    raw, _ = raw_scores(queried, prototypes, init.config.unknown_distance == "relative")
+    counts = torch.full((ways,), shots)
+    raw, _ = familiarity(queried, prototypes, counts, init.config.unknown_distance, plda)
     n = query.shape[0]
     inside = qy < ways
     out.in_task += raw[:n][inside].tolist()

@@ -8,6 +8,10 @@ between two prototypes of the task. Open-set recognition by distance to class me
 Bendale and Boult 2016 and Snell et al. 2017's metric. The calibration tables are per (ways,
 shots), so the absolute distance needs no common scale; the relative one flagged 7-8% of genuine
 queries in tasks drawn within one alphabet (close prototypes) against ~1% in random ones.
+With "plda" (fewshot.plda, fitted on the training classes' embeddings and stored with the
+initialization), the raw score is instead the largest log-likelihood ratio over the task's
+classes that the query is of that class rather than of another: it weighs how drawings of one
+character vary against how characters differ, and how many support images a class has.
 
 Calibrated score: a conformal p-value (Vovk et al. 2005; Angelopoulos and Bates 2021): the share
 of in-task validation queries (tasks of the nearest calibrated number of ways and shots) whose raw
@@ -34,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from fewshot.plda import PLDA
 
 if TYPE_CHECKING:
     from fewshot.initialization import Initialization
@@ -75,6 +81,26 @@ def raw_scores(
     off_diagonal = between[~torch.eye(n, dtype=torch.bool, device=between.device)]
     spread = off_diagonal.mean().clamp_min(1e-12)
     return (-nearest_distance / spread).float(), nearest
+
+
+def familiarity(
+    features: Tensor,
+    prototypes: Tensor,
+    counts: Tensor,
+    distance: str,
+    plda: PLDA | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Raw familiarity [B] and the class it refers to [B] under ModelConfig.unknown_distance.
+
+    features [B, D]; prototypes [N, D] (class means of counts [N] support images). "plda" needs
+    `plda`; without one (e.g. weights trained after it was fitted) the absolute distance is
+    used, by calibration and serving alike, so their tables stay comparable.
+    """
+    if distance == "plda" and plda is not None:
+        ratios = plda.to(features.device).scores(features, prototypes, counts)
+        best, nearest = ratios.max(dim=1)
+        return best, nearest
+    return raw_scores(features, prototypes, relative=distance == "relative")
 
 
 def _nearest_below(keys: list[int], value: int) -> int:
@@ -201,3 +227,22 @@ def calibration_of(init: Initialization) -> UnknownCalibration | None:
         _PARSED.pop(next(iter(_PARSED)))
     _PARSED[id(data)] = (data, parsed)
     return parsed
+
+
+_PLDAS: dict[int, tuple[dict[str, Tensor], PLDA | None]] = {}
+
+
+def plda_of(init: Initialization) -> PLDA | None:
+    """The PLDA model stored with an initialization (unknown_distance "plda"), or None.
+
+    Parsed once per tensor dict, like calibration_of; Initialization.load checked its shapes.
+    """
+    tensors = init.unknown_tensors
+    cached = _PLDAS.get(id(tensors))
+    if cached is not None and cached[0] is tensors:
+        return cached[1]
+    model = PLDA.from_tensors(tensors)
+    if len(_PLDAS) >= _PARSED_LIMIT:
+        _PLDAS.pop(next(iter(_PLDAS)))
+    _PLDAS[id(tensors)] = (tensors, model)
+    return model

@@ -44,7 +44,7 @@ from fewshot.fast import adapt_fast
 from fewshot.initialization import Initialization
 from fewshot.inner import HEAD_BIAS, HEAD_WEIGHT, raw_step_sizes
 from fewshot.metastage import MetaStage, MetaStageConfig
-from fewshot.openset import calibrate_unknown, unknown_report
+from fewshot.openset import calibrate_unknown, fit_unknown_plda, unknown_report
 from fewshot.pretrain import PretrainConfig, best_initialization
 from fewshot.promotion import (
     DEFAULT_MARGIN,
@@ -270,8 +270,12 @@ def parse_args() -> argparse.Namespace:
         help="the meta stage's own views (default: --view-shift); serving takes --view-shift",
     )
     parser.add_argument(
-        "--unknown-distance", choices=("relative", "absolute"), default="absolute",
+        "--unknown-distance", choices=("relative", "absolute", "plda"), default="absolute",
         help="the unknown score's distance (ModelConfig.unknown_distance)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--plda-dim", type=int, default=128,
+        help="with --unknown-distance plda: principal components the PLDA model keeps",
     )  # fmt: skip
     parser.add_argument(
         "--serve-shift-views",
@@ -350,8 +354,12 @@ def main() -> int:
         view_shift=args.view_shift,
         inner_shift_views=served_shift,
         nuisance_shrinkage=args.nuisance_shrinkage,
+        unknown_distance=args.unknown_distance,
     )
     meta_info = init.metadata.pop("meta_stage")
+    if args.unknown_distance == "plda":
+        # Fitted on the training alphabets: calibration and the report read the held-out ones.
+        init.unknown_tensors = fit_unknown_plda(init, train, args.plda_dim).to_tensors()
 
     metrics: dict[str, Any] = {}
     # Once: every shape's episodes, the comparison and the calibration read the same images.
