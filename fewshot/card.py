@@ -95,8 +95,15 @@ def _norm_check_sentence(unknown: dict[str, Any]) -> str:
     norms = unknown.get("norms")
     if not isinstance(norms, list) or not norms:
         return ""
+    details = unknown.get("details")
+    distance = details.get("distance") if isinstance(details, dict) else None
+    measure = (
+        "the PLDA likelihood ratio of the likeliest class (fewshot.plda)"
+        if distance == "plda"
+        else "the distance to the nearest prototype"
+    )
     return (
-        f" The score combines the distance to the nearest prototype with a norm check: the "
+        f" The score combines {measure} with a norm check: the "
         f"embedding's norm before normalisation, ranked among {len(norms)} held-out norms "
         f"({min(norms):.2f} to {max(norms):.2f}); {NORM_SHARE:.0%} of the threshold goes to it."
     )

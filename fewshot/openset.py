@@ -239,7 +239,7 @@ def calibrate_unknown(
     held_out = sorted(norms.tolist()) if norm_check and norms is not None else None
     full = UnknownCalibration(scores_by_shape=table, threshold=threshold, norms=held_out)
     compressed = full.compressed()
-    compressed.details = {"calibration_queries": counts}
+    compressed.details = {"calibration_queries": counts, "distance": init.config.unknown_distance}
     return compressed
 
 

@@ -58,3 +58,12 @@ def test_card_describes_the_norm_check_when_calibrated_with_norms() -> None:
     unknown = {"threshold": 0.01, "norms": [14.2, 20.0, 35.1], "details": {"report": report}}
     card = render_model_card({"unknown": unknown})
     assert "ranked among 3 held-out norms (14.20 to 35.10); 20% of the threshold" in card
+    assert "distance to the nearest prototype" in card
+
+
+def test_card_names_the_plda_score_when_calibrated_with_it() -> None:
+    details = {"report": {"x": _report(0.01)}, "distance": "plda"}
+    unknown = {"threshold": 0.01, "norms": [14.2, 35.1], "details": details}
+    card = render_model_card({"unknown": unknown})
+    assert "the PLDA likelihood ratio of the likeliest class" in card
+    assert "nearest prototype" not in card
