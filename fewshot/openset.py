@@ -56,26 +56,24 @@ def fit_unknown_plda(init: Initialization, dataset: ImageDataset, dim: int) -> P
     `init.unknown_tensors = model.to_tensors()` before calibrating."""
     from fewshot.plda import fit_plda
 
-    module = init.module()
-    with torch.inference_mode():
-        features = torch.cat(
-            [
-                module.forward_with(init.params, part.float().div(255.0))
-                for part in torch.split(dataset.images, 256)
-            ]
-        )
+    features, _ = _embedded(init, dataset)
     return fit_plda(features, dataset.targets, dim)
 
 
 def embedding_norms(init: Initialization, dataset: ImageDataset) -> Tensor:
     """Pre-normalisation embedding norms [n] of every image of `dataset` under `init`'s backbone."""
+    return _embedded(init, dataset)[1]
+
+
+def _embedded(init: Initialization, dataset: ImageDataset) -> tuple[Tensor, Tensor]:
+    # Every image's served embedding [n, D] and pre-normalisation norm [n], 256 images a pass.
     module = init.module()
     with torch.inference_mode():
         parts = [
-            module.forward_with_norms(init.params, part.float().div(255.0))[1]
+            module.forward_with_norms(init.params, part.float().div(255.0))
             for part in torch.split(dataset.images, 256)
         ]
-    return torch.cat(parts)
+    return torch.cat([f for f, _ in parts]), torch.cat([n for _, n in parts])
 
 
 def open_set_scores(
