@@ -95,6 +95,7 @@ def _norm_check_sentence(unknown: dict[str, Any]) -> str:
     norms = unknown.get("norms")
     if not isinstance(norms, list) or not norms:
         return ""
+    share = float(unknown.get("norm_share", NORM_SHARE))
     details = unknown.get("details")
     distance = details.get("distance") if isinstance(details, dict) else None
     measure = (
@@ -105,7 +106,7 @@ def _norm_check_sentence(unknown: dict[str, Any]) -> str:
     return (
         f" The score combines {measure} with a norm check: the "
         f"embedding's norm before normalisation, ranked among {len(norms)} held-out norms "
-        f"({min(norms):.2f} to {max(norms):.2f}); {NORM_SHARE:.0%} of the threshold goes to it."
+        f"({min(norms):.2f} to {max(norms):.2f}); {share:.0%} of the threshold goes to it."
     )
 
 

@@ -18,7 +18,13 @@ from fewshot.episodes import EpisodeSampler
 from fewshot.errors import EpisodeError
 from fewshot.evaluate import CachedHeads, shape_name
 from fewshot.fast import adapt_fast
-from fewshot.unknown import CALIBRATION_SHOTS, DEFAULT_THRESHOLD, UnknownCalibration, plda_of
+from fewshot.unknown import (
+    CALIBRATION_SHOTS,
+    DEFAULT_THRESHOLD,
+    NORM_SHARE,
+    UnknownCalibration,
+    plda_of,
+)
 
 if TYPE_CHECKING:
     from fewshot.backbone import Conv4
@@ -207,13 +213,15 @@ def calibrate_unknown(
     embedded: Tensor | None = None,
     norm_check: bool = True,
     norms: Tensor | None = None,
+    norm_share: float = NORM_SHARE,
 ) -> UnknownCalibration:
     """Calibrate the "unknown" score of `init` on held-out `dataset` (e.g. validation groups).
 
     `episodes` tasks per (ways, shots); shapes the data cannot supply are skipped. With
     `norm_check`, the pre-normalisation norms of every image of `dataset` are kept for
     fewshot.unknown's norm check (`norms`: embedding_norms of `dataset` when the caller has
-    them, e.g. from fewshot.evaluate.head_embeddings_and_norms). Store the result with
+    them, e.g. from fewshot.evaluate.head_embeddings_and_norms), which spends `norm_share` of
+    the threshold. Store the result with
     `init.metadata["unknown"] = calibration.to_dict()`.
     """
 
@@ -235,7 +243,9 @@ def calibrate_unknown(
         raise ValueError("the calibration data cannot supply any task shape")
     counts = {f"{w}x{k}": len(v) for (w, k), v in table.items()}
     held_out = sorted(norms.tolist()) if norm_check and norms is not None else None
-    full = UnknownCalibration(scores_by_shape=table, threshold=threshold, norms=held_out)
+    full = UnknownCalibration(
+        scores_by_shape=table, threshold=threshold, norms=held_out, norm_share=norm_share
+    )
     compressed = full.compressed()
     compressed.details = {"calibration_queries": counts, "distance": init.config.unknown_distance}
     return compressed

@@ -15,7 +15,10 @@ character vary against how characters differ, and how many support images a clas
 
 Calibrated score: a conformal p-value (Vovk et al. 2005; Angelopoulos and Bates 2021): the share
 of in-task validation queries (tasks of the nearest calibrated number of ways and shots) whose raw
-score is at most this image's.
+score is at most this image's. A stored table is cut to evenly spaced quantiles; a calibration that
+records its sample sizes reads an image's rank among the original scores off them by linear
+interpolation (older ones count table points, which makes the threshold act at about half its
+share: with 401 points from 1,500 scores, p < 0.008 needs a score below the 0.5% quantile).
 With threshold t, about (1 - t) of genuine queries are kept; the default t = 0.01 keeps ~99%:
 "unknown" by default only when an image is less familiar than all but 1% of genuine queries, so
 a closed-set user loses little accuracy to it (a caller asks for a stricter t per request).
@@ -25,13 +28,15 @@ strongly the trunk responds to the image) has a narrow range over genuine images
 noise image can sit near a prototype on the unit sphere while its norm lies far outside that
 range (the width-128 Omniglot trunk: characters 14.2-35.1, blank 13.8, noise 88-98). Its
 two-sided conformal p-value is combined with the distance's by a weighted Bonferroni rule,
-p = min(1, p_distance / (1 - w), p_norm / w) with w = NORM_SHARE, so a threshold t still keeps
-at least (1 - t) of genuine queries: a share (1 - w) of t is spent on distance, w on the norm.
+p = min(1, p_distance / (1 - w), p_norm / w) with w the calibration's norm_share (NORM_SHARE
+unless chosen), so a threshold t still keeps at least (1 - t) of genuine queries: a share (1 - w)
+of t is spent on distance, w on the norm.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +53,8 @@ UNKNOWN_LABEL = "unknown"
 DEFAULT_THRESHOLD = 0.01
 CALIBRATION_SHOTS = (1, 2, 3, 5)
 METADATA_KEY = "unknown"
-# The share of a threshold spent on the norm check (the rest on the prototype distance).
+# The share of a threshold spent on the norm check (the rest on the prototype distance), for
+# calibrations that do not record their own.
 NORM_SHARE = 0.2
 # At most this many held-out norms are stored (quantiles beyond it): enough to resolve the norm
 # check's p-values at the default threshold (NORM_SHARE * 0.01 needs > 1,000 points).
@@ -103,6 +109,12 @@ def familiarity(
     return raw_scores(features, prototypes, relative=distance == "relative")
 
 
+def _shape_key(key: object) -> tuple[int, int]:
+    """(ways, shots) of a stored "WxK" key."""
+    ways, shots = (int(part) for part in str(key).split("x"))
+    return ways, shots
+
+
 def _nearest_below(keys: list[int], value: int) -> int:
     """The largest key <= value, else the smallest key."""
     return keys[max(0, bisect.bisect_right(keys, value) - 1)]
@@ -117,13 +129,34 @@ class UnknownCalibration:
     details: dict[str, Any] = field(default_factory=dict)
     # Sorted pre-normalisation embedding norms of held-out genuine images (None: no norm check).
     norms: list[float] | None = None
+    # In-task scores each table was cut from (None: ranks count table points, as older ones did).
+    sizes: dict[tuple[int, int], int] | None = None
+    norm_share: float = NORM_SHARE
 
     def table(self, ways: int, shots: int) -> list[float]:
         """The in-task scores of the calibrated way count and then shot count nearest below."""
+        return self.scores_by_shape[self._shape(ways, shots)]
+
+    def _shape(self, ways: int, shots: int) -> tuple[int, int]:
         way_keys = sorted({w for w, _ in self.scores_by_shape})
         w = _nearest_below(way_keys, ways)
         shot_keys = sorted(k for v, k in self.scores_by_shape if v == w)
-        return self.scores_by_shape[(w, _nearest_below(shot_keys, shots))]
+        return (w, _nearest_below(shot_keys, shots))
+
+    def _p_value(self, value: float, shape: tuple[int, int]) -> float:
+        """(rank + 1) / (n + 1): the conformal p-value, never exactly 0."""
+        table = self.scores_by_shape[shape]
+        n = self.sizes.get(shape, len(table)) if self.sizes else len(table)
+        below = bisect.bisect_right(table, value)
+        if n == len(table) or below in (0, len(table)):
+            rank = below if n == len(table) else (0 if below == 0 else n)
+            return (rank + 1) / (n + 1)
+        # Point j of the table is the scores' quantile j / (P - 1), i.e. order statistic
+        # j (n - 1) / (P - 1); the scores at most `value` are those up to the interpolated one.
+        lo, hi = table[below - 1], table[below]
+        position = below - 1 + (0.0 if hi == lo else (value - lo) / (hi - lo))
+        rank = math.floor(position * (n - 1) / (len(table) - 1)) + 1
+        return (rank + 1) / (n + 1)
 
     def p_values(
         self, raw: Tensor, shots: Tensor, ways: int = 5, norms: Tensor | None = None
@@ -133,14 +166,12 @@ class UnknownCalibration:
         norms) and a calibration that holds norms, combined with the norm check."""
         out = torch.empty(raw.shape[0], dtype=torch.float32)
         for i, (value, count) in enumerate(zip(raw.tolist(), shots.tolist(), strict=True)):
-            table = self.table(ways, int(count))
-            # (rank + 1) / (n + 1): the conformal p-value, never exactly 0.
-            out[i] = (bisect.bisect_right(table, value) + 1) / (len(table) + 1)
+            out[i] = self._p_value(value, self._shape(ways, int(count)))
         if self.norms is None or norms is None:
             return out
+        w = self.norm_share
         return torch.minimum(
-            torch.ones_like(out),
-            torch.minimum(out / (1 - NORM_SHARE), self.norm_p_values(norms) / NORM_SHARE),
+            torch.ones_like(out), torch.minimum(out / (1 - w), self.norm_p_values(norms) / w)
         )
 
     def norm_p_values(self, norms: Tensor) -> Tensor:
@@ -166,7 +197,12 @@ class UnknownCalibration:
         norms = self.norms
         if norms is not None and len(norms) > NORM_POINTS:
             norms = np.quantile(np.asarray(norms), np.linspace(0, 1, NORM_POINTS)).tolist()
-        return UnknownCalibration(tables, self.threshold, dict(self.details), norms)
+        sizes = {shape: len(v) for shape, v in self.scores_by_shape.items()}
+        if self.sizes:
+            sizes = {shape: self.sizes.get(shape, n) for shape, n in sizes.items()}
+        return UnknownCalibration(
+            tables, self.threshold, dict(self.details), norms, sizes, self.norm_share
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict stored in an initialization's metadata under "unknown"."""
@@ -178,6 +214,10 @@ class UnknownCalibration:
                 f"{w}x{k}": [round(v, 5) for v in vs] for (w, k), vs in self.scores_by_shape.items()
             },
             **({"norms": [round(v, 4) for v in self.norms]} if self.norms is not None else {}),
+            **({"norm_share": self.norm_share} if self.norms is not None else {}),
+            **(
+                {"sizes": {f"{w}x{k}": n for (w, k), n in self.sizes.items()}} if self.sizes else {}
+            ),
             **({"details": self.details} if self.details else {}),
         }
 
@@ -186,18 +226,27 @@ class UnknownCalibration:
         """Inverse of to_dict."""
         table: dict[tuple[int, int], list[float]] = {}
         for key, values in data["scores_by_shape"].items():
-            ways, shots = (int(part) for part in str(key).split("x"))
-            table[(ways, shots)] = sorted(float(v) for v in values)
+            table[_shape_key(key)] = sorted(float(v) for v in values)
         if not table or any(not vs for vs in table.values()):
             raise ValueError("an unknown-calibration table is empty")
         norms = data.get("norms")
         if norms is not None and (not isinstance(norms, list) or not norms):
             raise ValueError("an unknown-calibration norm table is empty")
+        sizes = None
+        if "sizes" in data:
+            sizes = {_shape_key(key): int(n) for key, n in data["sizes"].items()}
+            if any(n < len(table.get(shape, [])) for shape, n in sizes.items()):
+                raise ValueError("an unknown-calibration table holds more scores than its size")
+        share = float(data.get("norm_share", NORM_SHARE))
+        if not 0 < share < 1:
+            raise ValueError("an unknown-calibration norm share is not between 0 and 1")
         return cls(
             scores_by_shape=table,
             threshold=float(data.get("threshold", DEFAULT_THRESHOLD)),
             details=dict(data.get("details", {})),
             norms=None if norms is None else sorted(float(v) for v in norms),
+            sizes=sizes,
+            norm_share=share,
         )
 
 

@@ -54,6 +54,7 @@ from fewshot.promotion import (
     paired_difference,
     verdict,
 )
+from fewshot.unknown import NORM_SHARE
 
 BACKBONE_STEP = 1e-3
 VALIDATION_GROUPS = ["Arcadian", "Cyrillic", "Early_Aramaic", "Latin", "Sanskrit"]
@@ -291,6 +292,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compare-episodes", type=int, default=400)
     parser.add_argument("--unknown-episodes", type=int, default=60, help="per calibrated shape")
     parser.add_argument(
+        "--norm-share", type=float, default=NORM_SHARE, help="of the threshold, to the norm check"
+    )
+    parser.add_argument(
         "--report-episodes", type=int, default=100, help="unknown report, per shape"
     )
     parser.add_argument("--pretrain-command", default="", help="recorded in the card")
@@ -382,8 +386,9 @@ def main() -> int:
     print(json.dumps({"promotion": decision.to_dict()}), flush=True)
 
     calibration = calibrate_unknown(
-        init, val, episodes=args.unknown_episodes, embedded=embedded, norms=norms
-    )
+        init, val, episodes=args.unknown_episodes, embedded=embedded, norms=norms,
+        norm_share=args.norm_share,
+    )  # fmt: skip
     calibration.details["groups"] = VALIDATION_GROUPS
     calibration.details["report"] = unknown_report(
         init, val, calibration, episodes=args.report_episodes, within_group_shapes=((20, 1),),

@@ -24,7 +24,7 @@ class AdaptationCreate(BaseModel):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"initialization_version": "omniglot-conv4-v7", "mode": "full", "steps": 10}
+                {"initialization_version": "omniglot-conv4-v8", "mode": "full", "steps": 10}
             ]
         },
     )
@@ -68,7 +68,7 @@ class AdaptedModelList(BaseModel):
                         {
                             "id": ADAPTED_MODEL_ID,
                             "job_id": JOB_ID,
-                            "initialization_version": "omniglot-conv4-v7",
+                            "initialization_version": "omniglot-conv4-v8",
                             "mode": "full",
                             "steps": 10,
                             "support_accuracy": 1.0,

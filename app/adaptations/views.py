@@ -56,7 +56,7 @@ def create_adaptation(
                 "named": {
                     "summary": "A named version, head only, 10 steps",
                     "value": {
-                        "initialization_version": "omniglot-conv4-v7",
+                        "initialization_version": "omniglot-conv4-v8",
                         "mode": "head",
                         "steps": 10,
                     },

@@ -73,7 +73,7 @@ _READY = {
     "checks": {
         "database": True,
         "broker": True,
-        "initialization": "omniglot-conv4-v7",
+        "initialization": "omniglot-conv4-v8",
         "workers": True,
         "queues_without_workers": [],
     },

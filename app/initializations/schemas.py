@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.core.schemas import KEY_ID, WHEN
 
 _VERSION: dict[str, Any] = {
-    "version": "omniglot-conv4-v7",
+    "version": "omniglot-conv4-v8",
     "status": "ready",
     "source": "shipped",
     "scope": "global",
@@ -22,7 +22,7 @@ _VERSION: dict[str, Any] = {
     "config": {"in_channels": 1, "image_size": 42, "width": 128, "inner_steps": 10},
     "metrics": {"val_5w1s": 0.987, "val_20w1s": 0.953},
     "sha256": "b5d7f9a1c3e5a7b9d1f3a5c7e9b1d3f5a7c9e1b3d5f7a9c1e3b5d7f9a1c3e5a7",
-    "parent_version": "omniglot-conv4-v6",
+    "parent_version": "omniglot-conv4-v7",
     "promoted_at": WHEN,
     "created_at": "2026-12-06T15:30:00Z",
 }
@@ -34,7 +34,7 @@ class PromotionResult(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"active_version": "omniglot-conv4-v7", "previous_version": "omniglot-conv4-v6"}
+                {"active_version": "omniglot-conv4-v8", "previous_version": "omniglot-conv4-v7"}
             ]
         }
     )
@@ -75,8 +75,8 @@ class PromotionList(BaseModel):
                     "items": [
                         {
                             "action": "promote",
-                            "version": "omniglot-conv4-v7",
-                            "previous_version": "omniglot-conv4-v6",
+                            "version": "omniglot-conv4-v8",
+                            "previous_version": "omniglot-conv4-v7",
                             "actor": f"key:{KEY_ID}",
                             "scope": "tenant",
                             "tenant": None,
@@ -134,10 +134,10 @@ class InitializationList(BaseModel):
             "examples": [
                 {
                     "items": [_VERSION],
-                    "active_version": "omniglot-conv4-v7",
-                    "global_version": "omniglot-conv4-v7",
+                    "active_version": "omniglot-conv4-v8",
+                    "global_version": "omniglot-conv4-v8",
                     "domain_versions": {
-                        "handwritten characters": "omniglot-conv4-v7",
+                        "handwritten characters": "omniglot-conv4-v8",
                         "photos": "photos-conv4-v3",
                     },
                 }

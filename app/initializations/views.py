@@ -30,7 +30,7 @@ admin_router = APIRouter(prefix="/v1/admin", tags=["admin"])
 _CHANGE_CODES = {
     409: (
         "initialization_not_ready",
-        "initialization 'omniglot-conv4-v7' is failed, not ready",
+        "initialization 'omniglot-conv4-v8' is failed, not ready",
     )
 }
 _PROMOTE_PROBLEMS = problem_responses(*ADMIN, 404, 409, 422, codes=_CHANGE_CODES)
@@ -41,7 +41,7 @@ _ROLLBACK_PROBLEMS = problem_responses(
     codes={
         409: (
             "no_previous_version",
-            "omniglot-conv4-v6 is the first version ever promoted; there is nothing to roll "
+            "omniglot-conv4-v7 is the first version ever promoted; there is nothing to roll "
             "back to",
         )
     },
@@ -54,7 +54,7 @@ _ROLLBACK_VERSION_PROBLEMS = problem_responses(
     codes={
         409: (
             "not_active",
-            "omniglot-conv4-v6 is not the active version (omniglot-conv4-v7 is); only the active "
+            "omniglot-conv4-v7 is not the active version (omniglot-conv4-v8 is); only the active "
             "version can be rolled back",
         )
     },

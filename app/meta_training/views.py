@@ -21,7 +21,7 @@ _START_PROBLEMS = problem_responses(
     codes={
         409: (
             "initialization_not_ready",
-            "initialization 'omniglot-conv4-v7' is failed, not ready",
+            "initialization 'omniglot-conv4-v8' is failed, not ready",
         ),
         503: ("broker_unavailable", "the job queue is not reachable right now; try again shortly"),
     },

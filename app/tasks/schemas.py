@@ -24,10 +24,10 @@ TASK_EXAMPLE: dict[str, Any] = {
     "labels": ["alpha", "beta", "gamma"],
     "counts": {"alpha": 2, "beta": 1, "gamma": 1},
     "example_count": 4,
-    "initialization_version": "omniglot-conv4-v7",
+    "initialization_version": "omniglot-conv4-v8",
     "adapted_model": {
         "id": ADAPTED_MODEL_ID,
-        "initialization_version": "omniglot-conv4-v7",
+        "initialization_version": "omniglot-conv4-v8",
         "mode": "full",
         "steps": 10,
         "support_accuracy": 1.0,

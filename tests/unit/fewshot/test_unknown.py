@@ -90,6 +90,51 @@ def test_p_values_are_ranks_among_in_task_scores_per_shot_count() -> None:
     )
 
 
+def test_a_compressed_table_with_its_size_gives_the_full_tables_p_values() -> None:
+    """Cut to 401 quantiles, 1,500 scores still give (rank + 1) / (n + 1) among all 1,500 (to
+    the interpolation's error), where counting table points made small p-values about half as
+    likely: the default threshold's share acted at the 0.5% quantile instead of the 0.8%."""
+    scores = sorted(torch.randn(1500, generator=torch.Generator().manual_seed(0)).tolist())
+    full = UnknownCalibration({(5, 1): scores})
+    compressed = full.compressed()
+    assert len(compressed.table(5, 1)) == 401 and compressed.sizes == {(5, 1): 1500}
+    probes = torch.tensor([scores[i] + 1e-6 for i in (0, 4, 9, 14, 40, 700, 1498)] + [-9.0, 9.0])
+    ones = torch.ones(len(probes), dtype=torch.long)
+    want = full.p_values(probes, ones)
+    got = compressed.p_values(probes, ones)
+    assert torch.allclose(got, want, atol=1.5 / 1501), (got, want)
+    assert got[-2].item() == pytest.approx(1 / 1501) and got[-1].item() == 1.0
+    again = UnknownCalibration.from_dict(compressed.to_dict())
+    assert again.sizes == {(5, 1): 1500}
+    assert torch.allclose(again.p_values(probes, ones), got, atol=1.5 / 1501), "scores rounded"
+    # Without sizes (calibrations stored before them) ranks count table points, as they did.
+    older = dataclasses.replace(compressed, sizes=None)
+    counted = older.p_values(probes, ones)
+    assert counted[2].item() == pytest.approx(4 / 402) and want[2].item() == pytest.approx(
+        11 / 1501
+    )
+    flagged_share = (counted[:7] < 0.008).sum().item(), (got[:7] < 0.008).sum().item()
+    assert flagged_share == (2, 3), "probes at ranks 1, 5 and 10 lie below the 0.8% quantile"
+    with pytest.raises(ValueError, match="more scores"):
+        UnknownCalibration.from_dict({**compressed.to_dict(), "sizes": {"5x1": 10}})
+
+
+def test_a_calibration_spends_its_own_norm_share_of_the_threshold() -> None:
+    calibration = UnknownCalibration(
+        {(5, 1): [-3.0, -2.0, -1.0]}, norms=[float(v) for v in range(1, 40)], norm_share=0.1
+    )
+    raw = torch.full((2,), -1.5)  # distance p-value 0.75
+    norms = torch.tensor([0.5, 20.0])  # norm p-values 0.05 and 1
+    ones = torch.ones(2, dtype=torch.long)
+    assert calibration.p_values(raw, ones, 5, norms).tolist() == pytest.approx([0.5, 0.75 / 0.9])
+    again = UnknownCalibration.from_dict(calibration.to_dict())
+    assert again.norm_share == 0.1
+    default = UnknownCalibration.from_dict({**calibration.to_dict(), "norm_share": 0.2})
+    assert default.p_values(raw, ones, 5, norms).tolist() == pytest.approx([0.25, 0.75 / 0.8])
+    with pytest.raises(ValueError, match="norm share"):
+        UnknownCalibration.from_dict({**calibration.to_dict(), "norm_share": 1.0})
+
+
 def test_norm_p_values_are_two_sided_ranks_combined_by_weighted_bonferroni() -> None:
     calibration = UnknownCalibration({(5, 1): [-3.0, -2.0, -1.0]}, norms=[1.0, 2.0, 3.0, 4.0])
     norms = torch.tensor([0.5, 1.0, 2.5, 4.0, 9.0])
