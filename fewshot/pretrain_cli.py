@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 
@@ -76,9 +77,16 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     from fewshot.config import ModelConfig
     from fewshot.data import load_dataset
-    from fewshot.devices import resolve_device
+    from fewshot.devices import cpu_has_native_bf16, resolve_device
     from fewshot.pretrain import PretrainConfig, Pretrainer
 
+    device = resolve_device(args.device)
+    if args.precision == "bf16" and device == "cpu" and cpu_has_native_bf16() is False:
+        print(
+            "pretrain: this CPU has no native bf16 (AVX512-BF16 or AMX); bf16 autocast is "
+            "emulated and runs several times slower than --precision fp32",
+            file=sys.stderr,
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     model = ModelConfig(
@@ -94,7 +102,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
         seed=args.seed, model=model, val_ways=args.val_ways,
         val_within_group=args.val_within_group, augmentation=args.augmentation,
         rotation_classes=args.rotation_classes, precision=args.precision,
-        crop_aspect=tuple(args.crop_aspect), device=resolve_device(args.device),
+        crop_aspect=tuple(args.crop_aspect), device=device,
         max_seconds=args.max_minutes * 60 if args.max_minutes else None,
     )  # fmt: skip
     train = load_dataset(args.data, model)

@@ -103,3 +103,36 @@ def test_bf16_training_runs_in_autocast_and_keeps_float32_weights(
     assert all(v.dtype in (torch.float32, torch.int64) for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert PretrainConfig.from_dict(cfg.to_dict()).precision == "bf16"
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        ("fpu sse2 avx2 fma", False),
+        ("fpu avx512f avx512_bf16", True),
+        ("fpu amx_bf16 amx_tile", True),
+    ],
+)
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path, flags: str, native: bool) -> None:
+    from fewshot.devices import cpu_has_native_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\n")
+    assert cpu_has_native_bf16(str(cpuinfo)) is native
+    (tmp_path / "bare").write_text("processor\t: 0\n")
+    assert cpu_has_native_bf16(str(tmp_path / "bare")) is None
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is None
+
+
+def test_pretrain_warns_when_bf16_would_be_emulated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fewshot.devices
+    from fewshot.cli import main
+
+    monkeypatch.setattr(fewshot.devices, "cpu_has_native_bf16", lambda: False)
+    # No data: the command stops after the check, at loading.
+    with pytest.raises((SystemExit, FileNotFoundError, ValueError)):
+        main(["pretrain", "--data", str(tmp_path / "none.zip"), "--val-data", str(tmp_path / "none.zip"),
+              "--out", str(tmp_path / "run"), "--precision", "bf16"])  # fmt: skip
+    assert "no native bf16" in capsys.readouterr().err
