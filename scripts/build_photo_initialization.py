@@ -244,8 +244,9 @@ def main() -> int:
             args.meta_dir or args.run,
             on_validate=lambda p: print(json.dumps(p), flush=True),
         )  # fmt: skip
-        meta_minutes = (time.monotonic() - started) / 60
         meta_info = init.metadata.pop("meta_stage")
+        # The stage's own clock spans every session it was resumed in; this one's only the last.
+        meta_minutes = float(meta_info.get("minutes", (time.monotonic() - started) / 60))
         if args.center:
             # The stage moves the mean a little: centre its result again.
             init = centred(init, sample)
