@@ -148,14 +148,17 @@ class UnknownCalibration:
         table = self.scores_by_shape[shape]
         n = self.sizes.get(shape, len(table)) if self.sizes else len(table)
         below = bisect.bisect_right(table, value)
-        if n == len(table) or below in (0, len(table)):
-            rank = below if n == len(table) else (0 if below == 0 else n)
-            return (rank + 1) / (n + 1)
-        # Point j of the table is the scores' quantile j / (P - 1), i.e. order statistic
-        # j (n - 1) / (P - 1); the scores at most `value` are those up to the interpolated one.
-        lo, hi = table[below - 1], table[below]
-        position = below - 1 + (0.0 if hi == lo else (value - lo) / (hi - lo))
-        rank = math.floor(position * (n - 1) / (len(table) - 1)) + 1
+        if n == len(table) or below == 0:
+            rank = below
+        elif below == len(table):
+            rank = n
+        else:
+            # Point j of the table is the scores' quantile j / (P - 1), i.e. order statistic
+            # j (n - 1) / (P - 1); the scores at most `value` are those up to the interpolated
+            # one (table[below - 1] <= value < table[below]).
+            lo, hi = table[below - 1], table[below]
+            position = below - 1 + (value - lo) / (hi - lo)
+            rank = math.floor(position * (n - 1) / (len(table) - 1)) + 1
         return (rank + 1) / (n + 1)
 
     def p_values(
