@@ -193,7 +193,8 @@ STALLED_UPLOADS = 15
 CONCURRENT_CLIENTS = 64
 WAITERS = 40
 BODY_TIMEOUT_SECONDS = 3.0
-BURST_SLACK_SECONDS = 0.25
+# p95 under the burst reached 0.34 s on a slower 2-core CPU (AVX2 EPYC); starvation is seconds.
+BURST_SLACK_SECONDS = 0.5
 
 
 def _stall(port: int, headers: dict[str, str], answers: list[bytes]) -> None:
