@@ -96,6 +96,8 @@ def _norm_check_sentence(unknown: dict[str, Any]) -> str:
     if not isinstance(norms, list) or not norms:
         return ""
     share = float(unknown.get("norm_share", NORM_SHARE))
+    size = unknown.get("norm_size")
+    counted = int(size) if isinstance(size, int) and size > len(norms) else len(norms)
     details = unknown.get("details")
     distance = details.get("distance") if isinstance(details, dict) else None
     measure = (
@@ -105,7 +107,7 @@ def _norm_check_sentence(unknown: dict[str, Any]) -> str:
     )
     return (
         f" The score combines {measure} with a norm check: the "
-        f"embedding's norm before normalisation, ranked among {len(norms)} held-out norms "
+        f"embedding's norm before normalisation, ranked among {counted} held-out norms "
         f"({min(norms):.2f} to {max(norms):.2f}); {share:.0%} of the threshold goes to it."
     )
 

@@ -120,6 +120,22 @@ def _nearest_below(keys: list[int], value: int) -> int:
     return keys[max(0, bisect.bisect_right(keys, value) - 1)]
 
 
+def _count_at_most(table: list[float], n: int, value: float) -> int:
+    """How many of `n` sorted values are <= value, read off `table`, their evenly spaced
+    quantiles (all of them when n == len(table)), by linear interpolation between points."""
+    below = bisect.bisect_right(table, value)
+    if n == len(table) or below == 0:
+        return below
+    if below == len(table):
+        return n
+    # Point j of the table is the values' quantile j / (P - 1), i.e. order statistic
+    # j (n - 1) / (P - 1); the values at most `value` are those up to the interpolated one
+    # (table[below - 1] <= value < table[below]).
+    lo, hi = table[below - 1], table[below]
+    position = below - 1 + (value - lo) / (hi - lo)
+    return math.floor(position * (n - 1) / (len(table) - 1)) + 1
+
+
 @dataclass
 class UnknownCalibration:
     """Sorted in-task raw scores per calibrated (ways, shots), and the default p-value threshold."""
@@ -132,6 +148,12 @@ class UnknownCalibration:
     # In-task scores each table was cut from (None: ranks count table points, as older ones did).
     sizes: dict[tuple[int, int], int] | None = None
     norm_share: float = NORM_SHARE
+    # Held-out norms the norm table was cut from (None: ranks count table points).
+    norm_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.norm_share < 1:
+            raise ValueError("an unknown-calibration norm share is not between 0 and 1")
 
     def table(self, ways: int, shots: int) -> list[float]:
         """The in-task scores of the calibrated way count and then shot count nearest below."""
@@ -147,19 +169,7 @@ class UnknownCalibration:
         """(rank + 1) / (n + 1): the conformal p-value, never exactly 0."""
         table = self.scores_by_shape[shape]
         n = self.sizes.get(shape, len(table)) if self.sizes else len(table)
-        below = bisect.bisect_right(table, value)
-        if n == len(table) or below == 0:
-            rank = below
-        elif below == len(table):
-            rank = n
-        else:
-            # Point j of the table is the scores' quantile j / (P - 1), i.e. order statistic
-            # j (n - 1) / (P - 1); the scores at most `value` are those up to the interpolated
-            # one (table[below - 1] <= value < table[below]).
-            lo, hi = table[below - 1], table[below]
-            position = below - 1 + (value - lo) / (hi - lo)
-            rank = math.floor(position * (n - 1) / (len(table) - 1)) + 1
-        return (rank + 1) / (n + 1)
+        return (_count_at_most(table, n, value) + 1) / (n + 1)
 
     def p_values(
         self, raw: Tensor, shots: Tensor, ways: int = 5, norms: Tensor | None = None
@@ -181,11 +191,13 @@ class UnknownCalibration:
         """Two-sided conformal p-values [B] of norms [B] among the calibrated ones (1 without)."""
         if self.norms is None:
             return torch.ones(norms.shape[0], dtype=torch.float32)
-        table, n = self.norms, len(self.norms)
+        table = self.norms
+        n = self.norm_size or len(table)
+        mirrored = [-v for v in reversed(table)]
         out = torch.empty(norms.shape[0], dtype=torch.float32)
         for i, value in enumerate(norms.tolist()):
-            below = bisect.bisect_right(table, value)
-            above = n - bisect.bisect_left(table, value)
+            below = _count_at_most(table, n, value)
+            above = _count_at_most(mirrored, n, -value)
             out[i] = min(1.0, 2 * (min(below, above) + 1) / (n + 1))
         return out
 
@@ -197,14 +209,15 @@ class UnknownCalibration:
             else list(v)
             for shape, v in self.scores_by_shape.items()
         }
-        norms = self.norms
+        norms, norm_size = self.norms, self.norm_size
         if norms is not None and len(norms) > NORM_POINTS:
+            norm_size = norm_size or len(norms)
             norms = np.quantile(np.asarray(norms), np.linspace(0, 1, NORM_POINTS)).tolist()
         sizes = {shape: len(v) for shape, v in self.scores_by_shape.items()}
         if self.sizes:
             sizes = {shape: self.sizes.get(shape, n) for shape, n in sizes.items()}
         return UnknownCalibration(
-            tables, self.threshold, dict(self.details), norms, sizes, self.norm_share
+            tables, self.threshold, dict(self.details), norms, sizes, self.norm_share, norm_size
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,6 +231,7 @@ class UnknownCalibration:
             },
             **({"norms": [round(v, 4) for v in self.norms]} if self.norms is not None else {}),
             **({"norm_share": self.norm_share} if self.norms is not None else {}),
+            **({"norm_size": self.norm_size} if self.norm_size and self.norms is not None else {}),
             **(
                 {"sizes": {f"{w}x{k}": n for (w, k), n in self.sizes.items()}} if self.sizes else {}
             ),
@@ -241,8 +255,9 @@ class UnknownCalibration:
             if any(n < len(table.get(shape, [])) for shape, n in sizes.items()):
                 raise ValueError("an unknown-calibration table holds more scores than its size")
         share = float(data.get("norm_share", NORM_SHARE))
-        if not 0 < share < 1:
-            raise ValueError("an unknown-calibration norm share is not between 0 and 1")
+        norm_size = int(data["norm_size"]) if data.get("norm_size") is not None else None
+        if norm_size is not None and norms is not None and norm_size < len(norms):
+            raise ValueError("an unknown-calibration norm table holds more norms than its size")
         return cls(
             scores_by_shape=table,
             threshold=float(data.get("threshold", DEFAULT_THRESHOLD)),
@@ -250,6 +265,7 @@ class UnknownCalibration:
             norms=None if norms is None else sorted(float(v) for v in norms),
             sizes=sizes,
             norm_share=share,
+            norm_size=norm_size,
         )
 
 

@@ -37,6 +37,7 @@ from fewshot.inner import HEAD_BIAS, HEAD_WEIGHT
 from fewshot.metastage import MetaStageConfig, meta_stage
 from fewshot.openset import calibrate_unknown, unknown_report
 from fewshot.pretrain import PretrainConfig, best_initialization
+from fewshot.unknown import NORM_SHARE
 
 SHAPES = ((5, 1), (5, 5), (5, 20))
 TARGETS = {"5-way 1-shot": 0.50, "5-way 5-shot": 0.68}
@@ -207,6 +208,9 @@ def main() -> int:
         "--unknown-episodes", type=int, default=60, help="'unknown' calibration tasks per shape"
     )
     parser.add_argument(
+        "--norm-share", type=float, default=NORM_SHARE, help="of the threshold, to the norm check"
+    )
+    parser.add_argument(
         "--center",
         action="store_true",
         help="centre embeddings on the training classes' mean (before and after the meta stage)",
@@ -269,8 +273,9 @@ def main() -> int:
         print(json.dumps({f"{ways}w{shots}s": result.to_dict()}), flush=True)
     # 5-way only: a calibration task needs twice its ways in classes (16 here).
     calibration = calibrate_unknown(
-        init, val, ways=(5,), episodes=args.unknown_episodes, embedded=embedded, norms=norms
-    )
+        init, val, ways=(5,), episodes=args.unknown_episodes, embedded=embedded, norms=norms,
+        norm_share=args.norm_share,
+    )  # fmt: skip
     calibration.details["report"] = unknown_report(
         init, val, calibration, shapes=[(w, k) for w, k in SHAPES], episodes=100,
         embedded=embedded, norms=norms,

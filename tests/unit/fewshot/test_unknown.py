@@ -11,6 +11,7 @@ import torch
 import fewshot
 from fewshot.unknown import (
     DEFAULT_THRESHOLD,
+    NORM_POINTS,
     NORM_SHARE,
     UnknownCalibration,
     class_prototypes,
@@ -133,6 +134,8 @@ def test_a_calibration_spends_its_own_norm_share_of_the_threshold() -> None:
     assert default.p_values(raw, ones, 5, norms).tolist() == pytest.approx([0.25, 0.75 / 0.8])
     with pytest.raises(ValueError, match="norm share"):
         UnknownCalibration.from_dict({**calibration.to_dict(), "norm_share": 1.0})
+    with pytest.raises(ValueError, match="norm share"):
+        dataclasses.replace(calibration, norm_share=0.0)
 
 
 def test_norm_p_values_are_two_sided_ranks_combined_by_weighted_bonferroni() -> None:
@@ -155,6 +158,32 @@ def test_norm_p_values_are_two_sided_ranks_combined_by_weighted_bonferroni() -> 
     assert UnknownCalibration.from_dict({**calibration.to_dict(), "norms": None}).norms is None
     with pytest.raises(ValueError):
         UnknownCalibration.from_dict({**calibration.to_dict(), "norms": []})
+
+
+def test_a_compressed_norm_table_with_its_size_gives_the_full_tables_p_values() -> None:
+    """20,000 held-out norms cut to NORM_POINTS quantiles still rank a norm among all 20,000 on
+    both sides (to the interpolation's error); counting the 4,001 points instead made the norm
+    check's p-values ~5x coarser, so it flagged fewer images than its share promises."""
+    norms = sorted(torch.randn(20000, generator=torch.Generator().manual_seed(1)).add(10).tolist())
+    full = UnknownCalibration({(5, 1): [-3.0, -2.0, -1.0]}, norms=norms)
+    compressed = full.compressed()
+    assert compressed.norms is not None and len(compressed.norms) == NORM_POINTS
+    assert compressed.norm_size == 20000
+    ranks = (0, 3, 9, 19, 99, 5000, 19900, 19980, 19990, 19996)
+    probes = torch.tensor([norms[i] + 1e-6 for i in ranks] + [0.0, 10.0, 99.0])
+    want, got = full.norm_p_values(probes), compressed.norm_p_values(probes)
+    step = 2 * (20000 / (NORM_POINTS - 1) + 1) / 20001  # a table step (5 norms), two-sided
+    assert torch.allclose(got, want, atol=step), (got, want)
+    assert got[-3].item() == pytest.approx(2 / 20001, rel=1e-5) and got[-2].item() > 0.99
+    again = UnknownCalibration.from_dict(compressed.to_dict())
+    assert again.norm_size == 20000
+    assert torch.allclose(again.norm_p_values(probes), got, atol=step), "norms rounded"
+    # Without a size (calibrations stored before it) ranks count the table's points.
+    counted = dataclasses.replace(compressed, norm_size=None).norm_p_values(probes)
+    assert counted[-3].item() == pytest.approx(2 / (NORM_POINTS + 1), rel=1e-5)
+    assert (counted[:3] > got[:3]).all(), "the lowest norms were ranked ~5x less extreme"
+    with pytest.raises(ValueError, match="more norms"):
+        UnknownCalibration.from_dict({**compressed.to_dict(), "norm_size": 10})
 
 
 def test_the_norm_check_flags_images_outside_the_calibrated_norm_range() -> None:
