@@ -36,6 +36,7 @@ of t is spent on distance, w on the norm.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -187,13 +188,19 @@ class UnknownCalibration:
             torch.ones_like(out), torch.minimum(out / (1 - w), self.norm_p_values(norms) / w)
         )
 
+    @functools.cached_property
+    def _mirrored_norms(self) -> list[float]:
+        # Negated and reversed once per calibration (which is parsed once per initialization),
+        # not on every prediction batch.
+        return [-v for v in reversed(self.norms or [])]
+
     def norm_p_values(self, norms: Tensor) -> Tensor:
         """Two-sided conformal p-values [B] of norms [B] among the calibrated ones (1 without)."""
         if self.norms is None:
             return torch.ones(norms.shape[0], dtype=torch.float32)
         table = self.norms
         n = self.norm_size or len(table)
-        mirrored = [-v for v in reversed(table)]
+        mirrored = self._mirrored_norms
         out = torch.empty(norms.shape[0], dtype=torch.float32)
         for i, value in enumerate(norms.tolist()):
             below = _count_at_most(table, n, value)
