@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from fewshot.unknown import NORM_SHARE
 
 
-def render_model_card(metadata: dict[str, Any]) -> str:
-    """Markdown for an initialization's metadata (command, data, wall time, hardware, metrics)."""
+def _by_shape(named: dict[str, Any]) -> list[tuple[str, Any]]:
+    # config.json stores its keys sorted ("5-way 20-shot" before "5-way 5-shot"); a card reads
+    # in task order.
+    def key(item: tuple[str, Any]) -> tuple[int, int, str]:
+        found = re.match(r"(\d+)-way (\d+)-shot", item[0])
+        return (int(found[1]), int(found[2]), item[0]) if found else (10**9, 0, item[0])
+
+    return sorted(named.items(), key=key)
+
+
+def render_model_card(metadata: dict[str, Any], curve: bool = False) -> str:
+    """Markdown for an initialization's metadata (command, data, wall time, hardware, metrics,
+    adaptation timings, "unknown" report; with `curve`, the curve.png beside it)."""
     lines = [f"# Initialization {metadata.get('version', 'unversioned')}", ""]
     for key, title in (
         ("command", "Command"),
@@ -20,13 +32,17 @@ def render_model_card(metadata: dict[str, Any]) -> str:
         ("iterations", "Meta-iterations"),
         ("hardware", "Hardware"),
         ("note", "Note"),
+        ("calibrated_from", "Calibrated anew from"),
+        ("calibration_command", "Calibration command"),
     ):
         if key in metadata:
             value = metadata[key]
             if isinstance(value, list):
                 value = ", ".join(map(str, value))
             lines.append(
-                f"- **{title}**: `{value}`" if key == "command" else f"- **{title}**: {value}"
+                f"- **{title}**: `{value}`"
+                if key.endswith("command")
+                else f"- **{title}**: {value}"
             )
     metrics = metadata.get("metrics") or {}
     if metrics:
@@ -40,7 +56,7 @@ def render_model_card(metadata: dict[str, Any]) -> str:
             "| task | served | 0 steps | gain (points) | episodes |",
             "|---|---|---|---|---|",
         ]
-        for name, m in metrics.items():
+        for name, m in _by_shape(metrics):
             zero, gain = "n/a", "n/a"
             if m.get("accuracy_0_steps") is not None:
                 zero = f"{100 * m['accuracy_0_steps']:.2f}% ± {100 * m['ci95_0_steps']:.2f}"
@@ -80,15 +96,30 @@ def render_model_card(metadata: dict[str, Any]) -> str:
             "| blank flagged | noise flagged | episodes |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for name, r in report.items():
+        for name, r in _by_shape(report):
             lines.append(
                 f"| {name} | {100 * r['in_task_kept']:.1f}% | {100 * r['in_task_accuracy']:.1f}% "
                 f"| {100 * r['in_task_accuracy_without_unknown']:.1f}% "
                 f"| {100 * r['out_of_task_flagged']:.1f}% | {100 * r['blank_flagged']:.0f}% "
                 f"| {100 * r['noise_flagged']:.0f}% | {int(r['episodes'])} |"
             )
-    lines += ["", "Weights: `weights.safetensors`; architecture and metadata: `config.json`.", ""]
-    return "\n".join(lines)
+    lines += ["", "Weights: `weights.safetensors`; architecture and metadata: `config.json`."]
+    timings = metadata.get("timings") or {}
+    if timings:
+        lines += [
+            "",
+            "## Single-task adaptation (as served, this machine)",
+            "",
+            "| task | adapt p50 | adapted model |",
+            "|---|---|---|",
+        ]
+        for name, t in _by_shape(timings):
+            lines.append(
+                f"| {name} | {t['adapt_ms_p50']:.1f} ms | {t['model_bytes'] / 1024:.0f} KiB |"
+            )
+    if curve:
+        lines += ["", "![training curve](curve.png)"]
+    return "\n".join([*lines, ""])
 
 
 def _norm_check_sentence(unknown: dict[str, Any]) -> str:
@@ -113,7 +144,7 @@ def _norm_check_sentence(unknown: dict[str, Any]) -> str:
 
 
 def write_model_card(folder: str | Path, metadata: dict[str, Any]) -> Path:
-    """Write README.md beside the weights."""
+    """Write README.md beside the weights (showing curve.png where the folder has one)."""
     path = Path(folder) / "README.md"
-    path.write_text(render_model_card(metadata))
+    path.write_text(render_model_card(metadata, curve=(Path(folder) / "curve.png").is_file()))
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -180,7 +181,16 @@ def _add_calibrate(sub: Any) -> None:
         action="store_false",
         help="score by prototype distance alone (default: with the pre-normalisation norm check)",
     )
+    cal.add_argument(
+        "--norm-share",
+        type=float,
+        help="of the threshold, to the norm check (default: fewshot.unknown.NORM_SHARE, 0.2)",
+    )
     cal.add_argument("--out", help="write the calibrated initialization here (default: in place)")
+    cal.add_argument(
+        "--version",
+        help="record the result as this new version (with its card); default: keep the version",
+    )
     cal.set_defaults(handler=run_calibrate)
 
 
@@ -349,15 +359,30 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_command(args: argparse.Namespace, folder: Path, groups: list[str]) -> str:
+    """The calibrate command line that reproduces this calibration, for the model card."""
+    words = ["maml-serve", "calibrate", "--init", str(folder), "--data", args.data]
+    words += ["--groups", *groups] if args.groups else []
+    words += ["--episodes", str(args.episodes), "--threshold", str(args.threshold)]
+    words += ["--report-episodes", str(args.report_episodes)]
+    if args.report_threshold is not None:
+        words += ["--report-threshold", str(args.report_threshold)]
+    if args.norm_share is not None:
+        words += ["--norm-share", str(args.norm_share)]
+    words += [] if args.norm_check else ["--no-norm-check"]
+    return shlex.join([*words, "--version", args.version])
+
+
 def run_calibrate(args: argparse.Namespace) -> int:
     """Calibrate the unknown score on held-out groups; store it (and its report) in the metadata."""
+    from fewshot.card import write_model_card
     from fewshot.data import load_dataset
     from fewshot.errors import FewShotError
     from fewshot.evaluate import head_embeddings_and_norms
     from fewshot.initialization import Initialization, shipped_initialization_path
     from fewshot.openset import calibrate_unknown, unknown_report
     from fewshot.promotion import overlapping_groups
-    from fewshot.unknown import DEFAULT_THRESHOLD, METADATA_KEY
+    from fewshot.unknown import DEFAULT_THRESHOLD, METADATA_KEY, NORM_SHARE
 
     folder = Path(args.init) if args.init else shipped_initialization_path()
     try:
@@ -389,6 +414,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         calibration = calibrate_unknown(
             init, held, episodes=args.episodes, threshold=args.threshold, embedded=embedded,
             norm_check=args.norm_check, norms=norms,
+            norm_share=NORM_SHARE if args.norm_share is None else args.norm_share,
         )  # fmt: skip
         shown = args.report_threshold
         if shown is None:
@@ -406,7 +432,19 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     init.metadata[METADATA_KEY] = calibration.to_dict()
-    init.save(args.out or folder)
+    out = Path(args.out) if args.out else folder
+    if args.version and args.version != init.version:
+        # Another calibration answers differently: a new version, never the old name.
+        init.metadata["calibrated_from"] = init.version
+        init.metadata["version"] = args.version
+        init.metadata["calibration_command"] = _calibrate_command(args, folder, groups)
+        init.save(out)
+        for name in ("curve.png", "curve.json"):
+            if (folder / name).is_file() and folder != out:
+                shutil.copyfile(folder / name, out / name)
+        write_model_card(out, init.metadata)
+    else:
+        init.save(out)
     print(json.dumps(calibration.details, indent=2))
     return 0
 

@@ -256,7 +256,7 @@ def unknown_report(
     dataset: ImageDataset,
     calibration: UnknownCalibration,
     *,
-    shapes: Sequence[tuple[int, int]] = ((5, 1), (5, 5), (20, 1), (20, 5)),
+    shapes: Sequence[tuple[int, int]] = ((5, 1), (5, 5), (5, 20), (20, 1), (20, 5)),
     episodes: int = 50,
     seed: int = 4242,
     threshold: float | None = None,

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 UNKNOWN_LABEL = "unknown"
 DEFAULT_THRESHOLD = 0.01
-CALIBRATION_SHOTS = (1, 2, 3, 5)
+CALIBRATION_SHOTS = (1, 2, 3, 5, 10, 20)
 METADATA_KEY = "unknown"
 # The share of a threshold spent on the norm check (the rest on the prototype distance), for
 # calibrations that do not record their own.

@@ -201,12 +201,8 @@ def _meta_panel(axes: Any, meta: list[dict[str, Any]], keys: tuple[str, str]) ->
 
 
 def model_card(metadata: dict[str, Any], baseline: str) -> str:
-    """The card: fewshot's, then adaptation timings and the paired comparison with `baseline`."""
+    """The card: fewshot's (with adaptation timings), then the paired comparison with `baseline`."""
     card = render_model_card(metadata)
-    card += "\n## Single-task adaptation (as served, this machine)\n\n"
-    card += "| task | adapt p50 | adapted model |\n|---|---|---|\n"
-    for name, t in metadata["timings"].items():
-        card += f"| {name} | {t['adapt_ms_p50']:.1f} ms | {t['model_bytes'] / 1024:.0f} KiB |\n"
     verdict = metadata["promotion"]
     card += f"\n## Against {baseline} (same episodes, paired)\n\n"
     card += "| task | this version | baseline | difference |\n|---|---|---|---|\n"

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from fewshot.card import render_model_card
+from fewshot.card import write_model_card
 from fewshot.centering import centred
 from fewshot.data import load_dataset
 from fewshot.devices import resolve_device
@@ -330,13 +330,7 @@ def main() -> int:
     curve = {"pretraining": pre["curve"], "meta_stage": meta_curve}
     (out / "curve.json").write_text(json.dumps(curve, indent=1))
     plot(curve["pretraining"], curve["meta_stage"], out / "curve.png")
-    card = render_model_card(init.metadata)
-    card += "\n## Single-task adaptation (as served, this machine)\n\n"
-    card += "| task | adapt p50 | adapted model |\n|---|---|---|\n"
-    for name, t in timings.items():
-        card += f"| {name} | {t['adapt_ms_p50']:.1f} ms | {t['model_bytes'] / 1024:.0f} KiB |\n"
-    card += "\n![training curve](curve.png)\n"
-    (out / "README.md").write_text(card)
+    write_model_card(out, init.metadata)
     print(json.dumps({"written": str(out), "metrics": metrics, "timings": timings}, indent=1))
     return 0
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fewshot.card import render_model_card
+from pathlib import Path
+
+from fewshot.card import render_model_card, write_model_card
 
 
 def test_card_has_zero_steps_targets_and_unknown_sections() -> None:
@@ -67,3 +69,25 @@ def test_card_names_the_plda_score_when_calibrated_with_it() -> None:
     card = render_model_card({"unknown": unknown})
     assert "the PLDA likelihood ratio of the likeliest class" in card
     assert "nearest prototype" not in card
+
+
+def test_card_reads_in_task_order_with_timings_and_the_curve_where_there_is_one(
+    tmp_path: Path,
+) -> None:
+    """config.json sorts its keys ("5-way 20-shot" before "5-way 5-shot"); the card does not."""
+    metric = {"accuracy": 0.5, "ci95": 0.01, "episodes": 600}
+    names = ["20-way 1-shot", "5-way 20-shot", "5-way 5-shot", "5-way 1-shot"]
+    timing = {"adapt_ms_p50": 12.34, "model_bytes": 2048}
+    metadata = {
+        "version": "v2",
+        "metrics": {name: metric for name in names},
+        "timings": {"5-way 20-shot": timing, "5-way 1-shot": timing},
+    }
+    card = render_model_card(metadata)
+    rows = [card.index(f"| {name} | 50.00%") for name in names]
+    assert rows == sorted(rows, reverse=True)  # 5w1s, 5w5s, 5w20s, 20w1s
+    assert card.index("| 5-way 1-shot | 12.3 ms | 2 KiB |") < card.index("| 5-way 20-shot | 12.3")
+    assert "curve.png" not in card
+    assert "curve.png" not in write_model_card(tmp_path, metadata).read_text()
+    (tmp_path / "curve.png").write_bytes(b"")
+    assert "![training curve](curve.png)" in write_model_card(tmp_path, metadata).read_text()

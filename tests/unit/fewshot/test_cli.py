@@ -154,3 +154,32 @@ def test_calibrate_takes_an_ungrouped_held_out_set_whole(
     assert len(unknown["norms"]) == 100 and unknown["norms"] == sorted(unknown["norms"])
     assert main([*args, "--episodes", "3", "--report-episodes", "2", "--no-norm-check"]) == 0
     assert "norms" not in fewshot.Initialization.load(tmp_path / "init").metadata["unknown"]
+
+
+def test_calibrate_as_a_new_version_covers_20_shot_tasks_and_leaves_the_source(
+    tmp_path: Path,
+) -> None:
+    """With enough images a class, the tables reach 10 and 20 shots (a 20-shot task read against
+    the 5-shot table flagged most genuine queries); `--version` writes a new version with its card
+    and never renames the source."""
+    import dataclasses
+
+    head = dataclasses.replace(TINY, default_mode="head", inner_steps=3)
+    source = tiny_init(head, dtype=torch.float32)
+    source.metadata["version"] = "tiny-v1"
+    source.save(tmp_path / "init")
+    write_image_folder(tmp_path / "val", classes=10, images=26)
+    args = ["calibrate", "--data", str(tmp_path / "val"), "--init", str(tmp_path / "init")]
+    args += ["--episodes", "2", "--report-episodes", "2", "--norm-share", "0.1"]
+    assert main([*args, "--out", str(tmp_path / "new"), "--version", "tiny-v2"]) == 0
+    new = fewshot.Initialization.load(tmp_path / "new")
+    assert new.version == "tiny-v2" and new.metadata["calibrated_from"] == "tiny-v1"
+    unknown = new.metadata["unknown"]
+    assert set(unknown["scores_by_shape"]) == {"5x1", "5x2", "5x3", "5x5", "5x10", "5x20"}
+    assert "5-way 20-shot" in unknown["details"]["report"]
+    assert unknown["norm_share"] == 0.1
+    card = (tmp_path / "new" / "README.md").read_text()
+    assert "# Initialization tiny-v2" in card and "Calibrated anew from**: tiny-v1" in card
+    assert "--version tiny-v2" in new.metadata["calibration_command"]
+    untouched = fewshot.Initialization.load(tmp_path / "init")
+    assert untouched.version == "tiny-v1" and "unknown" not in untouched.metadata
