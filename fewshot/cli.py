@@ -385,6 +385,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from fewshot.unknown import DEFAULT_THRESHOLD, METADATA_KEY, NORM_SHARE
 
     folder = Path(args.init) if args.init else shipped_initialization_path()
+    if args.version and not args.out:
+        print(
+            "error: --version writes a new initialization: give it an --out folder", file=sys.stderr
+        )
+        return 2
     try:
         init = Initialization.load(folder)
         data = load_dataset(args.data, init.config)

@@ -171,6 +171,7 @@ def test_calibrate_as_a_new_version_covers_20_shot_tasks_and_leaves_the_source(
     write_image_folder(tmp_path / "val", classes=10, images=26)
     args = ["calibrate", "--data", str(tmp_path / "val"), "--init", str(tmp_path / "init")]
     args += ["--episodes", "2", "--report-episodes", "2", "--norm-share", "0.1"]
+    assert main([*args, "--version", "tiny-v2"]) == 2  # in place would rename the source
     assert main([*args, "--out", str(tmp_path / "new"), "--version", "tiny-v2"]) == 0
     new = fewshot.Initialization.load(tmp_path / "new")
     assert new.version == "tiny-v2" and new.metadata["calibrated_from"] == "tiny-v1"
