@@ -69,6 +69,9 @@ class MetaStageConfig:
     # step size (learned per step through softplus), and the step sizes' learning-rate factor.
     inner_steps: int = 0
     inner_step_size: float = 0.1
+    # Episodes with fewer shots a class train the prototype head alone, as such tasks are
+    # served (ModelConfig.steps_min_shots).
+    steps_min_shots: int = 0
     step_size_lr_factor: float = 1.0
     # Gradient norm clip: one diverging inner loop must not throw the backbone away.
     clip_norm: float = 10.0
@@ -198,7 +201,8 @@ class MetaStage:
             features = self.module(torch.cat([views_x, qx])).float()
         fv, fq = features[: views_x.shape[0]], features[views_x.shape[0] :]
         fs = fv[: sx.shape[0]]  # the unshifted support comes first
-        steps = self.cfg.inner_steps
+        shots = int(torch.bincount(sy, minlength=ways).min())
+        steps = self.cfg.inner_steps if shots >= self.cfg.steps_min_shots else 0
         sizes = self.step_sizes()
         per_step = {HEAD_WEIGHT: [sizes[t] for t in range(steps)]}
         per_step[HEAD_BIAS] = per_step[HEAD_WEIGHT]

@@ -215,7 +215,29 @@ def main() -> int:
         action="store_true",
         help="centre embeddings on the training classes' mean (before and after the meta stage)",
     )
+    parser.add_argument(
+        "--meta-shots",
+        type=int,
+        nargs="+",
+        default=[1, 5],
+        help="the meta stage's shots a class, one drawn per episode",
+    )
+    parser.add_argument(
+        "--meta-inner-steps",
+        type=int,
+        default=0,
+        help="train through this many served head steps (learned sizes) in episodes of at least "
+        "--steps-min-shots shots; must be the largest of --candidates (0: prototypes alone)",
+    )
+    parser.add_argument(
+        "--meta-step-lr-factor",
+        type=float,
+        default=1.0,
+        help="the learned head step sizes' learning rate, as a multiple of the stage's",
+    )
     args = parser.parse_args()
+    if args.meta_inner_steps and args.meta_inner_steps != max(args.candidates):
+        parser.error("--meta-inner-steps must equal the largest of --candidates")
 
     parent: dict[str, Any] | None = None
     if args.from_init:
@@ -234,14 +256,27 @@ def main() -> int:
     sample = train.images[::6]
     if args.center:
         init = centred(init, sample)
+    # The served head recipe, set before the meta stage: with --meta-inner-steps it trains
+    # through the very steps that serve (crop views stay off until after the stage).
+    init.config = dataclasses.replace(
+        init.config,
+        steps_min_shots=args.steps_min_shots,
+        inner_loss_per_class=args.per_class_loss,
+        inner_shift_views=args.shift_views,
+    )
     if args.meta_episodes > 0:
         started = time.monotonic()
         cfg = MetaStageConfig(
             episodes=args.meta_episodes,
+            shots=tuple(args.meta_shots),
             seed=args.meta_seed,
             average_every=args.average_every,
             val_every=args.val_every,
             device=resolve_device(args.device),
+            inner_steps=args.meta_inner_steps,
+            inner_step_size=args.head_step_size,
+            steps_min_shots=args.steps_min_shots,
+            step_size_lr_factor=args.meta_step_lr_factor,
         )
         init = meta_stage(
             init, train, val, cfg, PretrainConfig.from_dict(pre["config"]),
@@ -254,13 +289,7 @@ def main() -> int:
         if args.center:
             # The stage moves the mean a little: centre its result again.
             init = centred(init, sample)
-    init.config = dataclasses.replace(
-        init.config,
-        crop_views=args.crop_views,
-        steps_min_shots=args.steps_min_shots,
-        inner_loss_per_class=args.per_class_loss,
-        inner_shift_views=args.shift_views,
-    )
+    init.config = dataclasses.replace(init.config, crop_views=args.crop_views)
     metrics: dict[str, Any] = {}
     # Head mode: each image embedded once (exact; 12 views an image make per-episode passes slow).
     embedded, norms = head_embeddings_and_norms(init, val)

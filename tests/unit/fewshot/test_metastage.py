@@ -122,3 +122,20 @@ def test_weight_averaging_serves_the_mean_of_its_snapshots_and_resumes(tmp_path:
     assert straight.average is not None and resumed.average is not None
     for k, v in straight.average.items():
         assert torch.allclose(resumed.average[k], v, atol=1e-6), k
+
+
+def test_episodes_below_the_served_minimum_of_shots_train_the_prototype_head(
+    tmp_path: Path,
+) -> None:
+    stage = _stage(tmp_path, 2)
+    stage.cfg.steps_min_shots = 2
+    g = torch.Generator().manual_seed(3)
+    qx, qy = torch.rand(6, 1, 12, 12, generator=g), torch.arange(3).repeat_interleave(2)
+    one_x, one_y = torch.rand(3, 1, 12, 12, generator=g), torch.arange(3)
+    two_x, two_y = torch.rand(6, 1, 12, 12, generator=g), torch.arange(3).repeat_interleave(2)
+    stage.module.eval()
+    steps_taken = stage.loss(two_x, two_y, qx, qy)
+    one_shot = stage.loss(one_x, one_y, qx, qy)
+    stage.cfg.inner_steps = 0
+    assert torch.equal(stage.loss(one_x, one_y, qx, qy), one_shot)  # no steps below 2 shots
+    assert not torch.allclose(stage.loss(two_x, two_y, qx, qy), steps_taken)  # steps at 2
