@@ -256,14 +256,14 @@ def main() -> int:
     sample = train.images[::6]
     if args.center:
         init = centred(init, sample)
-    # The served head recipe, set before the meta stage: with --meta-inner-steps it trains
-    # through the very steps that serve (crop views stay off until after the stage).
-    init.config = dataclasses.replace(
-        init.config,
-        steps_min_shots=args.steps_min_shots,
-        inner_loss_per_class=args.per_class_loss,
-        inner_shift_views=args.shift_views,
-    )
+    head_recipe = {
+        "steps_min_shots": args.steps_min_shots,
+        "inner_loss_per_class": args.per_class_loss,
+        "inner_shift_views": args.shift_views,
+    }
+    if args.meta_inner_steps:
+        # The stage trains through the very steps that serve (crop views stay off until after).
+        init.config = dataclasses.replace(init.config, **head_recipe)
     if args.meta_episodes > 0:
         started = time.monotonic()
         cfg = MetaStageConfig(
@@ -289,7 +289,7 @@ def main() -> int:
         if args.center:
             # The stage moves the mean a little: centre its result again.
             init = centred(init, sample)
-    init.config = dataclasses.replace(init.config, crop_views=args.crop_views)
+    init.config = dataclasses.replace(init.config, crop_views=args.crop_views, **head_recipe)
     metrics: dict[str, Any] = {}
     # Head mode: each image embedded once (exact; 12 views an image make per-episode passes slow).
     embedded, norms = head_embeddings_and_norms(init, val)
