@@ -235,6 +235,12 @@ def main() -> int:
         default=1.0,
         help="the learned head step sizes' learning rate, as a multiple of the stage's",
     )
+    parser.add_argument(
+        "--meta-frozen-blocks",
+        type=int,
+        default=0,
+        help="the meta stage keeps this many first blocks as pre-trained (weights and statistics)",
+    )
     args = parser.parse_args()
     if args.meta_inner_steps and args.meta_inner_steps != max(args.candidates):
         parser.error("--meta-inner-steps must equal the largest of --candidates")
@@ -247,6 +253,8 @@ def main() -> int:
     else:
         init = best_initialization(args.run)
         pre = init.metadata.pop("pretraining")
+    if not 0 <= args.meta_frozen_blocks <= init.config.depth:
+        parser.error(f"--meta-frozen-blocks must be 0 to the backbone's {init.config.depth} blocks")
     serving_recipe(init, args.head_step_size, args.candidates, args.inner_temperature)
     val = load_dataset(args.val_data, init.config)
     meta_info: dict[str, Any] | None = None
@@ -277,6 +285,7 @@ def main() -> int:
             inner_step_size=args.head_step_size,
             steps_min_shots=args.steps_min_shots,
             step_size_lr_factor=args.meta_step_lr_factor,
+            frozen_blocks=args.meta_frozen_blocks,
         )
         init = meta_stage(
             init, train, val, cfg, PretrainConfig.from_dict(pre["config"]),

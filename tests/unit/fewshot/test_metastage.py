@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from fewshot.backbone import Conv4
 from fewshot.config import ModelConfig
 from fewshot.data import ImageDataset
 from fewshot.initialization import Initialization
@@ -139,3 +140,35 @@ def test_episodes_below_the_served_minimum_of_shots_train_the_prototype_head(
     stage.cfg.inner_steps = 0
     assert torch.equal(stage.loss(one_x, one_y, qx, qy), one_shot)  # no steps below 2 shots
     assert not torch.allclose(stage.loss(two_x, two_y, qx, qy), steps_taken)  # steps at 2
+
+
+def test_frozen_blocks_keep_their_weights_and_statistics_and_the_rest_trains(
+    tmp_path: Path,
+) -> None:
+    import pytest
+
+    model = dataclasses.replace(MODEL, norm="batch", inner_steps=0)
+    cfg = MetaStageConfig(episodes=3, ways=3, shots=(2,), queries=2, val_every=3, frozen_blocks=2)
+    aug = PretrainConfig(model=model, augmentation="handwriting", val_episodes=2, val_queries=2,
+                         val_ways=3)  # fmt: skip
+    init = Initialization.random(model, seed=0)
+    # BatchNorm's running statistics, as a pre-trained run's initialization carries them.
+    init.params.update({k: v for k, v in Conv4(model).state_dict().items() if "running" in k})
+    stage = MetaStage(init, _data(8, 0), _data(6, 1), cfg, aug, tmp_path)
+    before = {k: v.clone() for k, v in stage.module.state_dict().items()}
+    for _ in range(3):
+        stage.train_episode()
+    after = stage.module.state_dict()
+    convs = [i for i, m in enumerate(stage.module.blocks) if isinstance(m, torch.nn.Conv2d)]
+    frozen = tuple(f"blocks.{i}." for i in range(convs[2]))
+    assert any(k.startswith(frozen) for k in before)
+    for k, v in before.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        if k.startswith(frozen):
+            assert torch.equal(after[k], v), f"{k} moved although its block is frozen"
+        else:
+            assert not torch.equal(after[k], v), f"{k} did not train"
+    with pytest.raises(ValueError, match="frozen_blocks"):
+        MetaStage(init, _data(8, 0), _data(6, 1), dataclasses.replace(cfg, frozen_blocks=5), aug,
+                  tmp_path / "b")  # fmt: skip
