@@ -29,7 +29,7 @@ import torch
 from fewshot.card import write_model_card
 from fewshot.centering import centred
 from fewshot.data import load_dataset
-from fewshot.devices import resolve_device
+from fewshot.devices import cpu_has_native_bf16, resolve_device
 from fewshot.evaluate import evaluate_head_cached, head_embeddings_and_norms
 from fewshot.fast import adapt_fast
 from fewshot.initialization import Initialization
@@ -241,6 +241,13 @@ def main() -> int:
         default=0,
         help="the meta stage keeps this many first blocks as pre-trained (weights and statistics)",
     )
+    parser.add_argument(
+        "--meta-precision",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="the meta stage's forward passes (default: the pre-training run's last setting); "
+        "bf16 pays only where the CPU does it natively",
+    )
     args = parser.parse_args()
     if args.meta_inner_steps and args.meta_inner_steps != max(args.candidates):
         parser.error("--meta-inner-steps must equal the largest of --candidates")
@@ -287,12 +294,22 @@ def main() -> int:
             step_size_lr_factor=args.meta_step_lr_factor,
             frozen_blocks=args.meta_frozen_blocks,
         )
+        augment = PretrainConfig.from_dict(pre["config"])
+        if args.meta_precision:
+            augment = dataclasses.replace(augment, precision=args.meta_precision)
+        if augment.precision == "bf16" and cfg.device == "cpu" and cpu_has_native_bf16() is False:
+            print(
+                "the meta stage runs bf16 autocast on a CPU without native bf16: several times "
+                "slower than --meta-precision fp32",
+                file=sys.stderr,
+            )
         init = meta_stage(
-            init, train, val, cfg, PretrainConfig.from_dict(pre["config"]),
+            init, train, val, cfg, augment,
             args.meta_dir or args.run,
             on_validate=lambda p: print(json.dumps(p), flush=True),
         )  # fmt: skip
         meta_info = init.metadata.pop("meta_stage")
+        meta_info["precision"] = augment.precision
         # The stage's own clock spans every session it was resumed in; this one's only the last.
         meta_minutes = float(meta_info.get("minutes", (time.monotonic() - started) / 60))
         if args.center:
