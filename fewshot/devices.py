@@ -27,3 +27,13 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
     if flags is None:
         return None
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_emulation_warning(precision: str, device: str, fp32_flag: str) -> str | None:
+    """The warning to print where bf16 autocast would be emulated on this CPU, else None."""
+    if precision != "bf16" or device != "cpu" or cpu_has_native_bf16() is not False:
+        return None
+    return (
+        "this CPU has no native bf16 (AVX512-BF16 or AMX); bf16 autocast is emulated and runs "
+        f"several times slower than {fp32_flag} fp32"
+    )

@@ -77,16 +77,13 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     from fewshot.config import ModelConfig
     from fewshot.data import load_dataset
-    from fewshot.devices import cpu_has_native_bf16, resolve_device
+    from fewshot.devices import bf16_emulation_warning, resolve_device
     from fewshot.pretrain import PretrainConfig, Pretrainer
 
     device = resolve_device(args.device)
-    if args.precision == "bf16" and device == "cpu" and cpu_has_native_bf16() is False:
-        print(
-            "pretrain: this CPU has no native bf16 (AVX512-BF16 or AMX); bf16 autocast is "
-            "emulated and runs several times slower than --precision fp32",
-            file=sys.stderr,
-        )
+    warning = bf16_emulation_warning(args.precision, device, "--precision")
+    if warning:
+        print(f"pretrain: {warning}", file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = ModelConfig(

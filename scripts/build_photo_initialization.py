@@ -29,7 +29,7 @@ import torch
 from fewshot.card import write_model_card
 from fewshot.centering import centred
 from fewshot.data import load_dataset
-from fewshot.devices import cpu_has_native_bf16, resolve_device
+from fewshot.devices import bf16_emulation_warning, resolve_device
 from fewshot.evaluate import evaluate_head_cached, head_embeddings_and_norms
 from fewshot.fast import adapt_fast
 from fewshot.initialization import Initialization
@@ -297,12 +297,9 @@ def main() -> int:
         augment = PretrainConfig.from_dict(pre["config"])
         if args.meta_precision:
             augment = dataclasses.replace(augment, precision=args.meta_precision)
-        if augment.precision == "bf16" and cfg.device == "cpu" and cpu_has_native_bf16() is False:
-            print(
-                "the meta stage runs bf16 autocast on a CPU without native bf16: several times "
-                "slower than --meta-precision fp32",
-                file=sys.stderr,
-            )
+        warning = bf16_emulation_warning(augment.precision, cfg.device, "--meta-precision")
+        if warning:
+            print(f"meta stage: {warning}", file=sys.stderr)
         init = meta_stage(
             init, train, val, cfg, augment,
             args.meta_dir or args.run,

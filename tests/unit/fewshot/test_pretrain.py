@@ -136,3 +136,25 @@ def test_pretrain_warns_when_bf16_would_be_emulated(
         main(["pretrain", "--data", str(tmp_path / "none.zip"), "--val-data", str(tmp_path / "none.zip"),
               "--out", str(tmp_path / "run"), "--precision", "bf16"])  # fmt: skip
     assert "no native bf16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "native", "warned"),
+    [
+        ("bf16", "cpu", False, True),
+        ("bf16", "cpu", True, False),
+        ("bf16", "cpu", None, False),
+        ("bf16", "cuda", False, False),
+        ("fp32", "cpu", False, False),
+    ],
+)
+def test_bf16_emulation_warning_names_the_flag_only_where_bf16_is_emulated(
+    monkeypatch: pytest.MonkeyPatch, precision: str, device: str, native: bool | None, warned: bool
+) -> None:
+    import fewshot.devices
+
+    monkeypatch.setattr(fewshot.devices, "cpu_has_native_bf16", lambda: native)
+    warning = fewshot.devices.bf16_emulation_warning(precision, device, "--meta-precision")
+    assert (warning is not None) is warned
+    if warning:
+        assert "--meta-precision fp32" in warning and "no native bf16" in warning
