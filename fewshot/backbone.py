@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._C._functorch import is_batchedtensor
 
 from fewshot.config import ModelConfig
 
@@ -24,6 +25,25 @@ def resize_matrix(size: int, crop: int) -> Tensor:
 # maps stay in cache, so a pass of a few images beats one of thousands of views (2-3x for 9-view
 # handwriting and 12-view photos: benchmarks/bench_views.py), and memory stays bounded.
 ACTIVATIONS_PER_PASS = 1_000_000
+
+# Inference on a CPU runs the convolutions on channels-last (NHWC) maps: oneDNN's direct kernels
+# then skip a layout reorder per layer (benchmarks/bench_memory_format.py measures it).
+CHANNELS_LAST_ON_CPU = True
+
+
+def serving_layout(x: Tensor) -> Tensor:
+    """Maps [B, C, H, W] in the layout the convolutions run fastest in: channels-last on a CPU
+    without autograd, unchanged otherwise (training keeps its layout, and under vmap a memory
+    format cannot be asked for)."""
+    if (
+        not CHANNELS_LAST_ON_CPU
+        or x.device.type != "cpu"
+        or x.dim() != 4
+        or torch.is_grad_enabled()
+        or is_batchedtensor(x)
+    ):
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def shifted_copies(x: Tensor, radius: int) -> list[Tensor]:
@@ -148,7 +168,7 @@ class Conv4(nn.Module):
         return self._forward_views(params, x)
 
     def _forward_views(self, params: Mapping[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
-        x = self._views(x)
+        x = serving_layout(self._views(x))
         for index, layer in enumerate(self.blocks):
             prefix = f"blocks.{index}."
             if isinstance(layer, nn.Conv2d):
