@@ -3,7 +3,7 @@ adaptation and one 32-image prediction of each shipped initialization, with and 
 interleaved in one run, as ratios against the contiguous (NCHW) layout. Random images (speed does
 not depend on content); medians of interleaved repeats, so machine noise hits both alike.
 
-    .venv/bin/python benchmarks/bench_memory_format.py [--repeats 11] [--threads 2]
+    .venv/bin/python -m benchmarks.bench_memory_format [--repeats 11] [--threads 2]
 """
 
 from __future__ import annotations
@@ -17,17 +17,12 @@ from functools import partial
 import torch
 
 import fewshot.backbone as backbone
+from benchmarks.bench_versions import random_images
 from fewshot.fast import adapt_fast
 from fewshot.initialization import Initialization, shipped_initialization_paths
 
 SHAPES = ((5, 1), (5, 5), (5, 20))
 QUERIES = 32
-
-
-def _images(init: Initialization, count: int, seed: int) -> torch.Tensor:
-    size = init.config.image_size
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand((count, init.config.in_channels, size, size), generator=generator)
 
 
 def _interleaved(run: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -55,12 +50,12 @@ def main() -> None:
     for path in shipped_initialization_paths():
         init = Initialization.load(path)
         for ways, shots in SHAPES:
-            x = _images(init, ways * shots, seed=shots)
+            x = random_images(init, ways * shots, seed=shots)
             labels = [str(i // shots) for i in range(ways * shots)]
             before, after = _interleaved(partial(adapt_fast, init, x, labels), args.repeats)
             _row(init.version, f"adapt {ways}-way {shots}-shot", before, after)
-        model = adapt_fast(init, _images(init, 25, seed=1), [str(i // 5) for i in range(25)])
-        queries = _images(init, QUERIES, seed=2)
+        model = adapt_fast(init, random_images(init, 25, seed=1), [str(i // 5) for i in range(25)])
+        queries = random_images(init, QUERIES, seed=2)
         before, after = _interleaved(partial(model.predict_scores, queries), args.repeats)
         _row(init.version, f"predict {QUERIES} images", before, after)
 

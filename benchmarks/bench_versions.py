@@ -24,14 +24,15 @@ SHAPES = ((5, 1), (5, 5), (20, 1), (20, 5))
 QUERIES = 32
 
 
-def _images(init: Initialization, count: int, seed: int) -> torch.Tensor:
+def random_images(init: Initialization, count: int, seed: int) -> torch.Tensor:
+    """Images [count, C, H, W] in [0, 1] of the initialization's input shape, seeded."""
     size = init.config.image_size
     generator = torch.Generator().manual_seed(seed)
     return torch.rand((count, init.config.in_channels, size, size), generator=generator)
 
 
 def _adapt(init: Initialization, ways: int, shots: int) -> Callable[[], AdaptedModel]:
-    x = _images(init, ways * shots, seed=ways * 100 + shots)
+    x = random_images(init, ways * shots, seed=ways * 100 + shots)
     labels = [str(k) for k in range(ways) for _ in range(shots)]
     return lambda: adapt_fast(init, x, labels)
 
@@ -65,7 +66,7 @@ def main() -> None:
             (f"adapt {ways}-way {shots}-shot", [_adapt(init, ways, shots) for init in inits])
         )
     models = [_adapt(init, 5, 5)() for init in inits]
-    queries = [_images(init, QUERIES, seed=7) for init in inits]
+    queries = [random_images(init, QUERIES, seed=7) for init in inits]
     rows.append(
         (
             f"predict {QUERIES} images (5-way)",
