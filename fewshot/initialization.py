@@ -34,12 +34,15 @@ def shipped_initialization_path() -> Path:
 
 
 def shipped_photo_initialization_path() -> Path:
-    """The photo (mini-ImageNet) initialization committed with the package."""
+    """The photo (mini-ImageNet) initialization a new installation serves by default."""
     return SHIPPED_DIR / "photos-conv4"
 
 
 def shipped_initialization_paths() -> list[Path]:
-    """Every shipped initialization folder, one per domain (the default domain's first)."""
+    """Every shipped initialization folder, the default domain's first, then by name.
+
+    A domain's first folder in this order becomes its active version on a new installation.
+    """
     others = sorted(
         p for p in SHIPPED_DIR.iterdir() if p.is_dir() and p != shipped_initialization_path()
     )

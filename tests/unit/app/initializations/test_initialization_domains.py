@@ -183,3 +183,33 @@ def test_promotion_and_rollback_act_within_one_domain(two_domains: TestClient) -
         "handwritten characters": "tiny-test-1",
         "photos": PHOTO_VERSION,
     }
+
+
+def test_a_new_installation_serves_every_shipped_folder_with_photos_conv4_active(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from fewshot.initialization import (
+        shipped_initialization_paths,
+        shipped_photo_initialization_path,
+    )
+
+    folders = [p for p in shipped_initialization_paths() if (p / "weights.safetensors").is_file()]
+    photo = shipped_photo_initialization_path()
+    if photo not in folders:
+        pytest.skip("no shipped photo initialization (fewshot/shipped/photos-conv4)")
+
+    def version(folder: Path) -> str:
+        return str(json.loads((folder / "config.json").read_text())["metadata"]["version"])
+
+    settings = make_settings(tmp_path / "data", tmp_path / "unused", initialization_path=None)
+    with TestClient(create_app(settings)) as client:
+        body = _listing(client, create_key(client, "acme"))
+    items = {i["version"]: i for i in body["items"]}
+    assert set(items) == {version(f) for f in folders}
+    # photos-conv4/ is the photo domain's active version; other photo folders are offered beside it.
+    assert body["domain_versions"]["photos"] == version(photo)
+    for folder in folders:
+        if items[version(folder)]["domain"] == "photos":
+            assert items[version(folder)]["is_domain_default"] == (folder == photo), folder.name
