@@ -138,7 +138,7 @@ class InitializationList(BaseModel):
                     "global_version": "omniglot-conv4-v8",
                     "domain_versions": {
                         "handwritten characters": "omniglot-conv4-v8",
-                        "photos": "photos-conv4-v4",
+                        "photos": "photos-conv4-v5",
                     },
                 }
             ]

@@ -17,7 +17,11 @@ from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.structure.files import File, Files
 
 REPO = Path(__file__).resolve().parents[2]
-CURVES = ["shipped/omniglot-conv4/curve.png", "shipped/photos-conv4/curve.png"]
+CURVES = [
+    "shipped/omniglot-conv4/curve.png",
+    "shipped/photos-conv4/curve.png",
+    "shipped/photos-conv4-fast/curve.png",
+]
 
 
 def openapi_document() -> dict[str, Any]:

@@ -43,7 +43,7 @@ def test_the_site_builds_strict_with_the_openapi_reference(site: Path) -> None:
     assert "/v1/tasks/{task_id}/predictions" in reference
     assert "not_adapted_yet" in reference  # a problem code of a documented response
     assert '"/v1/tasks"' in (site / "reference" / "openapi.json").read_text()
-    for curve in ("omniglot-conv4", "photos-conv4"):
+    for curve in ("omniglot-conv4", "photos-conv4", "photos-conv4-fast"):
         assert (site / "shipped" / curve / "curve.png").is_file()
     assert (site / "console.png").is_file()
 
