@@ -1,4 +1,4 @@
-"""The shipped photo initialization on real photos: adaptation changes predictions, never for the worse.
+"""The shipped photo initializations on real photos: adaptation changes predictions, never for the worse.
 
 Uses 6 of mini-ImageNet's 16 validation classes (60 photos each), read from the shared zip.
 """
