@@ -115,6 +115,10 @@ class Settings(BaseSettings):
     # and threads running batches (None: one per CPU core).
     predict_batch_chunk: int = Field(default=32, gt=0)
     predict_batch_threads: int | None = Field(default=None, gt=0)
+    # A prediction that would wait longer than this behind the line of this process (estimated
+    # from the seconds an image has taken lately) is answered 503 predictions_busy with
+    # Retry-After instead of joining it; 0: no bound. A request finding the line empty always runs.
+    predict_max_wait_seconds: float = Field(default=10.0, ge=0)
     # A worker adapts up to this many waiting adapt jobs in one vmapped pass (1: one at a time);
     # when it finds a line it waits at most adapt_batch_wait_ms for the batch to fill.
     adapt_batch_max_jobs: int = Field(default=32, gt=0)

@@ -90,6 +90,12 @@ class ServiceUnavailable(ProblemError):
         self.headers.setdefault("Retry-After", str(retry_after))
 
 
+class PredictionsBusy(ServiceUnavailable):
+    """This process's prediction line holds more work than it clears in the allowed wait (503)."""
+
+    code = "predictions_busy"
+
+
 class StorageUnavailable(ServiceUnavailable):
     """The artifact store (S3) did not answer, or answered with a server error (503).
 

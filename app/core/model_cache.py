@@ -172,6 +172,7 @@ class ModelCache:
         chunk: int = 32,
         workers: int | None = None,
         expected: Expected | None = None,
+        max_wait_seconds: float = 0.0,
     ) -> ml.PredictionScores:
         """`model.predict_scores(x, threshold)`, batched with concurrent requests.
 
@@ -179,14 +180,15 @@ class ModelCache:
         one per CPU core) run batches in passes of `chunk` images. On a CPU, full-mode models
         are predicted on the calling thread too: their passes cannot be shared there (see
         fewshot.batched.predict_many), so a hand-off would only add a wait. `expected` is this
-        request's announcement (`expect_prediction`), which it now fulfils.
+        request's announcement (`expect_prediction`), which it now fulfils. A batched request
+        that would wait longer than `max_wait_seconds` (0: no bound) raises PredictionsBusy.
         """
         if max_images <= 0 or not self.batches(model.mode):
             if expected is not None:
                 expected.withdraw()
             self.use_serving_threads()
             return model.predict_scores(x, threshold)
-        batcher = self._batcher_for(wait_seconds, max_images, chunk, workers)
+        batcher = self._batcher_for(wait_seconds, max_images, chunk, workers, max_wait_seconds)
         return batcher.predict_scores(model, x, threshold, expected)
 
     def batches(self, mode: str) -> bool:
@@ -195,15 +197,27 @@ class ModelCache:
         return mode == "head" or self.device != "cpu"
 
     def expect_prediction(
-        self, *, wait_seconds: float, max_images: int, chunk: int = 32, workers: int | None = None
+        self,
+        *,
+        wait_seconds: float,
+        max_images: int,
+        chunk: int = 32,
+        workers: int | None = None,
+        max_wait_seconds: float = 0.0,
     ) -> Expected | None:
         """Announce a batched prediction on its way (None when batching is off)."""
         if max_images <= 0:
             return None
-        return self._batcher_for(wait_seconds, max_images, chunk, workers).expect()
+        batcher = self._batcher_for(wait_seconds, max_images, chunk, workers, max_wait_seconds)
+        return batcher.expect()
 
     def _batcher_for(
-        self, wait_seconds: float, max_images: int, chunk: int, workers: int | None
+        self,
+        wait_seconds: float,
+        max_images: int,
+        chunk: int,
+        workers: int | None,
+        max_wait_seconds: float = 0.0,
     ) -> PredictionBatcher:
         from app.core.prediction_batcher import PredictionBatcher
 
@@ -221,7 +235,7 @@ class ModelCache:
                 # The batching thread holds the batcher, not the cache: stop it with the cache.
                 weakref.finalize(self, batcher.close)
             batcher.wait_seconds, batcher.max_images = wait_seconds, max_images
-            batcher.chunk = chunk
+            batcher.chunk, batcher.max_wait_seconds = chunk, max_wait_seconds
         return batcher
 
     def forget(self, model_ids: list[uuid.UUID]) -> None:

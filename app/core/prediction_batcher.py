@@ -9,12 +9,15 @@ not arrived, so a lone request is never held for company that is not coming. It 
 passes of `chunk` images). Every image is processed on its own,
 so a request's probabilities do not depend on the others in its batch. A batch that fails is
 retried one request at a time, so each request gets its own answer. Threads exit after a while
-without requests and start again on the next one.
+without requests and start again on the next one. With `max_wait_seconds`, a request that would
+wait longer than that behind the images already in the line (at the seconds an image has taken
+lately) is refused with PredictionsBusy (503) instead of joining it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Histogram
 
 from app.core import ml
+from app.core.errors import PredictionsBusy
 from app.core.threads import use_threads
 
 if TYPE_CHECKING:
@@ -80,6 +84,7 @@ class PredictionBatcher:
         workers: int = 1,
         chunk: int = 32,
         adaptive: bool = False,
+        max_wait_seconds: float = 0.0,
     ) -> None:
         self.wait_seconds = wait_seconds
         self.max_images = max_images
@@ -87,6 +92,11 @@ class PredictionBatcher:
         self.workers = workers
         self.chunk = chunk
         self.adaptive = adaptive
+        self.max_wait_seconds = max_wait_seconds
+        # Images in the line or in a running batch, and the recent seconds an image took (a
+        # moving average over batches; None until the first one ends).
+        self._pending_images = 0
+        self._seconds_per_image: float | None = None
         # Requests announced with `expect` that have not arrived in the line yet.
         self._coming = 0
         self._line: deque[_Request] = deque()
@@ -136,7 +146,9 @@ class PredictionBatcher:
                 self._arrived(expected)
             if self._closed:
                 return model.predict_scores(images, threshold)
+            self._refuse_if_busy()
             self._line.append(request)
+            self._pending_images += images.shape[0]
             if self._idle == 0 and len(self._running) < self.workers:
                 thread = threading.Thread(
                     target=self._loop, name="maml-serve-predict-batcher", daemon=True
@@ -145,6 +157,30 @@ class PredictionBatcher:
                 thread.start()
             self._cond.notify()
         return request.done.result()
+
+    def waiting_seconds(self) -> float:
+        """The estimated seconds before a new request's batch would start (0 when unknown)."""
+        with self._cond:
+            return self._waiting_seconds()
+
+    def _waiting_seconds(self) -> float:
+        if self._seconds_per_image is None:
+            return 0.0
+        return self._pending_images * self._seconds_per_image / max(1, self.workers)
+
+    def _refuse_if_busy(self) -> None:
+        """Raise PredictionsBusy when the line would hold a new request past max_wait_seconds."""
+        if self.max_wait_seconds <= 0 or not self._pending_images:
+            return
+        wait = self._waiting_seconds()
+        if wait > self.max_wait_seconds:
+            # A batch may be waiting for this request's arrival: let it go without it.
+            self._cond.notify_all()
+            raise PredictionsBusy(
+                f"this API process has about {wait:.0f} s of predictions waiting, more than the "
+                f"{self.max_wait_seconds:g} s a request may wait; retry after the Retry-After delay",
+                retry_after=max(1, min(60, math.ceil(wait - self.max_wait_seconds))),
+            )
 
     def close(self) -> None:
         """Stop the thread after the requests already waiting."""
@@ -185,7 +221,21 @@ class PredictionBatcher:
             batch = self._take()
             if batch is None:
                 return
-            self._run(batch)
+            images = sum(r.images.shape[0] for r in batch)
+            started = time.monotonic()
+            try:
+                self._run(batch)
+            finally:
+                self._finished(images, time.monotonic() - started)
+
+    def _finished(self, images: int, seconds: float) -> None:
+        """A batch of `images` ended after `seconds`: out of the line, into the moving average."""
+        with self._cond:
+            self._pending_images -= images
+            if images:
+                now = seconds / images
+                old = self._seconds_per_image
+                self._seconds_per_image = now if old is None else 0.7 * old + 0.3 * now
 
     def _run(self, batch: list[_Request]) -> None:
 

@@ -92,6 +92,7 @@ def _batching(settings: Settings) -> dict[str, Any]:
         "max_images": settings.predict_batch_max_images,
         "chunk": settings.predict_batch_chunk,
         "workers": settings.predict_batch_threads,
+        "max_wait_seconds": settings.predict_max_wait_seconds,
     }
 
 

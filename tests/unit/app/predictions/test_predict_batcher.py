@@ -252,3 +252,75 @@ def test_a_lone_http_prediction_of_a_head_model_is_not_held(
             response = client.post(url, headers=auth, files=query_files(2, seed=attempt))
             assert response.status_code == 200, response.text
             assert time.monotonic() - started < 0.75
+
+
+def test_a_request_that_would_wait_too_long_is_refused_and_an_empty_line_always_runs(
+    models: list[fewshot.AdaptedModel], passes: Passes
+) -> None:
+    from app.core.errors import PredictionsBusy
+
+    passes.hold = 0.3
+    batcher = PredictionBatcher(
+        wait_seconds=0.0, max_images=8, threads=1, workers=1, max_wait_seconds=0.4
+    )
+    model, x = models[1], random_images(8, seed=5, dtype=torch.float32)
+    # A lone request runs however long the line has taken lately: nothing waits before it.
+    expected = model.predict_proba(x)
+    torch.testing.assert_close(batcher.predict_proba(model, x), expected, atol=1e-5, rtol=0)
+    assert batcher.waiting_seconds() == 0.0
+    # One batch running (8 images, ~0.3 s) and one queued behind it: ~0.6 s for a third.
+    running = [threading.Thread(target=batcher.predict_proba, args=(model, x)) for _ in range(2)]
+    for thread in running:
+        thread.start()
+        time.sleep(0.05)
+    assert batcher.waiting_seconds() > 0.4
+    with pytest.raises(PredictionsBusy) as refused:
+        batcher.predict_proba(model, x)
+    assert refused.value.status == 503 and refused.value.code == "predictions_busy"
+    assert int(refused.value.headers["Retry-After"]) >= 1
+    for thread in running:
+        thread.join(10)
+    # The line drained: a request runs again.
+    assert batcher.waiting_seconds() == 0.0
+    torch.testing.assert_close(batcher.predict_proba(model, x), expected, atol=1e-5, rtol=0)
+    # Without a bound the same backlog is joined, not refused.
+    batcher.max_wait_seconds = 0.0
+    running = [threading.Thread(target=batcher.predict_proba, args=(model, x)) for _ in range(2)]
+    for thread in running:
+        thread.start()
+        time.sleep(0.05)
+    torch.testing.assert_close(batcher.predict_proba(model, x), expected, atol=1e-5, rtol=0)
+    for thread in running:
+        thread.join(10)
+    batcher.close()
+
+
+def test_an_http_prediction_behind_a_long_line_is_a_503_problem_and_writes_nothing(
+    tmp_path: Path, tiny_init_dir: Path
+) -> None:
+    settings = make_settings(tmp_path / "data", tiny_init_dir, predict_max_wait_seconds=5)
+    with TestClient(create_app(settings)) as client:
+        auth = create_key(client, "acme")
+        files, data = support_files(["a", "b"])
+        body = client.post(
+            "/v1/tasks?wait=30", headers=auth, files=files, data={**data, "mode": "head"}
+        ).json()
+        assert body["status"] == "ready", body
+        url = f"/v1/tasks/{body['id']}/predictions"
+        assert client.post(url, headers=auth, files=query_files(2)).status_code == 200
+        batcher = client.app.state.runtime.models._batcher  # type: ignore[attr-defined]
+        assert batcher is not None and batcher.max_wait_seconds == 5
+        # A backlog as a crowd would leave it: a minute of images ahead in this process's line.
+        with batcher._cond:
+            batcher._pending_images += 600
+            batcher._seconds_per_image = 0.1
+        response = client.post(url, headers=auth, files=query_files(2, seed=1))
+        assert response.status_code == 503, response.text
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert response.json()["code"] == "predictions_busy"
+        assert 1 <= int(response.headers["Retry-After"]) <= 60
+        with batcher._cond:
+            batcher._pending_images -= 600
+        listed = client.get(url, headers=auth).json()
+        assert len(listed["items"]) == 2, "the refused request wrote predictions"
+        assert client.post(url, headers=auth, files=query_files(2, seed=2)).status_code == 200
