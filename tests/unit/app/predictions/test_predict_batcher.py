@@ -228,19 +228,24 @@ def test_an_adaptive_batch_waits_only_for_announced_requests(
     adaptive.close()
 
 
+def _head_task_predictions(client: TestClient, labels: list[str]) -> tuple[dict[str, str], str]:
+    """A new key's headers and the predictions URL of its ready head-mode task."""
+    auth = create_key(client, "acme")
+    files, data = support_files(labels)
+    body = client.post(
+        "/v1/tasks?wait=30", headers=auth, files=files, data={**data, "mode": "head"}
+    ).json()
+    assert body["status"] == "ready", body
+    return auth, f"/v1/tasks/{body['id']}/predictions"
+
+
 def test_a_lone_http_prediction_of_a_head_model_is_not_held(
     tmp_path: Path, tiny_init_dir: Path
 ) -> None:
     # A long window: a request that waited for company it was not told about would show it.
     settings = make_settings(tmp_path / "data", tiny_init_dir, predict_batch_wait_ms=1500)
     with TestClient(create_app(settings)) as client:
-        auth = create_key(client, "acme")
-        files, data = support_files(["a", "b", "c"])
-        body = client.post(
-            "/v1/tasks?wait=30", headers=auth, files=files, data={**data, "mode": "head"}
-        ).json()
-        assert body["status"] == "ready", body
-        url = f"/v1/tasks/{body['id']}/predictions"
+        auth, url = _head_task_predictions(client, ["a", "b", "c"])
         client.post(url, headers=auth, files=query_files(2))  # warm
         for attempt in range(3):
             # A request refused before it predicts withdraws its announcement too.
@@ -252,6 +257,19 @@ def test_a_lone_http_prediction_of_a_head_model_is_not_held(
             response = client.post(url, headers=auth, files=query_files(2, seed=attempt))
             assert response.status_code == 200, response.text
             assert time.monotonic() - started < 0.75
+
+
+def _queue_behind(
+    batcher: PredictionBatcher, model: fewshot.AdaptedModel, x: torch.Tensor, count: int
+) -> list[threading.Thread]:
+    """`count` requests started 50 ms apart, each joining the line behind the one before."""
+    running = [
+        threading.Thread(target=batcher.predict_proba, args=(model, x)) for _ in range(count)
+    ]
+    for thread in running:
+        thread.start()
+        time.sleep(0.05)
+    return running
 
 
 def test_a_request_that_would_wait_too_long_is_refused_and_an_empty_line_always_runs(
@@ -269,10 +287,7 @@ def test_a_request_that_would_wait_too_long_is_refused_and_an_empty_line_always_
     torch.testing.assert_close(batcher.predict_proba(model, x), expected, atol=1e-5, rtol=0)
     assert batcher.waiting_seconds() == 0.0
     # One batch running (8 images, ~0.3 s) and one queued behind it: ~0.6 s for a third.
-    running = [threading.Thread(target=batcher.predict_proba, args=(model, x)) for _ in range(2)]
-    for thread in running:
-        thread.start()
-        time.sleep(0.05)
+    running = _queue_behind(batcher, model, x, 2)
     assert batcher.waiting_seconds() > 0.4
     with pytest.raises(PredictionsBusy) as refused:
         batcher.predict_proba(model, x)
@@ -285,10 +300,7 @@ def test_a_request_that_would_wait_too_long_is_refused_and_an_empty_line_always_
     torch.testing.assert_close(batcher.predict_proba(model, x), expected, atol=1e-5, rtol=0)
     # Without a bound the same backlog is joined, not refused.
     batcher.max_wait_seconds = 0.0
-    running = [threading.Thread(target=batcher.predict_proba, args=(model, x)) for _ in range(2)]
-    for thread in running:
-        thread.start()
-        time.sleep(0.05)
+    running = _queue_behind(batcher, model, x, 2)
     torch.testing.assert_close(batcher.predict_proba(model, x), expected, atol=1e-5, rtol=0)
     for thread in running:
         thread.join(10)
@@ -300,13 +312,7 @@ def test_an_http_prediction_behind_a_long_line_is_a_503_problem_and_writes_nothi
 ) -> None:
     settings = make_settings(tmp_path / "data", tiny_init_dir, predict_max_wait_seconds=5)
     with TestClient(create_app(settings)) as client:
-        auth = create_key(client, "acme")
-        files, data = support_files(["a", "b"])
-        body = client.post(
-            "/v1/tasks?wait=30", headers=auth, files=files, data={**data, "mode": "head"}
-        ).json()
-        assert body["status"] == "ready", body
-        url = f"/v1/tasks/{body['id']}/predictions"
+        auth, url = _head_task_predictions(client, ["a", "b"])
         assert client.post(url, headers=auth, files=query_files(2)).status_code == 200
         batcher = client.app.state.runtime.models._batcher  # type: ignore[attr-defined]
         assert batcher is not None and batcher.max_wait_seconds == 5
